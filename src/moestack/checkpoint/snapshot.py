@@ -1,0 +1,94 @@
+"""Level 1 of the two-level checkpoint: a consistent in-memory copy of the state, into reused host buffers."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+
+class BufferPool:
+    """Host buffers reused from one snapshot to the next, keyed by (shape, dtype).
+
+    Pinned (page-locked) when CUDA is available, so device-to-host copies run asynchronously at full
+    bandwidth; allocating pinned memory is slow, hence the reuse. A snapshot takes buffers with `take`;
+    `release_all` hands them all back once the persist that read them has finished.
+    """
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._free: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        self._used: list[tuple[tuple, torch.Tensor]] = []
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A host buffer of this shape and dtype (contents undefined)."""
+        key = (tuple(shape), dtype)
+        free = self._free[key]
+        buf = free.pop() if free else torch.empty(key[0], dtype=dtype, pin_memory=self.pin)
+        self._used.append((key, buf))
+        return buf
+
+    def release_all(self) -> None:
+        """Mark every buffer free again (the caller guarantees nobody reads them any more)."""
+        for key, buf in self._used:
+            self._free[key].append(buf)
+        self._used.clear()
+
+    def clear(self) -> None:
+        """Drop all buffers."""
+        self._free.clear()
+        self._used.clear()
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory held by the pool."""
+        bufs = [b for v in self._free.values() for b in v] + [b for _, b in self._used]
+        return sum(b.numel() * b.element_size() for b in bufs)
+
+
+class Snapshotter:
+    """Copies tensors (views allowed) into pool buffers; CUDA copies go on a side stream.
+
+    `snapshot` returns once the copies are complete, so training may modify its tensors right after.
+    """
+
+    def __init__(self, pin: bool | None = None):
+        self.pool = BufferPool(torch.cuda.is_available() if pin is None else pin)
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def snapshot(self, sources: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host copies of `sources` (key -> tensor), in reused buffers."""
+        self.pool.release_all()
+        out = {key: self.pool.take(t.shape, t.dtype) for key, t in sources.items()}
+        events = []
+        for device, keys in _by_device(sources).items():
+            if device.type == "cuda":
+                events.append(self._copy_cuda(device, keys, sources, out))
+            else:
+                for key in keys:
+                    out[key].copy_(sources[key])
+        for event in events:
+            event.synchronize()
+        return out
+
+    def _copy_cuda(self, device: torch.device, keys: list[str], sources: dict[str, torch.Tensor],
+                   out: dict[str, torch.Tensor]) -> torch.cuda.Event:
+        stream = self._streams.get(device) or self._streams.setdefault(device, torch.cuda.Stream(device))
+        stream.wait_stream(torch.cuda.current_stream(device))  # the state is final once queued kernels ran
+        with torch.cuda.stream(stream):
+            for key in keys:
+                out[key].copy_(sources[key], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event
+
+    def close(self) -> None:
+        """Release the buffers."""
+        self.pool.clear()
+
+
+def _by_device(sources: dict[str, torch.Tensor]) -> dict[torch.device, list[str]]:
+    groups: dict[torch.device, list[str]] = defaultdict(list)
+    for key, t in sources.items():
+        groups[t.device].append(key)
+    return groups

@@ -1,0 +1,309 @@
+"""On-disk checkpoint format: safetensors shards, JSON manifest, sha256, atomic commit, verify.
+
+    RUN_DIR/ckpt/
+      latest                      "step-00000200\n", replaced atomically after each commit
+      step-00000200/              one committed checkpoint (renamed into place from .tmp-step-...)
+        manifest.json             format, step, world size, files (rank, bytes, sha256, tensors), PEC, PLT, meta
+        rank-00000.safetensors    the tensors rank 0 wrote (its balanced share), one file per writing rank
+      .tmp-step-00000300-<uid>/   a checkpoint being written; never read, removed at the next start
+      abandoned/                  checkpoints of a timeline that a resume from an older step left behind
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "moestack.ckpt/v1"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+STEP_RE = re.compile(r"^step-(\d{8,})$")
+_CHUNK = 8 << 20
+_ST_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, found or read; the message names the file and the problem."""
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the checkpoint at `step`: step-00000042."""
+    return f"step-{step:08d}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32: the manifest's dtype spelling."""
+    return str(dtype).removeprefix("torch.")
+
+
+def shard_name(rank: int) -> str:
+    """File name of the shard a rank writes."""
+    return f"rank-{rank:05d}.safetensors"
+
+
+def part_name(rank: int) -> str:
+    """File name of a rank's manifest part (written last, after its shard is on disk)."""
+    return f"rank-{rank:05d}.json"
+
+
+# ---------------------------------------------------------------------------- durable writes
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory fsync makes renames and new entries durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to `path` so that readers see the old file or the whole new one, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Write CPU tensors as one safetensors file, fsync it; return {bytes, sha256}."""
+    save_file(tensors, str(path))
+    fsync_path(path)
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def commit_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Atomically publish a fully written, fsynced checkpoint directory."""
+    fsync_path(tmp_dir)
+    os.rename(tmp_dir, final_dir)
+    fsync_path(final_dir.parent)
+
+
+def read_latest(root: Path) -> str | None:
+    """Name the `latest` pointer holds, or None when there is none (or it is unreadable)."""
+    try:
+        name = (root / LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if STEP_RE.match(name) else None
+
+
+def write_latest(root: Path, name: str | None) -> None:
+    """Point `latest` at checkpoint `name` atomically; None removes the pointer."""
+    if name is None:
+        (root / LATEST).unlink(missing_ok=True)
+        fsync_path(root)
+        return
+    tmp = root / f".latest.tmp-{secrets.token_hex(4)}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST)
+    fsync_path(root)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a checkpoint directory; renamed away first so a crash never leaves half a `step-*`."""
+    trash = path.with_name(f".trash-{path.name}-{secrets.token_hex(4)}")
+    os.rename(path, trash)
+    fsync_path(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def move_aside(path: Path, uid: str) -> Path:
+    """Move a committed checkpoint of an abandoned timeline to `abandoned/` (kept, never read)."""
+    dest_root = path.parent / "abandoned"
+    dest_root.mkdir(exist_ok=True)
+    dest = dest_root / f"{path.name}-{uid}"
+    os.rename(path, dest)
+    fsync_path(path.parent)
+    return dest
+
+
+def clean_leftovers(root: Path) -> list[str]:
+    """Remove what killed saves leave behind (.tmp-*, .trash-*, temp pointer files); return their names."""
+    removed = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith((".tmp-", ".trash-", ".latest.tmp-")):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return removed
+
+
+def list_committed(root: Path) -> list[tuple[int, Path]]:
+    """Committed checkpoints under `root` as (step, dir), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
+    """Parse and sanity-check `manifest.json`; CheckpointError names the file and what is wrong."""
+    path = ckpt_dir / MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{_rel(path)}: missing") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{_rel(path)}: unreadable ({e})") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{_rel(path)}: unreadable, truncated or not JSON ({e})") from None
+    missing = [k for k in ("format", "step", "world_size", "files", "pec", "experts") if k not in manifest]
+    if not isinstance(manifest, dict) or missing:
+        raise CheckpointError(f"{_rel(path)}: not a moestack manifest (missing {missing})")
+    if manifest["format"] != FORMAT:
+        raise CheckpointError(f"{_rel(path)}: format {manifest['format']!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (raises ValueError when the file is cut short)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError("shorter than a safetensors header")
+        (size,) = struct.unpack("<Q", head)
+        if size > path.stat().st_size - 8:
+            raise ValueError("header length exceeds the file")
+        return json.loads(f.read(size))
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A committed checkpoint directory and its parsed manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: Path) -> "Checkpoint":
+        """Read the manifest of `path` (CheckpointError if unreadable)."""
+        return cls(Path(path), read_manifest(Path(path)))
+
+    @property
+    def step(self) -> int:
+        """Training step the checkpoint holds."""
+        return int(self.manifest["step"])
+
+    @property
+    def lineage(self) -> str:
+        """Id shared by the checkpoints of one training timeline."""
+        return str(self.manifest.get("lineage", ""))
+
+    def held(self, layer: int) -> set[int]:
+        """Global expert ids of MoE layer `layer` that this checkpoint holds."""
+        return set(self.manifest["pec"]["selected"][layer])
+
+    def locate(self) -> dict[str, str]:
+        """Tensor key -> file name, over all shard files."""
+        return {key: fname for fname, rec in self.manifest["files"].items() for key in rec["tensors"]}
+
+
+def expert_key(name: str, expert: int) -> str:
+    """Key of one expert's slice of an expert-stacked tensor in a shard file."""
+    return f"{name}#{expert}"
+
+
+def read_tensors(ckpt: Checkpoint, keys: list[str], handles: dict[Path, Any]) -> dict[str, torch.Tensor]:
+    """Read tensors by key from `ckpt`'s shards; `handles` caches open files (caller closes via clear)."""
+    where = ckpt.locate()
+    out = {}
+    for key in keys:
+        if key not in where:
+            raise CheckpointError(f"{_rel(ckpt.path / MANIFEST)}: no tensor {key!r}")
+        path = ckpt.path / where[key]
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        out[key] = handles[path].get_tensor(key)
+    return out
+
+
+# ---------------------------------------------------------------------------- verification
+
+
+def verify(ckpt_dir: Path | str) -> list[str]:
+    """Problems found in one checkpoint directory (empty when intact): every file, size, sha256, tensor."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        manifest = read_manifest(ckpt_dir)
+    except CheckpointError as e:
+        return [str(e)]
+    problems = []
+    for fname, rec in sorted(manifest["files"].items()):
+        problems += _verify_file(ckpt_dir / fname, rec)
+    return problems
+
+
+def _verify_file(path: Path, rec: dict[str, Any]) -> list[str]:
+    where = _rel(path)
+    if not path.is_file():
+        return [f"{where}: missing"]
+    size = path.stat().st_size
+    if size != rec["bytes"]:
+        return [f"{where}: size {size} bytes, manifest says {rec['bytes']} (truncated or replaced)"]
+    digest = sha256_file(path)
+    if digest != rec["sha256"]:
+        return [f"{where}: sha256 mismatch (manifest {rec['sha256'][:12]}..., file {digest[:12]}...): tampered or corrupt"]
+    try:
+        header = read_safetensors_header(path)
+    except (OSError, ValueError) as e:
+        return [f"{where}: unreadable safetensors header ({e})"]
+    return [msg for key, info in rec["tensors"].items() if (msg := _check_tensor(where, key, info, header))]
+
+
+def _check_tensor(where: str, key: str, info: dict[str, Any], header: dict[str, Any]) -> str | None:
+    entry = header.get(key)
+    if entry is None:
+        return f"{where}: missing tensor {key!r}"
+    if list(entry["shape"]) != list(info["shape"]):
+        return f"{where}: tensor {key!r} has shape {entry['shape']}, manifest says {info['shape']}"
+    want = _ST_DTYPES.get(info["dtype"])
+    if want is not None and entry["dtype"] != want:
+        return f"{where}: tensor {key!r} has dtype {entry['dtype']}, manifest says {info['dtype']}"
+    return None
+
+
+def _rel(path: Path) -> str:
+    """How messages name a file: its full path, so the user can go and look at it."""
+    return str(path)

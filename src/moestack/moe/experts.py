@@ -1,0 +1,98 @@
+"""Experts: SwiGLU FFNs with weights stacked over experts, run as one grouped GEMM.
+
+Notation: N = expert-sorted rows, E = local experts, D = hidden size, F = expert hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU FFN (dense layers and shared experts)."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w13 = nn.Linear(d_model, 2 * d_ff, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient (grouped_mm rejects expanded ones)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of x in groups ending at `offsets` times the group's matrix: [N, K] x [E, K, M] -> [N, M]."""
+    return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offsets))
+
+
+def loop_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """The reference: one matmul per expert in a Python loop."""
+    outs = [xe @ w[e] for e, xe in enumerate(torch.split(x, counts))]
+    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stacked as w13 [E, D, 2F] and w2 [E, F, D]; one grouped GEMM per projection."""
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, impl: str = "auto"):
+        super().__init__()
+        self.num_experts, self.d_model, self.d_ff, self.impl = num_experts, d_model, d_ff, impl
+        self.w13 = nn.Parameter(torch.empty(num_experts, d_model, 2 * d_ff))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.global_ids = list(range(num_experts))  # global expert id of each slot (EP and placement set it)
+        self._grouped_ok: dict[tuple, bool] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.w13, std=std)
+        nn.init.normal_(self.w2, std=std / math.sqrt(2))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        # x: [N, D] rows grouped by expert; counts: [E] rows per expert
+        w13, w2 = self.w13.to(x.dtype), self.w2.to(x.dtype)
+        if self.use_grouped_mm(x):
+            offsets = torch.cumsum(counts, 0).to(torch.int32)
+            h = grouped_mm(x, w13, offsets)  # [N, 2F]
+            gate, up = h.chunk(2, dim=-1)
+            return grouped_mm((F.silu(gate) * up).contiguous(), w2, offsets)  # [N, D]
+        sizes = counts.tolist()
+        gate, up = loop_mm(x, w13, sizes).chunk(2, dim=-1)
+        return loop_mm(F.silu(gate) * up, w2, sizes)
+
+    def use_grouped_mm(self, x: torch.Tensor) -> bool:
+        """Whether this device and dtype run torch._grouped_mm (probed once per device type and dtype)."""
+        if self.impl != "auto":
+            return self.impl == "grouped_mm"
+        key = (x.device.type, x.dtype)
+        if key not in self._grouped_ok:
+            self._grouped_ok[key] = _probe_grouped_mm(x.device, x.dtype)
+        return self._grouped_ok[key]
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    a = torch.zeros(16, 16, device=device, dtype=dtype)
+    b = torch.zeros(2, 16, 16, device=device, dtype=dtype)
+    try:
+        torch._grouped_mm(a, b, offs=torch.tensor([8, 16], device=device, dtype=torch.int32))
+    except (RuntimeError, NotImplementedError):  # unsupported device/dtype: the loop is the fallback
+        return False
+    return True

@@ -1,0 +1,70 @@
+"""MoELayer: router -> dispatcher -> experts -> combine, plus optional shared experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from moestack.moe.dispatch import LocalDispatcher
+from moestack.moe.experts import GroupedExperts, SwiGLU
+from moestack.moe.router import Router, Routing
+
+
+class MoELayer(nn.Module):
+    """A token-choice MoE FFN. Parallel code swaps `dispatcher` and `experts`; the model never knows."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        d_ff: int,
+        *,
+        renormalize: bool = True,
+        aux_loss_coef: float = 0.01,
+        z_loss_coef: float = 0.001,
+        bias_balancing: bool = False,
+        capacity_factor: float = 0.0,
+        shared_experts: int = 0,
+        shared_d_ff: int | None = None,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.router = Router(d_model, num_experts, top_k, renormalize, aux_loss_coef, z_loss_coef, bias_balancing)
+        self.dispatcher = LocalDispatcher(num_experts, capacity_factor)
+        self.experts = GroupedExperts(num_experts, d_model, d_ff, impl)
+        width = (shared_d_ff or d_ff) * shared_experts
+        self.shared = SwiGLU(d_model, width) if shared_experts > 0 else None
+        # Token-choices per global expert since the last reset: read by PEC, traces and load metrics.
+        self.register_buffer("tokens_seen", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+        self.last_routing: Routing | None = None
+        self.dropped = 0
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """Route [T, D] tokens and record the statistics."""
+        routing = self.router(x)
+        self.tokens_seen += routing.counts.detach()
+        self.last_routing = routing
+        return routing
+
+    def dispatch(self, x: torch.Tensor, routing: Routing):
+        """Start moving tokens to their experts; returns a handle (wait() -> Dispatched)."""
+        return self.dispatcher.dispatch(x, routing)
+
+    def compute(self, handle):
+        """Run the experts on dispatched tokens and start the combine; returns a handle (wait() -> [T, D])."""
+        d = handle.wait()
+        self.dropped = d.dropped
+        y = self.experts(d.x, d.counts)
+        return self.dispatcher.combine(y, d)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [..., D] -> (y [..., D], aux loss scalar)."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [T, D]
+        routing = self.route(flat)
+        y = self.compute(self.dispatch(flat, routing)).wait()
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        return y.view(shape), routing.aux_loss + routing.z_loss

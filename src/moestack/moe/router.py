@@ -1,0 +1,91 @@
+"""Router: fp32 linear gate, softmax, top-k, and the balancing losses.
+
+Notation: T = tokens, E = experts, k = experts per token, D = hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Sums a tensor over every rank that routes tokens (identity in one process). The parallel wrapper
+# installs a differentiable all-reduce so the aux loss sees global token statistics.
+StatsReducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass
+class Routing:
+    """What the router decided for T tokens: the one thing every later stage reads."""
+
+    expert_ids: torch.Tensor  # [T, k] int64, global expert ids
+    weights: torch.Tensor  # [T, k] fp32 combine weights
+    counts: torch.Tensor  # [E] int64 token-choices per expert (this rank's tokens)
+    aux_loss: torch.Tensor  # scalar, already scaled by its coefficient
+    z_loss: torch.Tensor  # scalar, already scaled by its coefficient
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.numel()
+
+
+class Router(nn.Module):
+    """Token-choice top-k router with Switch aux loss, z-loss and optional DeepSeek-V3 bias balancing."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        renormalize: bool = True,
+        aux_loss_coef: float = 0.01,
+        z_loss_coef: float = 0.001,
+        bias_balancing: bool = False,
+    ):
+        super().__init__()
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.bias_balancing = bias_balancing
+        # Aux-loss-free balancing: added to the scores for selection only, never to the weights.
+        self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=bias_balancing)
+        self.reduce_stats: StatsReducer = _identity
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        # x: [T, D]
+        logits = F.linear(x.float(), self.gate.weight.float())  # [T, E] in fp32
+        probs = logits.softmax(dim=-1)  # [T, E]
+        select = probs + self.expert_bias if self.bias_balancing else probs
+        _, expert_ids = select.topk(self.top_k, dim=-1)  # [T, k]
+        weights = probs.gather(-1, expert_ids)  # [T, k]
+        if self.renormalize and self.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        counts = torch.bincount(expert_ids.flatten(), minlength=self.num_experts)  # [E]
+        aux, z = self.losses(logits, probs, counts)
+        return Routing(expert_ids, weights, counts, aux, z)
+
+    def losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor):
+        """Switch load-balancing loss E * sum_e f_e * P_e and z-loss mean(logsumexp^2), over all ranks."""
+        zero = logits.new_zeros(())
+        aux = z = zero
+        if self.aux_loss_coef > 0:
+            tokens = self.reduce_stats(logits.new_tensor(float(logits.shape[0])))
+            frac = self.reduce_stats(counts.float()) / (tokens * self.top_k)  # f_e: [E], no grad
+            mean_prob = self.reduce_stats(probs.sum(dim=0)) / tokens  # P_e: [E], differentiable
+            aux = self.aux_loss_coef * self.num_experts * (frac.detach() * mean_prob).sum()
+        if self.z_loss_coef > 0:
+            z = self.z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
+        return aux, z
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor, rate: float) -> None:
+        """DeepSeek-V3 update: raise the bias of under-loaded experts, lower it for over-loaded ones."""
+        load = counts.float()
+        self.expert_bias += rate * torch.sign(load.mean() - load)

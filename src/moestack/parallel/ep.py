@@ -1,0 +1,242 @@
+"""Expert parallelism: experts sharded over the `ep` group, tokens moved by all-to-all.
+
+`parallelize` wraps a model from outside: it keeps only this rank's experts (by a `Placement`), swaps
+each MoE layer's dispatcher for an `EPDispatcher`, makes router statistics global, and wraps the
+non-expert parameters in DDP over the whole world. Expert gradients are averaged over `dp` only.
+Notation: T = tokens, k = choices per token, G = ep ranks, E_l = local experts, D = hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from moestack.moe.dispatch import Dispatched, sort_by_expert, unpermute
+from moestack.moe.experts import GroupedExperts
+from moestack.moe.router import Routing
+from moestack.parallel.mesh import ParallelContext
+from moestack.placement.placement import Placement
+
+
+# ---- asynchronous, autograd-aware all-to-all ------------------------------------------------------
+class _Pending:
+    """The in-flight work of one all-to-all, shared by its start and wait autograd nodes."""
+
+    def __init__(self, group, in_splits: list[int], out_splits: list[int]):
+        self.group, self.in_splits, self.out_splits = group, in_splits, out_splits
+        self.work = None
+
+    def launch(self, x: torch.Tensor, out_rows: int, in_splits, out_splits) -> torch.Tensor:
+        out = x.new_empty(out_rows, *x.shape[1:])
+        self.work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group, async_op=True)
+        return out
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+
+
+class _A2AStart(torch.autograd.Function):
+    """Launch the all-to-all; the output is valid only after the matching _A2AWait."""
+
+    @staticmethod
+    def forward(ctx, x, pending: _Pending):
+        ctx.pending = pending
+        return pending.launch(x, sum(pending.out_splits), pending.in_splits, pending.out_splits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.pending.wait()  # the reverse exchange launched by _A2AWait.backward
+        return ctx.pending.grad_in, None
+
+
+class _A2AWait(torch.autograd.Function):
+    """Complete the all-to-all; in backward, launch the reverse one (so it can overlap other backward work)."""
+
+    @staticmethod
+    def forward(ctx, out, pending: _Pending):
+        ctx.pending = pending
+        pending.wait()
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        p = ctx.pending
+        p.grad_in = p.launch(grad, sum(p.in_splits), p.out_splits, p.in_splits)
+        return grad.new_zeros(()).expand_as(grad), None
+
+
+class A2AHandle:
+    """A handle on an in-flight exchange; `wait()` returns `finish(received)` (idempotent)."""
+
+    def __init__(self, out, pending: _Pending, finish):
+        self.out, self.pending, self.finish, self.value = out, pending, finish, None
+
+    def wait(self):
+        if self.value is None:
+            self.value = self.finish(_A2AWait.apply(self.out, self.pending))
+        return self.value
+
+
+def all_to_all_async(x: torch.Tensor, in_splits: list[int], out_splits: list[int], group, finish) -> A2AHandle:
+    """Start a differentiable variable-split all-to-all of the rows of x."""
+    pending = _Pending(group, in_splits, out_splits)
+    return A2AHandle(_A2AStart.apply(x, pending), pending, finish)
+
+
+# ---- the dispatcher -------------------------------------------------------------------------------
+class EPDispatcher:
+    """Sends each token-choice to the rank that owns its expert and brings the outputs back.
+
+    Same interface as `LocalDispatcher`: dispatch/combine return handles, so ScMoE can overlap them.
+    """
+
+    def __init__(self, group, expert_rank: list[int], expert_slot: list[int], local_experts: int):
+        self.group = group
+        self.ranks = dist.get_world_size(group)
+        self.local_experts = local_experts
+        self.dest = torch.tensor([r * local_experts + s for r, s in zip(expert_rank, expert_slot)])  # [E]
+
+    def dispatch(self, x: torch.Tensor, routing: Routing) -> A2AHandle:
+        T, k = routing.expert_ids.shape
+        G, El = self.ranks, self.local_experts
+        dest = self.dest.to(x.device)[routing.expert_ids]  # [T, k] rank * E_l + slot
+        order, send = sort_by_expert(dest, G * El)  # order [T*k]; send [G*E_l]
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)  # rows per (source rank, local slot)
+        send_cpu, recv_cpu = send.view(G, El).cpu(), recv.view(G, El).cpu()
+        in_splits, out_splits = send_cpu.sum(1).tolist(), recv_cpu.sum(1).tolist()
+        # rows arrive grouped by (source rank, slot): regroup them by slot for the grouped GEMM
+        slot_of_row = torch.repeat_interleave(torch.arange(El).repeat(G), recv_cpu.flatten()).to(x.device)
+        regroup = torch.argsort(slot_of_row, stable=True)
+        counts = recv_cpu.sum(0).to(x.device)
+
+        def finish(received: torch.Tensor) -> Dispatched:
+            extra = {"in_splits": in_splits, "out_splits": out_splits, "regroup": regroup}
+            return Dispatched(received[regroup], counts, order, T * k, routing.weights, 0, extra)
+
+        return all_to_all_async(x[order // k], in_splits, out_splits, self.group, finish)
+
+    def combine(self, y: torch.Tensor, d: Dispatched) -> A2AHandle:
+        e = d.extra
+        back = torch.empty_like(y).index_copy(0, e["regroup"], y)  # undo the regrouping: [N_recv, D]
+
+        def finish(returned: torch.Tensor) -> torch.Tensor:
+            return unpermute(returned, d.order, d.weights, d.num_choices)
+
+        return all_to_all_async(back, e["out_splits"], e["in_splits"], self.group, finish)
+
+
+# ---- wrapping a model ---------------------------------------------------------------------------
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a group; the gradient is summed too (every rank's loss depends on every rank's input)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def global_stats(group):
+    """A router statistics reducer that sums over `group`, differentiably."""
+    return lambda t: _AllReduceSum.apply(t, group)
+
+
+def shard_experts(experts: GroupedExperts, global_ids: list[int]) -> None:
+    """Keep only the experts `global_ids` (in this order) of a full GroupedExperts."""
+    idx = torch.tensor(global_ids, device=experts.w13.device)
+    experts.w13 = nn.Parameter(experts.w13.detach()[idx].clone())
+    experts.w2 = nn.Parameter(experts.w2.detach()[idx].clone())
+    experts.global_ids, experts.num_experts = list(global_ids), len(global_ids)
+
+
+def load_placement(path: str, num_layers: int, num_experts: int, ep: int) -> Placement:
+    """The placement file (validated against the model), or the contiguous default."""
+    if not path:
+        return Placement.contiguous(num_layers, num_experts, ep)
+    placement = Placement.load(path)
+    placement.validate(num_layers=num_layers, num_experts=num_experts, num_gpus=ep)
+    return placement
+
+
+def apply_expert_parallel(model: nn.Module, ctx: ParallelContext, placement: Placement) -> None:
+    """Shard every MoE layer's experts over the ep group and route through all-to-all."""
+    for layer_idx, moe in enumerate(model.moe_layers()):
+        row = placement.expert_to_gpu[layer_idx]
+        mine = placement.experts_on(layer_idx, ctx.ep_rank)
+        slots = [placement.slot_of(layer_idx, e)[1] for e in range(moe.num_experts)]
+        shard_experts(moe.experts, mine)
+        moe.dispatcher = EPDispatcher(ctx.ep_group, row, slots, len(mine))
+        moe.router.reduce_stats = global_stats(ctx.stats_group)
+
+
+def expert_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The expert-stacked parameters (sharded under EP)."""
+    return [
+        (f"{n}.{pn}", p)
+        for n, m in model.named_modules() if isinstance(m, GroupedExperts)
+        for pn, p in m.named_parameters(recurse=False)
+    ]
+
+
+def parallelize(model: nn.Module, ctx: ParallelContext, placement_path: str = "") -> nn.Module:
+    """Apply EP and DDP when running on several ranks; returns the module to call for training."""
+    if not ctx.distributed:
+        if placement_path:
+            load_placement(placement_path, len(model.moe_layers()), model.cfg.moe.num_experts, 1)
+        return model
+    placement = load_placement(placement_path, len(model.moe_layers()), model.cfg.moe.num_experts, ctx.ep)
+    apply_expert_parallel(model, ctx, placement)
+    ignore = [n for n, _ in expert_params(model)] + [n for n, _ in model.named_buffers() if n.endswith("tokens_seen")]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    return DistributedDataParallel(
+        model, process_group=ctx.grad_group, broadcast_buffers=False,
+        device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+    )
+
+
+def finish_gradients(model: nn.Module, ctx: ParallelContext) -> None:
+    """Expert gradients: every ep rank's loss reached them, so divide by ep, then average over dp."""
+    if not ctx.distributed:
+        return
+    for _, p in expert_params(model):
+        if p.grad is None:
+            continue
+        p.grad.div_(ctx.ep)
+        if ctx.dp > 1:  # SUM then divide: gloo has no AVG
+            dist.all_reduce(p.grad, group=ctx.dp_group)
+            p.grad.div_(ctx.dp)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, ctx: ParallelContext) -> float:
+    """Clip by the global gradient norm: replicated parameters once, sharded experts summed over ep."""
+    experts = {id(p) for _, p in expert_params(model)}
+    dense_sq = torch.zeros((), device=ctx.device)
+    expert_sq = torch.zeros((), device=ctx.device)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().float().square().sum()
+        if id(p) in experts:
+            expert_sq += sq
+        else:
+            dense_sq += sq
+    if ctx.distributed and ctx.ep > 1:
+        dist.all_reduce(expert_sq, group=ctx.ep_group)
+    total = (dense_sq + expert_sq).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.dtype))
+    return total.item()

@@ -1,0 +1,107 @@
+"""Process groups for dp x ep from torchrun's environment, carried by one DeviceMesh.
+
+Ranks are laid out (dp, ep) with ep innermost, so an EP group is a run of neighbouring ranks (one
+node's GPUs under torchrun). No module reaches for the default group: everything takes a group from here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moestack.config import ConfigError, ParallelConfig
+
+
+@dataclass
+class ParallelContext:
+    """Who this process is and the groups it talks through (all None in a single process)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    ep: int = 1
+    dp: int = 1
+    device: torch.device = torch.device("cpu")
+    mesh: object = None  # torch.distributed.device_mesh.DeviceMesh
+    ep_group: object = None
+    dp_group: object = None
+    grad_group: object = None  # the whole world, for replicated gradients (DDP)
+    stats_group: object = None  # the whole world, for router statistics in the forward pass
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.ep
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def batch_rows(self, global_batch: int) -> slice:
+        """This rank's rows of the global batch."""
+        per = global_batch // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto -> this rank's GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but no CUDA device is available; use --device cpu")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, world, local_rank) as torchrun sets them; (0, 1, 0) outside torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_sizes(cfg: ParallelConfig, world: int) -> tuple[int, int]:
+    """(dp, ep) for this world, or a ConfigError saying what divides what."""
+    if world % cfg.ep:
+        raise ConfigError(f"--ep {cfg.ep} does not divide the world size {world}; launch a multiple of {cfg.ep} ranks")
+    dp = cfg.dp or world // cfg.ep
+    if dp * cfg.ep != world:
+        raise ConfigError(f"--dp {dp} x --ep {cfg.ep} = {dp * cfg.ep} but torchrun started {world} ranks; make dp * ep = world")
+    return dp, cfg.ep
+
+
+def init_parallel(cfg: ParallelConfig, device: str = "auto") -> ParallelContext:
+    """Join torchrun's world (NCCL on GPU, gloo on CPU) and build the (dp, ep) mesh."""
+    rank, world, local_rank = world_from_env()
+    dp, ep = resolve_sizes(cfg, world)
+    dev = pick_device(device, local_rank)
+    if world == 1:
+        return ParallelContext(device=dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(dev.type, (dp, ep), mesh_dim_names=("dp", "ep"))
+    grad_group = dist.new_group(list(range(world)))
+    stats_group = dist.new_group(list(range(world)))
+    return ParallelContext(
+        rank, world, local_rank, ep, dp, dev, mesh,
+        mesh.get_group("ep"), mesh.get_group("dp"), grad_group, stats_group,
+    )
+
+
+def shutdown(ctx: ParallelContext) -> None:
+    """Leave the process group (a no-op in one process)."""
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,245 @@
+"""The training loop: AdamW, warmup + cosine, clipping, bf16 autocast on GPU, eval, logs, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from moestack.checkpoint import CheckpointManager
+from moestack.config import Config, to_toml
+from moestack.data import Corpus
+from moestack.metrics import MetricsLog, load_balance, plot_run
+from moestack.models.transformer import MoETransformer
+from moestack.parallel import ep as ep_parallel
+from moestack.parallel.mesh import ParallelContext, init_parallel, shutdown
+from moestack.state import flatten_state, restore_state
+
+log = logging.getLogger("moestack")
+
+
+def default_run_dir() -> str:
+    return str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config):
+    """AdamW (decay on matrices only) and a linear-warmup cosine schedule down to min_lr_ratio * lr."""
+    t = cfg.train
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+
+    def factor(step: int) -> float:
+        if step < t.warmup:
+            return (step + 1) / t.warmup
+        progress = min(1.0, (step - t.warmup) / max(1, t.steps - t.warmup))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@dataclass
+class Trainer:
+    """Owns the model, optimizer, data and run folder of one training run."""
+
+    cfg: Config
+    ctx: ParallelContext
+    run_dir: Path
+    model: MoETransformer = field(init=False)
+    step: int = 0
+
+    def __post_init__(self):
+        cfg, ctx = self.cfg, self.ctx
+        torch.manual_seed(cfg.train.seed)
+        self.model = MoETransformer(cfg).to(ctx.device)
+        self.forward = ep_parallel.parallelize(self.model, ctx, cfg.parallel.placement)
+        if cfg.train.compile:
+            self.forward = torch.compile(self.forward)
+        self.opt, self.sched = build_optimizer(self.model, cfg)
+        self.corpus = Corpus.load(cfg.train.data, cfg.model.seq_len)
+        self.rows = ctx.batch_rows(cfg.train.batch_size)
+        self.autocast = _autocast(cfg, ctx.device)
+        self.tokens_at_save = self.tokens_seen()
+        self.tokens_at_log = self.tokens_at_save
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, group=ctx.grad_group)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+
+    # ---- statistics -------------------------------------------------------------------------
+    def tokens_seen(self) -> torch.Tensor:
+        """Token-choices per global expert per MoE layer since the start, over all ranks: [L, E] int64."""
+        counts = torch.stack([m.tokens_seen for m in self.model.moe_layers()]).clone()
+        if self.ctx.distributed:
+            dist.all_reduce(counts, group=self.ctx.stats_group)
+        return counts.cpu()
+
+    def mean(self, value: torch.Tensor) -> float:
+        """Average of a scalar over ranks."""
+        value = value.detach().float().clone()
+        if self.ctx.distributed:
+            dist.all_reduce(value, group=self.ctx.stats_group)
+            value /= self.ctx.world
+        return value.item()
+
+    # ---- one step -----------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        """Forward, backward and update on this step's batch: (loss, aux) averaged over ranks."""
+        x, y = self.corpus.batch("train", self.step, self.cfg.train.batch_size, self.cfg.train.seed, self.rows)
+        x, y = x.to(self.ctx.device), y.to(self.ctx.device)
+        self.model.train()
+        with self.autocast:
+            _, loss, aux = self.forward(x, y)
+        (loss + aux).backward()
+        ep_parallel.finish_gradients(self.model, self.ctx)
+        if self.cfg.train.grad_clip > 0:
+            ep_parallel.clip_grad_norm(self.model, self.cfg.train.grad_clip, self.ctx)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        if self.cfg.moe.bias_balancing:
+            self.update_router_bias()
+        self.step += 1
+        return self.mean(loss), self.mean(aux)
+
+    def update_router_bias(self) -> None:
+        """Aux-loss-free balancing: nudge each router's bias by this step's global loads."""
+        for m in self.model.moe_layers():
+            counts = m.last_routing.counts.clone()
+            if self.ctx.distributed:
+                dist.all_reduce(counts, group=self.ctx.stats_group)
+            m.router.update_bias(counts, self.cfg.moe.bias_update_rate)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over eval_batches global batches (the same batches every time)."""
+        self.model.eval()
+        saved = [m.tokens_seen.clone() for m in self.model.moe_layers()]
+        total = 0.0
+        for i in range(self.cfg.train.eval_batches):
+            x, y = self.corpus.batch("val", i, self.cfg.train.batch_size, self.cfg.train.seed, self.rows)
+            with self.autocast:
+                _, loss, _ = self.forward(x.to(self.ctx.device), y.to(self.ctx.device))
+            total += self.mean(loss)
+        for m, s in zip(self.model.moe_layers(), saved):  # eval tokens are not training load
+            m.tokens_seen.copy_(s)
+        return total / self.cfg.train.eval_batches
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        now = self.tokens_seen()
+        tensors, experts = flatten_state(self.model, self.opt, now)
+        meta = {"step": self.step, "config": to_toml(self.cfg)}
+        self.ckpt.save(self.step, tensors, experts, meta, expert_tokens=now - self.tokens_at_save)
+        self.tokens_at_save = now
+
+    def resume(self) -> bool:
+        """Continue from the newest good checkpoint; False if there is none."""
+        if self.ckpt.latest_good() is None:
+            return False
+        _, experts = flatten_state(self.model, self.opt, self.tokens_seen())
+        self._init_optimizer_state()
+        tensors, meta, report = self.ckpt.load(experts_wanted=experts)
+        tokens = restore_state(self.model, self.opt, tensors)
+        for m, row in zip(self.model.moe_layers(), tokens):
+            m.tokens_seen.copy_(row // self.ctx.world if self.ctx.distributed else row)
+        self.step = int(meta["step"])
+        self.sched.last_epoch = self.step
+        for g, base in zip(self.opt.param_groups, self.sched.base_lrs):
+            g["lr"] = base * self.sched.lr_lambdas[0](self.step)
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+        self.tokens_at_save = self.tokens_at_log = self.tokens_seen()
+        if self.ctx.is_main:
+            log.info("resumed from step %d (%s)", self.step, report)
+        return True
+
+    def _init_optimizer_state(self) -> None:
+        """Create AdamW's state tensors so checkpoints can describe (and reshard) them before loading."""
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                st = self.opt.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def run(self) -> dict:
+        t, ctx = self.cfg.train, self.ctx
+        bar = tqdm(total=t.steps, initial=self.step, disable=not ctx.is_main, desc="train", unit="step")
+        summary: dict = {}
+        if self.step == 0:
+            summary["first_val_loss"] = self.evaluate()
+            self.metrics.write({"step": 0, "val_loss": summary["first_val_loss"]}) if ctx.is_main else None
+        tic, tokens = time.perf_counter(), 0
+        while self.step < t.steps:
+            loss, aux = self.train_step()
+            tokens += t.batch_size * self.cfg.model.seq_len
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            row = None
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                row = self._log_row(loss, aux, tokens / (time.perf_counter() - tic))
+                tic, tokens = time.perf_counter(), 0
+            if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
+                row = row or {"step": self.step, "loss": loss}
+                row["val_loss"] = self.evaluate()
+            if row is not None and ctx.is_main:
+                self.metrics.write(row)
+            if self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0:
+                self.save_checkpoint()
+        bar.close()
+        self.ckpt.wait()
+        summary.update({"step": self.step, "loss": loss if t.steps > 0 else None, "val_loss": self.metrics.rows[-1].get("val_loss") if self.metrics.rows else None})
+        if ctx.is_main:
+            plot_run(self.metrics.rows, self.tokens_seen().numpy(), self.run_dir / "loss.png")
+        return summary
+
+    def _log_row(self, loss: float, aux: float, tok_per_s: float) -> dict:
+        now = self.tokens_seen()
+        balance = load_balance((now - self.tokens_at_log).numpy())
+        self.tokens_at_log = now
+        return {
+            "step": self.step, "loss": loss, "aux_loss": aux, "lr": self.sched.get_last_lr()[0],
+            "tokens_per_s": tok_per_s, "load_max_over_mean": [round(float(b), 4) for b in balance],
+        }
+
+
+def _autocast(cfg: Config, device: torch.device):
+    dtype = cfg.train.dtype
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    """Train with `cfg` (under torchrun: expert parallel); returns a summary of the run."""
+    ctx = init_parallel(cfg.parallel, cfg.train.device)
+    try:
+        run_dir = Path(cfg.train.run_dir or default_run_dir())
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.toml").write_text(to_toml(cfg))
+            if not resume:
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if ctx.distributed:
+            dist.barrier(group=ctx.stats_group)
+        trainer = Trainer(cfg, ctx, run_dir)
+        if resume and not trainer.resume() and ctx.is_main:
+            log.warning("--resume: no checkpoint in %s, starting from step 0", run_dir / "ckpt")
+        summary = trainer.run()
+        summary["run_dir"] = str(run_dir)
+        trainer.ckpt.close()
+        return summary
+    finally:
+        shutdown(ctx)

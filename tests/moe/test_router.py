@@ -1,0 +1,63 @@
+import math
+
+import torch
+
+from moestack.moe.router import Router
+
+
+def make_router(E=4, k=2, **kw):
+    torch.manual_seed(0)
+    return Router(8, E, k, **kw)
+
+
+def test_topk_ids_and_weights_match_hand_computation():
+    r = make_router(renormalize=False, aux_loss_coef=0, z_loss_coef=0)
+    x = torch.randn(5, 8)
+    out = r(x)
+    probs = torch.softmax(x @ r.gate.weight.T, -1)
+    for t in range(5):
+        order = sorted(range(4), key=lambda e: -probs[t, e].item())[:2]
+        assert out.expert_ids[t].tolist() == order
+        assert torch.allclose(out.weights[t], probs[t, order])
+    assert out.counts.tolist() == torch.bincount(out.expert_ids.flatten(), minlength=4).tolist()
+
+
+def test_renormalised_weights_sum_to_one():
+    out = make_router(renormalize=True)(torch.randn(7, 8))
+    assert torch.allclose(out.weights.sum(-1), torch.ones(7))
+
+
+def test_aux_and_z_loss_values_by_hand():
+    r = make_router(E=4, k=1, aux_loss_coef=0.5, z_loss_coef=0.25)
+    x = torch.randn(6, 8)
+    out = r(x)
+    logits = x @ r.gate.weight.T
+    probs = logits.softmax(-1)
+    top1 = probs.argmax(-1)
+    f = torch.tensor([(top1 == e).float().mean().item() for e in range(4)])
+    P = probs.mean(0)
+    assert math.isclose(out.aux_loss.item(), 0.5 * 4 * (f * P).sum().item(), rel_tol=1e-5)
+    z = torch.logsumexp(logits, -1).square().mean()
+    assert math.isclose(out.z_loss.item(), 0.25 * z.item(), rel_tol=1e-5)
+
+
+def test_balanced_routing_gives_aux_loss_of_coefficient():
+    # uniform probabilities and perfectly even assignment: E * sum(1/E * 1/E) = 1
+    r = make_router(E=4, k=1, aux_loss_coef=1.0, z_loss_coef=0)
+    with torch.no_grad():
+        r.gate.weight.zero_()
+    out = r(torch.randn(8, 8))
+    assert math.isclose(out.aux_loss.item(), 1.0, rel_tol=1e-6)
+
+
+def test_bias_balancing_changes_selection_not_weights():
+    r = make_router(E=4, k=1, bias_balancing=True, renormalize=False)
+    x = torch.randn(16, 8)
+    before = r(x)
+    r.update_bias(torch.tensor([100, 0, 0, 0]), rate=1.0)  # expert 0 overloaded
+    assert r.expert_bias.tolist() == [-1.0, 1.0, 1.0, 1.0]
+    after = r(x)
+    assert (after.expert_ids == 0).sum() == 0
+    probs = torch.softmax(x @ r.gate.weight.T, -1)
+    assert torch.allclose(after.weights, probs.gather(-1, after.expert_ids))
+    assert not torch.equal(before.expert_ids, after.expert_ids)
