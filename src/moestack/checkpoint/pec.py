@@ -97,12 +97,13 @@ class PecState:
 
     def to_json(self) -> dict[str, Any]:
         """Plain lists for the manifest."""
-        return {name: getattr(self, name).tolist() for name in _ARRAYS}
+        return {"shape": list(self.shape), **{name: getattr(self, name).tolist() for name in _ARRAYS}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "PecState":
         """Inverse of `to_json`."""
-        return cls(**{name: np.asarray(data[name], dtype=np.int64) for name in _ARRAYS})
+        shape = tuple(data["shape"])
+        return cls(**{name: np.asarray(data[name], dtype=np.int64).reshape(shape) for name in _ARRAYS})
 
 
 _ARRAYS = ("processed", "lost", "copy_step", "copy_processed", "copy_lost")

@@ -53,6 +53,8 @@ def local_layout(tensors: Mapping[str, torch.Tensor], experts: Mapping[str, Expe
         raise ValueError(f"experts names tensors that are not in the state: {unknown}")
     layout: Layout = {}
     for name, t in tensors.items():
+        if "#" in name:
+            raise ValueError(f"tensor name {name!r}: '#' is reserved for expert slice keys")
         shard = experts.get(name)
         if shard is not None:
             _check_shard(name, t, shard)

@@ -73,7 +73,9 @@ class Snapshotter:
 
     def _copy_cuda(self, device: torch.device, keys: list[str], sources: dict[str, torch.Tensor],
                    out: dict[str, torch.Tensor]) -> torch.cuda.Event:
-        stream = self._streams.get(device) or self._streams.setdefault(device, torch.cuda.Stream(device))
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        stream = self._streams[device]
         stream.wait_stream(torch.cuda.current_stream(device))  # the state is final once queued kernels ran
         with torch.cuda.stream(stream):
             for key in keys:

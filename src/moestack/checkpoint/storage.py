@@ -78,11 +78,20 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to `path` so that readers see the old file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
+        f.write(dumps(obj))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def dumps(obj: Any) -> str:
+    """Indented JSON with arrays of numbers kept on one line (readable manifests of [L, E] arrays)."""
+    text = json.dumps(obj, indent=1)
+    return _NUM_ARRAY.sub(lambda m: re.sub(r"\s+", "", m.group(0)).replace(",", ", "), text)
+
+
+_NUM_ARRAY = re.compile(r"\[[\s\d,.eE+-]*\]")
 
 
 def sha256_file(path: Path) -> str:

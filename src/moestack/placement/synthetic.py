@@ -14,32 +14,31 @@ def synthetic_trace(
     num_tokens: int = 8192,
     skew: float = 0.8,
     affinity: float = 0.7,
-    fanout: int = 4,
-    clusters: int | None = None,
+    group_size: int = 8,
     seed: int = 0,
 ) -> RoutingTrace:
     """Simulate token routing through ``num_layers`` MoE layers.
 
-    Expert popularity per layer is Zipf-like (weight of the r-th most popular expert ~ 1/(r+1)**skew,
-    shuffled per layer). With probability ``affinity`` a token's next-layer experts are drawn from the
-    successors of its current experts: each expert has ``fanout`` preferred successors, mostly in the same
-    latent cluster (``clusters`` random groups per layer, default E / (2 * fanout)); otherwise they are drawn by popularity.
-    Every token picks ``top_k`` distinct experts per layer (Gumbel top-k).
+    Expert popularity per layer is Zipf-like: the r-th most popular expert has weight 1/(r+1)**skew
+    (ranks shuffled per layer). Experts of each layer are split at random into groups of ``group_size``
+    (min(group_size, E/2)); every token has a latent type, one group per layer, like a topic that the
+    same experts specialise in. Each choice follows the token's group with probability ``affinity``
+    and popularity otherwise, so an expert sends most of its tokens to the few experts of its group in
+    the next layer. Every token picks ``top_k`` distinct experts per layer (Gumbel top-k).
     """
     rng = np.random.default_rng(seed)
     L, E, k = num_layers, num_experts, top_k
-    fanout = max(1, min(fanout, E // 2))
-    clusters = clusters or max(1, E // (2 * fanout))
+    size = max(1, min(group_size, E // 2))
+    num_groups = E // size
     popularity = _popularity(rng, L, E, skew)  # [L, E]
-    successors = _successors(rng, L, E, fanout, clusters)  # [L-1, E, E] rows sum to 1
+    token_group = rng.integers(num_groups, size=num_tokens)  # [T]
     recorder = TraceRecorder(L, E, k)
-    ids = _sample(rng, np.tile(popularity[0], (num_tokens, 1)), k)  # [T, k]
-    recorder.record(0, ids)
-    for layer in range(1, L):
-        follow = successors[layer - 1][ids].mean(axis=1)  # [T, E]
-        probs = (1 - affinity) * popularity[layer] + affinity * follow  # [T, E]
-        ids = _sample(rng, probs, k)
-        recorder.record(layer, ids)
+    for layer in range(L):
+        in_group = _group_masks(rng, E, num_groups)  # [groups, E] bool
+        grouped = popularity[layer] * in_group  # [groups, E]
+        grouped /= grouped.sum(axis=1, keepdims=True)
+        probs = (1 - affinity) * popularity[layer] + affinity * grouped[token_group]  # [T, E]
+        recorder.record(layer, _sample(rng, probs, k))
     return recorder.trace()
 
 
@@ -49,19 +48,10 @@ def _popularity(rng: np.random.Generator, L: int, E: int, skew: float) -> np.nda
     return rows / rows.sum(axis=1, keepdims=True)
 
 
-def _successors(rng: np.random.Generator, L: int, E: int, fanout: int, clusters: int) -> np.ndarray:
-    """Per boundary, each expert's distribution over next-layer experts (``fanout`` favourites)."""
-    out = np.zeros((max(L - 1, 0), E, E))
-    fanout = min(fanout, E)
-    for layer in range(L - 1):
-        group_here = rng.permutation(np.arange(E) % clusters)
-        group_next = rng.permutation(np.arange(E) % clusters)
-        for i in range(E):
-            same = np.flatnonzero(group_next == group_here[i])
-            pool = same if len(same) >= fanout and rng.random() < 0.8 else np.arange(E)
-            picks = rng.choice(pool, size=fanout, replace=False)
-            out[layer, i, picks] = rng.dirichlet(np.ones(fanout))
-    return out
+def _group_masks(rng: np.random.Generator, E: int, num_groups: int) -> np.ndarray:
+    """A random split of the E experts into ``num_groups`` groups, as masks ``[groups, E]``."""
+    group_of = rng.permutation(np.arange(E) % num_groups)
+    return group_of[None, :] == np.arange(num_groups)[:, None]
 
 
 def _sample(rng: np.random.Generator, probs: np.ndarray, k: int) -> np.ndarray:

@@ -1,0 +1,27 @@
+# Two commands set up everything on a fresh machine:
+#   make train   - the main job: train the default MoE LM on the CPU (embedded data, about a minute)
+#   make test    - the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# A CPU machine installs torch 2.13.0 from the wheel on disk; a plain `torch` would download a CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: train test setup clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIN)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,hf,plot]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+train: setup
+	$(VENV)/bin/moestack train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,426 @@
+"""CheckpointManager: two-level asynchronous, fully sharded, partial-expert checkpoints.
+
+save():  [main thread]  agree with the other ranks (busy? layout changed? errors?), choose the PEC
+                        experts, plan who writes what, snapshot this rank's share into reused host
+                        buffers (level 1), return.
+         [persist thread] write rank-R.safetensors + fsync, then rank-R.json (its manifest part) last;
+                        rank 0 waits for every rank's part file, writes manifest.json, renames
+                        .tmp-step-N-<uid> -> step-N, fsyncs, replaces `latest`, applies retention (level 2).
+Collectives happen only in the main thread, inside save / wait / load / close (all collective calls);
+the persist threads talk through files in the shared checkpoint directory, never through the group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moestack.checkpoint import pec
+from moestack.checkpoint.config import CheckpointConfig
+from moestack.checkpoint.recovery import LoadReport, plan_recovery, read_state
+from moestack.checkpoint.sharding import (
+    ExpertShard, Item, Layout, expert_geometry, expert_summary, layout_digest, local_layout, plan_shards,
+)
+from moestack.checkpoint.snapshot import Snapshotter
+from moestack.checkpoint.storage import (
+    FORMAT, MANIFEST, Checkpoint, CheckpointError, clean_leftovers, commit_dir, list_committed, move_aside,
+    part_name, read_latest, remove_dir, shard_name, step_dir_name, write_json_atomic, write_latest, write_shard,
+)
+
+log = logging.getLogger("moestack.checkpoint")
+_POLL_S = 0.01
+
+
+class SaveHandle:
+    """What `save` returns once the snapshot is taken; the persist may still be running.
+
+    blocked_s: time `save` kept the training loop waiting. After `wait()`: bytes_written (this rank),
+    persist_s (from the call to save to this rank's part written; on rank 0 to the commit), and on
+    rank 0 path (the committed directory) and total_bytes (all ranks). error: what failed, if anything.
+    """
+
+    def __init__(self, step: int, skipped: bool, selected: list[list[int]] | None = None, plt: float | None = None):
+        self.step, self.skipped, self.selected, self.plt = step, skipped, selected or [], plt
+        self.blocked_s = 0.0
+        self.persist_s: float | None = None
+        self.bytes_written = 0
+        self.total_bytes: int | None = None
+        self.path: Path | None = None
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+        if skipped:
+            self._done.set()
+
+    def done(self) -> bool:
+        """True once this rank's persist finished (rank 0: committed or failed)."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until `done()` (local, not collective); False on timeout."""
+        return self._done.wait(timeout)
+
+
+@dataclass
+class _Job:
+    """Everything the persist thread needs; the main thread does not touch it afterwards."""
+
+    step: int
+    tmp: Path
+    final: Path
+    host: dict[str, torch.Tensor]  # key -> host copy
+    records: dict[str, dict[str, Any]]  # key -> {name, shape, dtype[, layer, expert]}
+    manifest: dict[str, Any] | None  # rank 0: everything but "files"
+    handle: SaveHandle
+    t0: float
+
+
+class CheckpointManager:
+    """Saves and restores a flat training state (dict of tensors + JSON meta) under RUN_DIR/ckpt.
+
+    Expert-stacked tensors (dim 0 = this rank's local expert slots) are described by `ExpertShard`s.
+    `group` is the torch.distributed group whose ranks share the state (None = single process); all
+    ranks must see the same RUN_DIR. save, wait, load and close are collective over `group`.
+    """
+
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, group: Any = None):
+        self.cfg = cfg.validate()
+        self.root = Path(run_dir) / "ckpt"
+        self.group = group
+        self.rank, self.world_size = _rank_world(group)
+        self._snap = Snapshotter()
+        self._handle: SaveHandle | None = None
+        self._thread: threading.Thread | None = None
+        self._failed_prev: pec.PecState | None = None
+        self._pec: pec.PecState | None = None
+        self._tokens_counted = False
+        self._digests: list[str] | None = None
+        self._layouts: list[Layout] = []
+        self._summary: dict[str, Any] = {}
+        self._seq = 0
+        self._closed = False
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            removed = clean_leftovers(self.root)
+            if removed:
+                log.info("removed leftovers of interrupted saves in %s: %s", self.root, removed)
+        self._nonce = self._broadcast(secrets.token_hex(4) if self.rank == 0 else None)
+        self._lineage = self._nonce
+
+    # ------------------------------------------------------------------ public API
+
+    def due(self, step: int) -> bool:
+        """Whether `cfg.every` asks for a checkpoint after `step`."""
+        return self.cfg.every > 0 and step > 0 and step % self.cfg.every == 0
+
+    def save(self, step: int, tensors: Mapping[str, torch.Tensor], experts: Mapping[str, ExpertShard],
+             meta: Mapping[str, Any], expert_tokens: torch.Tensor | None = None) -> SaveHandle:
+        """Snapshot the state at `step` and persist it in the background (collective).
+
+        expert_tokens: int64 [L, E], tokens each global expert processed since the previous call
+        (already summed over ranks); it drives load-aware PEC and PLT. Returns once the state may change.
+        """
+        t0 = time.perf_counter()
+        meta = json.loads(json.dumps(dict(meta)))  # JSON only, never pickle; fails early on bad meta
+        layout = local_layout(tensors, experts)
+        if self.cfg.when_busy == "wait":
+            self._join_local()
+        views = self._agree(layout)
+        self._count_tokens(expert_tokens)
+        self._check_errors(views)
+        if any(v["busy"] for v in views):
+            return self._skip(step, t0)
+        selected, k = self._select(step)
+        handle = self._start(step, tensors, experts, dict(meta), selected, k, t0)
+        handle.blocked_s = time.perf_counter() - t0
+        return handle
+
+    def wait(self) -> None:
+        """Block until the in-flight checkpoint is committed (collective); raise CheckpointError if it failed."""
+        self._join_local()
+        self._check_errors(self._exchange({"error": self._local_error()}))
+
+    def close(self) -> None:
+        """Finish the in-flight checkpoint and free the host buffers (collective, idempotent)."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._snap.close()
+
+    def latest_good(self) -> Path | None:
+        """Newest committed checkpoint that verifies and whose experts all have an intact copy (local)."""
+        try:
+            return Path(plan_recovery(self.root)["target"])
+        except CheckpointError:
+            return None
+
+    def load(self, path: str | Path | None = None, experts_wanted: Mapping[str, ExpertShard] | None = None
+             ) -> tuple[dict[str, torch.Tensor], dict[str, Any], LoadReport]:
+        """Restore the newest good checkpoint (or `path`) (collective).
+
+        Returns (tensors, meta, report): non-expert tensors whole; each expert-stacked tensor built for
+        the caller's layout `experts_wanted` (default: all experts in global order), every expert from
+        the newest intact checkpoint holding it. The manager continues PEC and PLT from there.
+        """
+        self.wait()
+        plan: dict[str, Any] | None = None
+        if self.rank == 0:
+            try:
+                plan = plan_recovery(self.root, Path(path) if path is not None else None)
+            except CheckpointError as e:
+                plan = {"error": str(e)}
+        plan = self._broadcast(plan)
+        if "error" in plan:
+            raise CheckpointError(plan["error"])
+        tensors, meta, report, state = read_state(self.root, plan, experts_wanted)
+        target = Checkpoint.open(Path(plan["target"]))
+        self._pec, self._lineage = state, target.lineage
+        self._tokens_counted = bool(target.manifest["pec"].get("tokens_counted"))
+        log.info(report.summary())
+        return tensors, meta, report
+
+    # ------------------------------------------------------------------ main-thread steps of save
+
+    def _agree(self, layout: Layout) -> list[dict[str, Any]]:
+        """Exchange (busy, error, layout digest) with all ranks; refresh the layouts when one changed.
+
+        Every decision after this (skip, raise, the shard plan) is taken from what all ranks reported,
+        so the ranks always take the same branch."""
+        digest = layout_digest(layout)
+        busy = self._thread is not None and self._thread.is_alive()
+        views = self._exchange({"busy": busy, "error": None if busy else self._local_error(), "digest": digest})
+        digests = [v["digest"] for v in views]
+        if digests != self._digests:
+            layouts = self._exchange(layout)
+            num_layers, num_experts = expert_geometry(layouts)
+            self._summary = expert_summary(layouts, num_experts)
+            self._layouts, self._digests = layouts, digests
+        return views
+
+    def _count_tokens(self, expert_tokens: torch.Tensor | None) -> None:
+        shape = expert_geometry(self._layouts)
+        if expert_tokens is not None:
+            tokens = expert_tokens.detach().cpu().numpy().astype(np.int64)  # [L, E]
+            if tokens.ndim != 2 or tokens.shape[0] < shape[0] or tokens.shape[1] != shape[1]:
+                raise ValueError(f"expert_tokens has shape {tokens.shape}, expected [L >= {shape[0]}, E = {shape[1]}]")
+            shape = tokens.shape
+        if self._pec is None:
+            self._pec = pec.PecState.empty(*shape)
+        if self._pec.shape != tuple(shape):
+            raise CheckpointError(f"expert layout [L, E] changed from {list(self._pec.shape)} to {list(shape)}")
+        if expert_tokens is not None:
+            self._pec = self._pec.add_tokens(tokens)
+            self._tokens_counted = True
+
+    def _skip(self, step: int, t0: float) -> SaveHandle:
+        log.warning("checkpoint at step %d skipped: the previous one (step %d) is still being written "
+                    "(checkpoint.when_busy = skip)", step, self._handle.step if self._handle else -1)
+        handle = SaveHandle(step, skipped=True)
+        handle.blocked_s = time.perf_counter() - t0
+        return handle
+
+    def _select(self, step: int) -> tuple[list[list[int]], int]:
+        state, cfg = self._pec, self.cfg
+        k = cfg.pec_k
+        if cfg.plt_threshold > 0 and self._tokens_counted and 0 < k < state.shape[1]:
+            k = pec.choose_k(state, cfg.pec_policy, k, cfg.plt_threshold, step)
+        return pec.select_experts_to_save(cfg.pec_policy, k, state.copy_step, state.unsaved()), k
+
+    def _start(self, step: int, tensors: Mapping[str, torch.Tensor], experts: Mapping[str, ExpertShard],
+               meta: dict[str, Any], selected: list[list[int]], k: int, t0: float) -> SaveHandle:
+        items = plan_shards(self._layouts, selected)[self.rank]
+        host = self._snap.snapshot(_sources(items, tensors, experts))  # level 1
+        prev, self._pec = self._pec, self._pec.after_save(step, selected)
+        plt = self._pec.plt() if self._tokens_counted else None
+        self._seq += 1
+        uid = f"{self._nonce}-{self._seq}"
+        handle = SaveHandle(step, skipped=False, selected=selected, plt=plt)
+        job = _Job(step, self.root / f".tmp-{step_dir_name(step)}-{uid}", self.root / step_dir_name(step), host,
+                   {it.key: _record(it) for it in items},
+                   self._manifest(step, uid, selected, k, plt, meta) if self.rank == 0 else None, handle, t0)
+        self._handle, self._failed_prev = handle, prev
+        if self.cfg.async_save:
+            self._thread = threading.Thread(target=self._persist, args=(job,), name=f"ckpt-persist-{step}")
+            self._thread.start()
+        else:
+            self._persist(job)
+        return handle
+
+    def _manifest(self, step: int, uid: str, selected: list[list[int]], k: int, plt: float | None,
+                  meta: dict[str, Any]) -> dict[str, Any]:
+        num_layers, num_experts = self._pec.shape
+        return {
+            "format": FORMAT, "step": step, "uid": uid, "lineage": self._lineage, "world_size": self.world_size,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "plt": plt,
+            "pec": {"policy": self.cfg.pec_policy, "k": k, "num_layers": num_layers, "num_experts": num_experts,
+                    "selected": selected, "tokens_counted": self._tokens_counted, "state": self._pec.to_json()},
+            "experts": self._summary, "meta": meta,
+        }
+
+    # ------------------------------------------------------------------ persist thread (level 2)
+
+    def _persist(self, job: _Job) -> None:
+        handle = job.handle
+        try:
+            job.tmp.mkdir(parents=True, exist_ok=True)
+            files = {}
+            if job.host:
+                rec = write_shard(job.tmp / shard_name(self.rank), job.host)
+                files[shard_name(self.rank)] = {"rank": self.rank, **rec, "tensors": job.records}
+                handle.bytes_written = rec["bytes"]
+            write_json_atomic(job.tmp / part_name(self.rank), {"rank": self.rank, "files": files})
+            if self.rank == 0:
+                self._commit(job)
+        except BaseException as e:  # reported to the main thread at the next save / wait
+            handle.error = e
+            if self.rank != 0:
+                _write_error_marker(job.tmp, self.rank, e)
+        finally:
+            handle.persist_s = time.perf_counter() - job.t0
+            handle._done.set()
+
+    def _commit(self, job: _Job) -> None:
+        files = self._gather_parts(job.tmp)
+        manifest = {**job.manifest, "files": files, "bytes": sum(f["bytes"] for f in files.values())}
+        write_json_atomic(job.tmp / MANIFEST, manifest)
+        for r in range(self.world_size):
+            (job.tmp / part_name(r)).unlink()
+        self._abandon_from(job.step)
+        commit_dir(job.tmp, job.final)
+        write_latest(self.root, job.final.name)
+        job.handle.path, job.handle.total_bytes = job.final, manifest["bytes"]
+        plt = "n/a" if manifest["plt"] is None else f"{100 * manifest['plt']:.2f}%"
+        held = sum(len(s) for s in manifest["pec"]["selected"])
+        log.info("checkpoint %s committed: %d bytes, %d experts held, PLT %s", job.final, manifest["bytes"], held, plt)
+        self._retain()
+
+    def _gather_parts(self, tmp: Path) -> dict[str, Any]:
+        """Wait for every rank's part file (written after its shard is fsynced); merge their file records."""
+        deadline = time.monotonic() + self.cfg.commit_timeout_s
+        while True:
+            for r in range(self.world_size):
+                marker = tmp / f"rank-{r:05d}.error"
+                if marker.exists():
+                    raise CheckpointError(f"rank {r} failed to write its shard: {marker.read_text()}")
+            missing = [r for r in range(self.world_size) if not (tmp / part_name(r)).exists()]
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"ranks {missing} did not write their shards into {tmp} within "
+                                      f"{self.cfg.commit_timeout_s} s (checkpoint.commit_timeout_s)")
+            time.sleep(_POLL_S)
+        files: dict[str, Any] = {}
+        for r in range(self.world_size):
+            files.update(json.loads((tmp / part_name(r)).read_text())["files"])
+        return files
+
+    def _abandon_from(self, step: int) -> None:
+        """Checkpoints at >= step belong to a timeline a resume from an older step left: move them aside."""
+        committed = list_committed(self.root)
+        newer = [p for s, p in committed if s >= step]
+        if not newer:
+            return
+        if read_latest(self.root) in {p.name for p in newer}:  # never let `latest` dangle
+            older = [p for s, p in committed if s < step]
+            write_latest(self.root, older[-1].name if older else None)
+        for path in newer:
+            dest = move_aside(path, secrets.token_hex(4))
+            log.warning("checkpoint %s belongs to an abandoned timeline; moved to %s", path, dest)
+
+    def _retain(self) -> None:
+        """Delete committed checkpoints beyond the newest `keep`, except those a kept one needs (PEC) and `latest`."""
+        committed = list_committed(self.root)
+        kept = committed[-self.cfg.keep:]
+        needed = {p.name for _, p in kept} | {read_latest(self.root)}
+        for _, path in kept:
+            try:
+                steps = Checkpoint.open(path).manifest["pec"]["state"]["copy_step"]
+            except (CheckpointError, KeyError) as e:
+                log.warning("retention skipped: cannot read %s (%s)", path, e)
+                return
+            needed |= {step_dir_name(s) for row in steps for s in row if s >= 0}
+        for _, path in committed:
+            if path.name not in needed:
+                remove_dir(path)
+
+    # ------------------------------------------------------------------ errors and collectives
+
+    def _join_local(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def _local_error(self) -> str | None:
+        h = self._handle
+        return f"step {h.step}: {type(h.error).__name__}: {h.error}" if h and h.done() and h.error else None
+
+    def _check_errors(self, views: list[dict[str, Any]]) -> None:
+        """Raise on every rank when any rank's last persist failed (PEC then forgets that save)."""
+        errors = [f"rank {r}: {v['error']}" for r, v in enumerate(views) if v.get("error")]
+        if not errors:
+            return
+        self._handle = None
+        if self._pec is not None and self._failed_prev is not None:
+            prev = self._failed_prev  # keep the tokens counted since, undo the copies that never landed
+            self._pec = pec.PecState(self._pec.processed, self._pec.lost, prev.copy_step, prev.copy_processed,
+                                     prev.copy_lost)
+        raise CheckpointError("checkpoint persist failed: " + "; ".join(errors))
+
+    def _exchange(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def _broadcast(self, obj: Any) -> Any:
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return box[0]
+
+
+def _rank_world(group: Any) -> tuple[int, int]:
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _sources(items: list[Item], tensors: Mapping[str, torch.Tensor], experts: Mapping[str, ExpertShard]
+             ) -> dict[str, torch.Tensor]:
+    """key -> the tensor (or the expert's dim-0 slice) this rank writes."""
+    slots = {name: {e: i for i, e in enumerate(shard.global_ids)} for name, shard in experts.items()}
+    out = {}
+    for it in items:
+        t = tensors[it.name].detach()
+        out[it.key] = t if it.expert is None else t[slots[it.name][it.expert]]
+    return out
+
+
+def _record(item: Item) -> dict[str, Any]:
+    rec: dict[str, Any] = {"name": item.name, "shape": list(item.shape), "dtype": item.dtype}
+    if item.expert is not None:
+        rec.update(layer=item.layer, expert=item.expert)
+    return rec
+
+
+def _write_error_marker(tmp: Path, rank: int, error: BaseException) -> None:
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / f"rank-{rank:05d}.error").write_text(f"{type(error).__name__}: {error}")
+    except OSError:
+        pass

@@ -1,0 +1,150 @@
+"""`moestack train | generate | eval | trace | plan | ckpt`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from moestack.config import SECTIONS, ConfigError, section_fields
+
+log = logging.getLogger("moestack")
+
+# Short flags of `train` and the config keys they set.
+TRAIN_SHORTCUTS = {
+    "--run-dir": ("train.run_dir", "run folder (default runs/<timestamp>)"),
+    "--steps": ("train.steps", "optimizer steps"),
+    "--seed": ("train.seed", "random seed"),
+    "--device": ("train.device", "auto | cpu | cuda | cuda:N"),
+    "--data": ("train.data", "a text file or folder (default: Python's standard library source)"),
+    "--batch-size": ("train.batch_size", "GLOBAL batch in sequences, split over all ranks"),
+    "--ckpt-every": ("checkpoint.every", "checkpoint every N steps (0 = off)"),
+    "--ep": ("parallel.ep", "expert-parallel ranks (torchrun --nproc_per_node)"),
+    "--dp": ("parallel.dp", "data-parallel replicas (default world / ep)"),
+    "--placement": ("parallel.placement", "expert placement JSON from `moestack plan`"),
+}
+SECTION_ALIASES = {"checkpoint": ("ckpt",)}
+
+
+def add_config_flags(p: argparse.ArgumentParser, shortcuts: dict) -> None:
+    """--config, the short flags, and a dotted override for every config field (--moe.top_k 2)."""
+    p.add_argument("--config", help="TOML config file; flags override it")
+    for flag, (key, help_) in shortcuts.items():
+        p.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="V", help=f"{help_} [{key}]")
+    group = p.add_argument_group("config overrides (any field, see config.toml of a run)")
+    for section in SECTIONS:
+        for name in section_fields(section):
+            key = f"{section}.{name}"
+            if any(k == key for k, _ in shortcuts.values()):
+                continue
+            flags = [f"--{s}.{n}" for s in (section, *SECTION_ALIASES.get(section, ())) for n in {name, name.replace("_", "-")}]
+            group.add_argument(*flags, dest=key, default=argparse.SUPPRESS, metavar="V", help=argparse.SUPPRESS)
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if "." in k}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moestack",
+        description="Train, checkpoint, place and serve Mixture-of-Experts language models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train an MoE language model (torchrun for expert parallelism)",
+                       description="Train an MoE LM. With no arguments: a small model on the CPU on Python's "
+                                   "standard library source, in about a minute. Under torchrun: expert parallel.")
+    add_config_flags(p, TRAIN_SHORTCUTS)
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --run-dir")
+
+    p = sub.add_parser("generate", help="sample text from a trained run")
+    p.add_argument("--run-dir", required=True, help="a run folder written by `moestack train`")
+    p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("eval", help="validation loss and perplexity of a trained run")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--batches", type=int, default=16, help="validation batches")
+    p.add_argument("--device", default="auto")
+
+    from moestack.checkpoint.cli import add_ckpt_parser
+    from moestack.placement.cli import add_plan_parser
+
+    add_plan_parser(sub)
+    add_ckpt_parser(sub)
+    return parser
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="moestack: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    from moestack.checkpoint import CheckpointError
+    from moestack.data import DataError
+    from moestack.placement.placement import PlacementError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataError, PlacementError, CheckpointError) as err:
+        print(f"moestack {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def cmd_train(args) -> int:
+    from moestack.config import load_config
+    from moestack.train import train
+
+    cfg = load_config(args.config, overrides_from(args))
+    summary = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", 0)) == 0:
+        first, last = summary.get("first_val_loss"), summary.get("val_loss")
+        if first is not None and last is not None:
+            log.info("val loss %.4f -> %.4f after %d steps", first, last, summary["step"])
+        log.info("run folder: %s (config.toml, metrics.jsonl, loss.png, ckpt/)", summary["run_dir"])
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from moestack.runs import generate_text
+
+    text = generate_text(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.device)
+    if text is not None:
+        print(text)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from moestack.runs import evaluate_run
+
+    result = evaluate_run(args.run_dir, args.batches, args.device)
+    if result is not None:
+        print(f"val_loss {result['val_loss']:.4f}  perplexity {result['perplexity']:.2f}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from moestack.placement.cli import run_plan
+
+    return run_plan(args)
+
+
+def cmd_ckpt(args) -> int:
+    from moestack.checkpoint.cli import run_ckpt
+
+    return run_ckpt(args)
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plan": cmd_plan, "ckpt": cmd_ckpt}
+
+if __name__ == "__main__":
+    sys.exit(main())

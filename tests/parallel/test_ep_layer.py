@@ -1,0 +1,90 @@
+"""The expert-parallel MoE layer equals the single-process layer (outputs and gradients, fp32)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moestack.config import ParallelConfig
+from moestack.moe.layer import MoELayer
+from moestack.parallel.ep import EPDispatcher, global_stats, shard_experts
+from moestack.parallel.mesh import init_parallel, shutdown
+from moestack.placement.placement import Placement
+from tests.dist import run_ranks
+
+E, D, F, K, T = 8, 16, 24, 2, 12  # experts, hidden, expert hidden, top-k, tokens per rank
+
+
+def _layer(skewed: bool) -> MoELayer:
+    torch.manual_seed(0)
+    layer = MoELayer(D, E, K, F, aux_loss_coef=0.01, z_loss_coef=0.0)
+    if skewed:  # experts 4..7 (the second half) never win: their ranks get no tokens
+        with torch.no_grad():
+            layer.router.gate.weight[E // 2:, 0] = -100.0
+    return layer
+
+
+def _inputs(world: int, skewed: bool):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(world * T, D, generator=g)
+    if skewed:
+        x[:, 0] = x[:, 0].abs() + 1.0
+    return x, torch.randn(world * T, D, generator=g)
+
+
+def _check_all(rank, world, cases):
+    ctx = init_parallel(ParallelConfig(ep=world), "cpu")
+    for placement_rows, skewed in cases:
+        _check(rank, world, ctx, placement_rows, skewed)
+    shutdown(ctx)
+
+
+def _check(rank, world, ctx, placement_rows, skewed):
+    x_all, g_all = _inputs(world, skewed)
+    rows = slice(rank * T, (rank + 1) * T)
+
+    ref = _layer(skewed)  # single-process reference over every rank's tokens
+    x_ref = x_all.clone().requires_grad_()
+    y_ref, aux_ref = ref(x_ref)
+    ((y_ref * g_all).sum() + aux_ref * world).backward()
+
+    layer = _layer(skewed)
+    placement = Placement(world, placement_rows)
+    mine = placement.experts_on(0, rank)
+    shard_experts(layer.experts, mine)
+    layer.dispatcher = EPDispatcher(ctx.ep_group, placement_rows[0], [placement.slot_of(0, e)[1] for e in range(E)], len(mine))
+    layer.router.reduce_stats = global_stats(ctx.stats_group)
+    x = x_all[rows].clone().requires_grad_()
+    y, aux = layer(x)
+    ((y * g_all[rows]).sum() + aux).backward()
+
+    torch.testing.assert_close(y, y_ref[rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aux, aux_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad[rows], atol=1e-5, rtol=1e-5)
+    idx = torch.tensor(mine)
+    torch.testing.assert_close(layer.experts.w13.grad, ref.experts.w13.grad[idx], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.experts.w2.grad, ref.experts.w2.grad[idx], atol=1e-5, rtol=1e-5)
+    gate = layer.router.gate.weight.grad.clone()
+    dist.all_reduce(gate)  # replicated parameter: the ranks' gradients sum to the reference's
+    torch.testing.assert_close(gate, ref.router.gate.weight.grad, atol=1e-5, rtol=1e-5)
+    if skewed:
+        received = layer.experts.w13.grad.abs().sum().item()
+        assert (received == 0) == (rank >= world // 2)
+
+
+def contiguous(world):
+    return [[e * world // E for e in range(E)]]
+
+
+def shuffled(world):
+    perm = torch.randperm(E, generator=torch.Generator().manual_seed(5)).tolist()
+    row = [0] * E
+    for i, e in enumerate(perm):
+        row[e] = i * world // E
+    return [row]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_layer_matches_single_process_contiguous_shuffled_and_skewed(world):
+    """Contiguous and shuffled placements, and skewed routing where half the ranks get no tokens."""
+    cases = [(contiguous(world), False), (shuffled(world), False), (contiguous(world), True)]
+    run_ranks(_check_all, world, cases)
