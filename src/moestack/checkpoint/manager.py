@@ -2,10 +2,8 @@
 
 save():  [main thread]  agree with the other ranks (busy? layout changed? errors?), choose the PEC
                         experts, plan who writes what, snapshot this rank's share into reused host
-                        buffers (level 1), return.
-         [persist thread] write rank-R.safetensors + fsync, then rank-R.json (its manifest part) last;
-                        rank 0 waits for every rank's part file, writes manifest.json, renames
-                        .tmp-step-N-<uid> -> step-N, fsyncs, replaces `latest`, applies retention (level 2).
+                        buffers (level 1, snapshot.py), return.
+         [persist thread] write this rank's shard, rank 0 commits (level 2, persist.py).
 Collectives happen only in the main thread, inside save / wait / load / close (all collective calls);
 the persist threads talk through files in the shared checkpoint directory, never through the group.
 """
@@ -17,7 +15,6 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,61 +25,15 @@ import torch.distributed as dist
 
 from moestack.checkpoint import pec
 from moestack.checkpoint.config import CheckpointConfig
-from moestack.checkpoint.recovery import LoadReport, plan_recovery, read_state
+from moestack.checkpoint.persist import Job, Persister, SaveHandle
+from moestack.checkpoint.recovery import LoadReport, Verifier, plan_recovery, read_state
 from moestack.checkpoint.sharding import (
     ExpertShard, Item, Layout, expert_geometry, expert_summary, layout_digest, local_layout, plan_shards,
 )
 from moestack.checkpoint.snapshot import Snapshotter
-from moestack.checkpoint.storage import (
-    FORMAT, MANIFEST, Checkpoint, CheckpointError, clean_leftovers, commit_dir, list_committed, move_aside,
-    part_name, read_latest, remove_dir, shard_name, step_dir_name, write_json_atomic, write_latest, write_shard,
-)
+from moestack.checkpoint.storage import FORMAT, Checkpoint, CheckpointError, clean_leftovers, step_dir_name
 
 log = logging.getLogger("moestack.checkpoint")
-_POLL_S = 0.01
-
-
-class SaveHandle:
-    """What `save` returns once the snapshot is taken; the persist may still be running.
-
-    blocked_s: time `save` kept the training loop waiting. After `wait()`: bytes_written (this rank),
-    persist_s (from the call to save to this rank's part written; on rank 0 to the commit), and on
-    rank 0 path (the committed directory) and total_bytes (all ranks). error: what failed, if anything.
-    """
-
-    def __init__(self, step: int, skipped: bool, selected: list[list[int]] | None = None, plt: float | None = None):
-        self.step, self.skipped, self.selected, self.plt = step, skipped, selected or [], plt
-        self.blocked_s = 0.0
-        self.persist_s: float | None = None
-        self.bytes_written = 0
-        self.total_bytes: int | None = None
-        self.path: Path | None = None
-        self.error: BaseException | None = None
-        self._done = threading.Event()
-        if skipped:
-            self._done.set()
-
-    def done(self) -> bool:
-        """True once this rank's persist finished (rank 0: committed or failed)."""
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until `done()` (local, not collective); False on timeout."""
-        return self._done.wait(timeout)
-
-
-@dataclass
-class _Job:
-    """Everything the persist thread needs; the main thread does not touch it afterwards."""
-
-    step: int
-    tmp: Path
-    final: Path
-    host: dict[str, torch.Tensor]  # key -> host copy
-    records: dict[str, dict[str, Any]]  # key -> {name, shape, dtype[, layer, expert]}
-    manifest: dict[str, Any] | None  # rank 0: everything but "files"
-    handle: SaveHandle
-    t0: float
 
 
 class CheckpointManager:
@@ -98,6 +49,7 @@ class CheckpointManager:
         self.root = Path(run_dir) / "ckpt"
         self.group = group
         self.rank, self.world_size = _rank_world(group)
+        self._persister = Persister(self.root, self.rank, self.world_size, cfg.keep, cfg.commit_timeout_s)
         self._snap = Snapshotter()
         self._handle: SaveHandle | None = None
         self._thread: threading.Thread | None = None
@@ -109,6 +61,7 @@ class CheckpointManager:
         self._summary: dict[str, Any] = {}
         self._seq = 0
         self._closed = False
+        self._verifier = Verifier()
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             removed = clean_leftovers(self.root)
@@ -163,7 +116,7 @@ class CheckpointManager:
     def latest_good(self) -> Path | None:
         """Newest committed checkpoint that verifies and whose experts all have an intact copy (local)."""
         try:
-            return Path(plan_recovery(self.root)["target"])
+            return Path(plan_recovery(self.root, verifier=self._verifier)["target"])
         except CheckpointError:
             return None
 
@@ -179,9 +132,10 @@ class CheckpointManager:
         plan: dict[str, Any] | None = None
         if self.rank == 0:
             try:
-                plan = plan_recovery(self.root, Path(path) if path is not None else None)
+                plan = plan_recovery(self.root, Path(path) if path is not None else None, self._verifier)
             except CheckpointError as e:
                 plan = {"error": str(e)}
+            self._verifier = Verifier()  # checksums are reused from latest_good() only until here
         plan = self._broadcast(plan)
         if "error" in plan:
             raise CheckpointError(plan["error"])
@@ -248,15 +202,15 @@ class CheckpointManager:
         self._seq += 1
         uid = f"{self._nonce}-{self._seq}"
         handle = SaveHandle(step, skipped=False, selected=selected, plt=plt)
-        job = _Job(step, self.root / f".tmp-{step_dir_name(step)}-{uid}", self.root / step_dir_name(step), host,
+        job = Job(step, self.root / f".tmp-{step_dir_name(step)}-{uid}", self.root / step_dir_name(step), host,
                    {it.key: _record(it) for it in items},
                    self._manifest(step, uid, selected, k, plt, meta) if self.rank == 0 else None, handle, t0)
         self._handle, self._failed_prev = handle, prev
         if self.cfg.async_save:
-            self._thread = threading.Thread(target=self._persist, args=(job,), name=f"ckpt-persist-{step}")
+            self._thread = threading.Thread(target=self._persister.run, args=(job,), name=f"ckpt-persist-{step}")
             self._thread.start()
         else:
-            self._persist(job)
+            self._persister.run(job)
         return handle
 
     def _manifest(self, step: int, uid: str, selected: list[list[int]], k: int, plt: float | None,
@@ -270,92 +224,6 @@ class CheckpointManager:
                     "selected": selected, "tokens_counted": self._tokens_counted, "state": self._pec.to_json()},
             "experts": self._summary, "meta": meta,
         }
-
-    # ------------------------------------------------------------------ persist thread (level 2)
-
-    def _persist(self, job: _Job) -> None:
-        handle = job.handle
-        try:
-            job.tmp.mkdir(parents=True, exist_ok=True)
-            files = {}
-            if job.host:
-                rec = write_shard(job.tmp / shard_name(self.rank), job.host)
-                files[shard_name(self.rank)] = {"rank": self.rank, **rec, "tensors": job.records}
-                handle.bytes_written = rec["bytes"]
-            write_json_atomic(job.tmp / part_name(self.rank), {"rank": self.rank, "files": files})
-            if self.rank == 0:
-                self._commit(job)
-        except BaseException as e:  # reported to the main thread at the next save / wait
-            handle.error = e
-            if self.rank != 0:
-                _write_error_marker(job.tmp, self.rank, e)
-        finally:
-            handle.persist_s = time.perf_counter() - job.t0
-            handle._done.set()
-
-    def _commit(self, job: _Job) -> None:
-        files = self._gather_parts(job.tmp)
-        manifest = {**job.manifest, "files": files, "bytes": sum(f["bytes"] for f in files.values())}
-        write_json_atomic(job.tmp / MANIFEST, manifest)
-        for r in range(self.world_size):
-            (job.tmp / part_name(r)).unlink()
-        self._abandon_from(job.step)
-        commit_dir(job.tmp, job.final)
-        write_latest(self.root, job.final.name)
-        job.handle.path, job.handle.total_bytes = job.final, manifest["bytes"]
-        plt = "n/a" if manifest["plt"] is None else f"{100 * manifest['plt']:.2f}%"
-        held = sum(len(s) for s in manifest["pec"]["selected"])
-        log.info("checkpoint %s committed: %d bytes, %d experts held, PLT %s", job.final, manifest["bytes"], held, plt)
-        self._retain()
-
-    def _gather_parts(self, tmp: Path) -> dict[str, Any]:
-        """Wait for every rank's part file (written after its shard is fsynced); merge their file records."""
-        deadline = time.monotonic() + self.cfg.commit_timeout_s
-        while True:
-            for r in range(self.world_size):
-                marker = tmp / f"rank-{r:05d}.error"
-                if marker.exists():
-                    raise CheckpointError(f"rank {r} failed to write its shard: {marker.read_text()}")
-            missing = [r for r in range(self.world_size) if not (tmp / part_name(r)).exists()]
-            if not missing:
-                break
-            if time.monotonic() > deadline:
-                raise CheckpointError(f"ranks {missing} did not write their shards into {tmp} within "
-                                      f"{self.cfg.commit_timeout_s} s (checkpoint.commit_timeout_s)")
-            time.sleep(_POLL_S)
-        files: dict[str, Any] = {}
-        for r in range(self.world_size):
-            files.update(json.loads((tmp / part_name(r)).read_text())["files"])
-        return files
-
-    def _abandon_from(self, step: int) -> None:
-        """Checkpoints at >= step belong to a timeline a resume from an older step left: move them aside."""
-        committed = list_committed(self.root)
-        newer = [p for s, p in committed if s >= step]
-        if not newer:
-            return
-        if read_latest(self.root) in {p.name for p in newer}:  # never let `latest` dangle
-            older = [p for s, p in committed if s < step]
-            write_latest(self.root, older[-1].name if older else None)
-        for path in newer:
-            dest = move_aside(path, secrets.token_hex(4))
-            log.warning("checkpoint %s belongs to an abandoned timeline; moved to %s", path, dest)
-
-    def _retain(self) -> None:
-        """Delete committed checkpoints beyond the newest `keep`, except those a kept one needs (PEC) and `latest`."""
-        committed = list_committed(self.root)
-        kept = committed[-self.cfg.keep:]
-        needed = {p.name for _, p in kept} | {read_latest(self.root)}
-        for _, path in kept:
-            try:
-                steps = Checkpoint.open(path).manifest["pec"]["state"]["copy_step"]
-            except (CheckpointError, KeyError) as e:
-                log.warning("retention skipped: cannot read %s (%s)", path, e)
-                return
-            needed |= {step_dir_name(s) for row in steps for s in row if s >= 0}
-        for _, path in committed:
-            if path.name not in needed:
-                remove_dir(path)
 
     # ------------------------------------------------------------------ errors and collectives
 
@@ -416,11 +284,3 @@ def _record(item: Item) -> dict[str, Any]:
     if item.expert is not None:
         rec.update(layer=item.layer, expert=item.expert)
     return rec
-
-
-def _write_error_marker(tmp: Path, rank: int, error: BaseException) -> None:
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / f"rank-{rank:05d}.error").write_text(f"{type(error).__name__}: {error}")
-    except OSError:
-        pass

@@ -60,9 +60,9 @@ class Verifier:
         return self._seen[path]
 
 
-def plan_recovery(root: Path, path: Path | None = None) -> dict[str, Any]:
+def plan_recovery(root: Path, path: Path | None = None, verifier: Verifier | None = None) -> dict[str, Any]:
     """JSON-able plan {target, source_steps [L][E], skipped}: newest usable checkpoint (or `path`)."""
-    verifier = Verifier()
+    verifier = verifier or Verifier()
     committed = [p for _, p in reversed(list_committed(root))]
     candidates = [Path(path)] if path is not None else committed
     skipped: list[str] = []

@@ -190,14 +190,16 @@ def expert_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     ]
 
 
-def parallelize(model: nn.Module, ctx: ParallelContext, placement_path: str = "") -> nn.Module:
-    """Apply EP and DDP when running on several ranks; returns the module to call for training."""
+def parallelize(model: nn.Module, ctx: ParallelContext, placement_path: str = "", for_training: bool = True) -> nn.Module:
+    """Apply EP (and, for training, DDP) when running on several ranks; returns the module to call."""
     if not ctx.distributed:
         if placement_path:
             load_placement(placement_path, len(model.moe_layers()), model.cfg.moe.num_experts, 1)
         return model
     placement = load_placement(placement_path, len(model.moe_layers()), model.cfg.moe.num_experts, ctx.ep)
     apply_expert_parallel(model, ctx, placement)
+    if not for_training:
+        return model
     ignore = [n for n, _ in expert_params(model)] + [n for n, _ in model.named_buffers() if n.endswith("tokens_seen")]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     return DistributedDataParallel(

@@ -99,25 +99,35 @@ def _affinity(problem: _Problem, gpu_of: np.ndarray, layer: int, use_prev: bool,
     return a
 
 
-def _solve_layer(problem: _Problem, load: np.ndarray, a: np.ndarray, neighbours: int,
-                 time_limit: float, mip_gap: float, break_symmetry: bool) -> np.ndarray | None:
-    """Best gpu of each expert ``[E]`` for one layer with fixed neighbours (None if HiGHS found nothing)."""
-    E, G = a.shape
-    n = E * G  # x[e, g] at e * G + g, then m, then the constant
+def _solve_block(problem: _Problem, gpu_of: np.ndarray, layer: int, a: np.ndarray, neighbours: int,
+                 gpus: np.ndarray, time_limit: float, mip_gap: float, break_symmetry: bool = False) -> np.ndarray | None:
+    """Re-place the experts of ``layer`` that sit on ``gpus`` among those gpus, others fixed.
+
+    Exact for the layer's part of the objective over that neighbourhood (all gpus: the whole layer).
+    Returns the layer's new row ``[E]``, or None if HiGHS found no solution in time.
+    """
+    load = problem.load[layer]  # [E]
+    experts = np.flatnonzero(np.isin(gpu_of[layer], gpus))  # [B]
+    B, H = len(experts), len(gpus)
+    others = np.bincount(gpu_of[layer], weights=load, minlength=problem.num_gpus)
+    others[gpus] = 0.0
+    n = B * H  # x[b, h] at b * H + h, then m, then the constant
     w = problem.comm_weight
-    c = np.concatenate([-w * a.ravel(), [1.0, w * neighbours]])
-    rows = [_assignment_rows(E, G, n + 2), _cardinality_rows(E, G, n + 2), _makespan_rows(load, G, n, n + 2)]
-    A = sparse.vstack(rows).tocsr()
-    lb = np.concatenate([np.ones(E), np.full(G, E // G), np.full(G, -np.inf)])
-    ub = np.concatenate([np.ones(E), np.full(G, E // G), np.zeros(G)])
-    var_ub = np.concatenate([_symmetry_ub(load, G) if break_symmetry else np.ones(n), [np.inf, 1.0]])
-    var_lb = np.zeros(n + 2)
-    var_lb[-1] = 1.0  # the constant term's variable is fixed at 1
+    c = np.concatenate([-w * a[np.ix_(experts, gpus)].ravel(), [1.0, w * neighbours]])
+    A = sparse.vstack([_assignment_rows(B, H, n + 2), _cardinality_rows(B, H, n + 2),
+                       _makespan_rows(load[experts], H, n, n + 2)]).tocsr()
+    lb = np.concatenate([np.ones(B), np.full(H, B // H), np.full(H, -np.inf)])
+    ub = np.concatenate([np.ones(B), np.full(H, B // H), np.zeros(H)])
+    sym = _symmetry_ub(load[experts], H) if break_symmetry else np.ones(n)
+    var_lb = np.concatenate([np.zeros(n), [others.max(), 1.0]])  # m >= load of every gpu left alone
+    var_ub = np.concatenate([sym, [np.inf, 1.0]])  # the constant term's variable is fixed at 1
     integrality = np.concatenate([np.ones(n), [0, 0]])
     res = _highs(c, A, lb, ub, integrality, var_lb, var_ub, time_limit, mip_gap)
     if res.x is None:
         return None
-    return res.x[:n].reshape(E, G).argmax(axis=1)
+    row = gpu_of[layer].copy()
+    row[experts] = gpus[res.x[:n].reshape(B, H).argmax(axis=1)]
+    return row
 
 
 def _assignment_rows(E: int, G: int, width: int, offset: int = 0) -> sparse.csr_matrix:

@@ -1,0 +1,99 @@
+"""Using a trained run: load its model (under EP when started by torchrun), evaluate, generate."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moestack.checkpoint import CheckpointError, CheckpointManager
+from moestack.config import Config, load_config
+from moestack.data import ByteTokenizer, Corpus
+from moestack.models.transformer import MoETransformer
+from moestack.parallel import ep as ep_parallel
+from moestack.parallel.mesh import ParallelContext, init_parallel, world_from_env
+from moestack.state import expert_param_names
+
+
+def run_config(run_dir: str | Path, device: str = "auto", placement: str | None = None) -> Config:
+    """The run's config.toml, set up for inference on this launch (every rank expert parallel)."""
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a moestack run folder (no config.toml); pass the --run-dir of a training run")
+    cfg = load_config(path)
+    world = world_from_env()[1]
+    par = replace(cfg.parallel, ep=world, dp=1, placement=cfg.parallel.placement if placement is None else placement)
+    return replace(cfg, parallel=par, train=replace(cfg.train, device=device)).validate()
+
+
+def load_model(run_dir: str | Path, device: str = "auto", placement: str | None = None):
+    """(model, cfg, ctx) with the newest good checkpoint's weights; under torchrun experts are sharded."""
+    cfg = run_config(run_dir, device, placement)
+    ctx = init_parallel(cfg.parallel, cfg.train.device)
+    model = MoETransformer(cfg).to(ctx.device)
+    ep_parallel.parallelize(model, ctx, cfg.parallel.placement, for_training=False)
+    mgr = CheckpointManager(Path(run_dir), cfg.checkpoint, group=ctx.grad_group)
+    if mgr.latest_good() is None:
+        raise CheckpointError(f"{run_dir}/ckpt holds no intact checkpoint; train with --ckpt-every N first")
+    wanted = {f"model.{n}": shard for n, shard in _expert_layout(model).items()}
+    tensors, meta, _ = mgr.load(experts_wanted=wanted)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    model.eval()
+    return model, cfg, ctx
+
+
+def _expert_layout(model):
+    from moestack.checkpoint import ExpertShard
+
+    return {name: ExpertShard(layer, ids) for name, (layer, ids) in expert_param_names(model).items()}
+
+
+def _rank0_tokens(ctx: ParallelContext):
+    """Under EP every rank must feed the same tokens: rank 0's sample wins."""
+    if not ctx.distributed:
+        return None
+
+    def sync(t: torch.Tensor) -> torch.Tensor:
+        dist.broadcast(t, src=0, group=ctx.stats_group)
+        return t
+
+    return sync
+
+
+@torch.no_grad()
+def generate_text(run_dir, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int, device="auto"):
+    """Continue `prompt` with the run's model; the text on rank 0, None elsewhere."""
+    model, cfg, ctx = load_model(run_dir, device)
+    tok = ByteTokenizer()
+    torch.manual_seed(seed)
+    idx = torch.tensor([tok.encode(prompt) or [10]], device=ctx.device)
+    out = model.generate(idx, max_new_tokens, temperature, top_k, sync=_rank0_tokens(ctx))
+    return tok.decode(out[0].tolist()) if ctx.is_main else None
+
+
+@torch.no_grad()
+def evaluate_run(run_dir, batches: int = 16, device: str = "auto", model=None):
+    """Validation loss and perplexity over `batches` global batches of the run's validation split."""
+    loaded, cfg, ctx = load_model(run_dir, device)
+    model = model or loaded
+    return {**evaluate(model, cfg, ctx, batches), "rank": ctx.rank} if ctx.is_main else None
+
+
+@torch.no_grad()
+def evaluate(model, cfg: Config, ctx: ParallelContext, batches: int) -> dict:
+    """Mean validation loss (over ranks) of `model` on the run's data."""
+    corpus = Corpus.load(cfg.train.data, cfg.model.seq_len)
+    rows = ctx.batch_rows(cfg.train.batch_size)
+    total = torch.zeros((), device=ctx.device)
+    for i in range(batches):
+        x, y = corpus.batch("val", i, cfg.train.batch_size, cfg.train.seed, rows)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
+            total += model(x.to(ctx.device), y.to(ctx.device))[1].float()
+    if ctx.distributed:
+        dist.all_reduce(total, group=ctx.stats_group)
+        total /= ctx.world
+    loss = total.item() / batches
+    return {"val_loss": loss, "perplexity": math.exp(loss)}

@@ -1,0 +1,88 @@
+import json
+
+import torch
+
+from moestack.checkpoint import CheckpointConfig, CheckpointManager, verify
+from moestack.checkpoint.storage import MANIFEST, dumps, list_committed, read_safetensors_header
+
+from tests.checkpoint.helpers import make_state
+
+
+def _one_checkpoint(tmp_path):
+    mgr = CheckpointManager(tmp_path, CheckpointConfig(keep=5))
+    tensors, experts = make_state(3)
+    mgr.save(3, tensors, experts, {"step": 3})
+    mgr.close()
+    (_, path), = list_committed(tmp_path / "ckpt")
+    return path
+
+
+def test_intact_checkpoint_verifies(tmp_path):
+    path = _one_checkpoint(tmp_path)
+    assert verify(path) == []
+    assert sorted(p.name for p in path.iterdir()) == [MANIFEST, "rank-00000.safetensors"]
+
+
+def test_tampered_shard_is_named(tmp_path):
+    path = _one_checkpoint(tmp_path)
+    shard = path / "rank-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # flip a byte of tensor data: same size, different content
+    shard.write_bytes(bytes(data))
+    problems = verify(path)
+    assert len(problems) == 1 and str(shard) in problems[0] and "sha256 mismatch" in problems[0]
+
+
+def test_truncated_shard_and_missing_shard(tmp_path):
+    path = _one_checkpoint(tmp_path)
+    shard = path / "rank-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert "size 100 bytes" in verify(path)[0]
+    shard.unlink()
+    assert verify(path) == [f"{shard}: missing"]
+
+
+def test_truncated_manifest_is_reported(tmp_path):
+    path = _one_checkpoint(tmp_path)
+    manifest = path / MANIFEST
+    manifest.write_text(manifest.read_text()[:200])
+    problems = verify(path)
+    assert len(problems) == 1 and str(manifest) in problems[0] and "truncated or not JSON" in problems[0]
+    manifest.unlink()
+    assert verify(path) == [f"{manifest}: missing"]
+
+
+def test_manifest_naming_a_missing_tensor(tmp_path):
+    path = _one_checkpoint(tmp_path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    rec = manifest["files"]["rank-00000.safetensors"]
+    rec["tensors"]["model.ghost"] = {"name": "model.ghost", "shape": [1], "dtype": "float32"}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    assert verify(path) == [f"{path / 'rank-00000.safetensors'}: missing tensor 'model.ghost'"]
+
+
+def test_manifest_records_what_the_issue_asks(tmp_path):
+    path = _one_checkpoint(tmp_path)
+    m = json.loads((path / MANIFEST).read_text())
+    assert m["format"] == "moestack.ckpt/v1" and m["step"] == 3 and m["world_size"] == 1
+    rec = m["files"]["rank-00000.safetensors"]
+    assert rec["rank"] == 0 and len(rec["sha256"]) == 64 and rec["bytes"] == (path / "rank-00000.safetensors").stat().st_size
+    w1 = rec["tensors"]["model.layers.1.moe.experts.w1#5"]
+    assert w1 == {"name": "model.layers.1.moe.experts.w1", "shape": [4, 6], "dtype": "float32", "layer": 1, "expert": 5}
+    assert rec["tensors"]["model.norm.weight"]["dtype"] == "bfloat16"
+    assert m["meta"] == {"step": 3} and m["plt"] is None
+    header = read_safetensors_header(path / "rank-00000.safetensors")
+    assert set(header) - {"__metadata__"} == set(rec["tensors"])
+
+
+def test_dumps_keeps_number_arrays_on_one_line():
+    assert dumps({"a": [[1, 2], [3, 4]]}) == '{\n "a": [\n  [1, 2],\n  [3, 4]\n ]\n}'
+    assert json.loads(dumps({"x": [1.5, -2e-05], "s": ["a, b"]})) == {"x": [1.5, -2e-05], "s": ["a, b"]}
+
+
+def test_shard_bytes_are_plain_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    path = _one_checkpoint(tmp_path)
+    tensors = load_file(path / "rank-00000.safetensors")
+    assert torch.equal(tensors["model.embed.weight"], torch.full((16, 8), 3.0))

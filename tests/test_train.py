@@ -1,0 +1,91 @@
+"""End-to-end: the CLI trains, writes its run folder, resumes exactly, and runs expert parallel."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moestack.cli import main
+
+TINY = ["--model.d_model", "32", "--model.n_heads", "2", "--model.n_layers", "2", "--model.seq_len", "32",
+        "--moe.num_experts", "4", "--moe.d_ff", "32", "--batch-size", "4", "--train.eval_batches", "2",
+        "--train.log_every", "1", "--train.eval_every", "10", "--device", "cpu"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MOESTACK_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_cli_train_writes_the_run_folder(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "20", "--run-dir", str(run), "--ckpt-every", "10"]) == 0
+    assert {"config.toml", "metrics.jsonl", "loss.png", "ckpt"} <= {p.name for p in run.iterdir()}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and "val_loss" in rows[0]
+    assert rows[-1]["step"] == 20 and "val_loss" in rows[-1] and rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert all("load_max_over_mean" in r for r in rows if "loss" in r)
+    assert (run / "loss.png").stat().st_size > 1000
+    assert main(["ckpt", "verify", str(run)]) == 0
+    assert main(["eval", "--run-dir", str(run), "--batches", "2", "--device", "cpu"]) == 0
+    assert main(["generate", "--run-dir", str(run), "--max-new-tokens", "5", "--device", "cpu"]) == 0
+
+
+def test_resume_continues_with_the_same_losses(tmp_path):
+    full = tmp_path / "full"
+    assert main(["train", *TINY, "--steps", "20", "--run-dir", str(full), "--ckpt-every", "10"]) == 0
+    # a run interrupted after step 10: its folder holds the step-10 checkpoint only
+    cut = tmp_path / "cut"
+    (cut / "ckpt").mkdir(parents=True)
+    shutil.copy(full / "config.toml", cut / "config.toml")
+    shutil.copytree(full / "ckpt" / "step-00000010", cut / "ckpt" / "step-00000010")
+    (cut / "ckpt" / "latest").write_text("step-00000010\n")
+    assert main(["train", *TINY, "--steps", "20", "--run-dir", str(cut), "--ckpt-every", "10", "--resume"]) == 0
+    want, got = losses(full), losses(cut)
+    assert sorted(got) == list(range(11, 21))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--moe.top_k", "9"], "moe.top_k=9 exceeds"),
+        (["train", "--data", "/no/such/path"], "no such file or folder"),
+        (["train", "--model.nope", "1"], "unrecognized arguments"),
+        (["eval", "--run-dir", "/no/such/run"], "not a moestack run folder"),
+    ],
+)
+def test_bad_input_is_one_clear_error(argv, needle, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_ep2_matches_single_process_losses(tmp_path):
+    """20 steps with --ep 2 on two gloo ranks give the single-process losses (global batch, global aux)."""
+    single, ep2 = tmp_path / "single", tmp_path / "ep2"
+    common = [*TINY, "--steps", "20", "--train.eval_every", "0", "--moe.num_experts", "4"]
+    assert main(["train", *common, "--run-dir", str(single)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "moestack.cli", "train", *common, "--ep", "2", "--run-dir", str(ep2)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = losses(single), losses(ep2)
+    assert sorted(got) == list(range(1, 21))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], abs=2e-5), step
