@@ -181,7 +181,7 @@ class Trainer:
         if self.step == 0:
             summary["first_val_loss"] = self.evaluate()
             self.metrics.write({"step": 0, "val_loss": summary["first_val_loss"]}) if ctx.is_main else None
-        tic, tokens = time.perf_counter(), 0
+        tic, tokens, loss = time.perf_counter(), 0, float("nan")
         while self.step < t.steps:
             loss, aux = self.train_step()
             tokens += t.batch_size * self.cfg.model.seq_len
@@ -193,16 +193,17 @@ class Trainer:
                 tic, tokens = time.perf_counter(), 0
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                 row = row or {"step": self.step, "loss": loss}
-                row["val_loss"] = self.evaluate()
+                row["val_loss"] = summary["val_loss"] = self.evaluate()
             if row is not None and ctx.is_main:
                 self.metrics.write(row)
             if self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0:
                 self.save_checkpoint()
         bar.close()
         self.ckpt.wait()
-        summary.update({"step": self.step, "loss": loss if t.steps > 0 else None, "val_loss": self.metrics.rows[-1].get("val_loss") if self.metrics.rows else None})
+        summary.update(step=self.step, loss=loss)
+        expert_tokens = self.tokens_seen()  # a collective: every rank takes part
         if ctx.is_main:
-            plot_run(self.metrics.rows, self.tokens_seen().numpy(), self.run_dir / "loss.png")
+            plot_run(self.metrics.rows, expert_tokens.numpy(), self.run_dir / "loss.png")
         return summary
 
     def _log_row(self, loss: float, aux: float, tok_per_s: float) -> dict:

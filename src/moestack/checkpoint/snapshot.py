@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import torch
 
 
@@ -66,7 +67,7 @@ class Snapshotter:
                 events.append(self._copy_cuda(device, keys, sources, out))
             else:
                 for key in keys:
-                    out[key].copy_(sources[key])
+                    copy_cpu(out[key], sources[key])
         for event in events:
             event.synchronize()
         return out
@@ -87,6 +88,22 @@ class Snapshotter:
     def close(self) -> None:
         """Release the buffers."""
         self.pool.clear()
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def copy_cpu(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[...] = src for CPU tensors, on this thread only (numpy copy, GIL released).
+
+    A copy is memory-bound, so intra-op threads gain nothing, and waking the OpenMP pool for each of
+    hundreds of small tensors costs milliseconds apiece on a busy host (seen: 3.7 ms per 256 KB copy).
+    """
+    as_int = _SAME_SIZE_INT.get(src.element_size())
+    if as_int is None or dst.dtype != src.dtype:
+        dst.copy_(src)
+        return
+    np.copyto(dst.view(as_int).numpy(), src.view(as_int).numpy())
 
 
 def _by_device(sources: dict[str, torch.Tensor]) -> dict[torch.device, list[str]]:

@@ -203,7 +203,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext, placement_path: str = ""
     ignore = [n for n, _ in expert_params(model)] + [n for n, _ in model.named_buffers() if n.endswith("tokens_seen")]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     return DistributedDataParallel(
-        model, process_group=ctx.grad_group, broadcast_buffers=False,
+        model, process_group=ctx.grad_group, broadcast_buffers=False,  # tokens_seen is rank-local
         device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
     )
 

@@ -30,6 +30,7 @@ class ParallelContext:
     dp_group: object = None
     grad_group: object = None  # the whole world, for replicated gradients (DDP)
     stats_group: object = None  # the whole world, for router statistics in the forward pass
+    owns_world: bool = False  # this context joined the process group, so it leaves it
 
     @property
     def ep_rank(self) -> int:
@@ -88,7 +89,8 @@ def init_parallel(cfg: ParallelConfig, device: str = "auto") -> ParallelContext:
         return ParallelContext(device=dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -97,11 +99,11 @@ def init_parallel(cfg: ParallelConfig, device: str = "auto") -> ParallelContext:
     stats_group = dist.new_group(list(range(world)))
     return ParallelContext(
         rank, world, local_rank, ep, dp, dev, mesh,
-        mesh.get_group("ep"), mesh.get_group("dp"), grad_group, stats_group,
+        mesh.get_group("ep"), mesh.get_group("dp"), grad_group, stats_group, owns,
     )
 
 
 def shutdown(ctx: ParallelContext) -> None:
-    """Leave the process group (a no-op in one process)."""
-    if ctx.distributed and dist.is_initialized():
+    """Leave the process group if this context joined it (a no-op in one process)."""
+    if ctx.owns_world and dist.is_initialized():
         dist.destroy_process_group()

@@ -82,6 +82,14 @@ class CostModel:
         """Seconds to move ``tokens`` hidden vectors over one gpu's link."""
         return tokens * self.hidden_size * self.bytes_per_elem / self.link_bandwidth
 
+    def comm_weight(self) -> float:
+        """The ILP ``comm_weight`` under which its objective tracks this model's time.
+
+        A layer costs ~ (T*k/G) * compute_s(1) * max/mean load, a boundary ~ (T*k/G) * comm_s(1) * cross
+        share (cross tokens spread over the gpus), so the ratio of the two unit costs is the weight.
+        """
+        return float(self.comm_s(1.0) / self.compute_s(1.0))
+
 
 def modelled_time_s(gpu_of: np.ndarray, trace: RoutingTrace, num_gpus: int, cost: CostModel) -> tuple[float, float]:
     """``(compute seconds, all-to-all seconds)`` of the MoE layers under `CostModel`."""

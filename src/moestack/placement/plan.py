@@ -21,10 +21,16 @@ def solve(
     comm_weight: float = 1.0,
     mip_gap: float = 1e-3,
     seed: int = 0,
+    max_imbalance: float | None = None,
 ) -> tuple[Placement, PlanReport]:
-    """Place the trace's experts on ``num_gpus`` gpus with ``method`` (one of `METHODS`)."""
+    """Place the trace's experts on ``num_gpus`` gpus with ``method`` (one of `METHODS`).
+
+    ``time_limit``, ``mip_gap`` and ``max_imbalance`` concern the ILP only; ``seed`` the ILP and
+    ``random``; ``comm_weight`` enters the ILP and every report's objective.
+    """
     if method == "ilp":
-        return solve_ilp(trace, num_gpus, time_limit=time_limit, comm_weight=comm_weight, mip_gap=mip_gap, seed=seed)
+        return solve_ilp(trace, num_gpus, time_limit=time_limit, comm_weight=comm_weight, mip_gap=mip_gap,
+                         seed=seed, max_imbalance=max_imbalance)
     if method not in METHODS:
         raise ValueError(f"--method: unknown placement method {method!r}; choose one of {', '.join(METHODS)}")
     start = time.perf_counter()

@@ -64,6 +64,8 @@ class RoutingTrace:
     def load(cls, path: str | os.PathLike) -> RoutingTrace:
         """Read and validate an ``.npz`` trace with keys ``counts``, ``transitions``, ``top_k``."""
         name = str(path)
+        if Path(path).is_file() and not zipfile.is_zipfile(path):
+            raise TraceError(f"{name}: not an .npz archive; a trace is an .npz with counts, transitions, top_k")
         try:
             with np.load(path, allow_pickle=False) as data:
                 missing = [k for k in ("counts", "transitions", "top_k") if k not in data.files]

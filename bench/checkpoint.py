@@ -1,0 +1,329 @@
+"""Checkpoint overhead of an MoE training state: torch.save vs DCP save / async_save vs moestack (MoC).
+
+    python bench/checkpoint.py                          # CPU: a tiny state (~20M parameters)
+    python bench/checkpoint.py --params 1.1e9           # CUDA default: >= 1B parameters on one GPU
+    python bench/checkpoint.py --train-steps 200 --every 50   # also: training throughput with checkpoints
+
+For each method: the time the training loop is blocked per checkpoint, the time until the checkpoint is
+committed (durable on disk), and the bytes written; medians over --reps after one warm-up save.
+The state is moestack-like: dense tensors, expert-stacked tensors [E, d, f] and AdamW moments for all
+(fp32: 12 bytes per parameter). Prints a table and appends one JSON line per method to
+$OUT/checkpoint.jsonl (or bench/results/checkpoint.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from moestack.checkpoint import CheckpointConfig, CheckpointManager, ExpertShard
+
+METHODS = ("torch_save", "dcp_save", "dcp_async_save", "moestack_full", "moestack_pec")
+
+
+def parse_args() -> argparse.Namespace:
+    """Command line; sizes default to tiny on CPU and >= 1B parameters on CUDA."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--params", type=float, default=None, help="parameters (default 2e7 on CPU, 1.1e9 on CUDA)")
+    p.add_argument("--experts", type=int, default=None, help="experts per MoE layer (default 8 CPU, 16 CUDA)")
+    p.add_argument("--d-model", type=int, default=None)
+    p.add_argument("--ffn", type=int, default=None, help="expert hidden size")
+    p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--reps", type=int, default=3, help="measured saves per method (after 1 warm-up)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
+    p.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir)")
+    p.add_argument("--train-steps", type=int, default=0, help="also time a synthetic training loop (0 = off)")
+    p.add_argument("--every", type=int, default=50, help="checkpoint every N steps in the throughput loop")
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------------------- the state
+
+
+def sizes(args: argparse.Namespace, device: torch.device) -> dict[str, int]:
+    """Model dimensions; the number of layers is the smallest reaching --params."""
+    gpu = device.type == "cuda"
+    d = args.d_model or (2048 if gpu else 256)
+    f = args.ffn or (1408 if gpu else 512)
+    e = args.experts or (16 if gpu else 8)
+    v = args.vocab or (32000 if gpu else 8192)
+    target = args.params or (1.1e9 if gpu else 2e7)
+    per_layer = 4 * d * d + 3 * e * d * f + e * d + 2 * d
+    layers = max(1, math.ceil((target - 2 * v * d) / per_layer))
+    return {"d": d, "f": f, "experts": e, "vocab": v, "layers": layers, "params": 2 * v * d + layers * per_layer}
+
+
+def build_state(s: dict[str, int], device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, ExpertShard]]:
+    """Flat training state: parameters plus AdamW exp_avg / exp_avg_sq, experts stacked on dim 0."""
+    d, f, e = s["d"], s["f"], s["experts"]
+    params: dict[str, tuple[int, ...]] = {"embed.weight": (s["vocab"], d), "lm_head.weight": (s["vocab"], d)}
+    experts: dict[str, ExpertShard] = {}
+    for i in range(s["layers"]):
+        pre = f"layers.{i}"
+        params.update({f"{pre}.attn.qkv": (3 * d, d), f"{pre}.attn.out": (d, d), f"{pre}.norm1": (d,),
+                       f"{pre}.norm2": (d,), f"{pre}.moe.router": (e, d)})
+        for w, shape in (("w1", (e, d, f)), ("w3", (e, d, f)), ("w2", (e, f, d))):
+            params[f"{pre}.moe.experts.{w}"] = shape
+    tensors: dict[str, torch.Tensor] = {}
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, shape in params.items():
+        tensors[f"model.{name}"] = torch.randn(shape, device=device, generator=gen) * 0.02
+        tensors[f"optim.{name}.exp_avg"] = torch.zeros(shape, device=device)
+        tensors[f"optim.{name}.exp_avg_sq"] = torch.full(shape, 1e-8, device=device)
+        if ".moe.experts." in name:
+            layer = int(name.split(".")[1])
+            for key in (f"model.{name}", f"optim.{name}.exp_avg", f"optim.{name}.exp_avg_sq"):
+                experts[key] = ExpertShard(layer, tuple(range(e)))
+    tensors["optim.step"] = torch.tensor(1.0)
+    tensors["rng.torch"] = torch.get_rng_state()
+    return tensors, experts
+
+
+# ---------------------------------------------------------------------------- one saver per method
+# saver(state, work, step) -> (blocked_s, committed_s, bytes): committed_s counts from the call until the
+# checkpoint is durable on disk. saver.start(...) saves inside the throughput loop; saver.close() finishes.
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class TorchSave:
+    """The original method: a synchronous torch.save of everything (then fsync, for durability)."""
+
+    def __call__(self, state, work: Path, step: int) -> tuple[float, float, int]:
+        path = work / f"state-{step}.pt"
+        t0 = time.perf_counter()
+        torch.save(state[0], path)
+        blocked = time.perf_counter() - t0
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+        committed = time.perf_counter() - t0
+        size = _du(path)
+        path.unlink()
+        return blocked, committed, size
+
+    start = __call__
+
+    def close(self) -> None:
+        """Nothing in flight."""
+
+
+class DcpSave(TorchSave):
+    """torch.distributed.checkpoint.save (synchronous; DCP fsyncs its files)."""
+
+    def __call__(self, state, work: Path, step: int) -> tuple[float, float, int]:
+        path = work / f"dcp-{step}"
+        t0 = time.perf_counter()
+        dcp.save(state[0], checkpoint_id=str(path))
+        blocked = time.perf_counter() - t0
+        size = _du(path)
+        shutil.rmtree(path)
+        return blocked, blocked, size
+
+    start = __call__
+
+
+class DcpAsyncSave:
+    """torch.distributed.checkpoint.async_save, default options: stage on the CPU, write in a thread."""
+
+    def __init__(self) -> None:
+        self.pending: tuple[object, Path] | None = None
+
+    def __call__(self, state, work: Path, step: int) -> tuple[float, float, int]:
+        t0 = time.perf_counter()
+        self.start(state, work, step)
+        blocked = time.perf_counter() - t0
+        path = self.close()
+        committed = time.perf_counter() - t0
+        size = _du(path)
+        shutil.rmtree(path)
+        return blocked, committed, size
+
+    def start(self, state, work: Path, step: int) -> None:
+        """Begin a save; first finish (and delete) the previous one, as DCP asks."""
+        previous = self.close()
+        if previous is not None:
+            shutil.rmtree(previous)
+        path = work / f"dcp-async-{step}"
+        self.pending = (dcp.async_save(state[0], checkpoint_id=str(path)), path)
+
+    def close(self) -> Path | None:
+        """Wait for the save in flight; return its folder."""
+        if self.pending is None:
+            return None
+        future, path = self.pending
+        self.pending = None
+        future.result() if hasattr(future, "result") else future.upload_completion.result()
+        return path
+
+
+class MoestackSave:
+    """moestack two-level async checkpoints; one manager per folder, so its pinned buffers are reused."""
+
+    def __init__(self, pec_k: int) -> None:
+        self.pec_k = pec_k
+        self.managers: dict[Path, CheckpointManager] = {}
+
+    def manager(self, work: Path) -> CheckpointManager:
+        """The manager writing under `work`."""
+        if work not in self.managers:
+            self.managers[work] = CheckpointManager(work, CheckpointConfig(keep=1, pec_k=self.pec_k))
+        return self.managers[work]
+
+    def __call__(self, state, work: Path, step: int) -> tuple[float, float, int]:
+        handle = self.start(state, work, step)
+        self.manager(work).wait()
+        return handle.blocked_s, handle.persist_s, handle.total_bytes
+
+    def start(self, state, work: Path, step: int):
+        """Snapshot and return; the persist goes on in the background."""
+        tensors, experts, tokens = state
+        return self.manager(work).save(step, tensors, experts, {"step": step}, tokens)
+
+    def close(self) -> None:
+        """Finish what is in flight."""
+        for mgr in self.managers.values():
+            mgr.close()
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def measure(name: str, saver, state, work: Path, reps: int, device) -> dict:
+    """One warm-up save, then `reps` measured ones: medians of blocked and committed times."""
+    work.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for rep in range(reps + 1):
+        _sync(device)
+        samples.append(saver(state, work, rep + 1))
+        print(f"  {name} {'warm-up' if rep == 0 else f'rep {rep}'}: blocked {samples[-1][0]:.4f}s, "
+              f"committed {samples[-1][1]:.3f}s", flush=True)
+    blocked, committed, size = zip(*samples[1:])
+    return {"method": name, "blocked_s": statistics.median(blocked), "committed_s": statistics.median(committed),
+            "bytes_written": int(statistics.median(size)), "blocked_all": list(blocked), "committed_all": list(committed)}
+
+
+def throughput(name: str, saver, state, work: Path, steps: int, every: int, device) -> dict:
+    """Steps per second of a synthetic training loop (matmuls, then an in-place update of every state
+    tensor, like an optimizer step) with a checkpoint every `every` steps (`saver` None: none)."""
+    n = 4096 if device.type == "cuda" else 384
+    a = torch.randn(n, n, device=device)
+    floats = [t for t in state[0].values() if t.is_floating_point() and t.device.type == device.type]
+    work.mkdir(parents=True, exist_ok=True)
+    _sync(device)
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        for _ in range(4):
+            a = torch.tanh(a @ a)  # the step's compute
+        torch._foreach_mul_(floats, 1.0 - 1e-7)
+        if saver is not None and step % every == 0:
+            saver.start(state, work, step)
+        _sync(device)
+    elapsed = time.perf_counter() - t0
+    if saver is not None:
+        saver.close()
+    print(f"  loop {name}: {steps / elapsed:.2f} steps/s", flush=True)
+    return {"method": name, "steps_per_s": steps / elapsed}
+
+
+def main() -> None:
+    """Run the selected methods, print the table, append JSON lines."""
+    args = parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # leave a core to the persist threads; see docs/methods/moc.md
+    s = sizes(args, device)
+    tensors, experts = build_state(s, device)
+    tokens = torch.full((s["layers"], s["experts"]), 1000, dtype=torch.int64)
+    state = (tensors, experts, tokens)
+    state_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    root = Path(tempfile.mkdtemp(prefix="moestack-bench-", dir=args.dir))
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"file://{root}/pg", rank=0, world_size=1)
+    savers = {"torch_save": TorchSave, "dcp_save": DcpSave, "dcp_async_save": DcpAsyncSave,
+              "moestack_full": lambda: MoestackSave(0), "moestack_pec": lambda: MoestackSave(max(1, s["experts"] // 4))}
+    chosen = [m for m in args.methods.split(",") if m]
+    print(f"device {device_name(device)}; {s['params'] / 1e9:.3f}B parameters ({s['layers']} layers, "
+          f"{s['experts']} experts, d {s['d']}, ffn {s['f']}); state {state_bytes / 2**30:.2f} GiB; writing to {root}",
+          flush=True)
+    try:
+        rows = []
+        for m in chosen:
+            saver = savers[m]()
+            rows.append(measure(m, saver, state, root / m, args.reps, device))
+            saver.close()
+        loop = []
+        if args.train_steps:
+            loop = [throughput("none", None, state, root / "loop-none", args.train_steps, args.every, device)]
+            loop += [throughput(m, savers[m](), state, root / f"loop-{m}", args.train_steps, args.every, device)
+                     for m in chosen if m != "dcp_save"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        dist.destroy_process_group()
+    report(rows, loop, s, state_bytes, device, args)
+
+
+def device_name(device: torch.device) -> str:
+    """GPU name, or 'CPU, N cores'."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {os.cpu_count()} cores"
+
+
+def _vs(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{100 * (1 - ratio):.1f}% less" if ratio <= 1 else f"{ratio:.2f}x more"
+
+
+def report(rows: list[dict], loop: list[dict], s: dict, state_bytes: int, device: torch.device, args) -> None:
+    """Print the tables and append the JSON lines."""
+    base = next((r for r in rows if r["method"] == "torch_save"), None)
+    print(f"\n{'method':16} {'blocked/ckpt':>13} {'vs torch.save':>14} {'committed':>10} {'written':>11}")
+    for r in rows:
+        r["blocked_vs_torch_save"] = r["blocked_s"] / base["blocked_s"] if base else None
+        ratio = _vs(r["blocked_vs_torch_save"])
+        print(f"{r['method']:16} {r['blocked_s']:12.4f}s {ratio:>14} {r['committed_s']:9.3f}s "
+              f"{r['bytes_written'] / 2**20:9.1f}MiB")
+    if loop:
+        none = loop[0]["steps_per_s"]
+        print(f"\nthroughput, checkpoint every {args.every} of {args.train_steps} steps")
+        for r in loop:
+            r["throughput_loss"] = 1 - r["steps_per_s"] / none
+            print(f"{r['method']:16} {r['steps_per_s']:8.2f} steps/s  {100 * r['throughput_loss']:6.2f}% loss")
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).with_name("results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    common = {"bench": "checkpoint", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "device": device_name(device), "torch": torch.__version__, "state_bytes": state_bytes,
+              "reps": args.reps, **s}
+    with open(out_dir / "checkpoint.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps({**common, **r}) + "\n")
+        for r in loop:
+            f.write(json.dumps({**common, "kind": "throughput", "every": args.every,
+                                "train_steps": args.train_steps, **r}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
