@@ -124,8 +124,10 @@ class TorchSave:
 
     start = __call__
 
-    def close(self) -> None:
+    def finish(self) -> None:
         """Nothing in flight."""
+
+    close = finish
 
 
 class DcpSave(TorchSave):
@@ -167,6 +169,12 @@ class DcpAsyncSave:
         path = work / f"dcp-async-{step}"
         self.pending = (dcp.async_save(state[0], checkpoint_id=str(path)), path)
 
+    def finish(self) -> None:
+        """Wait for the save in flight and delete it."""
+        path = self.close()
+        if path is not None:
+            shutil.rmtree(path)
+
     def close(self) -> Path | None:
         """Wait for the save in flight; return its folder."""
         if self.pending is None:
@@ -200,8 +208,13 @@ class MoestackSave:
         tensors, experts, tokens = state
         return self.manager(work).save(step, tensors, experts, {"step": step}, tokens)
 
+    def finish(self) -> None:
+        """Wait until the checkpoint in flight is committed."""
+        for mgr in self.managers.values():
+            mgr.wait()
+
     def close(self) -> None:
-        """Finish what is in flight."""
+        """Finish what is in flight and free the buffers."""
         for mgr in self.managers.values():
             mgr.close()
 
@@ -223,6 +236,9 @@ def measure(name: str, saver, state, work: Path, reps: int, device) -> dict:
             "bytes_written": int(statistics.median(size)), "blocked_all": list(blocked), "committed_all": list(committed)}
 
 
+_LOOP_STEP0 = 1000
+
+
 def throughput(name: str, saver, state, work: Path, steps: int, every: int, device) -> dict:
     """Steps per second of a synthetic training loop (matmuls, then an in-place update of every state
     tensor, like an optimizer step) with a checkpoint every `every` steps (`saver` None: none)."""
@@ -237,11 +253,11 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, devi
             a = torch.tanh(a @ a)  # the step's compute
         torch._foreach_mul_(floats, 1.0 - 1e-7)
         if saver is not None and step % every == 0:
-            saver.start(state, work, step)
+            saver.start(state, work, _LOOP_STEP0 + step)  # after the measured saves' steps
         _sync(device)
     elapsed = time.perf_counter() - t0
     if saver is not None:
-        saver.close()
+        saver.finish()
     print(f"  loop {name}: {steps / elapsed:.2f} steps/s", flush=True)
     return {"method": name, "steps_per_s": steps / elapsed}
 
@@ -268,16 +284,17 @@ def main() -> None:
           f"{s['experts']} experts, d {s['d']}, ffn {s['f']}); state {state_bytes / 2**30:.2f} GiB; writing to {root}",
           flush=True)
     try:
-        rows = []
+        rows, warm = [], {}
         for m in chosen:
-            saver = savers[m]()
-            rows.append(measure(m, saver, state, root / m, args.reps, device))
-            saver.close()
+            warm[m] = savers[m]()
+            rows.append(measure(m, warm[m], state, root / m, args.reps, device))
         loop = []
-        if args.train_steps:
-            loop = [throughput("none", None, state, root / "loop-none", args.train_steps, args.every, device)]
-            loop += [throughput(m, savers[m](), state, root / f"loop-{m}", args.train_steps, args.every, device)
+        if args.train_steps:  # the savers measured above, warm (moestack: pinned buffers allocated)
+            loop = [throughput("none", None, state, root / "none", args.train_steps, args.every, device)]
+            loop += [throughput(m, warm[m], state, root / m, args.train_steps, args.every, device)
                      for m in chosen if m != "dcp_save"]
+        for saver in warm.values():
+            saver.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
         dist.destroy_process_group()

@@ -58,10 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skew", type=float, default=0.8, help="Zipf exponent of expert popularity")
     p.add_argument("--affinity", type=float, default=0.7, help="share of choices that follow the token's group")
     p.add_argument("--time-limit", type=float, default=15.0, help="ILP time limit (s)")
-    p.add_argument("--comm-weight", nargs="+", default=["1", "model", "model-slow"],
-                   help="ILP comm weights, one ILP row each; 'model' / 'model-slow' = the cost model's "
-                   "weight at 150 / 24 GB/s")
-    p.add_argument("--max-imbalance", type=float, default=None)
+    p.add_argument("--ilp", nargs="+", default=["1", "1@1.05", "model", "model-slow"],
+                   help="ILP variants, one row each: WEIGHT[@MAX_IMBALANCE]; WEIGHT 'model' / 'model-slow' is "
+                   "the cost model's comm weight at 150 / 24 GB/s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="2048 tokens, 5 s ILP limit, 2 and 8 gpus")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -91,35 +90,46 @@ def cost_models(preset: Preset | None) -> dict[str, CostModel]:
 
 
 def load_bound(trace: RoutingTrace, gpus: int) -> float:
-    """Worst layer's lower bound on max/mean gpu load: max(1, heaviest expert / mean gpu load)."""
-    mean = trace.counts.sum(axis=1) / gpus  # [L]
-    return float(np.max(np.maximum(1.0, trace.counts.max(axis=1) / mean)))
+    """Worst layer's lower bound on max/mean gpu load with E/G experts per gpu.
+
+    The gpu holding the heaviest expert also holds E/G - 1 others, at least the lightest ones.
+    """
+    S = trace.num_experts // gpus
+    loads = np.sort(trace.counts, axis=1)  # [L, E] ascending
+    heaviest_gpu = loads[:, -1] + loads[:, : S - 1].sum(axis=1)  # [L]
+    return float(np.max(np.maximum(1.0, heaviest_gpu / (trace.counts.sum(axis=1) / gpus))))
 
 
-def ilp_weights(args, costs: dict[str, CostModel]) -> list[float]:
-    """The ILP comm weights to run: numbers as given; 'model' / 'model-slow': the cost model's weight at
-    150 / 24 GB/s (the weight under which the ILP objective tracks the modelled time)."""
+def ilp_variants(args, costs: dict[str, CostModel]) -> list[tuple[float, float | None]]:
+    """``(comm_weight, max_imbalance)`` per ``--ilp`` spec; 'model' / 'model-slow' weights come from the
+    cost model at 150 / 24 GB/s (the weight under which the ILP objective tracks the modelled time)."""
     named = {"model": costs["nvlink"], "model-slow": costs["slow"]}
-    return [round(named[w].comm_weight(), 3) if w in named else float(w) for w in args.comm_weight]
+    variants = []
+    for spec in args.ilp:
+        weight, _, cap = spec.partition("@")
+        w = round(named[weight].comm_weight(), 3) if weight in named else float(weight)
+        variants.append((w, float(cap) if cap else None))
+    return variants
 
 
 def bench_one(args, label: str, trace: RoutingTrace, preset: Preset | None, gpus: int) -> list[dict]:
-    """Every method on one trace and gpu count: one result dict per method (one ILP per comm weight)."""
+    """Every method on one trace and gpu count: one result dict per method (one per ILP variant)."""
     costs = cost_models(preset)
-    runs = [("ilp", w) for w in ilp_weights(args, costs)] + [(m, 1.0) for m in METHODS[1:]]
+    runs = [("ilp", w, cap) for w, cap in ilp_variants(args, costs)] + [(m, 1.0, None) for m in METHODS[1:]]
     rows = []
-    for method, weight in runs:
+    for method, weight, cap in runs:
         placement, report = solve(trace, gpus, method, time_limit=args.time_limit, comm_weight=weight,
-                                  seed=args.seed, max_imbalance=args.max_imbalance)
+                                  seed=args.seed, max_imbalance=cap)
         metrics = {link: evaluate(placement, trace, weight, cost) for link, cost in costs.items()}
         m = metrics["nvlink"]
+        name = method if method != "ilp" else f"ilp w={weight:g}" + (f" cap={cap:g}" if cap else "")
         rows.append({
             "trace": label, "layers": trace.num_layers, "experts": trace.num_experts, "top_k": trace.top_k,
-            "tokens": trace.num_tokens, "gpus": gpus, "method": method, "comm_weight": weight,
-            "label": f"ilp w={weight:g}" if method == "ilp" else method, "status": report.status,
-            "mode": report.mode, "max_load_ratio": m.max_load_ratio, "mean_load_ratio": m.mean_load_ratio,
-            "load_bound": load_bound(trace, gpus), "cross_fraction": m.cross_fraction, "objective": m.objective,
-            "solve_s": report.solve_time_s, **{f"model_ms_{link}": mm.step_ms for link, mm in metrics.items()},
+            "tokens": trace.num_tokens, "gpus": gpus, "method": method, "comm_weight": weight, "max_imbalance": cap,
+            "label": name, "status": report.status, "mode": report.mode, "max_load_ratio": m.max_load_ratio,
+            "mean_load_ratio": m.mean_load_ratio, "load_bound": load_bound(trace, gpus),
+            "cross_fraction": m.cross_fraction, "objective": m.objective, "solve_s": report.solve_time_s,
+            **{f"model_ms_{link}": mm.step_ms for link, mm in metrics.items()},
         })
     for link in LINKS:  # speed-up of the modelled time against contiguous (plain EP), same run
         base = next(r[f"model_ms_{link}"] for r in rows if r["method"] == "contiguous")

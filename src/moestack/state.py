@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moestack.checkpoint import ExpertShard
+from moestack.checkpoint import CheckpointError, ExpertShard
 from moestack.moe.experts import GroupedExperts
 
 
@@ -54,6 +54,11 @@ def restore_state(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: d
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(model_sd, strict=True)
     params = dict(model.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    expected = {f"optim.{names[id(p)]}.{m}" for p, st in optimizer.state.items() for m in st}
+    missing = expected - set(tensors)
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks optimizer state {sorted(missing)[:3]}...; it does not match this model")
     for key, value in tensors.items():
         if not key.startswith("optim."):
             continue
@@ -64,3 +69,4 @@ def restore_state(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: d
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return tensors["stats.tokens_seen"]
+

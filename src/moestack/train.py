@@ -147,8 +147,8 @@ class Trainer:
         """Continue from the newest good checkpoint; False if there is none."""
         if self.ckpt.latest_good() is None:
             return False
-        _, experts = flatten_state(self.model, self.opt, self.tokens_seen())
         self._init_optimizer_state()
+        _, experts = flatten_state(self.model, self.opt, self.tokens_seen())
         tensors, meta, report = self.ckpt.load(experts_wanted=experts)
         tokens = restore_state(self.model, self.opt, tensors)
         for m, row in zip(self.model.moe_layers(), tokens):

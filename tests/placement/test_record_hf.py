@@ -23,7 +23,7 @@ def test_record_hf_matches_router_logits_of_the_model():
     model = tiny_mixtral()
     assert len(hf_router_gates(model)) == 2
     batches = [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    trace = record_hf(model, batches)
+    trace = record_hf(model, batches[:2] + [{"input_ids": batches[2]}])  # tensors or kwargs dicts
 
     counts = np.zeros((2, 4), dtype=np.int64)
     transitions = np.zeros((1, 4, 4), dtype=np.int64)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,7 +280,7 @@ def record_hf(model: torch.nn.Module, batches) -> RoutingTrace:
         model.eval()
         with torch.no_grad():
             for batch in batches:
-                model(**batch) if isinstance(batch, dict) else model(batch)
+                model(**batch) if isinstance(batch, Mapping) else model(batch)  # BatchEncoding is a Mapping
     finally:
         for hook in hooks:
             hook.remove()
