@@ -3,6 +3,7 @@
     python bench/checkpoint.py                          # CPU: a tiny state (~20M parameters)
     python bench/checkpoint.py --params 1.1e9           # CUDA default: >= 1B parameters on one GPU
     python bench/checkpoint.py --train-steps 200 --every 50   # also: training throughput with checkpoints
+                                                              # (a synthetic step of --step-ms)
 
 For each method: the time the training loop is blocked per checkpoint, the time until the checkpoint is
 committed (durable on disk), and the bytes written; medians over --reps after one warm-up save.
@@ -46,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir)")
     p.add_argument("--train-steps", type=int, default=0, help="also time a synthetic training loop (0 = off)")
     p.add_argument("--every", type=int, default=50, help="checkpoint every N steps in the throughput loop")
+    p.add_argument("--step-ms", type=float, default=None, help="synthetic step time (default 100 CUDA, 50 CPU)")
     return p.parse_args()
 
 
@@ -237,19 +239,32 @@ def measure(name: str, saver, state, work: Path, reps: int, device) -> dict:
 
 
 _LOOP_STEP0 = 1000
+_MATMUL_N = {"cuda": 4096, "cpu": 256}
 
 
-def throughput(name: str, saver, state, work: Path, steps: int, every: int, device) -> dict:
+def calibrate(step_ms: float, device: torch.device) -> int:
+    """Matmuls per synthetic step so that a step takes about `step_ms`."""
+    a = torch.randn(_MATMUL_N[device.type], _MATMUL_N[device.type], device=device)
+    for _ in range(3):
+        a = torch.tanh(a @ a)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a = torch.tanh(a @ a)
+    _sync(device)
+    return max(1, round(step_ms / 1000 / ((time.perf_counter() - t0) / 20)))
+
+
+def throughput(name: str, saver, state, work: Path, steps: int, every: int, matmuls: int, device) -> dict:
     """Steps per second of a synthetic training loop (matmuls, then an in-place update of every state
     tensor, like an optimizer step) with a checkpoint every `every` steps (`saver` None: none)."""
-    n = 4096 if device.type == "cuda" else 384
-    a = torch.randn(n, n, device=device)
+    a = torch.randn(_MATMUL_N[device.type], _MATMUL_N[device.type], device=device)
     floats = [t for t in state[0].values() if t.is_floating_point() and t.device.type == device.type]
     work.mkdir(parents=True, exist_ok=True)
     _sync(device)
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        for _ in range(4):
+        for _ in range(matmuls):
             a = torch.tanh(a @ a)  # the step's compute
         torch._foreach_mul_(floats, 1.0 - 1e-7)
         if saver is not None and step % every == 0:
@@ -275,8 +290,8 @@ def main() -> None:
     state = (tensors, experts, tokens)
     state_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     root = Path(tempfile.mkdtemp(prefix="moestack-bench-", dir=args.dir))
-    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
-                            init_method=f"file://{root}/pg", rank=0, world_size=1)
+    # DCP async_save wants a process group with a CPU backend; gloo alone (an NCCL one hung at exit)
+    dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=0, world_size=1)
     savers = {"torch_save": TorchSave, "dcp_save": DcpSave, "dcp_async_save": DcpAsyncSave,
               "moestack_full": lambda: MoestackSave(0), "moestack_pec": lambda: MoestackSave(max(1, s["experts"] // 4))}
     chosen = [m for m in args.methods.split(",") if m]
@@ -290,8 +305,9 @@ def main() -> None:
             rows.append(measure(m, warm[m], state, root / m, args.reps, device))
         loop = []
         if args.train_steps:  # the savers measured above, warm (moestack: pinned buffers allocated)
-            loop = [throughput("none", None, state, root / "none", args.train_steps, args.every, device)]
-            loop += [throughput(m, warm[m], state, root / m, args.train_steps, args.every, device)
+            matmuls = calibrate(args.step_ms or (100 if device.type == "cuda" else 50), device)
+            loop = [throughput("none", None, state, root / "none", args.train_steps, args.every, matmuls, device)]
+            loop += [throughput(m, warm[m], state, root / m, args.train_steps, args.every, matmuls, device)
                      for m in chosen if m != "dcp_save"]
         for saver in warm.values():
             saver.close()

@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=8192, help="tokens per synthetic trace")
     p.add_argument("--skew", type=float, default=0.8, help="Zipf exponent of expert popularity")
     p.add_argument("--affinity", type=float, default=0.7, help="share of choices that follow the token's group")
-    p.add_argument("--time-limit", type=float, default=15.0, help="ILP time limit (s)")
+    p.add_argument("--time-limit", type=float, default=30.0, help="ILP time limit (s)")
     p.add_argument("--ilp", nargs="+", default=["1", "1@1.05", "model", "model-slow"],
                    help="ILP variants, one row each: WEIGHT[@MAX_IMBALANCE]; WEIGHT 'model' / 'model-slow' is "
                    "the cost model's comm weight at 150 / 24 GB/s")

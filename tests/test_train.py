@@ -63,6 +63,7 @@ def test_resume_continues_with_the_same_losses(tmp_path):
         (["train", "--data", "/no/such/path"], "no such file or folder"),
         (["train", "--model.nope", "1"], "unrecognized arguments"),
         (["eval", "--run-dir", "/no/such/run"], "not a moestack run folder"),
+        (["train", "--placement", "/no/such/placement.json"], "placement"),
     ],
 )
 def test_bad_input_is_one_clear_error(argv, needle, capsys):
@@ -76,13 +77,17 @@ def test_bad_input_is_one_clear_error(argv, needle, capsys):
 
 @pytest.mark.slow
 def test_torchrun_ep2_matches_single_process_losses(tmp_path):
-    """20 steps with --ep 2 on two gloo ranks give the single-process losses (global batch, global aux)."""
+    """20 steps with --ep 2 on two gloo ranks give the single-process losses (global batch, global aux),
+    here with a non-contiguous placement file as `moestack plan` writes it."""
     single, ep2 = tmp_path / "single", tmp_path / "ep2"
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps({"format": "moestack.placement/v1", "num_gpus": 2,
+                                     "expert_to_gpu": [[1, 0, 0, 1], [0, 1, 1, 0]]}))
     common = [*TINY, "--steps", "20", "--train.eval_every", "0", "--moe.num_experts", "4"]
     assert main(["train", *common, "--run-dir", str(single)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "moestack.cli", "train", *common, "--ep", "2", "--run-dir", str(ep2)]
+           "-m", "moestack.cli", "train", *common, "--ep", "2", "--run-dir", str(ep2), "--placement", str(placement)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     want, got = losses(single), losses(ep2)

@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=16, help="validation batches")
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("trace", help="record a routing trace (tokens per expert, inter-layer transitions) of a run")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--tokens", type=int, default=65536, help="held-out tokens to route")
+    p.add_argument("--out", required=True, help="output .npz (counts [L,E], transitions [L-1,E,E], top_k)")
+    p.add_argument("--device", default="auto")
+
     from moestack.checkpoint.cli import add_ckpt_parser
     from moestack.placement.cli import add_plan_parser
 
@@ -92,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     from moestack.checkpoint import CheckpointError
     from moestack.data import DataError
     from moestack.placement.placement import PlacementError
+    from moestack.placement.trace import TraceError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, PlacementError, CheckpointError) as err:
+    except (ConfigError, DataError, PlacementError, TraceError, CheckpointError) as err:
         print(f"moestack {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -132,6 +139,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    from moestack.runs import record_trace
+
+    trace = record_trace(args.run_dir, args.tokens, args.out, args.device)
+    log.info("trace of %d tokens over %d MoE layers written to %s", trace.num_tokens, trace.num_layers, args.out)
+    return 0
+
+
 def cmd_plan(args) -> int:
     from moestack.placement.cli import run_plan
 
@@ -144,7 +159,8 @@ def cmd_ckpt(args) -> int:
     return run_ckpt(args)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plan": cmd_plan, "ckpt": cmd_ckpt}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "trace": cmd_trace, "plan": cmd_plan,
+            "ckpt": cmd_ckpt}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -99,8 +99,8 @@ class MoEConfig:
 class TrainConfig:
     """The training loop."""
 
-    steps: int = 300
-    batch_size: int = 16  # GLOBAL batch, in sequences
+    steps: int = 200
+    batch_size: int = 8  # GLOBAL batch, in sequences
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup: int = 20
@@ -153,7 +153,8 @@ class Config:
     moe: MoEConfig = field(default_factory=MoEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # the default run keeps async partial-expert checkpoints (MoC): every 50 steps, 2 experts per layer
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50, pec_k=2))
 
     def validate(self) -> "Config":
         for section in SECTIONS:
@@ -165,6 +166,11 @@ class Config:
             raise ConfigError(
                 f"parallel.ep={self.parallel.ep} does not divide moe.num_experts={self.moe.num_experts}; "
                 "choose ep among the divisors of num_experts"
+            )
+        if self.checkpoint.pec_k > self.moe.num_experts:
+            raise ConfigError(
+                f"checkpoint.pec_k={self.checkpoint.pec_k} exceeds moe.num_experts={self.moe.num_experts}; "
+                "use 0 (all experts) or at most num_experts"
             )
         return self
 

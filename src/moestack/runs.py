@@ -97,3 +97,27 @@ def evaluate(model, cfg: Config, ctx: ParallelContext, batches: int) -> dict:
         total /= ctx.world
     loss = total.item() / batches
     return {"val_loss": loss, "perplexity": math.exp(loss)}
+
+
+@torch.no_grad()
+def record_trace(run_dir, tokens: int, out: str, device: str = "auto", batch_size: int = 8):
+    """Run the trained model on held-out tokens and save a routing trace (.npz) for `moestack plan`."""
+    from tqdm import tqdm
+
+    from moestack.placement.trace import TraceRecorder
+
+    model, cfg, ctx = load_model(run_dir, device)
+    if ctx.distributed:
+        raise CheckpointError("moestack trace runs in one process; start it without torchrun")
+    layers = model.moe_layers()
+    recorder = TraceRecorder(len(layers), cfg.moe.num_experts, layers[0].router.top_k)
+    corpus = Corpus.load(cfg.train.data, cfg.model.seq_len)
+    steps = max(1, -(-tokens // (batch_size * cfg.model.seq_len)))
+    for i in tqdm(range(steps), desc="trace", unit="batch"):
+        x, _ = corpus.batch("val", 10_000 + i, batch_size, cfg.train.seed)
+        model(x.to(ctx.device))
+        for index, layer in enumerate(layers):
+            recorder.record(index, layer.last_routing.expert_ids)
+    trace = recorder.trace()
+    trace.save(out)
+    return trace

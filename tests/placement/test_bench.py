@@ -2,7 +2,12 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
+
+import numpy as np
+
+from moestack.placement import RoutingTrace
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "placement.py"
 
@@ -10,6 +15,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "placement.py"
 def load_bench():
     spec = importlib.util.spec_from_file_location("bench_placement", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -29,10 +35,6 @@ def test_bench_prints_table_and_appends_results(tmp_path, capsys):
 
 def test_load_bound_counts_the_experts_sharing_the_heaviest_gpu():
     bench = load_bench()
-    import numpy as np
-
-    from moestack.placement import RoutingTrace
-
     trace = RoutingTrace(np.array([[8, 1, 1, 2]]), np.zeros((0, 4, 4), np.int64), 1)
     # 2 gpus, 2 experts each: the gpu with the 8 holds at least a 1 -> 9 / mean 6
     assert bench.load_bound(trace, 2) == 9 / 6
