@@ -114,10 +114,11 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
     compile: bool = False
     data: str = ""  # empty = the embedded default corpus (Python's standard library source)
+    data_max_mb: int = 8  # read at most this many MiB of the corpus
     run_dir: str = ""  # empty = runs/<timestamp>
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "eval_batches", "log_every"):
+        for name in ("steps", "batch_size", "eval_batches", "log_every", "data_max_mb"):
             _positive(f"train.{name}", getattr(self, name))
         for name in ("warmup", "eval_every"):
             if getattr(self, name) < 0:

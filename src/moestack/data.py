@@ -103,8 +103,8 @@ class Corpus:
     seq_len: int
 
     @classmethod
-    def load(cls, data: str, seq_len: int) -> "Corpus":
-        tokens = load_tokens(data)
+    def load(cls, data: str, seq_len: int, max_mb: int = DEFAULT_MAX_BYTES >> 20) -> "Corpus":
+        tokens = load_tokens(data, max_mb << 20)
         n_val = max(int(len(tokens) * VAL_FRACTION), seq_len + 2)
         if len(tokens) - n_val < seq_len + 2:
             raise DataError(

@@ -85,7 +85,7 @@ def evaluate_run(run_dir, batches: int = 16, device: str = "auto", model=None):
 @torch.no_grad()
 def evaluate(model, cfg: Config, ctx: ParallelContext, batches: int) -> dict:
     """Mean validation loss (over ranks) of `model` on the run's data."""
-    corpus = Corpus.load(cfg.train.data, cfg.model.seq_len)
+    corpus = Corpus.load(cfg.train.data, cfg.model.seq_len, cfg.train.data_max_mb)
     rows = ctx.batch_rows(cfg.train.batch_size)
     total = torch.zeros((), device=ctx.device)
     for i in range(batches):
@@ -111,7 +111,7 @@ def record_trace(run_dir, tokens: int, out: str, device: str = "auto", batch_siz
         raise CheckpointError("moestack trace runs in one process; start it without torchrun")
     layers = model.moe_layers()
     recorder = TraceRecorder(len(layers), cfg.moe.num_experts, layers[0].router.top_k)
-    corpus = Corpus.load(cfg.train.data, cfg.model.seq_len)
+    corpus = Corpus.load(cfg.train.data, cfg.model.seq_len, cfg.train.data_max_mb)
     steps = max(1, -(-tokens // (batch_size * cfg.model.seq_len)))
     for i in tqdm(range(steps), desc="trace", unit="batch"):
         x, _ = corpus.batch("val", 10_000 + i, batch_size, cfg.train.seed)

@@ -68,7 +68,7 @@ class Trainer:
         if cfg.train.compile:
             self.forward = torch.compile(self.forward)
         self.opt, self.sched = build_optimizer(self.model, cfg)
-        self.corpus = Corpus.load(cfg.train.data, cfg.model.seq_len)
+        self.corpus = Corpus.load(cfg.train.data, cfg.model.seq_len, cfg.train.data_max_mb)
         self.rows = ctx.batch_rows(cfg.train.batch_size)
         self.autocast = _autocast(cfg, ctx.device)
         self.tokens_at_save = self.tokens_seen()
