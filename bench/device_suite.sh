@@ -17,7 +17,7 @@ benches)
   nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
   timeout 200 python3 bench/moe_layer.py --reps 10 2>&1 | tee "$OUT/moe_layer.log" | grep -v "^{"
-  timeout 150 python3 bench/checkpoint.py --params 1.1e9 --reps 2 2>&1 | tail -20 | tee "$OUT/checkpoint.log"
+  timeout 240 python3 bench/checkpoint.py --params 1.1e9 --reps 1 2>&1 | tail -20 | tee "$OUT/checkpoint.log"
   # throughput probe for the quality runs: the three archs at once on one GPU, 100 steps
   start=$(date +%s)
   for arch in top2 shared_top1 scmoe; do

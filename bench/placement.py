@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 from dataclasses import dataclass
@@ -159,7 +160,7 @@ def format_rows(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the bench, print the table, append the JSON lines."""
     args = parse_args(argv)
-    stamp = {"date": datetime.date.today().isoformat(), "machine": f"CPU, {platform.machine()}",
+    stamp = {"date": datetime.date.today().isoformat(), "machine": f"CPU, {os.cpu_count()} cores ({platform.machine()})",
              "command": "python bench/placement.py " + " ".join(sys.argv[1:] if argv is None else argv),
              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     all_rows = []

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from moestack.inference.partition import expert_hidden
+from moestack.inference.partition import neuron_abs_sums
 from moestack.moe.layer import MoELayer
 
 
@@ -52,7 +52,8 @@ def calibrate(model: nn.Module, layers: list[MoELayer], batches) -> list[LayerSt
     for layer in layers:
         E, F_ = layer.experts.num_experts, layer.experts.d_ff
         dev = layer.experts.w13.device
-        st = LayerStats(torch.zeros(E, F_, dtype=torch.float64, device=dev), torch.zeros(E, dtype=torch.int64, device=dev))
+        st = LayerStats(torch.zeros(E, F_, dtype=torch.float64, device=dev),
+                        torch.zeros(E, dtype=torch.int64, device=dev))
         handles.append(layer.router.register_forward_hook(_routing_hook(st)))
         handles.append(layer.experts.register_forward_pre_hook(_experts_hook(st)))
         stats.append(st)
@@ -81,9 +82,7 @@ def _routing_hook(st: LayerStats):
 def _experts_hook(st: LayerStats):
     def hook(experts, args):
         x, counts = args  # [N, D] rows grouped by expert, [E]
-        h = expert_hidden(experts, x.detach(), counts)  # [N, F]
-        row_expert = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)  # [N]
-        st.act_abs_sum.index_add_(0, row_expert, h.abs().double())
+        st.act_abs_sum += neuron_abs_sums(experts, x.detach(), counts)
         st.rows += counts
 
     return hook

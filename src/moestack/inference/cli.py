@@ -50,8 +50,9 @@ def run_sparsify(args) -> int:
     """`moestack sparsify`: transform, evaluate before/after, write model and report; exit status."""
     try:
         _check_args(args)
-        report = sparsify_run(args.run_dir, args.drop_rate, args.out, parts=args.parts, calib_batches=args.calib_batches,
-                              method=args.method, batches=args.batches, device=args.device)
+        report = sparsify_run(args.run_dir, args.drop_rate, args.out, parts=args.parts,
+                              calib_batches=args.calib_batches, method=args.method, batches=args.batches,
+                              device=args.device)
     except ValueError as err:
         print(f"moestack sparsify: error: {err}", file=sys.stderr)
         return 2
@@ -90,12 +91,11 @@ def sparsify_run(run_dir, drop_rate: float, out=None, *, parts: int = 2, calib_b
     model, cfg, ctx = _load_single(run_dir, device)
     before = _evaluate(model, cfg, ctx, batches, sparse=False)
     transform(model, cfg, ctx.device, method, drop_rate, parts, calib_batches)
-    calib_rate = drop_stats(model)["drop_rate"]
     after = _evaluate(model, cfg, ctx, batches, sparse=True)
     out = Path(out or Path(run_dir) / "sparse")
     report = {
         "run_dir": str(run_dir), "out": str(out), "method": method, "parts": 1 if method == "naive" else parts,
-        "drop_rate": drop_rate, "achieved_drop_rate": after["drop_rate"], "calibration_drop_rate": calib_rate,
+        "drop_rate": drop_rate, "achieved_drop_rate": after["drop_rate"],
         "calib_batches": calib_batches, "val_batches": batches,
         "val_loss_before": before["val_loss"], "val_loss_after": after["val_loss"],
         "val_loss_increase": after["val_loss"] / before["val_loss"] - 1,
@@ -112,7 +112,7 @@ def calibration_batches(cfg, n: int) -> list[torch.Tensor]:
     """`n` batches of token ids [B, S] from the run's training split (the validation split stays unseen)."""
     from moestack.data import Corpus
 
-    corpus = Corpus.load(cfg.train.data, cfg.model.seq_len)
+    corpus = Corpus.load(cfg.train.data, cfg.model.seq_len, cfg.train.data_max_mb)
     return [corpus.batch("train", i, cfg.train.batch_size, cfg.train.seed + 1)[0] for i in range(n)]
 
 

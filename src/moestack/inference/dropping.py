@@ -3,9 +3,11 @@
 It replaces an MoE layer's dispatcher once the layer's experts are split into E*P sub-experts
 (`partition.sub_experts`). For every token-choice it estimates each sub-expert's contribution as
 `routing weight x scale[e, p]` (scale: the sub-expert's calibrated output size per unit weight) and skips
-the sub-expert computations scoring under a threshold. Skipped rows are removed before the grouped GEMM,
-so the work really is not done. The threshold comes from the calibration score distribution (`table`) at
-the target drop rate; under load-aware EP each rank gets its own rate (`load_aware_rates`).
+the sub-expert computations scoring lowest. Skipped rows are removed before the grouped GEMM, so the work
+really is not done. Uniform dropping uses one static threshold: the calibration score distribution's
+(`table`) quantile at the target rate. Load-aware dropping gives each EP rank its own rate from this
+batch's per-rank loads (`load_aware_rates`) and drops exactly that fraction of the rank's lowest scores in
+this batch (a per-rank batch quantile: skewed loads also skew the scores, so a calibrated table would miss).
 Notation: T = tokens, k = choices per token, E = experts, P = parts, G = EP ranks, N = kept rows, D = hidden.
 """
 
@@ -56,6 +58,18 @@ def load_aware_rates(loads: torch.Tensor, drop_rate: float, max_rate: float) -> 
     return rates.to(loads.dtype if loads.is_floating_point() else torch.float32)
 
 
+def keep_top_per_group(score: torch.Tensor, group: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
+    """Drop the lowest-scoring fraction `rates[g]` of each group's entries: keep mask [M] (score, group: [M])."""
+    order = score.argsort()
+    order = order[group[order].argsort(stable=True)]  # grouped, ascending score within a group
+    sizes = torch.bincount(group, minlength=rates.numel())  # [G]
+    starts = torch.cumsum(sizes, 0) - sizes
+    n_drop = (rates.to(score.dtype if score.is_floating_point() else torch.float32) * sizes).round().long()  # [G]
+    g = group[order]
+    dropped = torch.arange(score.numel(), device=score.device) - starts[g] < n_drop[g]  # [M] in sorted order
+    return torch.empty_like(dropped).scatter_(0, order, ~dropped)
+
+
 class _Then:
     """A handle applying `fn` to another handle's result (once)."""
 
@@ -85,10 +99,14 @@ class DualSparseDispatcher(nn.Module):
         self.skipped = self.total = 0
         self.last_counts: torch.Tensor | None = None  # [E*P] kept rows per sub-expert, last forward
 
+    def set_ranks(self, expert_rank: list[int]) -> None:
+        """The EP rank of each global expert (a placement row), for load-aware dropping."""
+        self.expert_rank.copy_(torch.as_tensor(expert_rank, dtype=torch.int64))
+        self.num_ranks = max(expert_rank) + 1
+
     def set_policy(self, drop_rate: float, load_aware: bool = False, max_rank_rate: float | None = None) -> None:
         """Target fraction of sub-expert computations to skip; load-aware: per-rank rates from the loads."""
         self.drop_rate, self.load_aware = float(drop_rate), bool(load_aware)
-        self.num_ranks = int(self.expert_rank.max()) + 1
         default = (self.parts - 1) / self.parts if self.parts > 1 else 1.0
         self.max_rank_rate = max(float(drop_rate), default if max_rank_rate is None else float(max_rank_rate))
 
@@ -104,9 +122,12 @@ class DualSparseDispatcher(nn.Module):
         if self.drop_rate <= 0:
             return None
         ids = routing.expert_ids  # [T, k]
-        tau = threshold_at(self.table, self.rank_rates(routing.counts))[self.expert_rank]  # [E]
-        score = routing.weights.unsqueeze(-1) * self.scale[ids]  # [T, k, P]
-        return (score >= tau[ids].unsqueeze(-1)).flatten()
+        score = (routing.weights.unsqueeze(-1) * self.scale[ids]).flatten()  # [T*k*P]
+        if not self.load_aware:  # one static threshold, calibrated to the target rate
+            rate = torch.tensor([self.drop_rate], device=score.device)
+            return score >= threshold_at(self.table, rate)
+        rank = self.expert_rank[ids].unsqueeze(-1).expand(*ids.shape, self.parts).flatten()  # [T*k*P]
+        return keep_top_per_group(score, rank, self.rank_rates(routing.counts))
 
     def kept_choices(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat indices into the T*k*P sub-choices that run [N], their sub-expert ids [N])."""

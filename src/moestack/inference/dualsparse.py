@@ -61,7 +61,7 @@ def set_drop_rate(model: nn.Module, drop_rate: float, load_aware: bool = False, 
     _check_rate(drop_rate)
     for i, disp in enumerate(dispatchers(model)):
         if expert_rank is not None:
-            disp.expert_rank.copy_(torch.as_tensor(expert_rank[i], dtype=torch.int64))
+            disp.set_ranks(list(expert_rank[i]))
         disp.set_policy(drop_rate, load_aware, max_rank_rate)
 
 
@@ -143,7 +143,8 @@ def _check_rate(drop_rate: float) -> None:
 
 def _check_layers(layers: list[MoELayer], parts: int) -> None:
     if not layers:
-        raise ValueError("the model has no moestack MoE layers; convert a Hugging Face model with moestack.models.hf.from_hf first")
+        raise ValueError("the model has no moestack MoE layers; convert a Hugging Face model with "
+                         "moestack.models.hf.from_hf first")
     for layer in layers:
         if isinstance(layer.dispatcher, DualSparseDispatcher):
             raise ValueError("the model is already sparsified; use set_drop_rate to change the drop rate")

@@ -9,7 +9,6 @@ Notation: E = experts, P = parts, G = EP ranks.
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from moestack.inference.dualsparse import dispatchers, moe_layers
@@ -38,7 +37,6 @@ def shard_sparse(model: nn.Module, ctx: ParallelContext, placement: Placement | 
         shard_experts(layer.experts, [g * disp.parts + p for g in mine for p in range(disp.parts)])
         ranks, sub_slots = sub_expert_placement(row, slots, disp.parts)
         disp.inner = EPDispatcher(ctx.ep_group, ranks, sub_slots, len(mine) * disp.parts)
-        disp.expert_rank.copy_(torch.tensor(row, dtype=torch.int64))
-        disp.set_policy(disp.drop_rate, disp.load_aware, disp.max_rank_rate)
+        disp.set_ranks(row)
         layer.router.reduce_stats = global_stats(ctx.stats_group)
     return model

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from moestack.config import load_config
-from moestack.inference.dualsparse import install, moe_layers, set_drop_rate
+from moestack.inference.dualsparse import dispatchers, install, moe_layers, set_drop_rate
 from moestack.models.transformer import MoETransformer
 
 FORMAT = "moestack.sparse/v1"
@@ -36,7 +36,8 @@ def read_spec(out_dir: str | Path) -> dict:
     """The sparse.json of a saved sparse model, checked for its format."""
     path = Path(out_dir) / "sparse.json"
     if not path.is_file():
-        raise ValueError(f"{out_dir} is not a sparsified model folder (no sparse.json); write one with `moestack sparsify`")
+        raise ValueError(f"{out_dir} is not a sparsified model folder (no sparse.json); "
+                         "write one with `moestack sparsify`")
     spec = json.loads(path.read_text())
     if spec.get("format") != FORMAT:
         raise ValueError(f"{path}: format {spec.get('format')!r} is not {FORMAT!r}")
@@ -51,5 +52,7 @@ def load_sparse(out_dir: str | Path, device: str | torch.device = "cpu") -> tupl
     for layer in moe_layers(model):
         install(layer, spec["parts"])
     load_model(model, str(out / "model.safetensors"), strict=True)
+    for disp in dispatchers(model):
+        disp.set_ranks(disp.expert_rank.tolist())
     set_drop_rate(model, spec["drop_rate"], spec.get("load_aware", False), spec.get("max_rank_rate"))
     return model.to(device).eval(), spec

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moestack.moe.experts import GroupedExperts, loop_mm
+from moestack.moe.experts import GroupedExperts
 
 
 def check_parts(d_ff: int, parts: int) -> None:
@@ -21,10 +21,15 @@ def check_parts(d_ff: int, parts: int) -> None:
         raise ValueError(f"parts={parts} must be >= 1 and divide the expert hidden size {d_ff}")
 
 
-def expert_hidden(experts: GroupedExperts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of every expert-sorted row: [N, D] -> [N, F] (the loop reference; calibration only)."""
-    gate, up = loop_mm(x, experts.w13.to(x.dtype), counts.tolist()).chunk(2, dim=-1)
-    return F.silu(gate) * up
+def neuron_abs_sums(experts: GroupedExperts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Sum over each expert's rows of |silu(gate) * up|, per neuron: [E, F] float64 (x [N, D] grouped by expert)."""
+    out = torch.zeros(experts.num_experts, experts.d_ff, dtype=torch.float64, device=x.device)
+    w13 = experts.w13.to(x.dtype)
+    for e, xe in enumerate(torch.split(x, counts.tolist())):
+        if xe.shape[0]:  # one expert at a time keeps the [rows, F] activations small
+            gate, up = (xe @ w13[e]).chunk(2, dim=-1)
+            out[e] = (F.silu(gate) * up).abs().sum(dim=0, dtype=torch.float64)
+    return out
 
 
 def neuron_importance(act_abs_mean: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -77,10 +82,13 @@ def sub_experts(experts: GroupedExperts, parts: int, perm: torch.Tensor | None =
 def sub_experts_like(experts: GroupedExperts, parts: int, w13_sub=None, w2_sub=None) -> GroupedExperts:
     """An E*P sub-expert GroupedExperts shaped for `experts`; weights given or left uninitialised."""
     E, D, F_ = experts.num_experts, experts.d_model, experts.d_ff
+    # torch._grouped_mm needs 16-byte aligned rows: narrow sub-experts fall back to the loop
+    impl = "loop" if experts.impl == "auto" and (F_ // parts) % 8 else experts.impl
     with torch.device("meta"):
-        sub = GroupedExperts(E * parts, D, F_ // parts, experts.impl)
-    dev, dtype = experts.w13.device, experts.w13.dtype
-    sub.w13 = nn.Parameter(w13_sub if w13_sub is not None else torch.empty(E * parts, D, 2 * F_ // parts, device=dev, dtype=dtype))
-    sub.w2 = nn.Parameter(w2_sub if w2_sub is not None else torch.empty(E * parts, F_ // parts, D, device=dev, dtype=dtype))
+        sub = GroupedExperts(E * parts, D, F_ // parts, impl)
+    like = {"device": experts.w13.device, "dtype": experts.w13.dtype}
+    f = F_ // parts
+    sub.w13 = nn.Parameter(w13_sub if w13_sub is not None else torch.empty(E * parts, D, 2 * f, **like))
+    sub.w2 = nn.Parameter(w2_sub if w2_sub is not None else torch.empty(E * parts, f, D, **like))
     sub.global_ids = [g * parts + p for g in experts.global_ids for p in range(parts)]
     return sub

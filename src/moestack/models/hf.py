@@ -30,11 +30,12 @@ class Family:
     gated_shared_expert: bool  # Qwen2-MoE: sigmoid-gated shared expert next to the routed ones
 
 
+_HF = "transformers.models"
 FAMILIES = {
-    "mixtral": Family("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock", None, False),
-    "qwen2_moe": Family("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock", "norm_topk_prob", True),
-    "qwen3_moe": Family("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock", "norm_topk_prob", False),
-    "olmoe": Family("transformers.models.olmoe.modeling_olmoe", "OlmoeSparseMoeBlock", "norm_topk_prob", False),
+    "mixtral": Family(f"{_HF}.mixtral.modeling_mixtral", "MixtralSparseMoeBlock", None, False),
+    "qwen2_moe": Family(f"{_HF}.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock", "norm_topk_prob", True),
+    "qwen3_moe": Family(f"{_HF}.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock", "norm_topk_prob", False),
+    "olmoe": Family(f"{_HF}.olmoe.modeling_olmoe", "OlmoeSparseMoeBlock", "norm_topk_prob", False),
 }
 SUPPORTED = tuple(FAMILIES)
 

@@ -108,7 +108,7 @@ def affinity(problem: Problem, gpu_of: np.ndarray, layer: int, use_prev: bool, u
 
 
 def solve_block(problem: Problem, gpu_of: np.ndarray, layer: int, a: np.ndarray, neighbours: int,
-                 gpus: np.ndarray, time_limit: float, mip_gap: float, break_symmetry: bool = False) -> np.ndarray | None:
+                gpus: np.ndarray, time_limit: float, mip_gap: float, break_symmetry: bool = False) -> np.ndarray | None:
     """Re-place the experts of ``layer`` that sit on ``gpus`` among those gpus, others fixed.
 
     Exact for the layer's part of the objective over that neighbourhood (all gpus: the whole layer).
@@ -182,7 +182,7 @@ def joint_size(problem: Problem) -> int:
 
 
 def solve_joint(problem: Problem, cutoff: float | None, time_limit: float,
-                 mip_gap: float) -> tuple[np.ndarray | None, int, float | None]:
+                mip_gap: float) -> tuple[np.ndarray | None, int, float | None]:
     """The whole MILP at once; returns (gpu_of [L, E] or None, HiGHS status, gap)."""
     L, E, G = problem.shape
     w = problem.comm_weight

@@ -118,7 +118,7 @@ def _improve_layer(problem: Problem, gpu_of: np.ndarray, layer: int, use_next: b
             if not _may_improve(problem, gpu_of[layer], layer, a, gpus):
                 continue
             row = solve_block(problem, gpu_of, layer, a, neighbours, gpus, left / (len(blocks) - done),
-                               mip_gap, break_symmetry=neighbours == 0)
+                              mip_gap, break_symmetry=neighbours == 0)
             stats["subproblems"] += 1
             if _accept(problem, gpu_of, layer, row, use_next):
                 improved = changed = True

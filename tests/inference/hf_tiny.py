@@ -24,7 +24,8 @@ def tiny_config(family: str, **overrides):
                    norm_topk_prob=True, head_dim=8)
         return transformers.Qwen3MoeConfig(**{**COMMON, **cfg, **overrides})
     if family == "olmoe":
-        cfg = dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)
+        cfg = dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+                   pad_token_id=1, eos_token_id=0)
         return transformers.OlmoeConfig(**{**COMMON, **cfg, **overrides})
     raise KeyError(family)
 

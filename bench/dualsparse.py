@@ -1,0 +1,291 @@
+"""DualSparse-MoE: quality vs drop rate, MoE-layer speed vs drop rate, load-aware vs uniform dropping.
+
+    python bench/dualsparse.py --run-dir RUN                 # all three studies (quality needs a trained run)
+    python bench/dualsparse.py --study speed,load            # no run needed
+    python bench/dualsparse.py --run-dir RUN --study quality --rates 0,0.1,0.25,0.4,0.5
+
+(i) quality: validation loss of RUN's model vs drop rate for naive dropping of whole low-weight
+(token, expert) choices, partition without reconstruction, DualSparse, and DualSparse with load-aware
+dropping over --ranks simulated EP ranks; one PNG plot. (ii) speed: MoE-layer forward time (inference,
+bf16 on GPU, fp32 on CPU) at each drop rate against the same layer without partition. (iii) load: with
+skewed routing over --ranks simulated EP ranks (contiguous placement), each rank's kept rows and its expert
+compute time alone; the slowest rank sets the MoE-module time. Results: a table, JSON lines and the plot
+in $OUT (device runs) or bench/results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import device_name, print_table, sync, write_results  # noqa: E402
+
+from moestack.inference.cli import transform  # noqa: E402
+from moestack.inference.dualsparse import (  # noqa: E402
+    drop_stats,
+    moe_layers,
+    reset_drop_stats,
+    set_drop_rate,
+    sparsify,
+)
+from moestack.moe.experts import GroupedExperts  # noqa: E402
+from moestack.moe.layer import MoELayer  # noqa: E402
+
+SHAPES = {  # name: (d_model, d_ff, experts, top_k)
+    "mixtral": (4096, 14336, 8, 2),
+    "qwen3_moe": (2048, 768, 128, 8),
+    "olmoe": (2048, 1024, 64, 8),
+    "cpu": (256, 1024, 8, 2),
+}
+METHODS = ("naive", "partition", "dualsparse", "dualsparse+load-aware")
+
+
+# ---- (i) quality ----------------------------------------------------------------------------------
+def quality(run_dir: str, rates: list[float], args, device: str) -> list[dict]:
+    """Val loss at each drop rate for every method; each method calibrated once, then re-thresholded."""
+    from moestack.runs import evaluate, load_model
+
+    rows = []
+    for method in METHODS:
+        model, cfg, ctx = load_model(run_dir, device)
+        load_aware = method.endswith("load-aware")
+        transform(model, cfg, ctx.device, method.split("+")[0], 0.0, args.parts, args.calib_batches)
+        ranks = contiguous_ranks(cfg.moe.num_experts, args.ranks)
+        for rate in rates:
+            set_drop_rate(model, rate, load_aware=load_aware, expert_rank=[ranks] * len(moe_layers(model)))
+            reset_drop_stats(model)
+            res = evaluate(model, cfg, ctx, args.batches)
+            rows.append({"study": "quality", "run_dir": run_dir, "method": method, "target": rate,
+                         "drop_rate": drop_stats(model)["drop_rate"], "val_loss": res["val_loss"],
+                         "perplexity": res["perplexity"], "device": device_name(ctx.device)})
+            print(rows[-1], flush=True)
+    base = next(r["val_loss"] for r in rows if r["target"] == 0) if 0 in rates else None
+    for r in rows:
+        r["increase_pct"] = 100 * (r["val_loss"] / base - 1) if base else None
+    return rows
+
+
+def contiguous_ranks(num_experts: int, ranks: int) -> list[int]:
+    """EP rank of each expert under the contiguous placement."""
+    if num_experts % ranks:
+        raise SystemExit(f"--ranks {ranks} must divide the {num_experts} experts")
+    return [e * ranks // num_experts for e in range(num_experts)]
+
+
+def plot_quality(rows: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in METHODS:
+        pts = [(r["drop_rate"] * 100, r["val_loss"]) for r in rows if r["method"] == method]
+        ax.plot(*zip(*pts), marker="o", label=method)
+    ax.set_xlabel("expert computation dropped (%)")
+    ax.set_ylabel("validation loss")
+    ax.set_title("DualSparse-MoE: quality vs drop rate")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- (ii) speed -----------------------------------------------------------------------------------
+def make_layer(d, f, E, k, device, dtype, skew: float = 0.0) -> tuple[MoELayer, torch.Tensor]:
+    """An inference MoE layer and the direction `m` its tokens lean towards (skew > 0: rank-0 experts attract them)."""
+    torch.manual_seed(0)
+    impl = "grouped_mm" if torch.device(device).type == "cuda" else "auto"
+    layer = MoELayer(d, E, k, f, aux_loss_coef=0.0, z_loss_coef=0.0, impl=impl)
+    with torch.no_grad():
+        layer.router.gate.weight.normal_(0, d ** -0.5)
+        m = torch.randn(d)
+        m /= m.norm()
+        if skew:
+            layer.router.gate.weight[: max(1, E // 8)] += skew * m  # experts of rank 0 win more often
+    return layer.to(device, dtype).eval(), m.to(device, dtype)
+
+
+def tokens(T, d, m, device, dtype, seed) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return (torch.randn(T, d, generator=g) + m.cpu().float()).to(device, dtype)
+
+
+def speed(shape: str, T: int, rates: list[float], args, device, dtype) -> list[dict]:
+    """Forward time of the layer without partition and, sparsified, at each drop rate (timed interleaved)."""
+    d, f, E, k = SHAPES[shape]
+    base, m = make_layer(d, f, E, k, device, dtype)
+    x = tokens(T, d, m, device, dtype, seed=1)
+    with torch.no_grad():
+        sparse = sparsify(copy.deepcopy(base), [tokens(T, d, m, device, dtype, seed=2)], 0.0, args.parts)
+        achieved, layer_fns, expert_fns = {}, {"base": lambda: base(x)}, {"base": expert_call(base, x)}
+        for rate in rates:
+            set_drop_rate(sparse, rate)
+            reset_drop_stats(sparse)
+            expert_fns[rate] = expert_call(sparse, x)
+            achieved[rate] = drop_stats(sparse)["drop_rate"]
+            layer_fns[rate] = lambda r=rate: (set_drop_rate(sparse, r), sparse(x))
+        t_layer = interleaved(layer_fns, device, args.reps)
+        t_exp = interleaved(expert_fns, device, args.reps)
+    rows = []
+    for rate in rates:
+        rows.append({"study": "speed", "shape": shape, "tokens": T, "target": rate, "drop_rate": achieved[rate],
+                     "ms": t_layer[rate] * 1e3, "ms_no_partition": t_layer["base"] * 1e3,
+                     "ratio": t_layer[rate] / t_layer["base"], "ideal": 1 - achieved[rate],
+                     "experts_ms": t_exp[rate] * 1e3, "experts_ms_no_partition": t_exp["base"] * 1e3,
+                     "experts_ratio": t_exp[rate] / t_exp["base"],
+                     "device": device_name(device), "dtype": str(dtype).replace("torch.", "")})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def expert_call(layer: MoELayer, x: torch.Tensor):
+    """The layer's expert GEMMs alone on the rows its current drop rate keeps (dispatched once, here)."""
+    d = layer.dispatcher.dispatch(x, layer.router(x)).wait()
+    return lambda: layer.experts(d.x, d.counts)
+
+
+def interleaved(fns: dict, device, reps: int, warmup: int = 2) -> dict:
+    """Median seconds of each fn, timing them round-robin so that drifting background load hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {key: [] for key in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
+# ---- (iii) load-aware vs uniform ------------------------------------------------------------------
+def load_study(shape: str, T: int, rate: float, args, device, dtype) -> list[dict]:
+    """Per-rank kept work and expert time under skewed routing: no drop, uniform, load-aware."""
+    d, f, E, k = SHAPES[shape]
+    G, P = args.ranks, args.parts
+    ranks = contiguous_ranks(E, G)
+    base, m = make_layer(d, f, E, k, device, dtype, skew=args.skew)
+    x = tokens(T, d, m, device, dtype, seed=1)
+    with torch.no_grad():
+        counts = torch.bincount(base.router(x).expert_ids.flatten(), minlength=E)
+        sparse = sparsify(copy.deepcopy(base), [tokens(T, d, m, device, dtype, seed=2)], 0.0, P)
+        kept, achieved = {"no drop": per_rank(counts, ranks, G)}, {"no drop": 0.0}
+        fns = rank_calls("no drop", base.experts, base.dispatcher.dispatch(x, base.router(x)).wait(), ranks, G, 1)
+        for policy in ("uniform", "load-aware"):
+            set_drop_rate(sparse, rate, load_aware=policy == "load-aware", expert_rank=[ranks])
+            reset_drop_stats(sparse)
+            disp = sparse.dispatcher.dispatch(x, sparse.router(x)).wait()
+            achieved[policy] = drop_stats(sparse)["drop_rate"]
+            kept[policy] = per_rank(disp.counts.view(E, P).sum(1), ranks, G) / P  # in whole-expert rows
+            fns.update(rank_calls(policy, sparse.experts, disp, ranks, G, P))
+        times = interleaved(fns, device, args.reps)
+    loads = per_rank(counts, ranks, G)
+    rows = []
+    for policy in kept:
+        rank_ms = [times.get((policy, r), 0.0) * 1e3 for r in range(G)]
+        rows.append({"study": "load", "shape": shape, "tokens": T, "ranks": G, "policy": policy,
+                     "drop_rate": achieved[policy], "load_max_over_mean": (loads.max() / loads.mean()).item(),
+                     "kept_work_per_rank": [round(v, 1) for v in kept[policy].tolist()],
+                     "max_rank_work": kept[policy].max().item(), "max_rank_ms": max(rank_ms),
+                     "rank_ms": [round(t, 3) for t in rank_ms], "device": device_name(device),
+                     "dtype": str(dtype).replace("torch.", "")})
+    for r in rows:
+        r["work_speedup_vs_no_drop"] = rows[0]["max_rank_work"] / r["max_rank_work"]
+        r["speedup_vs_no_drop"] = rows[0]["max_rank_ms"] / r["max_rank_ms"]
+        print(r, flush=True)
+    return rows
+
+
+def per_rank(counts: torch.Tensor, ranks: list[int], G: int) -> torch.Tensor:
+    """Sum of per-expert counts [E] over each rank's experts: [G]."""
+    return torch.zeros(G, device=counts.device).index_add_(0, torch.tensor(ranks, device=counts.device), counts.float())
+
+
+def rank_calls(policy: str, experts: GroupedExperts, d, ranks: list[int], G: int, parts: int) -> dict:
+    """{(policy, rank): fn} running one simulated rank's expert compute alone: its (sub-)experts' rows."""
+    offsets = torch.cumsum(d.counts, 0).tolist()
+    starts = [0] + offsets[:-1]
+    fns = {}
+    for r in range(G):
+        ids = [e * parts + p for e, rk in enumerate(ranks) if rk == r for p in range(parts)]
+        x_r = torch.cat([d.x[starts[i]:offsets[i]] for i in ids])
+        if x_r.shape[0]:
+            mine, c = slice_experts(experts, ids), d.counts[ids]
+            fns[(policy, r)] = lambda mine=mine, x_r=x_r, c=c: mine(x_r, c)
+    return fns
+
+
+def slice_experts(experts: GroupedExperts, ids: list[int]) -> GroupedExperts:
+    with torch.device("meta"):
+        out = GroupedExperts(len(ids), experts.d_model, experts.d_ff, experts.impl)
+    out.w13 = torch.nn.Parameter(experts.w13.detach()[ids])
+    out.w2 = torch.nn.Parameter(experts.w2.detach()[ids])
+    return out
+
+
+# ---- main -----------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", help="trained run for the quality study")
+    ap.add_argument("--study", default="quality,speed,load", help="any of quality, speed, load")
+    ap.add_argument("--rates", default="0,0.1,0.25,0.4,0.5")
+    ap.add_argument("--parts", type=int, default=2)
+    ap.add_argument("--calib-batches", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=16, help="validation batches (quality)")
+    ap.add_argument("--shapes", default=None, help="speed/load shapes (GPU default mixtral,qwen3_moe; CPU: cpu)")
+    ap.add_argument("--tokens", type=int, default=None, help="tokens per forward (GPU 16384, CPU 8192)")
+    ap.add_argument("--ranks", type=int, default=4, help="simulated EP ranks (load study, load-aware quality)")
+    ap.add_argument("--skew", type=float, default=2.0, help="router skew towards rank 0's experts (load study)")
+    ap.add_argument("--load-rate", type=float, default=0.25, help="drop rate of the load study")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shapes = (args.shapes or ("mixtral,qwen3_moe" if device == "cuda" else "cpu")).split(",")
+    T = args.tokens or (16384 if device == "cuda" else 8192)
+    rates = [float(r) for r in args.rates.split(",")]
+    studies = args.study.split(",")
+    out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    if "quality" in studies:
+        if not args.run_dir:
+            raise SystemExit("the quality study needs --run-dir (a run folder from `moestack train`)")
+        rows = quality(args.run_dir, rates, args, device)
+        print_table(rows, ["method", "target", "drop_rate", "val_loss", "increase_pct", "perplexity"])
+        write_results("dualsparse", rows)
+        print("plot:", plot_quality(rows, out / "dualsparse_quality.png"))
+    for shape in shapes:
+        if "speed" in studies:
+            rows = speed(shape, T, rates, args, device, dtype)
+            print_table(rows, ["shape", "tokens", "target", "drop_rate", "ms", "ms_no_partition", "ratio", "ideal",
+                               "experts_ms", "experts_ms_no_partition", "experts_ratio"])
+            write_results("dualsparse", rows)
+        if "load" in studies:
+            rows = load_study(shape, T, args.load_rate, args, device, dtype)
+            print_table(rows, ["shape", "ranks", "policy", "drop_rate", "load_max_over_mean", "max_rank_work",
+                               "work_speedup_vs_no_drop", "max_rank_ms", "speedup_vs_no_drop"])
+            write_results("dualsparse", rows)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""DualSparse on moestack models: exact at zero drop, calibrated drop rates, rows really removed, baselines."""
+
+import pytest
+import torch
+
+from moestack.inference.dropping import DualSparseDispatcher
+from moestack.inference.dualsparse import (
+    drop_stats,
+    moe_layers,
+    naive_drop,
+    reset_drop_stats,
+    set_drop_rate,
+    sparsify,
+)
+from moestack.moe.experts import GroupedExperts
+from tests.inference.helpers import E, K, RowCounter, hidden_batches, moe_layer, tiny_model, token_batches
+
+
+@pytest.mark.parametrize("arch", ["top2", "shared_top1", "scmoe"])
+@pytest.mark.parametrize("parts", [2, 4])
+def test_zero_drop_keeps_the_logits_of_a_moestack_model(arch, parts):
+    model, x = tiny_model(**{"model.arch": arch}), token_batches(1, seed=9)[0]
+    with torch.no_grad():
+        want = model(x)[0]
+        sparsify(model, token_batches(2), drop_rate=0.0, parts=parts)
+        got = model(x)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert drop_stats(model)["skipped"] == 0
+
+
+@pytest.mark.parametrize("reconstruct", [True, False])
+def test_sparsify_swaps_the_experts_and_dispatcher_seams(reconstruct):
+    model = sparsify(tiny_model(), token_batches(2), drop_rate=0.25, reconstruct=reconstruct)
+    for layer in moe_layers(model):
+        assert type(layer.experts) is GroupedExperts and layer.experts.num_experts == 4 * 2
+        assert isinstance(layer.dispatcher, DualSparseDispatcher)
+    assert any(k.endswith("dispatcher.scale") for k in model.state_dict())
+
+
+def test_reconstruction_puts_the_major_neurons_in_the_first_part():
+    layer, calib = moe_layer(), hidden_batches(4)
+    plain = sparsify(moe_layer(), calib, 0.0, reconstruct=False).dispatcher.scale  # [E, 2]
+    rebuilt = sparsify(layer, calib, 0.0).dispatcher.scale
+    assert (rebuilt[:, 0] > rebuilt[:, 1]).all()
+    torch.testing.assert_close(rebuilt.sum(1), plain.sum(1), rtol=1e-5, atol=1e-6)  # same neurons, regrouped
+    assert (rebuilt[:, 0] / rebuilt.sum(1)).mean() > (plain[:, 0] / plain.sum(1)).mean() + 0.05
+
+
+def test_reconstruction_preserves_the_layer_at_zero_drop():
+    layer, x = moe_layer(), hidden_batches(1, seed=7)[0]
+    with torch.no_grad():
+        want = layer(x)[0]
+        got = sparsify(layer, hidden_batches(3), 0.0)(x)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.25, 0.4, 0.5])
+def test_achieved_drop_rate_is_close_to_the_target(rate):
+    layer = sparsify(moe_layer(), hidden_batches(8, tokens=128), rate)
+    with torch.no_grad():
+        for x in hidden_batches(4, tokens=128, seed=3):  # held-out tokens
+            layer(x)
+    assert drop_stats(layer)["drop_rate"] == pytest.approx(rate, abs=0.04)
+
+
+def test_dropped_rows_never_reach_the_grouped_gemm():
+    layer, x = sparsify(moe_layer(), hidden_batches(4), 0.0), hidden_batches(1, seed=5)[0]
+    counter = RowCounter(layer.experts)
+    with torch.no_grad():
+        layer(x)
+        set_drop_rate(layer, 0.4)
+        reset_drop_stats(layer)
+        dropped = layer(x)[0]
+    full = x.shape[0] * K * 2
+    st = drop_stats(layer)
+    assert counter.rows == [full, full - st["skipped"]] and st["skipped"] > 0.3 * full
+    assert int(layer.dispatcher.last_counts.sum()) == counter.rows[1]
+    assert torch.isfinite(dropped).all()
+
+
+def test_dropping_skips_the_smallest_contributions_first():
+    layer = sparsify(moe_layer(), hidden_batches(4), 0.3)
+    disp, x = layer.dispatcher, hidden_batches(1, seed=5)[0]
+    routing = layer.router(x)
+    keep = disp.keep(routing).view(x.shape[0], K, 2)
+    score = routing.weights.unsqueeze(-1) * disp.scale[routing.expert_ids]  # [T, k, P]
+    assert score[keep].min() >= score[~keep].max()
+    assert keep[..., 0].float().mean() > keep[..., 1].float().mean()  # minor parts drop first
+
+
+def test_dropping_matches_a_reference_that_zeroes_the_skipped_parts():
+    layer, x = moe_layer(), hidden_batches(1, seed=5)[0]
+    sparsify(layer, hidden_batches(4), 0.3)
+    with torch.no_grad():
+        got = layer(x)[0]
+        routing = layer.router(x)
+        keep = layer.dispatcher.keep(routing).view(x.shape[0], K, 2)
+        want = torch.zeros_like(x)
+        for t in range(x.shape[0]):  # slow reference: every kept sub-expert, one at a time
+            for j in range(K):
+                for p in range(2):
+                    if keep[t, j, p]:
+                        s = int(routing.expert_ids[t, j]) * 2 + p
+                        out = layer.experts(x[t:t + 1], torch.eye(E * 2, dtype=torch.int64)[s])
+                        want[t] += routing.weights[t, j] * out[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_naive_drop_removes_the_lowest_weight_choices():
+    layer, x = naive_drop(moe_layer(), hidden_batches(8, tokens=128), 0.25), hidden_batches(1, tokens=128, seed=3)[0]
+    assert layer.experts.num_experts == E and layer.dispatcher.parts == 1
+    routing = layer.router(x)
+    keep = layer.dispatcher.keep(routing).view(-1, K)
+    assert routing.weights[keep].min() >= routing.weights[~keep].max()
+    assert (~keep).float().mean().item() == pytest.approx(0.25, abs=0.06)
+
+
+def test_set_drop_rate_recalibrates_nothing_and_zero_is_exact_again():
+    layer, x = moe_layer(), hidden_batches(1, seed=5)[0]
+    with torch.no_grad():
+        want = layer(x)[0]
+        sparsify(layer, hidden_batches(4), 0.5)
+        assert not torch.allclose(layer(x)[0], want, atol=1e-4)
+        set_drop_rate(layer, 0.0)
+        torch.testing.assert_close(layer(x)[0], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: sparsify(m, token_batches(1), 1.0), r"drop_rate must be in \[0, 1\)"),
+    (lambda m: sparsify(m, token_batches(1), 0.2, parts=5), "parts=5 must be >= 1 and divide"),
+    (lambda m: sparsify(sparsify(m, token_batches(1), 0.2), token_batches(1), 0.2), "already sparsified"),
+    (lambda m: sparsify(torch.nn.Linear(2, 2), [torch.zeros(1, 2)], 0.2), "no moestack MoE layers"),
+    (lambda m: set_drop_rate(m, 0.2), "call sparsify"),
+])
+def test_bad_input_gets_a_clear_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(tiny_model())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_grouped_mm_path_on_gpu():
+    from moestack.moe.layer import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(64, E, K, 128, aux_loss_coef=0.0, z_loss_coef=0.0, impl="grouped_mm")
+    layer = layer.to("cuda", torch.bfloat16).eval()
+    batches = [torch.randn(512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(5)]
+    with torch.no_grad():
+        want = layer(batches[0])[0]
+        sparsify(layer, batches[1:], 0.0)
+        assert layer.experts.impl == "grouped_mm" and layer.experts.num_experts == 2 * E
+        torch.testing.assert_close(layer(batches[0])[0].float(), want.float(), atol=2e-2, rtol=2e-2)
+        set_drop_rate(layer, 0.25)
+        reset_drop_stats(layer)
+        layer(batches[0])
+    assert drop_stats(layer)["drop_rate"] == pytest.approx(0.25, abs=0.06)

@@ -1,0 +1,48 @@
+"""A sparsified layer sharded over 2 gloo ranks gives the single-process outputs, sending only kept rows."""
+
+import torch
+
+from moestack.config import ParallelConfig
+from moestack.inference.dualsparse import drop_stats, reset_drop_stats, set_drop_rate, sparsify
+from moestack.inference.ep import shard_sparse, sub_expert_placement
+from moestack.parallel.mesh import init_parallel, shutdown
+from moestack.placement.placement import Placement
+from tests.dist import run_ranks
+from tests.inference.helpers import E, K, RowCounter, hidden_batches, moe_layer
+
+T = 32  # tokens per rank
+
+
+def test_sub_experts_follow_their_expert():
+    ranks, slots = sub_expert_placement([1, 0, 1], [0, 0, 1], parts=2)
+    assert ranks == [1, 1, 0, 0, 1, 1] and slots == [0, 1, 0, 1, 2, 3]
+
+
+def _check(rank, world):
+    ctx = init_parallel(ParallelConfig(ep=world), "cpu")
+    x_all = hidden_batches(1, tokens=world * T, seed=3)[0]
+    for row in ([e * world // E for e in range(E)], [e % world for e in range(E)]):
+        layer = sparsify(moe_layer(), hidden_batches(4), 0.3)
+        with torch.no_grad():
+            want = layer(x_all)[0][rank * T:(rank + 1) * T]
+        shard_sparse(layer, ctx, Placement(world, [row]))
+        set_drop_rate(layer, 0.3)  # uniform: every rank applies the same threshold
+        reset_drop_stats(layer)
+        counter = RowCounter(layer.experts)
+        with torch.no_grad():
+            got = layer(x_all[rank * T:(rank + 1) * T])[0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert layer.experts.w13.shape[0] == E // world * 2
+        sent = torch.tensor([T * K * 2 - drop_stats(layer)["skipped"]])
+        received = torch.tensor([counter.rows[0]])
+        torch.distributed.all_reduce(sent, group=ctx.ep_group)
+        torch.distributed.all_reduce(received, group=ctx.ep_group)
+        assert received.item() == sent.item() < world * T * K * 2  # only kept rows travel and compute
+        set_drop_rate(layer, 0.3, load_aware=True)
+        with torch.no_grad():
+            assert torch.isfinite(layer(x_all[rank * T:(rank + 1) * T])[0]).all()
+    shutdown(ctx)
+
+
+def test_sharded_sparse_layer_matches_one_process():
+    run_ranks(_check, 2)
