@@ -160,7 +160,7 @@ class Trainer:
         self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
         self.tokens_at_save = self.tokens_at_log = self.tokens_seen()
         if self.ctx.is_main:
-            log.info("resumed from step %d (%s)", self.step, report)
+            log.info("resumed from step %d: %s", self.step, report.summary())
         return True
 
     def _init_optimizer_state(self) -> None:
