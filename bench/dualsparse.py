@@ -9,7 +9,9 @@
 dropping over --ranks simulated EP ranks; one PNG plot. (ii) speed: MoE-layer forward time (inference,
 bf16 on GPU, fp32 on CPU) at each drop rate against the same layer without partition. (iii) load: with
 skewed routing over --ranks simulated EP ranks (contiguous placement), each rank's kept rows and its expert
-compute time alone; the slowest rank sets the MoE-module time. Results: a table, JSON lines and the plot
+compute time alone; the slowest rank sets the MoE-module time. (iv) ep: the same three policies under real
+expert parallelism, timed end to end (all-to-all included) on every rank:
+    torchrun --nproc_per_node 2 bench/dualsparse.py --study ep Results: a table, JSON lines and the plot
 in $OUT (device runs) or bench/results.
 """
 
@@ -238,11 +240,61 @@ def slice_experts(experts: GroupedExperts, ids: list[int]) -> GroupedExperts:
     return out
 
 
+# ---- (iv) real expert parallelism (torchrun) -----------------------------------------------------
+def ep_study(shape: str, T: int, rate: float, args, dtype) -> list[dict]:
+    """MoE-layer time under real EP over torchrun's ranks (skewed routing): no drop, uniform, load-aware."""
+    import torch.distributed as dist
+
+    from moestack.config import ParallelConfig
+    from moestack.inference.ep import shard_sparse
+    from moestack.parallel.ep import EPDispatcher, shard_experts
+    from moestack.parallel.mesh import init_parallel, shutdown, world_from_env
+    from moestack.placement.placement import Placement
+
+    d, f, E, k = SHAPES[shape]
+    ctx = init_parallel(ParallelConfig(ep=world_from_env()[1]), "auto")
+    dev = ctx.device
+    base, m = make_layer(d, f, E, k, dev, dtype, skew=args.skew)  # the same weights on every rank
+    placement = Placement.contiguous(1, E, ctx.ep)
+    with torch.no_grad():
+        sparse = sparsify(copy.deepcopy(base), [tokens(T, d, m, dev, dtype, seed=100)], 0.0, args.parts)
+        mine = placement.experts_on(0, ctx.ep_rank)
+        shard_experts(base.experts, mine)
+        slots = [placement.slot_of(0, e)[1] for e in range(E)]
+        base.dispatcher = EPDispatcher(ctx.ep_group, placement.expert_to_gpu[0], slots, len(mine))
+        shard_sparse(sparse, ctx, placement)
+        x = tokens(T, d, m, dev, dtype, seed=1 + ctx.rank)  # each rank routes its own tokens
+        fns = {"no drop": lambda: base(x),
+               "uniform": lambda: (set_drop_rate(sparse, rate), sparse(x)),
+               "load-aware": lambda: (set_drop_rate(sparse, rate, load_aware=True), sparse(x))}
+        reset_drop_stats(sparse)
+        times = interleaved(fns, dev, args.reps)
+        rows = []
+        for policy, sec in times.items():
+            t = torch.tensor([sec], device=dev)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.ep_group)  # the slowest rank's median
+            rows.append({"study": "ep", "shape": shape, "tokens_per_rank": T, "ranks": ctx.ep, "policy": policy,
+                         "ms": t.item() * 1e3, "device": device_name(dev), "dtype": str(dtype).replace("torch.", "")})
+        for policy in ("uniform", "load-aware"):
+            set_drop_rate(sparse, rate, load_aware=policy == "load-aware")
+            reset_drop_stats(sparse)
+            sparse(x)
+            st = torch.tensor([drop_stats(sparse)["skipped"], drop_stats(sparse)["total"]], device=dev)
+            dist.all_reduce(st, group=ctx.ep_group)
+            next(r for r in rows if r["policy"] == policy)["drop_rate"] = (st[0] / st[1]).item()
+    rows[0]["drop_rate"] = 0.0
+    for r in rows:
+        r["speedup_vs_no_drop"] = rows[0]["ms"] / r["ms"]
+    shutdown(ctx)
+    return rows if ctx.is_main else []
+
+
 # ---- main -----------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", help="trained run for the quality study")
-    ap.add_argument("--study", default="quality,speed,load", help="any of quality, speed, load")
+    ap.add_argument("--study", default="quality,speed,load",
+                    help="any of quality, speed, load; or ep alone, under torchrun --nproc_per_node N")
     ap.add_argument("--rates", default="0,0.1,0.25,0.4,0.5")
     ap.add_argument("--parts", type=int, default=2)
     ap.add_argument("--calib-batches", type=int, default=8)
@@ -265,6 +317,13 @@ def main() -> None:
     studies = args.study.split(",")
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out.mkdir(parents=True, exist_ok=True)
+    if studies == ["ep"]:
+        for shape in shapes:
+            rows = ep_study(shape, T, args.load_rate, args, dtype)
+            if rows:
+                print_table(rows, ["shape", "ranks", "policy", "drop_rate", "ms", "speedup_vs_no_drop"])
+                write_results("dualsparse", rows)
+        return
     if "quality" in studies:
         if not args.run_dir:
             raise SystemExit("the quality study needs --run-dir (a run folder from `moestack train`)")

@@ -150,6 +150,7 @@ class Trainer:
         self._init_optimizer_state()
         _, experts = flatten_state(self.model, self.opt, self.tokens_seen())
         tensors, meta, report = self.ckpt.load(experts_wanted=experts)
+        self.resume_report = report
         tokens = restore_state(self.model, self.opt, tensors)
         for m, row in zip(self.model.moe_layers(), tokens):
             m.tokens_seen.copy_(row // self.ctx.world if self.ctx.distributed else row)
