@@ -70,7 +70,7 @@ def keep_top_per_group(score: torch.Tensor, group: torch.Tensor, rates: torch.Te
     return torch.empty_like(dropped).scatter_(0, order, ~dropped)
 
 
-class _Then:
+class ThenHandle:
     """A handle applying `fn` to another handle's result (once)."""
 
     def __init__(self, handle, fn):
@@ -85,13 +85,12 @@ class _Then:
 class DualSparseDispatcher(nn.Module):
     """Dispatch to E*P sub-experts, skipping low-contribution ones; the layer's `dispatcher` after sparsify.
 
-    `inner` is None for a single process (rows are sorted here directly) or a dispatcher over the E*P
-    sub-experts (expert parallel: kept choices travel through it as one-choice pseudo-tokens).
+    Single process; `moestack.inference.ep.EPDualSparseDispatcher` is the expert-parallel one.
     """
 
-    def __init__(self, num_experts: int, parts: int, inner=None):
+    def __init__(self, num_experts: int, parts: int):
         super().__init__()
-        self.num_experts, self.parts, self.inner = num_experts, parts, inner
+        self.num_experts, self.parts = num_experts, parts
         self.register_buffer("scale", torch.ones(num_experts, parts))  # [E, P] output size per unit weight
         self.register_buffer("table", torch.zeros(TABLE_SIZE))  # calibration score quantiles
         self.register_buffer("expert_rank", torch.zeros(num_experts, dtype=torch.int64))  # [E] EP rank
@@ -130,7 +129,7 @@ class DualSparseDispatcher(nn.Module):
         return keep_top_per_group(score, rank, self.rank_rates(routing.counts))
 
     def kept_choices(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        """(flat indices into the T*k*P sub-choices that run [N], their sub-expert ids [N])."""
+        """(flat indices into the T*k*P sub-choices that run [N], their sub-expert ids [N]); records the stats."""
         T, k = routing.expert_ids.shape
         P = self.parts
         sub = (routing.expert_ids.unsqueeze(-1) * P + torch.arange(P, device=routing.expert_ids.device)).flatten()
@@ -138,40 +137,22 @@ class DualSparseDispatcher(nn.Module):
         kept = torch.arange(T * k * P, device=sub.device) if keep is None else keep.nonzero().squeeze(1)
         self.total += T * k * P
         self.skipped += T * k * P - kept.numel()
+        self.last_counts = torch.bincount(sub[kept], minlength=self.num_experts * P)  # [E*P]
         return kept, sub[kept]
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
         # x: [T, D]
         T, k = routing.expert_ids.shape
         kept, sub = self.kept_choices(routing)  # [N], [N]
-        counts = torch.bincount(sub, minlength=self.num_experts * self.parts)  # [E*P]
-        self.last_counts = counts
-        if self.inner is not None:
-            return self._dispatch_inner(x, routing, kept, sub, counts)
         order = kept[torch.argsort(sub, stable=True)]  # [N] sub-choices in sub-expert order
         x_sorted = x[order // (k * self.parts)]  # [N, D]: only kept rows reach the grouped GEMM
-        return Done(Dispatched(x_sorted, counts, order, T * k * self.parts, routing.weights))
+        return Done(Dispatched(x_sorted, self.last_counts, order, T * k * self.parts, routing.weights))
 
     def combine(self, y: torch.Tensor, d: Dispatched):
         # y: [N, D] sub-expert outputs in dispatch order
-        if self.inner is not None:
-            tokens, T = d.extra["dualsparse"]
-            return _Then(self.inner.combine(y, d), lambda out: _scatter_sum(out, tokens, T))
         T, k = d.weights.shape
         w = d.weights.unsqueeze(-1).expand(T, k, self.parts).reshape(-1)[d.order]  # [N] the expert's gate value
-        return Done(_scatter_sum(y * w.unsqueeze(-1).to(y.dtype), d.order // (k * self.parts), T))
-
-    def _dispatch_inner(self, x, routing, kept, sub, counts):
-        T, k = routing.expert_ids.shape
-        tokens = kept // (k * self.parts)  # [N]
-        weights = routing.weights.unsqueeze(-1).expand(T, k, self.parts).reshape(-1)[kept]  # [N]
-        pseudo = Routing(sub.unsqueeze(1), weights.unsqueeze(1), counts, routing.aux_loss, routing.z_loss)
-
-        def remember(d: Dispatched) -> Dispatched:
-            d.extra["dualsparse"] = (tokens, T)
-            return d
-
-        return _Then(self.inner.dispatch(x[tokens], pseudo), remember)
+        return Done(scatter_sum(y * w.unsqueeze(-1).to(y.dtype), d.order // (k * self.parts), T))
 
     def achieved_rate(self) -> float:
         """Fraction of sub-expert computations skipped since the last reset."""
@@ -181,6 +162,6 @@ class DualSparseDispatcher(nn.Module):
         self.skipped = self.total = 0
 
 
-def _scatter_sum(rows: torch.Tensor, tokens: torch.Tensor, T: int) -> torch.Tensor:
+def scatter_sum(rows: torch.Tensor, tokens: torch.Tensor, T: int) -> torch.Tensor:
     """Sum rows [N, D] into their tokens: [T, D]."""
     return rows.new_zeros(T, rows.shape[-1]).index_add_(0, tokens, rows)

@@ -1,27 +1,66 @@
-"""Expert parallelism for a DualSparse model: shard the sub-experts, send only kept rows.
+"""Expert parallelism for a DualSparse model: shard the sub-experts, send each kept (token, expert) row once.
 
-Calibrate and sparsify on one process, then call `shard_sparse` on every rank (with the same
-placement): each rank keeps the P sub-experts of its experts and the DualSparse dispatcher sends the kept
-(token, sub-expert) rows through an `EPDispatcher` over the E*P sub-experts. With load-aware dropping each
-source rank levels the ranks' kept work from its own routed counts (no extra communication).
-Notation: E = experts, P = parts, G = EP ranks.
+Calibrate and sparsify on one process, then call `shard_sparse` on every rank (with the same placement).
+The source rank decides which sub-expert computations run (as on one process) and sends each
+(token, expert) pair with at least one kept part through the plain `EPDispatcher`, its P keep bits packed
+as extra columns; the owning rank expands each row into its kept sub-expert rows for the grouped GEMM and
+sums the parts back before the return all-to-all. So the wire carries what plain EP carries (less: pairs
+with every part dropped stay home). With load-aware dropping each source rank levels the ranks' kept work
+from its own routed counts (no extra communication).
+Notation: T = tokens, k = choices, E = experts (E_l local), P = parts, M = pairs sent, R = rows received.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
+from moestack.inference.dropping import DualSparseDispatcher, ThenHandle, scatter_sum
 from moestack.inference.dualsparse import dispatchers, moe_layers
+from moestack.moe.dispatch import Dispatched
+from moestack.moe.router import Routing
 from moestack.parallel.ep import EPDispatcher, global_stats, shard_experts
 from moestack.parallel.mesh import ParallelContext
 from moestack.placement.placement import Placement
 
 
-def sub_expert_placement(expert_rank: list[int], expert_slot: list[int], parts: int) -> tuple[list[int], list[int]]:
-    """Rank and local slot of each sub-expert e*P + p: the rank of e, slot slot(e)*P + p."""
-    ranks = [r for r in expert_rank for _ in range(parts)]
-    slots = [s * parts + p for s in expert_slot for p in range(parts)]
-    return ranks, slots
+class EPDualSparseDispatcher(DualSparseDispatcher):
+    """DualSparse dropping over an `EPDispatcher` (`inner`, over the E experts)."""
+
+    def __init__(self, num_experts: int, parts: int, inner: EPDispatcher):
+        super().__init__(num_experts, parts)
+        self.inner = inner
+
+    def dispatch(self, x: torch.Tensor, routing: Routing):
+        # x: [T, D]
+        T, k = routing.expert_ids.shape
+        kept, _ = self.kept_choices(routing)
+        bits = x.new_zeros(T * k * self.parts).index_fill_(0, kept, 1).view(T * k, self.parts)  # [T*k, P]
+        pairs = (bits.sum(dim=-1) > 0).nonzero().squeeze(1)  # [M] (token, choice) pairs with work left
+        ids = routing.expert_ids.flatten()[pairs]  # [M]
+        pseudo = Routing(ids.unsqueeze(1), routing.weights.flatten()[pairs].unsqueeze(1),
+                         torch.bincount(ids, minlength=self.num_experts), routing.aux_loss, routing.z_loss)
+        rows = torch.cat([x[pairs // k], bits[pairs]], dim=-1)  # [M, D + P]: the keep bits ride along
+        tokens = pairs // k
+        return ThenHandle(self.inner.dispatch(rows, pseudo), lambda d: self._expand(d, tokens, T))
+
+    def _expand(self, d: Dispatched, tokens: torch.Tensor, T: int) -> Dispatched:
+        """Received rows [R, D + P] grouped by local expert -> kept sub-expert rows grouped by sub-expert."""
+        P = self.parts
+        D = d.x.shape[-1] - P
+        slot = torch.repeat_interleave(torch.arange(d.counts.numel(), device=d.x.device), d.counts)  # [R]
+        row, part = (d.x[:, D:] > 0.5).nonzero(as_tuple=True)  # kept (row, part) pairs
+        sub = slot[row] * P + part
+        order = torch.argsort(sub, stable=True)
+        counts = torch.bincount(sub, minlength=d.counts.numel() * P)  # [E_l * P]
+        row = row[order]
+        return Dispatched(d.x[row, :D], counts, row, d.num_choices, d.weights, 0, {"dualsparse": (d, row, tokens, T)})
+
+    def combine(self, y: torch.Tensor, d: Dispatched):
+        # y: [N, D] sub-expert outputs
+        received, row, tokens, T = d.extra["dualsparse"]
+        rows = y.new_zeros(received.x.shape[0], y.shape[-1]).index_add_(0, row, y)  # parts summed per row: [R, D]
+        return ThenHandle(self.inner.combine(rows, received), lambda out: scatter_sum(out, tokens, T))
 
 
 def shard_sparse(model: nn.Module, ctx: ParallelContext, placement: Placement | None = None) -> nn.Module:
@@ -30,13 +69,15 @@ def shard_sparse(model: nn.Module, ctx: ParallelContext, placement: Placement | 
     dispatchers(model)  # raises unless the model is sparsified
     placement = placement or Placement.contiguous(len(layers), layers[0].num_experts, ctx.ep)
     for idx, layer in enumerate(layers):
-        disp, E = layer.dispatcher, layer.num_experts
+        old, E = layer.dispatcher, layer.num_experts
         row = list(placement.expert_to_gpu[idx])
         mine = placement.experts_on(idx, ctx.ep_rank)
         slots = [placement.slot_of(idx, e)[1] for e in range(E)]
-        shard_experts(layer.experts, [g * disp.parts + p for g in mine for p in range(disp.parts)])
-        ranks, sub_slots = sub_expert_placement(row, slots, disp.parts)
-        disp.inner = EPDispatcher(ctx.ep_group, ranks, sub_slots, len(mine) * disp.parts)
-        disp.set_ranks(row)
+        shard_experts(layer.experts, [g * old.parts + p for g in mine for p in range(old.parts)])
+        disp = EPDualSparseDispatcher(E, old.parts, EPDispatcher(ctx.ep_group, row, slots, len(mine)))
+        disp.load_state_dict(old.state_dict())
+        disp.to(old.scale.device).set_ranks(row)
+        disp.set_policy(old.drop_rate, old.load_aware, old.max_rank_rate)
+        layer.dispatcher = disp
         layer.router.reduce_stats = global_stats(ctx.stats_group)
     return model
