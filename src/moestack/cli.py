@@ -1,4 +1,4 @@
-"""`moestack train | generate | eval | trace | plan | ckpt`: the command line."""
+"""`moestack train | generate | eval | trace | plan | sparsify | ckpt`: the command line."""
 
 from __future__ import annotations
 
@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--batches", type=int, default=16, help="validation batches")
     p.add_argument("--device", default="auto")
+    from moestack.inference.cli import add_drop_eval_args, add_sparsify_parser
+
+    add_drop_eval_args(p)  # --drop-rate R: evaluate with DualSparse dropping
+    add_sparsify_parser(sub)
 
     p = sub.add_parser("trace", help="record a routing trace (tokens per expert, inter-layer transitions) of a run")
     p.add_argument("--run-dir", required=True)
@@ -131,6 +135,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if getattr(args, "drop_rate", None) is not None:
+        from moestack.inference.cli import run_eval_with_drop
+
+        return run_eval_with_drop(args)
     from moestack.runs import evaluate_run
 
     result = evaluate_run(args.run_dir, args.batches, args.device)
@@ -147,6 +155,12 @@ def cmd_trace(args) -> int:
     return 0
 
 
+def cmd_sparsify(args) -> int:
+    from moestack.inference.cli import run_sparsify
+
+    return run_sparsify(args)
+
+
 def cmd_plan(args) -> int:
     from moestack.placement.cli import run_plan
 
@@ -160,7 +174,7 @@ def cmd_ckpt(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "trace": cmd_trace, "plan": cmd_plan,
-            "ckpt": cmd_ckpt}
+            "ckpt": cmd_ckpt, "sparsify": cmd_sparsify}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -136,11 +136,11 @@ class Trainer:
         return total / self.cfg.train.eval_batches
 
     # ---- checkpoints --------------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, full: bool = False) -> None:
         now = self.tokens_seen()
         tensors, experts = flatten_state(self.model, self.opt, now)
         meta = {"step": self.step, "config": to_toml(self.cfg)}
-        self.ckpt.save(self.step, tensors, experts, meta, expert_tokens=now - self.tokens_at_save)
+        self.ckpt.save(self.step, tensors, experts, meta, expert_tokens=now - self.tokens_at_save, full=full)
         self.tokens_at_save = now
 
     def resume(self) -> bool:
@@ -197,8 +197,9 @@ class Trainer:
                 row["val_loss"] = summary["val_loss"] = self.evaluate()
             if row is not None and ctx.is_main:
                 self.metrics.write(row)
-            if self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0:
-                self.save_checkpoint()
+            every = self.cfg.checkpoint.every
+            if every and (self.step % every == 0 or self.step == t.steps):
+                self.save_checkpoint(full=self.step == t.steps)  # the final model keeps every expert
         bar.close()
         self.ckpt.wait()
         summary.update(step=self.step, loss=loss)

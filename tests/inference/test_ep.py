@@ -1,21 +1,16 @@
-"""A sparsified layer sharded over 2 gloo ranks gives the single-process outputs, sending only kept rows."""
+"""A sparsified layer sharded over 2 gloo ranks gives the single-process outputs, computing only kept rows."""
 
 import torch
 
 from moestack.config import ParallelConfig
 from moestack.inference.dualsparse import drop_stats, reset_drop_stats, set_drop_rate, sparsify
-from moestack.inference.ep import shard_sparse, sub_expert_placement
+from moestack.inference.ep import EPDualSparseDispatcher, shard_sparse
 from moestack.parallel.mesh import init_parallel, shutdown
 from moestack.placement.placement import Placement
 from tests.dist import run_ranks
 from tests.inference.helpers import E, K, RowCounter, hidden_batches, moe_layer
 
 T = 32  # tokens per rank
-
-
-def test_sub_experts_follow_their_expert():
-    ranks, slots = sub_expert_placement([1, 0, 1], [0, 0, 1], parts=2)
-    assert ranks == [1, 1, 0, 0, 1, 1] and slots == [0, 1, 0, 1, 2, 3]
 
 
 def _check(rank, world):
@@ -33,6 +28,7 @@ def _check(rank, world):
             got = layer(x_all[rank * T:(rank + 1) * T])[0]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert layer.experts.w13.shape[0] == E // world * 2
+        assert isinstance(layer.dispatcher, EPDualSparseDispatcher)
         sent = torch.tensor([T * K * 2 - drop_stats(layer)["skipped"]])
         received = torch.tensor([counter.rows[0]])
         torch.distributed.all_reduce(sent, group=ctx.ep_group)

@@ -77,8 +77,10 @@ class CheckpointManager:
         return self.cfg.every > 0 and step > 0 and step % self.cfg.every == 0
 
     def save(self, step: int, tensors: Mapping[str, torch.Tensor], experts: Mapping[str, ExpertShard],
-             meta: Mapping[str, Any], expert_tokens: torch.Tensor | None = None) -> SaveHandle:
+             meta: Mapping[str, Any], expert_tokens: torch.Tensor | None = None, full: bool = False) -> SaveHandle:
         """Snapshot the state at `step` and persist it in the background (collective).
+
+        full: save every expert whatever `pec_k` says (the trainer does this at the last step).
 
         expert_tokens: int64 [L, E], tokens each global expert processed since the previous call
         (already summed over ranks); it drives load-aware PEC and PLT. Returns once the state may change.
@@ -93,7 +95,7 @@ class CheckpointManager:
         self._check_errors(views)
         if any(v["busy"] for v in views):
             return self._skip(step, t0)
-        selected, k = self._select(step)
+        selected, k = self._select(step, full)
         handle = self._start(step, tensors, experts, dict(meta), selected, k, t0)
         handle.blocked_s = time.perf_counter() - t0
         return handle
@@ -186,9 +188,9 @@ class CheckpointManager:
         handle.blocked_s = time.perf_counter() - t0
         return handle
 
-    def _select(self, step: int) -> tuple[list[list[int]], int]:
+    def _select(self, step: int, full: bool = False) -> tuple[list[list[int]], int]:
         state, cfg = self._pec, self.cfg
-        k = cfg.pec_k
+        k = 0 if full else cfg.pec_k
         if cfg.plt_threshold > 0 and self._tokens_counted and 0 < k < state.shape[1]:
             k = pec.choose_k(state, cfg.pec_policy, k, cfg.plt_threshold, step)
         return pec.select_experts_to_save(cfg.pec_policy, k, state.copy_step, state.unsaved()), k

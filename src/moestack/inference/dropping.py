@@ -31,7 +31,8 @@ def quantile_table(scores: torch.Tensor, size: int = TABLE_SIZE) -> torch.Tensor
 
 def threshold_at(table: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
     """Score thresholds dropping a fraction `rates` of the table's distribution; -inf where the rate is 0."""
-    pos = rates.to(table.dtype).clamp(0, 1) * (table.numel() - 1)
+    table = table.float()
+    pos = rates.float().clamp(0, 1) * (table.numel() - 1)
     lo = pos.floor().long().clamp(max=table.numel() - 1)
     hi = (lo + 1).clamp(max=table.numel() - 1)
     tau = table[lo] + (pos - lo) * (table[hi] - table[lo])
@@ -64,7 +65,7 @@ def keep_top_per_group(score: torch.Tensor, group: torch.Tensor, rates: torch.Te
     order = order[group[order].argsort(stable=True)]  # grouped, ascending score within a group
     sizes = torch.bincount(group, minlength=rates.numel())  # [G]
     starts = torch.cumsum(sizes, 0) - sizes
-    n_drop = (rates.to(score.dtype if score.is_floating_point() else torch.float32) * sizes).round().long()  # [G]
+    n_drop = (rates.double() * sizes).round().long()  # [G]
     g = group[order]
     dropped = torch.arange(score.numel(), device=score.device) - starts[g] < n_drop[g]  # [M] in sorted order
     return torch.empty_like(dropped).scatter_(0, order, ~dropped)
@@ -141,6 +142,7 @@ class DualSparseDispatcher(nn.Module):
         return kept, sub[kept]
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
+        """Kept sub-choices' rows in sub-expert order (a done handle), like LocalDispatcher over E*P experts."""
         # x: [T, D]
         T, k = routing.expert_ids.shape
         kept, sub = self.kept_choices(routing)  # [N], [N]
@@ -149,6 +151,7 @@ class DualSparseDispatcher(nn.Module):
         return Done(Dispatched(x_sorted, self.last_counts, order, T * k * self.parts, routing.weights))
 
     def combine(self, y: torch.Tensor, d: Dispatched):
+        """Each token's sum of its kept sub-expert outputs times their expert's gate value: [T, D]."""
         # y: [N, D] sub-expert outputs in dispatch order
         T, k = d.weights.shape
         w = d.weights.unsqueeze(-1).expand(T, k, self.parts).reshape(-1)[d.order]  # [N] the expert's gate value
@@ -159,6 +162,7 @@ class DualSparseDispatcher(nn.Module):
         return self.skipped / self.total if self.total else 0.0
 
     def reset_stats(self) -> None:
+        """Zero the skipped/total counters."""
         self.skipped = self.total = 0
 
 

@@ -81,6 +81,7 @@ def drop_stats(model: nn.Module) -> dict:
 
 
 def reset_drop_stats(model: nn.Module) -> None:
+    """Zero the skipped/total counters of every DualSparse layer."""
     for d in dispatchers(model):
         d.reset_stats()
 

@@ -32,6 +32,7 @@ class EPDualSparseDispatcher(DualSparseDispatcher):
         self.inner = inner
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
+        """Send every (token, expert) pair with a kept part, keep bits attached; wait() gives sub-expert rows."""
         # x: [T, D]
         T, k = routing.expert_ids.shape
         kept, _ = self.kept_choices(routing)
@@ -57,6 +58,7 @@ class EPDualSparseDispatcher(DualSparseDispatcher):
         return Dispatched(d.x[row, :D], counts, row, d.num_choices, d.weights, 0, {"dualsparse": (d, row, tokens, T)})
 
     def combine(self, y: torch.Tensor, d: Dispatched):
+        """Sum the parts per received row, send the rows back, sum them into their tokens: [T, D]."""
         # y: [N, D] sub-expert outputs
         received, row, tokens, T = d.extra["dualsparse"]
         rows = y.new_zeros(received.x.shape[0], y.shape[-1]).index_add_(0, row, y)  # parts summed per row: [R, D]
