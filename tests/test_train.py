@@ -52,6 +52,16 @@ def test_resume_continues_with_the_same_losses(tmp_path):
     assert main(["train", *TINY, "--steps", "20", "--run-dir", str(cut), "--ckpt-every", "10", "--resume"]) == 0
     want, got = losses(full), losses(cut)
     assert sorted(got) == list(range(11, 21))
+    # a run interrupted at step 15 whose last checkpoint is step 10: resuming logs 11..15 again, once
+    again = tmp_path / "again"
+    shutil.copytree(cut, again)
+    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    (again / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 15))
+    shutil.rmtree(again / "ckpt" / "step-00000020")
+    (again / "ckpt" / "latest").write_text("step-00000010\n")
+    assert main(["train", *TINY, "--steps", "20", "--run-dir", str(again), "--ckpt-every", "10", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (again / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 20
     for step in got:
         assert got[step] == pytest.approx(want[step], abs=1e-6), step
 
@@ -63,22 +73,38 @@ def test_resume_continues_with_the_same_losses(tmp_path):
         (["train", "--data", "/no/such/path"], "no such file or folder"),
         (["train", "--model.nope", "1"], "unrecognized arguments"),
         (["eval", "--run-dir", "/no/such/run"], "not a moestack run folder"),
-        (["train", "--placement", "/no/such/placement.json"], "placement"),
+        (["train", "--placement", "/no/such/placement.json"], "/no/such/placement.json"),
+        (["train", "--moe.capacity_factor", "1.5", "--ep", "2"], "moe.capacity_factor > 0 is not supported"),
+        (["train", "--model.vocab_size", "100"], "model.vocab_size=100 is below 256"),
     ],
 )
-def test_bad_input_is_one_clear_error(argv, needle, capsys):
+def test_bad_input_is_one_clear_error_and_leaves_no_run_folder(argv, needle, capsys, tmp_path):
+    run = tmp_path / "run"
+    if argv[0] == "train":
+        argv = [*argv, "--run-dir", str(run), "--device", "cpu"]
     try:
         code = main(argv)
     except SystemExit as exit_:  # argparse's own errors
         code = exit_.code
     assert code == 2
     assert needle in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_resume_with_a_different_model_is_refused_and_keeps_the_config(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "4", "--run-dir", str(run), "--ckpt-every", "2"]) == 0
+    before = (run / "config.toml").read_text()
+    assert main(["train", *TINY, "--model.d_model", "64", "--steps", "6", "--run-dir", str(run), "--resume"]) == 2
+    assert "model.d_model=64 but the run" in capsys.readouterr().err
+    assert (run / "config.toml").read_text() == before
 
 
 @pytest.mark.slow
-def test_torchrun_ep2_matches_single_process_losses(tmp_path):
-    """20 steps with --ep 2 on two gloo ranks give the single-process losses (global batch, global aux),
-    here with a non-contiguous placement file as `moestack plan` writes it."""
+@pytest.mark.parametrize("ranks, extra", [(2, []), (4, ["--dp", "2"])], ids=["ep2", "ep2-dp2"])
+def test_torchrun_ep2_matches_single_process_losses(tmp_path, ranks, extra):
+    """20 steps with --ep 2 (and --dp 2 on 4 ranks) on gloo give the single-process losses (global batch,
+    global aux), here with a non-contiguous placement file as `moestack plan` writes it."""
     single, ep2 = tmp_path / "single", tmp_path / "ep2"
     placement = tmp_path / "placement.json"
     placement.write_text(json.dumps({"format": "moestack.placement/v1", "num_gpus": 2,
@@ -86,8 +112,8 @@ def test_torchrun_ep2_matches_single_process_losses(tmp_path):
     common = [*TINY, "--steps", "20", "--train.eval_every", "0", "--moe.num_experts", "4"]
     assert main(["train", *common, "--run-dir", str(single)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "moestack.cli", "train", *common, "--ep", "2", "--run-dir", str(ep2), "--placement", str(placement)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+           "-m", "moestack.cli", "train", *common, "--ep", "2", *extra, "--run-dir", str(ep2), "--placement", str(placement)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     want, got = losses(single), losses(ep2)

@@ -50,6 +50,8 @@ class ModelConfig:
         _choice("model.arch", self.arch, ARCHS)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "moe_every"):
             _positive(f"model.{name}", getattr(self, name))
+        if self.vocab_size < 256:
+            raise ConfigError(f"model.vocab_size={self.vocab_size} is below 256, the byte tokenizer's vocabulary; use >= 256")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
@@ -167,6 +169,11 @@ class Config:
             raise ConfigError(
                 f"parallel.ep={self.parallel.ep} does not divide moe.num_experts={self.moe.num_experts}; "
                 "choose ep among the divisors of num_experts"
+            )
+        if self.moe.capacity_factor > 0 and self.parallel.ep > 1:
+            raise ConfigError(
+                "moe.capacity_factor > 0 is not supported with parallel.ep > 1 (the expert-parallel dispatcher "
+                "is dropless); set moe.capacity_factor = 0"
             )
         if self.checkpoint.pec_k > self.moe.num_experts:
             raise ConfigError(

@@ -18,6 +18,13 @@ class MetricsLog:
         self.path = path
         self.rows: list[dict] = []
 
+    def keep_until(self, step: int) -> None:
+        """On resume: keep the logged rows up to `step` (later ones will be logged again) and plot them too."""
+        if self.path.is_file():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.rows = [r for r in rows if r.get("step", 0) <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
     def write(self, row: dict) -> None:
         self.rows.append(row)
         with self.path.open("a") as f:

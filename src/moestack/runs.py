@@ -10,11 +10,12 @@ import torch
 import torch.distributed as dist
 
 from moestack.checkpoint import CheckpointError, CheckpointManager
-from moestack.config import Config, load_config
+from moestack.config import Config, ConfigError, load_config
 from moestack.data import ByteTokenizer, Corpus
 from moestack.models.transformer import MoETransformer
 from moestack.parallel import ep as ep_parallel
-from moestack.parallel.mesh import ParallelContext, init_parallel, world_from_env
+from moestack.parallel.mesh import ParallelContext, init_parallel, shutdown, world_from_env
+from moestack.train import autocast_for
 from moestack.state import expert_param_names
 
 
@@ -25,6 +26,11 @@ def run_config(run_dir: str | Path, device: str = "auto", placement: str | None 
         raise CheckpointError(f"{run_dir} is not a moestack run folder (no config.toml); pass the --run-dir of a training run")
     cfg = load_config(path)
     world = world_from_env()[1]
+    if cfg.moe.num_experts % world:
+        raise ConfigError(
+            f"{world} ranks cannot share the run's {cfg.moe.num_experts} experts evenly; "
+            f"launch a number of ranks that divides {cfg.moe.num_experts}"
+        )
     par = replace(cfg.parallel, ep=world, dp=1, placement=cfg.parallel.placement if placement is None else placement)
     return replace(cfg, parallel=par, train=replace(cfg.train, device=device)).validate()
 
@@ -33,14 +39,17 @@ def load_model(run_dir: str | Path, device: str = "auto", placement: str | None 
     """(model, cfg, ctx) with the newest good checkpoint's weights; under torchrun experts are sharded."""
     cfg = run_config(run_dir, device, placement)
     ctx = init_parallel(cfg.parallel, cfg.train.device)
-    model = MoETransformer(cfg).to(ctx.device)
-    ep_parallel.parallelize(model, ctx, cfg.parallel.placement, for_training=False)
-    mgr = CheckpointManager(Path(run_dir), cfg.checkpoint, group=ctx.grad_group)
-    if mgr.latest_good() is None:
-        raise CheckpointError(f"{run_dir}/ckpt holds no intact checkpoint; train with --ckpt-every N first")
-    wanted = {f"model.{n}": shard for n, shard in _expert_layout(model).items()}
-    tensors, meta, _ = mgr.load(experts_wanted=wanted)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    try:
+        model = MoETransformer(cfg).to(ctx.device)
+        ep_parallel.parallelize(model, ctx, cfg.parallel.placement, for_training=False)
+        mgr = CheckpointManager(Path(run_dir), cfg.checkpoint, group=ctx.grad_group)
+        # load() is collective: it plans on rank 0 and raises the same CheckpointError on every rank
+        wanted = {f"model.{n}": shard for n, shard in _expert_layout(model).items()}
+        tensors, meta, _ = mgr.load(experts_wanted=wanted)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    except BaseException:
+        shutdown(ctx)
+        raise
     model.eval()
     return model, cfg, ctx
 
@@ -67,19 +76,26 @@ def _rank0_tokens(ctx: ParallelContext):
 def generate_text(run_dir, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int, device="auto"):
     """Continue `prompt` with the run's model; the text on rank 0, None elsewhere."""
     model, cfg, ctx = load_model(run_dir, device)
-    tok = ByteTokenizer()
-    torch.manual_seed(seed)
-    idx = torch.tensor([tok.encode(prompt) or [10]], device=ctx.device)
-    out = model.generate(idx, max_new_tokens, temperature, top_k, sync=_rank0_tokens(ctx))
-    return tok.decode(out[0].tolist()) if ctx.is_main else None
+    try:
+        tok = ByteTokenizer()
+        torch.manual_seed(seed)
+        idx = torch.tensor([tok.encode(prompt) or [10]], device=ctx.device)
+        with autocast_for(cfg, ctx.device):
+            out = model.generate(idx, max_new_tokens, temperature, top_k, sync=_rank0_tokens(ctx))
+        return tok.decode(out[0].tolist()) if ctx.is_main else None
+    finally:
+        shutdown(ctx)
 
 
 @torch.no_grad()
-def evaluate_run(run_dir, batches: int = 16, device: str = "auto", model=None):
-    """Validation loss and perplexity over `batches` global batches of the run's validation split."""
-    loaded, cfg, ctx = load_model(run_dir, device)
-    model = model or loaded
-    return {**evaluate(model, cfg, ctx, batches), "rank": ctx.rank} if ctx.is_main else None
+def evaluate_run(run_dir, batches: int = 16, device: str = "auto"):
+    """Validation loss and perplexity over `batches` global batches of the run's validation split (rank 0)."""
+    model, cfg, ctx = load_model(run_dir, device)
+    try:
+        result = evaluate(model, cfg, ctx, batches)
+        return result if ctx.is_main else None
+    finally:
+        shutdown(ctx)
 
 
 @torch.no_grad()
@@ -90,7 +106,7 @@ def evaluate(model, cfg: Config, ctx: ParallelContext, batches: int) -> dict:
     total = torch.zeros((), device=ctx.device)
     for i in range(batches):
         x, y = corpus.batch("val", i, cfg.train.batch_size, cfg.train.seed, rows)
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
+        with autocast_for(cfg, ctx.device):  # the precision training evaluated in
             total += model(x.to(ctx.device), y.to(ctx.device))[1].float()
     if ctx.distributed:
         dist.all_reduce(total, group=ctx.stats_group)
@@ -106,9 +122,9 @@ def record_trace(run_dir, tokens: int, out: str, device: str = "auto", batch_siz
 
     from moestack.placement.trace import TraceRecorder
 
+    if world_from_env()[1] > 1:
+        raise ConfigError("moestack trace runs in one process; start it without torchrun")
     model, cfg, ctx = load_model(run_dir, device)
-    if ctx.distributed:
-        raise CheckpointError("moestack trace runs in one process; start it without torchrun")
     layers = model.moe_layers()
     recorder = TraceRecorder(len(layers), cfg.moe.num_experts, layers[0].router.top_k)
     corpus = Corpus.load(cfg.train.data, cfg.model.seq_len, cfg.train.data_max_mb)

@@ -40,7 +40,7 @@ def flatten_state(model: nn.Module, optimizer: torch.optim.Optimizer, tokens_see
         for moment, value in st.items():
             key = f"optim.{names[p]}.{moment}"
             tensors[key] = value.detach() if torch.is_tensor(value) else torch.tensor(value)
-            if names[p] in experts_by_param and value.dim() > 0:
+            if names[p] in experts_by_param and tensors[key].dim() > 0:
                 experts[key] = ExpertShard(*experts_by_param[names[p]])
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
@@ -63,6 +63,8 @@ def restore_state(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: d
         if not key.startswith("optim."):
             continue
         pname, moment = key[len("optim."):].rsplit(".", 1)
+        if pname not in params:
+            raise CheckpointError(f"the checkpoint holds optimizer state for {pname!r}, which this model lacks")
         p = params[pname]
         optimizer.state[p][moment] = value.to(p.device) if moment != "step" else value.clone()
     torch.set_rng_state(tensors["rng.torch"])

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from moestack.checkpoint import CheckpointManager
-from moestack.config import Config, to_toml
+from moestack.config import Config, ConfigError, load_config, to_toml
 from moestack.data import Corpus
 from moestack.metrics import MetricsLog, load_balance, plot_run
 from moestack.models.transformer import MoETransformer
@@ -57,6 +57,7 @@ class Trainer:
     cfg: Config
     ctx: ParallelContext
     run_dir: Path
+    resuming: bool = False
     model: MoETransformer = field(init=False)
     step: int = 0
 
@@ -70,11 +71,37 @@ class Trainer:
         self.opt, self.sched = build_optimizer(self.model, cfg)
         self.corpus = Corpus.load(cfg.train.data, cfg.model.seq_len, cfg.train.data_max_mb)
         self.rows = ctx.batch_rows(cfg.train.batch_size)
-        self.autocast = _autocast(cfg, ctx.device)
+        self.prepare_run_dir()  # only now: every input above was valid
+        self.autocast = autocast_for(cfg, ctx.device)
         self.tokens_at_save = self.tokens_seen()
         self.tokens_at_log = self.tokens_at_save
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, group=ctx.grad_group)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+
+    def prepare_run_dir(self) -> None:
+        """Create the run folder and write config.toml; on resume first check the model matches the run's."""
+        ctx, path = self.ctx, self.run_dir / "config.toml"
+        if self.resuming and path.is_file():
+            check_same_model(load_config(path), self.cfg, path)  # every rank, so all raise together
+        self._barrier()
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(to_toml(self.cfg))
+            if not self.resuming:
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.ctx.distributed:
+            dist.barrier(group=self.ctx.stats_group)
+
+    def _rank0_says(self, flag: bool) -> bool:
+        """Rank 0's answer on every rank, so that all ranks take the same branch into collectives."""
+        if not self.ctx.distributed:
+            return flag
+        box = [flag]
+        dist.broadcast_object_list(box, src=0, group=self.ctx.stats_group)
+        return bool(box[0])
 
     # ---- statistics -------------------------------------------------------------------------
     def tokens_seen(self) -> torch.Tensor:
@@ -145,15 +172,15 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from the newest good checkpoint; False if there is none."""
-        if self.ckpt.latest_good() is None:
+        if not self._rank0_says(self.ckpt.latest_good() is not None if self.ctx.is_main else False):
             return False
         self._init_optimizer_state()
         _, experts = flatten_state(self.model, self.opt, self.tokens_seen())
         tensors, meta, report = self.ckpt.load(experts_wanted=experts)
         self.resume_report = report
         tokens = restore_state(self.model, self.opt, tensors)
-        for m, row in zip(self.model.moe_layers(), tokens):
-            m.tokens_seen.copy_(row // self.ctx.world if self.ctx.distributed else row)
+        for m, row in zip(self.model.moe_layers(), tokens):  # the global count, held once
+            m.tokens_seen.copy_(row if self.ctx.is_main else torch.zeros_like(row))
         self.step = int(meta["step"])
         self.sched.last_epoch = self.step
         for g, base in zip(self.opt.param_groups, self.sched.base_lrs):
@@ -161,6 +188,7 @@ class Trainer:
         self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
         self.tokens_at_save = self.tokens_at_log = self.tokens_seen()
         if self.ctx.is_main:
+            self.metrics.keep_until(self.step)  # steps after the checkpoint will be logged again
             log.info("resumed from step %d: %s", self.step, report.summary())
         return True
 
@@ -218,7 +246,20 @@ class Trainer:
         }
 
 
-def _autocast(cfg: Config, device: torch.device):
+def check_same_model(saved: Config, cfg: Config, path: Path) -> None:
+    """Refuse to resume a run with a different model or MoE shape than the one it was trained with."""
+    for section in ("model", "moe"):
+        old, new = getattr(saved, section), getattr(cfg, section)
+        for name, value in vars(old).items():
+            if getattr(new, name) != value:
+                raise ConfigError(
+                    f"--resume: {section}.{name}={getattr(new, name)!r} but the run in {path.parent} was trained with "
+                    f"{value!r} ({path}); drop the override or start a new --run-dir"
+                )
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    """bf16 autocast on GPU (or when asked), nothing on the CPU in fp32."""
     dtype = cfg.train.dtype
     if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -230,14 +271,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     ctx = init_parallel(cfg.parallel, cfg.train.device)
     try:
         run_dir = Path(cfg.train.run_dir or default_run_dir())
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(to_toml(cfg))
-            if not resume:
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        if ctx.distributed:
-            dist.barrier(group=ctx.stats_group)
-        trainer = Trainer(cfg, ctx, run_dir)
+        trainer = Trainer(cfg, ctx, run_dir, resuming=resume)
         if resume and not trainer.resume() and ctx.is_main:
             log.warning("--resume: no checkpoint in %s, starting from step 0", run_dir / "ckpt")
         summary = trainer.run()

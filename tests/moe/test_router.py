@@ -41,13 +41,17 @@ def test_aux_and_z_loss_values_by_hand():
     assert math.isclose(out.z_loss.item(), 0.25 * z.item(), rel_tol=1e-5)
 
 
-def test_balanced_routing_gives_aux_loss_of_coefficient():
-    # uniform probabilities and perfectly even assignment: E * sum(1/E * 1/E) = 1
+def test_aux_loss_is_low_when_balanced_and_high_when_collapsed():
     r = make_router(E=4, k=1, aux_loss_coef=1.0, z_loss_coef=0)
     with torch.no_grad():
         r.gate.weight.zero_()
-    out = r(torch.randn(8, 8))
-    assert math.isclose(out.aux_loss.item(), 1.0, rel_tol=1e-6)
+        r.gate.weight[torch.arange(4), torch.arange(4)] = 20.0  # token with feature e hot -> expert e
+    even = r(torch.eye(8)[:4].repeat(2, 1))  # two tokens per expert, peaked probabilities
+    assert even.counts.tolist() == [2, 2, 2, 2]
+    assert math.isclose(even.aux_loss.item(), 1.0, rel_tol=1e-4)  # E * sum(1/E * 1/E)
+    collapsed = r(torch.eye(8)[:1].repeat(8, 1))  # every token to expert 0, with P_0 ~ 1
+    assert collapsed.counts.tolist() == [8, 0, 0, 0]
+    assert math.isclose(collapsed.aux_loss.item(), 4.0, rel_tol=1e-4)  # E * f_0 * P_0 = 4
 
 
 def test_bias_balancing_changes_selection_not_weights():

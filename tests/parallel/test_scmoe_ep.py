@@ -26,7 +26,7 @@ def _schedules(rank, world, position):
     idx = torch.randint(0, 256, (2 * world, 16), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     ref = MoETransformer(cfg)
-    ref_logits = ref(idx)[0]
+    ref_logits, ref_grads = _grads(ref, idx)
     torch.manual_seed(0)
     model = MoETransformer(cfg)
     parallelize(model, ctx, for_training=False)
@@ -38,7 +38,17 @@ def _schedules(rank, world, position):
     assert torch.equal(logits_a, logits_b)
     for name in grads_a:
         assert torch.equal(grads_a[name], grads_b[name]), name
-    torch.testing.assert_close(logits_a, ref_logits[2 * rank: 2 * rank + 2].detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_a, ref_logits[2 * rank: 2 * rank + 2], atol=1e-5, rtol=1e-5)
+    # each rank's loss is its own mean (+ the global aux): the ranks' gradients sum to world x the reference's
+    experts = {n: m.global_ids for n, m in model.named_modules() if hasattr(m, "global_ids")}
+    for name, grad in grads_a.items():
+        owner = name.rsplit(".", 1)[0]
+        if owner in experts:  # sharded: compare this rank's slice
+            want = ref_grads[name][torch.tensor(experts[owner])]
+        else:
+            torch.distributed.all_reduce(grad)
+            want = ref_grads[name]
+        torch.testing.assert_close(grad / world, want, atol=1e-5, rtol=1e-4, msg=name)
     shutdown(ctx)
 
 
@@ -53,7 +63,7 @@ def _train_archs(rank, world, run_root):
         over = {**TINY, "model.arch": arch, "parallel.ep": "2", "train.steps": "3", "train.batch_size": "4",
                 "train.eval_batches": "1", "train.device": "cpu", "train.run_dir": f"{run_root}/{arch}"}
         summary = train(load_config(overrides=over))
-        assert summary["step"] == 3 and summary["val_loss"] < summary["first_val_loss"] + 1.0
+        assert summary["step"] == 3 and summary["val_loss"] < summary["first_val_loss"]
 
 
 def test_each_arch_trains_under_ep2(tmp_path):

@@ -1,9 +1,10 @@
 """Dispatchers move token-choices to expert order and back.
 
 Every dispatcher has the same two-phase interface so expert parallelism (parallel/ep.py) and ScMoE's
-overlap can swap it in: `dispatch(x, routing)` returns a handle whose `wait()` gives the tokens in
-local-expert order; `combine(y, handle)` returns a handle whose `wait()` gives the weighted sum per token.
-The local dispatcher is the expert-parallel one with a world of one: its handles are already done.
+overlap can swap it in: `dispatch(x, routing)` returns a handle whose `wait()` gives a `Dispatched` (tokens in
+local-expert order); `combine(y, dispatched)` returns a handle whose `wait()` gives the weighted sum per token.
+The local dispatcher's handles are already done; it alone supports a capacity factor (parallel/ep.py's
+EPDispatcher is dropless, and the config refuses capacity_factor > 0 with ep > 1).
 """
 
 from __future__ import annotations

@@ -76,9 +76,10 @@ class Router(nn.Module):
         zero = logits.new_zeros(())
         aux = z = zero
         if self.aux_loss_coef > 0:
-            tokens = self.reduce_stats(logits.new_tensor(float(logits.shape[0])))
-            frac = self.reduce_stats(counts.float()) / (tokens * self.top_k)  # f_e: [E], no grad
-            mean_prob = self.reduce_stats(probs.sum(dim=0)) / tokens  # P_e: [E], differentiable
+            global_counts = self.reduce_stats(counts.float())  # [E]
+            choices = global_counts.sum()  # tokens * top_k over every rank
+            frac = global_counts / choices  # f_e: [E], no grad
+            mean_prob = self.reduce_stats(probs.sum(dim=0)) * self.top_k / choices  # P_e: [E], differentiable
             aux = self.aux_loss_coef * self.num_experts * (frac.detach() * mean_prob).sum()
         if self.z_loss_coef > 0:
             z = self.z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()

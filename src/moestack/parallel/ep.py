@@ -2,7 +2,8 @@
 
 `parallelize` wraps a model from outside: it keeps only this rank's experts (by a `Placement`), swaps
 each MoE layer's dispatcher for an `EPDispatcher`, makes router statistics global, and wraps the
-non-expert parameters in DDP over the whole world. Expert gradients are averaged over `dp` only.
+non-expert parameters in DDP over the whole world. Expert gradients (which every ep rank's loss reached)
+are divided by ep and averaged over `dp` only.
 Notation: T = tokens, k = choices per token, G = ep ranks, E_l = local experts, D = hidden size.
 """
 
@@ -17,7 +18,7 @@ from moestack.moe.dispatch import Dispatched, sort_by_expert, unpermute
 from moestack.moe.experts import GroupedExperts
 from moestack.moe.router import Routing
 from moestack.parallel.mesh import ParallelContext
-from moestack.placement.placement import Placement
+from moestack.placement.placement import Placement, PlacementError
 
 
 # ---- asynchronous, autograd-aware all-to-all ------------------------------------------------------
@@ -27,6 +28,7 @@ class _Pending:
     def __init__(self, group, in_splits: list[int], out_splits: list[int]):
         self.group, self.in_splits, self.out_splits = group, in_splits, out_splits
         self.work = None
+        self.grad_in: torch.Tensor | None = None  # set by _A2AWait.backward, read by _A2AStart.backward
 
     def launch(self, x: torch.Tensor, out_rows: int, in_splits, out_splits) -> torch.Tensor:
         out = x.new_empty(out_rows, *x.shape[1:])
@@ -99,11 +101,14 @@ class EPDispatcher:
         self.ranks = dist.get_world_size(group)
         self.local_experts = local_experts
         self.dest = torch.tensor([r * local_experts + s for r, s in zip(expert_rank, expert_slot)])  # [E]
+        self._dest_on: dict[torch.device, torch.Tensor] = {}
 
     def dispatch(self, x: torch.Tensor, routing: Routing) -> A2AHandle:
         T, k = routing.expert_ids.shape
         G, El = self.ranks, self.local_experts
-        dest = self.dest.to(x.device)[routing.expert_ids]  # [T, k] rank * E_l + slot
+        if x.device not in self._dest_on:
+            self._dest_on[x.device] = self.dest.to(x.device)
+        dest = self._dest_on[x.device][routing.expert_ids]  # [T, k] rank * E_l + slot
         order, send = sort_by_expert(dest, G * El)  # order [T*k]; send [G*E_l]
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)  # rows per (source rank, local slot)
@@ -167,6 +172,13 @@ def load_placement(path: str, num_layers: int, num_experts: int, ep: int) -> Pla
         return Placement.contiguous(num_layers, num_experts, ep)
     placement = Placement.load(path)
     placement.validate(num_layers=num_layers, num_experts=num_experts, num_gpus=ep)
+    uneven = [(l, g) for l in range(num_layers) for g in range(ep) if len(placement.experts_on(l, g)) != num_experts // ep]
+    if uneven:
+        layer, gpu = uneven[0]
+        raise PlacementError(
+            f"{path}: expert parallelism needs {num_experts // ep} experts on every gpu, but layer {layer} puts "
+            f"{len(placement.experts_on(layer, gpu))} on gpu {gpu}; remove \"allow_uneven\" and balance the counts"
+        )
     return placement
 
 
@@ -212,16 +224,21 @@ def finish_gradients(model: nn.Module, ctx: ParallelContext) -> None:
     """Expert gradients: every ep rank's loss reached them, so divide by ep, then average over dp."""
     if not ctx.distributed:
         return
-    for _, p in expert_params(model):
+    params = [p for _, p in expert_params(model)]
+    for p in params:  # every rank takes part in the same collectives, whatever its local state
         if p.grad is None:
-            continue
-        p.grad.div_(ctx.ep)
-        if ctx.dp > 1:  # SUM then divide: gloo has no AVG
-            dist.all_reduce(p.grad, group=ctx.dp_group)
-            p.grad.div_(ctx.dp)
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params]).div_(ctx.ep)
+    if ctx.dp > 1:  # one coalesced SUM, then divide: gloo has no AVG
+        dist.all_reduce(flat, group=ctx.dp_group)
+        flat.div_(ctx.dp)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset: offset + p.numel()].view_as(p))
+        offset += p.numel()
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, ctx: ParallelContext) -> float:
+def clip_grad_norm(model: nn.Module, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
     """Clip by the global gradient norm: replicated parameters once, sharded experts summed over ep."""
     experts = {id(p) for _, p in expert_params(model)}
     dense_sq = torch.zeros((), device=ctx.device)
@@ -241,4 +258,4 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ctx: ParallelContext) -> f
     for p in model.parameters():
         if p.grad is not None:
             p.grad.mul_(coef.to(p.grad.dtype))
-    return total.item()
+    return total  # a tensor: reading it would synchronise the device

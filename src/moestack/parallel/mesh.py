@@ -49,7 +49,12 @@ class ParallelContext:
         return self.world > 1
 
     def batch_rows(self, global_batch: int) -> slice:
-        """This rank's rows of the global batch."""
+        """This rank's rows of the global batch (which must split evenly over the ranks)."""
+        if global_batch % self.world:
+            raise ConfigError(
+                f"train.batch_size={global_batch} (the global batch) does not split over {self.world} ranks; "
+                f"use a multiple of {self.world}"
+            )
         per = global_batch // self.world
         return slice(self.rank * per, (self.rank + 1) * per)
 
