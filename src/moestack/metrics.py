@@ -61,6 +61,7 @@ def plot_run(rows: list[dict], expert_counts: np.ndarray | None, path: Path) -> 
         share = expert_counts / np.maximum(expert_counts.sum(axis=1, keepdims=True), 1)
         im = axes[0, 1].imshow(share, aspect="auto", cmap="viridis")
         axes[0, 1].set_xlabel("expert"), axes[0, 1].set_ylabel("MoE layer")
+        axes[0, 1].set_xticks(range(share.shape[1])), axes[0, 1].set_yticks(range(share.shape[0]))
         axes[0, 1].set_title("share of tokens per expert")
         fig.colorbar(im, ax=axes[0, 1])
     fig.tight_layout()
