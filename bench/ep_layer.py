@@ -43,12 +43,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="mixtral,olmoe")
     ap.add_argument("--tokens", default="4096,16384,32768", help="tokens per rank")
-    ap.add_argument("--link", default="nvlink")
+    ap.add_argument("--link", default="")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     world = int(os.environ.get("WORLD_SIZE", 1))
     ctx = init_parallel(ParallelConfig(ep=world), "auto")
+    args.link = args.link or ("nvlink" if ctx.device.type == "cuda" else "gloo (CPU)")
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
     shapes = ["quick"] if args.quick else args.shapes.split(",")
     tokens = [256] if args.quick else [int(t) for t in args.tokens.split(",")]

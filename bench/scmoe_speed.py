@@ -62,13 +62,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--batch", type=int, default=4, help="sequences per rank")
-    ap.add_argument("--link", default="nvlink", help="label for the link regime of this run")
+    ap.add_argument("--link", default="", help="label for the link regime of this run")
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
     world = int(__import__("os").environ.get("WORLD_SIZE", 1))
     from moestack.config import ParallelConfig
 
     ctx = init_parallel(ParallelConfig(ep=world), "auto")
+    args.link = args.link or ("nvlink" if ctx.device.type == "cuda" else "gloo (CPU)")
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
     shape = QUICK if args.quick else REALISTIC
     rows = []
