@@ -120,3 +120,13 @@ def test_torchrun_ep2_matches_single_process_losses(tmp_path, ranks, extra):
     assert sorted(got) == list(range(1, 21))
     for step in got:
         assert got[step] == pytest.approx(want[step], abs=2e-5), step
+
+
+def test_capacity_factor_logs_dropped_token_choices(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "2", "--run-dir", str(run), "--ckpt-every", "0",
+                 "--moe.capacity_factor", "0.5"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    # capacity 0.5 x the mean load: at least half of each layer's token-choices cannot fit
+    tokens_x_k = 4 * 32 * 2
+    assert all(len(r["dropped"]) == 2 and min(r["dropped"]) >= tokens_x_k // 2 for r in rows)

@@ -240,10 +240,13 @@ class Trainer:
         now = self.tokens_seen()
         balance = load_balance((now - self.tokens_at_log).numpy())
         self.tokens_at_log = now
-        return {
+        row = {
             "step": self.step, "loss": loss, "aux_loss": aux, "lr": self.sched.get_last_lr()[0],
             "tokens_per_s": tok_per_s, "load_max_over_mean": [round(float(b), 4) for b in balance],
         }
+        if self.cfg.moe.capacity_factor > 0:  # single process only (the config refuses it under EP)
+            row["dropped"] = [m.dropped for m in self.model.moe_layers()]
+        return row
 
 
 def check_same_model(saved: Config, cfg: Config, path: Path) -> None:

@@ -39,7 +39,7 @@ class MoELayer(nn.Module):
         # Token-choices per global expert since the last reset: read by PEC, traces and load metrics.
         self.register_buffer("tokens_seen", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.last_routing: Routing | None = None
-        self.dropped = 0
+        self.dropped = 0  # token-choices over capacity in the last forward (0 when dropless)
 
     def route(self, x: torch.Tensor) -> Routing:
         """Route [T, D] tokens and record the statistics."""

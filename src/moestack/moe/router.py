@@ -31,10 +31,6 @@ class Routing:
     aux_loss: torch.Tensor  # scalar, already scaled by its coefficient
     z_loss: torch.Tensor  # scalar, already scaled by its coefficient
 
-    @property
-    def num_experts(self) -> int:
-        return self.counts.numel()
-
 
 class Router(nn.Module):
     """Token-choice top-k router with Switch aux loss, z-loss and optional DeepSeek-V3 bias balancing."""
