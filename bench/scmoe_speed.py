@@ -99,7 +99,6 @@ def main() -> None:
         name = f"{arch}{'' if overlap else ' (overlap off)'}"
         rows.append({"arch": name, "link": args.link, "world": world, "train_ms": t_train * 1e3,
                      "prefill_ms": t_pre * 1e3, "overlap": ratio, "tokens_per_rank": args.batch * cfg.model.seq_len})
-        del model
     base = rows[0]
     for r in rows:
         r["train_speedup"] = base["train_ms"] / r["train_ms"]
