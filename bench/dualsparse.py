@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, print_table, sync, write_results  # noqa: E402
 
 from moestack.inference.cli import transform  # noqa: E402
+from moestack.inference.dropping import work_per_expert  # noqa: E402
 from moestack.inference.dualsparse import (  # noqa: E402
     drop_stats,
     moe_layers,
@@ -38,6 +39,7 @@ from moestack.inference.dualsparse import (  # noqa: E402
     set_drop_rate,
     sparsify,
 )
+from moestack.inference.partition import PartExperts  # noqa: E402
 from moestack.moe.experts import GroupedExperts  # noqa: E402
 from moestack.moe.layer import MoELayer  # noqa: E402
 
@@ -187,14 +189,14 @@ def load_study(shape: str, T: int, rate: float, args, device, dtype) -> list[dic
         counts = torch.bincount(base.router(x).expert_ids.flatten(), minlength=E)
         sparse = sparsify(copy.deepcopy(base), [tokens(T, d, m, device, dtype, seed=2)], 0.0, P)
         kept, achieved = {"no drop": per_rank(counts, ranks, G)}, {"no drop": 0.0}
-        fns = rank_calls("no drop", base.experts, base.dispatcher.dispatch(x, base.router(x)).wait(), ranks, G, 1)
+        fns = rank_calls("no drop", base.experts, base.dispatcher.dispatch(x, base.router(x)).wait(), ranks, G)
         for policy in ("uniform", "load-aware"):
             set_drop_rate(sparse, rate, load_aware=policy == "load-aware", expert_rank=[ranks])
             reset_drop_stats(sparse)
             disp = sparse.dispatcher.dispatch(x, sparse.router(x)).wait()
             achieved[policy] = drop_stats(sparse)["drop_rate"]
-            kept[policy] = per_rank(disp.counts.view(E, P).sum(1), ranks, G) / P  # in whole-expert rows
-            fns.update(rank_calls(policy, sparse.experts, disp, ranks, G, P))
+            kept[policy] = per_rank(work_per_expert(disp.counts), ranks, G) / P  # in whole-expert rows
+            fns.update(rank_calls(policy, sparse.experts, disp, ranks, G))
         times = interleaved(fns, device, args.reps)
     loads = per_rank(counts, ranks, G)
     rows = []
@@ -218,23 +220,32 @@ def per_rank(counts: torch.Tensor, ranks: list[int], G: int) -> torch.Tensor:
     return torch.zeros(G, device=counts.device).index_add_(0, torch.tensor(ranks, device=counts.device), counts.float())
 
 
-def rank_calls(policy: str, experts: GroupedExperts, d, ranks: list[int], G: int, parts: int) -> dict:
-    """{(policy, rank): fn} running one simulated rank's expert compute alone: its (sub-)experts' rows."""
-    offsets = torch.cumsum(d.counts, 0).tolist()
-    starts = [0] + offsets[:-1]
+def rank_calls(policy: str, experts: GroupedExperts, d, ranks: list[int], G: int) -> dict:
+    """{(policy, rank): fn} running one simulated rank's expert compute alone on its experts' rows.
+
+    d.counts: [E] rows per expert (plain layer) or [P, E] rows per (parts run, expert) (PartExperts)."""
+    E = len(ranks)
+    counts = d.counts.view(-1, E)  # [S, E] row segments in dispatch order
+    ends = torch.cumsum(counts.flatten(), 0).view_as(counts).tolist()
+    sizes = counts.tolist()
     fns = {}
     for r in range(G):
-        ids = [e * parts + p for e, rk in enumerate(ranks) if rk == r for p in range(parts)]
-        x_r = torch.cat([d.x[starts[i]:offsets[i]] for i in ids])
+        ids = [e for e, rk in enumerate(ranks) if rk == r]
+        x_r = torch.cat([d.x[ends[s][e] - sizes[s][e]:ends[s][e]] for s in range(len(sizes)) for e in ids])
         if x_r.shape[0]:
-            mine, c = slice_experts(experts, ids), d.counts[ids]
+            mine = slice_experts(experts, ids)
+            c = counts[:, ids] if isinstance(experts, PartExperts) else counts[0, ids]
             fns[(policy, r)] = lambda mine=mine, x_r=x_r, c=c: mine(x_r, c)
     return fns
 
 
 def slice_experts(experts: GroupedExperts, ids: list[int]) -> GroupedExperts:
+    """The experts `ids` of a GroupedExperts or PartExperts, as one of the same kind."""
     with torch.device("meta"):
-        out = GroupedExperts(len(ids), experts.d_model, experts.d_ff, experts.impl)
+        if isinstance(experts, PartExperts):
+            out = PartExperts(len(ids), experts.d_model, experts.d_ff, experts.parts, experts.impl)
+        else:
+            out = GroupedExperts(len(ids), experts.d_model, experts.d_ff, experts.impl)
     out.w13 = torch.nn.Parameter(experts.w13.detach()[ids])
     out.w2 = torch.nn.Parameter(experts.w2.detach()[ids])
     return out

@@ -86,3 +86,21 @@ def test_shard_bytes_are_plain_safetensors(tmp_path):
     path = _one_checkpoint(tmp_path)
     tensors = load_file(path / "rank-00000.safetensors")
     assert torch.equal(tensors["model.embed.weight"], torch.full((16, 8), 3.0))
+
+
+def test_write_shard_streams_a_file_safetensors_reads_back_with_its_sha256(tmp_path):
+    from safetensors.torch import load_file
+
+    from moestack.checkpoint.storage import sha256_file, write_shard
+
+    tensors = {
+        "f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(), "scalar": torch.tensor(7),
+        "empty": torch.zeros(0, 4), "mask": torch.tensor([True, False, True]),
+        "strided": torch.randn(4, 6)[:, ::2], "big": torch.randn(3 << 20),  # > one 8 MiB chunk
+    }
+    rec = write_shard(tmp_path / "s.safetensors", tensors)
+    back = load_file(tmp_path / "s.safetensors")
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    assert rec == {"bytes": (tmp_path / "s.safetensors").stat().st_size, "sha256": sha256_file(tmp_path / "s.safetensors")}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moestack.inference.dropping import DualSparseDispatcher
+from moestack.inference.dropping import DualSparseDispatcher, work_per_expert
 from moestack.inference.dualsparse import (
     drop_stats,
     moe_layers,
@@ -12,7 +12,7 @@ from moestack.inference.dualsparse import (
     set_drop_rate,
     sparsify,
 )
-from moestack.moe.experts import GroupedExperts
+from moestack.inference.partition import PartExperts
 from tests.inference.helpers import E, K, RowCounter, hidden_batches, moe_layer, tiny_model, token_batches
 
 
@@ -32,7 +32,7 @@ def test_zero_drop_keeps_the_logits_of_a_moestack_model(arch, parts):
 def test_sparsify_swaps_the_experts_and_dispatcher_seams(reconstruct):
     model = sparsify(tiny_model(), token_batches(2), drop_rate=0.25, reconstruct=reconstruct)
     for layer in moe_layers(model):
-        assert type(layer.experts) is GroupedExperts and layer.experts.num_experts == 4 * 2
+        assert type(layer.experts) is PartExperts and layer.experts.num_experts == 4 and layer.experts.parts == 2
         assert isinstance(layer.dispatcher, DualSparseDispatcher)
     assert any(k.endswith("dispatcher.scale") for k in model.state_dict())
 
@@ -71,11 +71,19 @@ def test_dropped_rows_never_reach_the_grouped_gemm():
         set_drop_rate(layer, 0.4)
         reset_drop_stats(layer)
         dropped = layer(x)[0]
-    full = x.shape[0] * K * 2
+    choices = x.shape[0] * K
     st = drop_stats(layer)
-    assert counter.rows == [full, full - st["skipped"]] and st["skipped"] > 0.3 * full
-    assert int(layer.dispatcher.last_counts.sum()) == counter.rows[1]
+    counts = layer.dispatcher.last_counts  # [P, E] rows running 1 or 2 parts
+    assert counter.rows == [choices, int(counts.sum())] and counts.sum() < choices  # whole choices dropped
+    assert int(work_per_expert(counts).sum()) == 2 * choices - st["skipped"] and st["skipped"] > 0.3 * 2 * choices
     assert torch.isfinite(dropped).all()
+
+
+def test_each_choice_runs_a_prefix_of_its_parts():
+    layer = sparsify(moe_layer(), hidden_batches(4), 0.3, reconstruct=False)  # parts re-ordered by size
+    assert (layer.dispatcher.scale[:, 0] >= layer.dispatcher.scale[:, 1]).all()
+    keep = layer.dispatcher.keep(layer.router(hidden_batches(1, seed=5)[0])).view(-1, 2)
+    assert not (keep[:, 1] & ~keep[:, 0]).any()  # a kept minor part implies a kept major part
 
 
 def test_dropping_skips_the_smallest_contributions_first():
@@ -95,14 +103,17 @@ def test_dropping_matches_a_reference_that_zeroes_the_skipped_parts():
         got = layer(x)[0]
         routing = layer.router(x)
         keep = layer.dispatcher.keep(routing).view(x.shape[0], K, 2)
+        full = layer.experts.full_experts()
+        f = full.d_ff // 2
         want = torch.zeros_like(x)
-        for t in range(x.shape[0]):  # slow reference: every kept sub-expert, one at a time
+        for t in range(x.shape[0]):  # slow reference: every kept part of every expert, one at a time
             for j in range(K):
+                e = int(routing.expert_ids[t, j])
+                gate, up = (x[t] @ full.w13[e]).chunk(2)
                 for p in range(2):
                     if keep[t, j, p]:
-                        s = int(routing.expert_ids[t, j]) * 2 + p
-                        out = layer.experts(x[t:t + 1], torch.eye(E * 2, dtype=torch.int64)[s])
-                        want[t] += routing.weights[t, j] * out[0]
+                        act = torch.nn.functional.silu(gate[p * f:(p + 1) * f]) * up[p * f:(p + 1) * f]
+                        want[t] += routing.weights[t, j] * (act @ full.w2[e, p * f:(p + 1) * f])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -149,7 +160,7 @@ def test_bf16_grouped_mm_path_on_gpu():
     with torch.no_grad():
         want = layer(batches[0])[0]
         sparsify(layer, batches[1:], 0.0)
-        assert layer.experts.impl == "grouped_mm" and layer.experts.num_experts == 2 * E
+        assert layer.experts.impl == "grouped_mm" and layer.experts.parts == 2
         torch.testing.assert_close(layer(batches[0])[0].float(), want.float(), atol=2e-2, rtol=2e-2)
         set_drop_rate(layer, 0.25)
         reset_drop_stats(layer)

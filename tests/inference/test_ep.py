@@ -3,6 +3,7 @@
 import torch
 
 from moestack.config import ParallelConfig
+from moestack.inference.dropping import work_per_expert
 from moestack.inference.dualsparse import drop_stats, reset_drop_stats, set_drop_rate, sparsify
 from moestack.inference.ep import EPDualSparseDispatcher, shard_sparse
 from moestack.parallel.mesh import init_parallel, shutdown
@@ -27,13 +28,15 @@ def _check(rank, world):
         with torch.no_grad():
             got = layer(x_all[rank * T:(rank + 1) * T])[0]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        assert layer.experts.w13.shape[0] == E // world * 2
+        assert layer.experts.w13.shape[0] == E // world
         assert isinstance(layer.dispatcher, EPDualSparseDispatcher)
-        sent = torch.tensor([T * K * 2 - drop_stats(layer)["skipped"]])
-        received = torch.tensor([counter.rows[0]])
-        torch.distributed.all_reduce(sent, group=ctx.ep_group)
-        torch.distributed.all_reduce(received, group=ctx.ep_group)
-        assert received.item() == sent.item() < world * T * K * 2  # only kept rows travel and compute
+        run = torch.tensor([T * K * 2 - drop_stats(layer)["skipped"]])  # part computations this rank asked for
+        done = work_per_expert(layer.dispatcher.last_counts).sum().reshape(1)  # ... this rank computed
+        rows = torch.tensor([counter.rows[0]])
+        for t in (run, done, rows):
+            torch.distributed.all_reduce(t, group=ctx.ep_group)
+        assert done.item() == run.item() < world * T * K * 2  # only kept parts are computed
+        assert rows.item() < world * T * K  # choices with every part dropped do not travel
         set_drop_rate(layer, 0.3, load_aware=True)
         with torch.no_grad():
             assert torch.isfinite(layer(x_all[rank * T:(rank + 1) * T])[0]).all()

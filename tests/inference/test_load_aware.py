@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moestack.inference.dropping import load_aware_rates
+from moestack.inference.dropping import load_aware_rates, work_per_expert
 from moestack.inference.dualsparse import drop_stats, reset_drop_stats, set_drop_rate, sparsify
 from tests.inference.helpers import E, hidden_batches, moe_layer
 
@@ -49,7 +49,7 @@ def test_overloaded_rank_drops_more_at_run_time():
         reset_drop_stats(layer)
         with torch.no_grad():
             layer(x)
-        per_rank = layer.dispatcher.last_counts.view(E, 2).sum(1).float()  # kept rows per expert
+        per_rank = work_per_expert(layer.dispatcher.last_counts).float()  # kept computations per expert
         work[load_aware] = torch.zeros(4).index_add_(0, torch.tensor(ranks), per_rank)
         assert drop_stats(layer)["drop_rate"] == pytest.approx(0.25, abs=0.05)
     routed = torch.bincount(layer.router(x).expert_ids.flatten(), minlength=E).view(4, 2).sum(1) * 2

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from moestack.inference.partition import (
+    PartExperts,
     check_parts,
-    merge_experts,
+    from_parts,
+    part_experts,
     reorder_neurons,
-    split_experts,
-    sub_experts,
+    to_parts,
 )
 from moestack.moe.experts import GroupedExperts
 
@@ -29,21 +30,44 @@ def per_expert(ex, x):
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 4])
-def test_split_then_merge_is_identity(parts):
-    ex = experts()
-    w13, w2 = merge_experts(*split_experts(ex.w13.detach(), ex.w2.detach(), parts), parts)
-    assert torch.equal(w13, ex.w13.detach()) and torch.equal(w2, ex.w2.detach())
+def test_to_parts_then_from_parts_is_identity(parts):
+    w13 = experts().w13.detach()
+    assert torch.equal(from_parts(to_parts(w13, parts), parts), w13)
+    if parts > 1:  # part 0's gate then up columns come first
+        f = F // parts
+        torch.testing.assert_close(to_parts(w13, parts)[..., :2 * f], torch.cat([w13[..., :f], w13[..., F:F + f]], -1))
+
+
+def first_parts_reference(ex, x, j, parts):
+    """Every token through every expert with only its first j*F/P neurons: [E, T, D]."""
+    cut = experts()
+    with torch.no_grad():
+        cut.w13.copy_(ex.w13)
+        cut.w2.copy_(ex.w2)
+        cut.w2[:, j * F // parts:] = 0
+    return per_expert(cut, x)
 
 
 @pytest.mark.parametrize("parts", [2, 3])
-def test_sub_experts_sum_to_the_expert(parts):
+def test_part_experts_run_the_first_j_parts_of_each_row(parts):
     ex, x = experts(), torch.randn(5, D)
-    sub = sub_experts(ex, parts)
-    assert sub.w13.shape == (E * parts, D, 2 * F // parts) and sub.w2.shape == (E * parts, F // parts, D)
-    assert sub.global_ids == list(range(E * parts))
-    want = per_expert(ex, x)  # [E, T, D]
-    got = per_expert(sub, x).view(E, parts, 5, D).sum(dim=1)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    pe = part_experts(ex, parts)
+    assert isinstance(pe, PartExperts) and pe.w13.shape == ex.w13.shape and pe.global_ids == [0, 1, 2]
+    rows, counts, want = [], torch.zeros(parts, E, dtype=torch.int64), []
+    for j in range(1, parts + 1):  # every token through every expert at every j, sorted by (j, expert)
+        rows.append(x.repeat(E, 1))
+        counts[j - 1] = x.shape[0]
+        want.append(first_parts_reference(ex, x, j, parts).reshape(-1, D))
+    got = pe(torch.cat(rows), counts)
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(want[-1].view(E, 5, D), per_expert(ex, x), atol=1e-6, rtol=1e-5)  # j = P: whole
+
+
+def test_part_experts_with_reordered_neurons_compute_the_same_experts():
+    ex, x = experts(), torch.randn(5, D)
+    perm = torch.stack([torch.randperm(F) for _ in range(E)])
+    full = part_experts(ex, 2, perm).full_experts()
+    torch.testing.assert_close(per_expert(full, x), per_expert(ex, x), atol=1e-6, rtol=1e-5)
 
 
 def test_reordering_neurons_preserves_each_expert():

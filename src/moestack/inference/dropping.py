@@ -1,10 +1,10 @@
-"""DualSparse dynamic tensor-level dropping: a dispatcher that sends each kept (token, expert, part) to its sub-expert.
+"""DualSparse dynamic tensor-level dropping: a dispatcher that runs only the kept parts of each expert.
 
-It replaces an MoE layer's dispatcher once the layer's experts are split into E*P sub-experts
-(`partition.sub_experts`). For every token-choice it estimates each sub-expert's contribution as
-`routing weight x scale[e, p]` (scale: the sub-expert's calibrated output size per unit weight) and skips
-the sub-expert computations scoring lowest. Skipped rows are removed before the grouped GEMM, so the work
-really is not done. Uniform dropping uses one static threshold: the calibration score distribution's
+It replaces an MoE layer's dispatcher once the layer's experts are `partition.PartExperts` (P parts per
+expert). For every token-choice it estimates each sub-expert's (part's) contribution as
+`routing weight x scale[e, p]` (scale: the part's calibrated output size per unit weight) and skips the
+sub-expert computations scoring lowest. Skipped work is removed before the grouped GEMMs: a choice with
+j kept parts runs a GEMM over its expert's first j parts only, and a choice with none is not sent. Uniform dropping uses one static threshold: the calibration score distribution's
 (`table`) quantile at the target rate. Load-aware dropping gives each EP rank its own rate from this
 batch's per-rank loads (`load_aware_rates`) and drops exactly that fraction of the rank's lowest scores in
 this batch (a per-rank batch quantile: skewed loads also skew the scores, so a calibrated table would miss).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moestack.moe.dispatch import Dispatched, Done
+from moestack.moe.dispatch import Dispatched, Done, expand_rows, inverse_order, unpermute
 from moestack.moe.router import Routing
 
 TABLE_SIZE = 1025  # points of the calibration score distribution kept per layer
@@ -83,9 +83,32 @@ class ThenHandle:
         return self.value
 
 
-class DualSparseDispatcher(nn.Module):
-    """Dispatch to E*P sub-experts, skipping low-contribution ones; the layer's `dispatcher` after sparsify.
+def sort_by_parts(parts_run: torch.Tensor, slot: torch.Tensor, num_slots: int, parts: int):
+    """Order rows for `PartExperts`: (order [M] of the rows with j >= 1, counts [P, slots], sizes per j).
 
+    parts_run, slot: [R] parts to run (0..P) and expert slot of each row. Rows are sorted by (j, slot) with
+    j ascending; rows with j = 0 sort last and are cut off. One host sync (the sizes).
+    """
+    key = torch.where(parts_run > 0, (parts_run - 1) * num_slots + slot, parts * num_slots)  # [R]
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=parts * num_slots + 1)[: parts * num_slots].view(parts, num_slots)
+    sizes = counts.sum(dim=1).tolist()  # rows running j = 1..P parts
+    return order[: sum(sizes)], counts, sizes
+
+
+def work_per_expert(counts: torch.Tensor) -> torch.Tensor:
+    """Sub-expert computations run per expert [E] from `sort_by_parts` counts [P, E] (a row of j parts is j)."""
+    j = torch.arange(1, counts.shape[0] + 1, device=counts.device)
+    return (counts * j.unsqueeze(1)).sum(dim=0)
+
+
+class DualSparseDispatcher(nn.Module):
+    """Dispatch each (token, expert) choice once, with how many of its expert's parts to run; the layer's
+    `dispatcher` after sparsify (its experts are `partition.PartExperts`).
+
+    A choice runs its expert's first j parts, j = the number of its P sub-expert computations that score
+    above the threshold. Parts are stored in descending calibrated size, so for one choice the kept
+    computations are the first ones (ties aside), and j counts exactly the computations kept.
     Single process; `moestack.inference.ep.EPDualSparseDispatcher` is the expert-parallel one.
     """
 
@@ -97,7 +120,7 @@ class DualSparseDispatcher(nn.Module):
         self.register_buffer("expert_rank", torch.zeros(num_experts, dtype=torch.int64))  # [E] EP rank
         self.drop_rate, self.load_aware, self.num_ranks, self.max_rank_rate = 0.0, False, 1, 1.0
         self.skipped = self.total = 0
-        self.last_counts: torch.Tensor | None = None  # [E*P] kept rows per sub-expert, last forward
+        self.last_counts: torch.Tensor | None = None  # [P, E] rows running j = 1..P parts, last forward
 
     def set_ranks(self, expert_rank: list[int]) -> None:
         """The EP rank of each global expert (a placement row), for load-aware dropping."""
@@ -118,7 +141,7 @@ class DualSparseDispatcher(nn.Module):
         return load_aware_rates(loads, self.drop_rate, self.max_rank_rate)
 
     def keep(self, routing: Routing) -> torch.Tensor | None:
-        """Which sub-expert computations to run: [T*k*P] bool, or None for all of them."""
+        """Which sub-expert computations score high enough to run: [T*k*P] bool, or None for all of them."""
         if self.drop_rate <= 0:
             return None
         ids = routing.expert_ids  # [T, k]
@@ -129,33 +152,35 @@ class DualSparseDispatcher(nn.Module):
         rank = self.expert_rank[ids].unsqueeze(-1).expand(*ids.shape, self.parts).flatten()  # [T*k*P]
         return keep_top_per_group(score, rank, self.rank_rates(routing.counts))
 
-    def kept_choices(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        """(flat indices into the T*k*P sub-choices that run [N], their sub-expert ids [N]); records the stats."""
-        T, k = routing.expert_ids.shape
-        P = self.parts
-        sub = (routing.expert_ids.unsqueeze(-1) * P + torch.arange(P, device=routing.expert_ids.device)).flatten()
+    def parts_to_run(self, routing: Routing) -> torch.Tensor:
+        """How many parts (0..P) of its expert each choice runs: [T, k] int64."""
         keep = self.keep(routing)
-        kept = torch.arange(T * k * P, device=sub.device) if keep is None else keep.nonzero().squeeze(1)
-        self.total += T * k * P
-        self.skipped += T * k * P - kept.numel()
-        self.last_counts = torch.bincount(sub[kept], minlength=self.num_experts * P)  # [E*P]
-        return kept, sub[kept]
+        if keep is None:
+            return torch.full_like(routing.expert_ids, self.parts)
+        return keep.view(*routing.expert_ids.shape, self.parts).sum(dim=-1)
+
+    def record(self, counts: torch.Tensor, sizes: list[int], choices: int) -> None:
+        """Count the sub-expert computations run and skipped (sizes: rows running j = 1..P parts)."""
+        ran = sum(j * n for j, n in enumerate(sizes, start=1))
+        self.total += choices * self.parts
+        self.skipped += choices * self.parts - ran
+        self.last_counts = counts
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
-        """Kept sub-choices' rows in sub-expert order (a done handle), like LocalDispatcher over E*P experts."""
+        """Choices with work left, each row once, sorted by (parts to run, expert) (a done handle)."""
         # x: [T, D]
         T, k = routing.expert_ids.shape
-        kept, sub = self.kept_choices(routing)  # [N], [N]
-        order = kept[torch.argsort(sub, stable=True)]  # [N] sub-choices in sub-expert order
-        x_sorted = x[order // (k * self.parts)]  # [N, D]: only kept rows reach the grouped GEMM
-        return Done(Dispatched(x_sorted, self.last_counts, order, T * k * self.parts, routing.weights))
+        j = self.parts_to_run(routing).flatten()  # [T*k]
+        order, counts, sizes = sort_by_parts(j, routing.expert_ids.flatten(), self.num_experts, self.parts)
+        self.record(counts, sizes, T * k)
+        inverse, sent = inverse_order(order, T * k)
+        x_sorted = expand_rows(x, order, inverse, sent, k)  # [M, D]: dropped choices never reach the experts
+        return Done(Dispatched(x_sorted, counts, order, T * k, routing.weights, inverse=inverse, sent=sent))
 
     def combine(self, y: torch.Tensor, d: Dispatched):
-        """Each token's sum of its kept sub-expert outputs times their expert's gate value: [T, D]."""
-        # y: [N, D] sub-expert outputs in dispatch order
-        T, k = d.weights.shape
-        w = d.weights.unsqueeze(-1).expand(T, k, self.parts).reshape(-1)[d.order]  # [N] the expert's gate value
-        return Done(scatter_sum(y * w.unsqueeze(-1).to(y.dtype), d.order // (k * self.parts), T))
+        """Each token's sum of its expert outputs (kept parts only) times the gate values: [T, D]."""
+        # y: [M, D] in dispatch order
+        return Done(unpermute(y, d.order, d.weights, d.num_choices, d.inverse, d.sent))
 
     def achieved_rate(self) -> float:
         """Fraction of sub-expert computations skipped since the last reset."""
@@ -164,8 +189,3 @@ class DualSparseDispatcher(nn.Module):
     def reset_stats(self) -> None:
         """Zero the skipped/total counters."""
         self.skipped = self.total = 0
-
-
-def scatter_sum(rows: torch.Tensor, tokens: torch.Tensor, T: int) -> torch.Tensor:
-    """Sum rows [N, D] into their tokens: [T, D]."""
-    return rows.new_zeros(T, rows.shape[-1]).index_add_(0, tokens, rows)

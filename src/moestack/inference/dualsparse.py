@@ -3,9 +3,9 @@
 `sparsify(model, calib_batches, drop_rate, parts=2)` transforms, in place, every moestack `MoELayer` of a
 model (a `MoETransformer`, a `from_hf` model, or a bare layer) through two of the layer's seams:
 - experts: each expert's F neurons are reordered by calibrated importance (major neurons first) and split
-  into P sub-experts of F/P neurons that share the expert's gate value: one `GroupedExperts(E*P, D, F/P)`;
+  into P parts (sub-experts) of F/P neurons that share the expert's gate value: `PartExperts(E, D, F, P)`;
 - dispatcher: a `DualSparseDispatcher` that skips the sub-expert computations with the smallest estimated
-  contribution (routing weight x calibrated sub-expert size), at a threshold calibrated to `drop_rate`.
+  contribution (routing weight x calibrated part size), at a threshold calibrated to `drop_rate`.
 At drop rate 0 the model computes the same function. `naive_drop` and `sparsify(..., reconstruct=False)`
 are the baselines of the quality study. Notation: E = experts, F = expert hidden size, P = parts.
 """
@@ -18,14 +18,14 @@ import torch.nn as nn
 from moestack.inference.calibration import LayerStats, calibrate
 from moestack.inference.dropping import DualSparseDispatcher, quantile_table
 from moestack.inference.partition import (
+    PartExperts,
     check_parts,
     neuron_importance,
-    sub_experts,
-    sub_experts_like,
+    part_experts,
+    part_experts_like,
     weight_proxy_importance,
 )
 from moestack.moe.dispatch import LocalDispatcher
-from moestack.moe.experts import GroupedExperts
 from moestack.moe.layer import MoELayer
 
 
@@ -86,11 +86,11 @@ def reset_drop_stats(model: nn.Module) -> None:
         d.reset_stats()
 
 
-def install(layer: MoELayer, parts: int, experts: GroupedExperts | None = None) -> DualSparseDispatcher:
-    """Swap in the DualSparse experts and dispatcher of `layer` (uninitialised sub-experts unless given)."""
+def install(layer: MoELayer, parts: int, experts: PartExperts | None = None) -> DualSparseDispatcher:
+    """Swap in the DualSparse experts and dispatcher of `layer` (uninitialised weights unless given)."""
     if experts is None:
         check_parts(layer.experts.d_ff, parts)
-        experts = sub_experts_like(layer.experts, parts)
+        experts = part_experts_like(layer.experts, parts)
     disp = DualSparseDispatcher(layer.num_experts, parts).to(experts.w13.device)
     layer.experts = experts
     layer.dispatcher = disp  # an nn.Module, so its calibration tensors join the state_dict
@@ -116,11 +116,15 @@ def _transform_layer(layer: MoELayer, st: LayerStats, parts: int, reconstruct: b
     if unseen.any():  # experts no calibration token reached: order by their weights instead
         proxy = weight_proxy_importance(experts.w13.detach(), experts.w2.detach())
         importance = torch.where(unseen.unsqueeze(1), proxy, importance)
-    perm = importance.argsort(dim=1, descending=True, stable=True) if reconstruct else None
-    if perm is not None:
-        importance = importance.gather(1, perm)
-    scale = _part_scale(importance, unseen, parts, weight_only)  # [E, P]
-    disp = install(layer, parts, sub_experts(experts, parts, perm))
+    E, F_ = importance.shape
+    neurons = torch.arange(F_, device=importance.device).expand(E, F_)
+    perm = importance.argsort(dim=1, descending=True, stable=True) if reconstruct else neurons
+    scale = _part_scale(importance.gather(1, perm), unseen, parts, weight_only)  # [E, P]
+    # store the parts largest first, so a choice's kept computations are its expert's first parts
+    by_size = scale.argsort(dim=1, descending=True, stable=True)  # [E, P]; the identity after reconstruction
+    perm = perm.view(E, parts, F_ // parts).gather(1, by_size.unsqueeze(-1).expand(E, parts, F_ // parts))
+    scale = scale.gather(1, by_size)
+    disp = install(layer, parts, part_experts(experts, parts, perm.reshape(E, F_)))
     disp.scale.copy_(scale)
     ids, weights = st.routing()  # [T, k]
     disp.table.copy_(quantile_table(weights.unsqueeze(-1) * scale[ids]))

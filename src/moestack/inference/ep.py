@@ -1,10 +1,10 @@
-"""Expert parallelism for a DualSparse model: shard the sub-experts, send each kept (token, expert) row once.
+"""Expert parallelism for a DualSparse model: shard the experts, send each kept (token, expert) row once.
 
 Calibrate and sparsify on one process, then call `shard_sparse` on every rank (with the same placement).
-The source rank decides which sub-expert computations run (as on one process) and sends each
-(token, expert) pair with at least one kept part through the plain `EPDispatcher`, its P keep bits packed
-as extra columns; the owning rank expands each row into its kept sub-expert rows for the grouped GEMM and
-sums the parts back before the return all-to-all. So the wire carries what plain EP carries (less: pairs
+The source rank decides how many parts each choice runs (as on one process) and sends each
+(token, expert) pair with at least one kept part through the plain `EPDispatcher`, its part count as an
+extra column; the owning rank sorts the rows by (parts, expert) for `PartExperts` and restores the
+received order before the return all-to-all. So the wire carries what plain EP carries (less: pairs
 with every part dropped stay home). With load-aware dropping each source rank levels the ranks' kept work
 from its own routed counts (no extra communication).
 Notation: T = tokens, k = choices, E = experts (E_l local), P = parts, M = pairs sent, R = rows received.
@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moestack.inference.dropping import DualSparseDispatcher, ThenHandle, scatter_sum
+from moestack.inference.dropping import DualSparseDispatcher, ThenHandle, sort_by_parts
 from moestack.inference.dualsparse import dispatchers, moe_layers
-from moestack.moe.dispatch import Dispatched
+from moestack.moe.dispatch import Dispatched, unpermute
 from moestack.moe.router import Routing
 from moestack.parallel.ep import EPDispatcher, global_stats, shard_experts
 from moestack.parallel.mesh import ParallelContext
@@ -32,37 +32,39 @@ class EPDualSparseDispatcher(DualSparseDispatcher):
         self.inner = inner
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
-        """Send every (token, expert) pair with a kept part, keep bits attached; wait() gives sub-expert rows."""
+        """Send every choice with work left once, its part count attached; wait() gives rows for PartExperts."""
         # x: [T, D]
         T, k = routing.expert_ids.shape
-        kept, _ = self.kept_choices(routing)
-        bits = x.new_zeros(T * k * self.parts).index_fill_(0, kept, 1).view(T * k, self.parts)  # [T*k, P]
-        pairs = (bits.sum(dim=-1) > 0).nonzero().squeeze(1)  # [M] (token, choice) pairs with work left
+        j = self.parts_to_run(routing).flatten()  # [T*k]
+        pairs = (j > 0).nonzero().squeeze(1)  # [M] choices with work left
+        ran = int(j.sum())
+        self.total += T * k * self.parts
+        self.skipped += T * k * self.parts - ran
         ids = routing.expert_ids.flatten()[pairs]  # [M]
-        pseudo = Routing(ids.unsqueeze(1), routing.weights.flatten()[pairs].unsqueeze(1),
-                         torch.bincount(ids, minlength=self.num_experts), routing.aux_loss, routing.z_loss)
-        rows = torch.cat([x[pairs // k], bits[pairs]], dim=-1)  # [M, D + P]: the keep bits ride along
-        tokens = pairs // k
-        return ThenHandle(self.inner.dispatch(rows, pseudo), lambda d: self._expand(d, tokens, T))
+        ones = torch.ones(pairs.numel(), 1, device=x.device)  # the gate weights are applied at home, below
+        pseudo = Routing(ids.unsqueeze(1), ones, torch.bincount(ids, minlength=self.num_experts),
+                         routing.aux_loss, routing.z_loss)
+        rows = torch.cat([x[pairs // k], j[pairs].unsqueeze(1).to(x.dtype)], dim=-1)  # [M, D + 1]
+        home = {"pairs": pairs, "weights": routing.weights, "choices": T * k}
+        return ThenHandle(self.inner.dispatch(rows, pseudo), lambda d: self._sort(d, home))
 
-    def _expand(self, d: Dispatched, tokens: torch.Tensor, T: int) -> Dispatched:
-        """Received rows [R, D + P] grouped by local expert -> kept sub-expert rows grouped by sub-expert."""
-        P = self.parts
-        D = d.x.shape[-1] - P
+    def _sort(self, d: Dispatched, home: dict) -> Dispatched:
+        """Received rows [R, D + 1] grouped by local expert -> rows with work sorted by (parts, expert)."""
+        D = d.x.shape[-1] - 1
         slot = torch.repeat_interleave(torch.arange(d.counts.numel(), device=d.x.device), d.counts)  # [R]
-        row, part = (d.x[:, D:] > 0.5).nonzero(as_tuple=True)  # kept (row, part) pairs
-        sub = slot[row] * P + part
-        order = torch.argsort(sub, stable=True)
-        counts = torch.bincount(sub, minlength=d.counts.numel() * P)  # [E_l * P]
-        row = row[order]
-        return Dispatched(d.x[row, :D], counts, row, d.num_choices, d.weights, 0, {"dualsparse": (d, row, tokens, T)})
+        order, counts, sizes = sort_by_parts(d.x[:, D].round().long(), slot, d.counts.numel(), self.parts)
+        self.last_counts = counts
+        return Dispatched(d.x[order, :D], counts, order, d.num_choices, d.weights, 0,
+                          {"dualsparse": (d, order, home)})
 
     def combine(self, y: torch.Tensor, d: Dispatched):
-        """Sum the parts per received row, send the rows back, sum them into their tokens: [T, D]."""
-        # y: [N, D] sub-expert outputs
-        received, row, tokens, T = d.extra["dualsparse"]
-        rows = y.new_zeros(received.x.shape[0], y.shape[-1]).index_add_(0, row, y)  # parts summed per row: [R, D]
-        return ThenHandle(self.inner.combine(rows, received), lambda out: scatter_sum(out, tokens, T))
+        """Rows back into received order, home by all-to-all, then summed into their tokens: [T, D]."""
+        # y: [M_recv, D] in (parts, expert) order; every received row has work, so the order is a permutation
+        received, order, home = d.extra["dualsparse"]
+        rows = y.new_empty(received.x.shape[0], y.shape[-1]).index_copy_(0, order, y)  # [R, D]
+        pairs, weights, choices = home["pairs"], home["weights"], home["choices"]
+        return ThenHandle(self.inner.combine(rows, received),
+                          lambda out: unpermute(out, pairs, weights, choices))
 
 
 def shard_sparse(model: nn.Module, ctx: ParallelContext, placement: Placement | None = None) -> nn.Module:
@@ -75,7 +77,7 @@ def shard_sparse(model: nn.Module, ctx: ParallelContext, placement: Placement | 
         row = list(placement.expert_to_gpu[idx])
         mine = placement.experts_on(idx, ctx.ep_rank)
         slots = [placement.slot_of(idx, e)[1] for e in range(E)]
-        shard_experts(layer.experts, [g * old.parts + p for g in mine for p in range(old.parts)])
+        shard_experts(layer.experts, mine)
         disp = EPDualSparseDispatcher(E, old.parts, EPDispatcher(ctx.ep_group, row, slots, len(mine)))
         disp.load_state_dict(old.state_dict())
         disp.to(old.scale.device).set_ranks(row)

@@ -2,8 +2,8 @@
 
 Folder layout:
     config.toml        the run's model config (copied from the run folder)
-    model.safetensors  every weight and DualSparse calibration tensor (sub-experts, scales, score tables)
-    sparse.json        {"format": "moestack.sparse/v1", "parts", "method", "drop_rate", ..., "report": {...}}
+    model.safetensors  every weight and DualSparse calibration tensor (experts in part layout, scales, score tables)
+    sparse.json        {"format": "moestack.sparse/v2", "parts", "method", "drop_rate", ..., "report": {...}}
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from moestack.config import load_config
 from moestack.inference.dualsparse import dispatchers, install, moe_layers, set_drop_rate
 from moestack.models.transformer import MoETransformer
 
-FORMAT = "moestack.sparse/v1"
+FORMAT = "moestack.sparse/v2"  # v1 stored E*P sub-experts; v2 stores E experts in `PartExperts` layout
 
 
 def save_sparse(model: MoETransformer, run_dir: str | Path, out_dir: str | Path, spec: dict) -> Path:
@@ -40,7 +40,8 @@ def read_spec(out_dir: str | Path) -> dict:
                          "write one with `moestack sparsify`")
     spec = json.loads(path.read_text())
     if spec.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {spec.get('format')!r} is not {FORMAT!r}")
+        raise ValueError(f"{path}: format {spec.get('format')!r} is not {FORMAT!r}; "
+                         "write the folder again with this version's `moestack sparsify`")
     return spec
 
 

@@ -1,8 +1,9 @@
 """DualSparse expert partition and neuron-level reconstruction: pure functions on stacked expert weights.
 
 A SwiGLU expert is a sum over its F intermediate neurons, y = sum_i silu(x.g_i) (x.u_i) w2_i, so its
-neurons can be split into P groups ("sub-experts") whose outputs add up to the expert's output. Sub-expert
-p of expert e becomes expert e*P + p of a `GroupedExperts(E*P, D, F/P)`, so one grouped GEMM runs them all.
+neurons can be split into P groups ("parts", the paper's sub-experts) whose outputs add up to the expert's
+output. `PartExperts` keeps each expert whole, its neurons grouped by part, so that a token-choice running
+j parts reads a prefix of the expert's weights (see its docstring).
 Notation: E = experts, D = hidden size, F = expert hidden size, P = parts, f = F / P.
 """
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moestack.moe.experts import GroupedExperts
+from moestack.moe.experts import GroupedExperts, grouped_mm, loop_mm
 
 
 def check_parts(d_ff: int, parts: int) -> None:
@@ -52,43 +53,85 @@ def reorder_neurons(w13: torch.Tensor, w2: torch.Tensor, perm: torch.Tensor) -> 
     return w13, w2.gather(1, perm.unsqueeze(-1).expand_as(w2))
 
 
-def split_experts(w13: torch.Tensor, w2: torch.Tensor, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked experts -> stacked sub-experts: w13 [E*P, D, 2f] (gate then up), w2 [E*P, f, D]."""
+def to_parts(w13: torch.Tensor, parts: int) -> torch.Tensor:
+    """[gate | up] columns of w13 [E, D, 2F] -> per part, its gate then its up columns: [g_0 u_0 g_1 u_1 ...]."""
     E, D, two_f = w13.shape
     f = two_f // 2 // parts
-    gate, up = (t.reshape(E, D, parts, f).permute(0, 2, 1, 3) for t in w13.chunk(2, dim=-1))  # [E, P, D, f]
-    w13_sub = torch.cat([gate, up], dim=-1).reshape(E * parts, D, 2 * f)
-    return w13_sub.contiguous(), w2.reshape(E * parts, f, w2.shape[-1]).contiguous()
+    gate, up = (t.reshape(E, D, parts, 1, f) for t in w13.chunk(2, dim=-1))
+    return torch.cat([gate, up], dim=3).reshape(E, D, two_f).contiguous()
 
 
-def merge_experts(w13_sub: torch.Tensor, w2_sub: torch.Tensor, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of `split_experts`: w13 [E, D, 2F], w2 [E, F, D]."""
-    EP, D, two_f = w13_sub.shape
-    E, f = EP // parts, two_f // 2
-    gate, up = (t.reshape(E, parts, D, f).permute(0, 2, 1, 3).reshape(E, D, parts * f) for t in w13_sub.chunk(2, -1))
-    return torch.cat([gate, up], dim=-1).contiguous(), w2_sub.reshape(E, parts * f, -1).contiguous()
+def from_parts(w13: torch.Tensor, parts: int) -> torch.Tensor:
+    """The inverse of `to_parts`: [g_0 u_0 g_1 u_1 ...] -> [gate | up]."""
+    E, D, two_f = w13.shape
+    f = two_f // 2 // parts
+    per_part = w13.reshape(E, D, parts, 2, f)
+    return torch.cat([per_part[:, :, :, 0].reshape(E, D, -1), per_part[:, :, :, 1].reshape(E, D, -1)], -1).contiguous()
 
 
-def sub_experts(experts: GroupedExperts, parts: int, perm: torch.Tensor | None = None) -> GroupedExperts:
-    """A GroupedExperts over E*P sub-experts (neurons reordered by `perm` [E, F] first, if given)."""
+class PartExperts(GroupedExperts):
+    """E SwiGLU experts whose F neurons form P parts of f = F/P neurons; a row runs the first j parts.
+
+    w13 [E, D, 2F] is in `to_parts` order and w2 [E, F, D] holds the parts' rows in order, so the first j
+    parts of every expert are the first 2jf columns of w13 and the first jf rows of w2: one grouped GEMM
+    pair per j runs exactly the kept neurons of the rows that need j parts, and each row is gathered once.
+    forward(x, counts): x [N, D] sorted by (j, expert), j ascending; counts [P, E] rows per (j - 1, expert).
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, parts: int, impl: str = "auto"):
+        check_parts(d_ff, parts)
+        super().__init__(num_experts, d_model, d_ff, impl)
+        self.parts = parts
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        P, f = self.parts, self.d_ff // self.parts
+        w13, w2 = self.w13.to(x.dtype), self.w2.to(x.dtype)
+        grouped = self.use_grouped_mm(x)
+        outs = []
+        for j, xj, cj in zip(range(1, P + 1), x.split(counts.sum(dim=1).tolist()), counts):
+            if xj.shape[0] == 0:
+                continue
+            h = self._mm(xj, w13[:, :, : 2 * j * f], cj, grouped).view(-1, j, 2, f)  # [n, j, (gate, up), f]
+            act = (F.silu(h[:, :, 0]) * h[:, :, 1]).reshape(-1, j * f)  # [n, jf]
+            outs.append(self._mm(act, w2[:, : j * f], cj, grouped))
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
+
+    @staticmethod
+    def _mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, grouped: bool) -> torch.Tensor:
+        if grouped:
+            return grouped_mm(x, w, torch.cumsum(counts, 0).to(torch.int32))
+        return loop_mm(x, w, counts.tolist())
+
+    def full_experts(self) -> GroupedExperts:
+        """The same experts as a plain GroupedExperts ([gate | up] layout; neurons in this object's order)."""
+        with torch.device("meta"):
+            out = GroupedExperts(self.num_experts, self.d_model, self.d_ff, self.impl)
+        out.w13 = nn.Parameter(from_parts(self.w13.detach(), self.parts))
+        out.w2 = nn.Parameter(self.w2.detach().clone())
+        out.global_ids = list(self.global_ids)
+        return out
+
+
+def part_experts(experts: GroupedExperts, parts: int, perm: torch.Tensor | None = None) -> PartExperts:
+    """`experts` as PartExperts with P parts (each expert's neurons reordered by `perm` [E, F] first, if given)."""
     check_parts(experts.d_ff, parts)
     w13, w2 = experts.w13.detach(), experts.w2.detach()
     if perm is not None:
         w13, w2 = reorder_neurons(w13, w2, perm.to(w13.device))
-    w13_sub, w2_sub = split_experts(w13, w2, parts)
-    return sub_experts_like(experts, parts, w13_sub, w2_sub)
+    return part_experts_like(experts, parts, to_parts(w13, parts), w2.contiguous())
 
 
-def sub_experts_like(experts: GroupedExperts, parts: int, w13_sub=None, w2_sub=None) -> GroupedExperts:
-    """An E*P sub-expert GroupedExperts shaped for `experts`; weights given or left uninitialised."""
+def part_experts_like(experts: GroupedExperts, parts: int, w13=None, w2=None) -> PartExperts:
+    """PartExperts shaped like `experts`; weights given (in `to_parts` layout) or left uninitialised."""
     E, D, F_ = experts.num_experts, experts.d_model, experts.d_ff
-    # torch._grouped_mm needs 16-byte aligned rows: narrow sub-experts fall back to the loop
+    # torch._grouped_mm needs 16-byte aligned rows: parts of an odd width fall back to the loop
     impl = "loop" if experts.impl == "auto" and (F_ // parts) % 8 else experts.impl
     with torch.device("meta"):
-        sub = GroupedExperts(E * parts, D, F_ // parts, impl)
+        out = PartExperts(E, D, F_, parts, impl)
     like = {"device": experts.w13.device, "dtype": experts.w13.dtype}
-    f = F_ // parts
-    sub.w13 = nn.Parameter(w13_sub if w13_sub is not None else torch.empty(E * parts, D, 2 * f, **like))
-    sub.w2 = nn.Parameter(w2_sub if w2_sub is not None else torch.empty(E * parts, f, D, **like))
-    sub.global_ids = [g * parts + p for g in experts.global_ids for p in range(parts)]
-    return sub
+    out.w13 = nn.Parameter(w13 if w13 is not None else torch.empty(E, D, 2 * F_, **like))
+    out.w2 = nn.Parameter(w2 if w2 is not None else torch.empty(E, F_, D, **like))
+    out.global_ids = list(experts.global_ids)
+    return out

@@ -28,6 +28,8 @@ class Dispatched:
     weights: torch.Tensor  # [T, k] combine weights (zero where a choice was dropped)
     dropped: int = 0  # token-choices over capacity (0 when dropless)
     extra: dict = field(default_factory=dict)  # dispatcher-specific state (EP splits)
+    inverse: torch.Tensor | None = None  # [T*k] row of each choice in x (0 where not sent), see `inverse_order`
+    sent: torch.Tensor | None = None  # [T*k] bool, which choices have a row; None when all have one
 
 
 class Done:
@@ -55,12 +57,75 @@ def capacity_keep(sorted_ids: torch.Tensor, counts: torch.Tensor, capacity: int)
     return pos < capacity
 
 
-def unpermute(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_choices: int) -> torch.Tensor:
-    """Put expert outputs back in token order and sum the k choices with their weights: [T, D]."""
+def inverse_order(order: torch.Tensor, num_choices: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(row of each choice [T*k], 0 where the choice has none; which choices have a row [T*k] or None if all)."""
+    n = order.numel()
+    inverse = order.new_zeros(num_choices).scatter_(0, order, torch.arange(n, device=order.device))
+    if n == num_choices:
+        return inverse, None
+    return inverse, torch.zeros(num_choices, dtype=torch.bool, device=order.device).index_fill_(0, order, True)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x[index] whose backward gathers too: grad_x = grad[back]. Exact when source row i feeds only row
+    back[i] of the output, or when every other output row that reads it gets a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, x, index, back):
+        ctx.save_for_backward(back)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (back,) = ctx.saved_tensors
+        return grad.index_select(0, back), None, None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+    """Rows x[index]; `back` sends gradients home by a gather (no atomics): see `_GatherRows`."""
+    return _GatherRows.apply(x, index, back)
+
+
+class _ExpandRows(torch.autograd.Function):
+    """Token rows copied to their sent choices: x [T, D] -> [N, D]; backward sums each token's k copies."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, sent, k):
+        ctx.save_for_backward(inverse, sent)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, sent = ctx.saved_tensors
+        per_choice = grad.index_select(0, inverse)  # [T*k, D]
+        if sent is not None:
+            per_choice = per_choice * sent.unsqueeze(-1).to(grad.dtype)
+        return per_choice.view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None, None
+
+
+def expand_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, sent: torch.Tensor | None,
+                k: int) -> torch.Tensor:
+    """x[order // k] for choices `order` (see `inverse_order`); the gradient is a gather and a sum."""
+    return _ExpandRows.apply(x, order, inverse, sent, k)
+
+
+def unpermute(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_choices: int,
+              inverse: torch.Tensor | None = None, sent: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum each token's expert outputs with its weights: y [N, D] rows of choices `order` -> [T, D].
+
+    Choices without a row count as zero. One gather into token order and one batched [1, k] x [k, D]
+    product per token; no zero-filled scatter buffer and no atomics, forward or backward.
+    """
     T, k = weights.shape
-    full = y.new_zeros(num_choices, y.shape[-1])
-    full = full.index_copy(0, order, y)  # [T*k, D]
-    return (full.view(T, k, -1) * weights.to(y.dtype).unsqueeze(-1)).sum(dim=1)
+    if y.shape[0] == 0:
+        return y.new_zeros(T, y.shape[-1])
+    if inverse is None:
+        inverse, sent = inverse_order(order, num_choices)
+    if sent is not None:
+        weights = weights * sent.view(T, k)  # rows read for unsent choices are multiplied by zero
+    per_choice = gather_rows(y, inverse, order)  # [T*k, D]
+    return torch.bmm(weights.to(y.dtype).unsqueeze(1), per_choice.view(T, k, -1)).squeeze(1)
 
 
 class LocalDispatcher:
@@ -82,9 +147,10 @@ class LocalDispatcher:
             mask[order[~keep]] = False
             weights = weights * mask.view(T, k)
             order, counts = order[keep], counts.clamp(max=capacity)
-        x_sorted = x[order // k]  # [N, D]
-        return Done(Dispatched(x_sorted, counts, order, T * k, weights, dropped))
+        inverse, sent = inverse_order(order, T * k)
+        x_sorted = expand_rows(x, order, inverse, sent, k)  # [N, D]
+        return Done(Dispatched(x_sorted, counts, order, T * k, weights, dropped, inverse=inverse, sent=sent))
 
     def combine(self, y: torch.Tensor, d: Dispatched) -> Done:
         # y: [N, D] expert outputs in dispatch order
-        return Done(unpermute(y, d.order, d.weights, d.num_choices))
+        return Done(unpermute(y, d.order, d.weights, d.num_choices, d.inverse, d.sent))

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from moestack.moe.dispatch import Dispatched, sort_by_expert, unpermute
+from moestack.moe.dispatch import Dispatched, expand_rows, gather_rows, inverse_order, sort_by_expert, unpermute
 from moestack.moe.experts import GroupedExperts
 from moestack.moe.router import Routing
 from moestack.parallel.mesh import ParallelContext
@@ -117,20 +117,23 @@ class EPDispatcher:
         # rows arrive grouped by (source rank, slot): regroup them by slot for the grouped GEMM
         slot_of_row = torch.repeat_interleave(torch.arange(El).repeat(G), recv_cpu.flatten()).to(x.device)
         regroup = torch.argsort(slot_of_row, stable=True)
+        ungroup, _ = inverse_order(regroup, regroup.numel())
         counts = recv_cpu.sum(0).to(x.device)
+        inverse, _ = inverse_order(order, T * k)
 
         def finish(received: torch.Tensor) -> Dispatched:
-            extra = {"in_splits": in_splits, "out_splits": out_splits, "regroup": regroup}
-            return Dispatched(received[regroup], counts, order, T * k, routing.weights, 0, extra)
+            extra = {"in_splits": in_splits, "out_splits": out_splits, "regroup": regroup, "ungroup": ungroup}
+            rows = gather_rows(received, regroup, ungroup)
+            return Dispatched(rows, counts, order, T * k, routing.weights, 0, extra, inverse=inverse)
 
-        return all_to_all_async(x[order // k], in_splits, out_splits, self.group, finish)
+        return all_to_all_async(expand_rows(x, order, inverse, None, k), in_splits, out_splits, self.group, finish)
 
     def combine(self, y: torch.Tensor, d: Dispatched) -> A2AHandle:
         e = d.extra
-        back = torch.empty_like(y).index_copy(0, e["regroup"], y)  # undo the regrouping: [N_recv, D]
+        back = gather_rows(y, e["ungroup"], e["regroup"])  # undo the regrouping: [N_recv, D]
 
         def finish(returned: torch.Tensor) -> torch.Tensor:
-            return unpermute(returned, d.order, d.weights, d.num_choices)
+            return unpermute(returned, d.order, d.weights, d.num_choices, d.inverse)
 
         return all_to_all_async(back, e["out_splits"], e["in_splits"], self.group, finish)
 
