@@ -6,7 +6,9 @@
                                                               # (a synthetic step of --step-ms)
 
 For each method: the time the training loop is blocked per checkpoint, the time until the checkpoint is
-committed (durable on disk), and the bytes written; medians over --reps after one warm-up save.
+committed (durable on disk), and the bytes written; medians over --reps after one warm-up save. moestack's
+blocked time includes its wait for the snapshot's device-to-host copy (CUDA), which the measured saves take
+right away (no step to overlap); the throughput loop waits just before its in-place update instead.
 The state is moestack-like: dense tensors, expert-stacked tensors [E, d, f] and AdamW moments for all
 (fp32: 12 bytes per parameter). Prints a table and appends one JSON line per method to
 $OUT/checkpoint.jsonl (or bench/results/checkpoint.jsonl).
@@ -95,12 +97,19 @@ def build_state(s: dict[str, int], device: torch.device) -> tuple[dict[str, torc
 
 # ---------------------------------------------------------------------------- one saver per method
 # saver(state, work, step) -> (blocked_s, committed_s, bytes): committed_s counts from the call until the
-# checkpoint is durable on disk. saver.start(...) saves inside the throughput loop; saver.close() finishes.
+# checkpoint is durable on disk. saver.start(...) saves inside the throughput loop; saver.wait_snapshot()
+# comes right before the loop's in-place update of the state; saver.close() finishes.
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _sync_stream(device: torch.device) -> None:
+    """Wait for the training stream only (like loss.item()), not for a snapshot copy on a side stream."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _du(path: Path) -> int:
@@ -125,6 +134,10 @@ class TorchSave:
         return blocked, committed, size
 
     start = __call__
+
+    def wait_snapshot(self) -> float:
+        """Nothing to wait for: the state was copied (or written) before `start` returned."""
+        return 0.0
 
     def finish(self) -> None:
         """Nothing in flight."""
@@ -171,6 +184,10 @@ class DcpAsyncSave:
         path = work / f"dcp-async-{step}"
         self.pending = (dcp.async_save(state[0], checkpoint_id=str(path)), path)
 
+    def wait_snapshot(self) -> float:
+        """Nothing to wait for: async_save stages the state on the CPU before it returns."""
+        return 0.0
+
     def finish(self) -> None:
         """Wait for the save in flight and delete it."""
         path = self.close()
@@ -202,6 +219,7 @@ class MoestackSave:
 
     def __call__(self, state, work: Path, step: int) -> tuple[float, float, int]:
         handle = self.start(state, work, step)
+        self.manager(work).wait_snapshot()  # no step to overlap the copy with: wait now, added to blocked_s
         self.manager(work).wait()
         return handle.blocked_s, handle.persist_s, handle.total_bytes
 
@@ -209,6 +227,10 @@ class MoestackSave:
         """Snapshot and return; the persist goes on in the background."""
         tensors, experts, tokens = state
         return self.manager(work).save(step, tensors, experts, {"step": step}, tokens)
+
+    def wait_snapshot(self) -> float:
+        """Wait for the snapshot copies in flight (CUDA); the seconds waited, added to their handles' blocked_s."""
+        return sum(mgr.wait_snapshot() for mgr in self.managers.values())
 
     def finish(self) -> None:
         """Wait until the checkpoint in flight is committed."""
@@ -257,7 +279,10 @@ def calibrate(step_ms: float, device: torch.device) -> int:
 
 def throughput(name: str, saver, state, work: Path, steps: int, every: int, matmuls: int, device) -> dict:
     """Steps per second of a synthetic training loop (matmuls, then an in-place update of every state
-    tensor, like an optimizer step) with a checkpoint every `every` steps (`saver` None: none)."""
+    tensor, like an optimizer step) with a checkpoint every `every` steps (`saver` None: none).
+
+    As in the trainer, the saver's snapshot copy may overlap the next step's compute and is waited for
+    right before the update; each step ends waiting for the training stream only (like loss.item())."""
     a = torch.randn(_MATMUL_N[device.type], _MATMUL_N[device.type], device=device)
     floats = [t for t in state[0].values() if t.is_floating_point() and t.device.type == device.type]
     work.mkdir(parents=True, exist_ok=True)
@@ -266,10 +291,13 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
     for step in range(1, steps + 1):
         for _ in range(matmuls):
             a = torch.tanh(a @ a)  # the step's compute
+        if saver is not None:
+            saver.wait_snapshot()  # the state changes in place next: the last snapshot must be complete
         torch._foreach_mul_(floats, 1.0 - 1e-7)
         if saver is not None and step % every == 0:
             saver.start(state, work, _LOOP_STEP0 + step)  # after the measured saves' steps
-        _sync(device)
+        _sync_stream(device)
+    _sync(device)
     elapsed = time.perf_counter() - t0
     if saver is not None:
         saver.finish()

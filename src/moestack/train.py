@@ -130,6 +130,9 @@ class Trainer:
         ep_parallel.finish_gradients(self.model, self.ctx)
         if self.cfg.train.grad_clip > 0:
             ep_parallel.clip_grad_norm(self.model, self.cfg.train.grad_clip, self.ctx)
+        # the last checkpoint's device-to-host copy ran during forward and backward; from here on the
+        # saved state changes in place (optimizer, scheduler, router bias), so it must be complete
+        self.ckpt.wait_snapshot()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()

@@ -2,8 +2,10 @@
 
 save():  [main thread]  agree with the other ranks (busy? layout changed? errors?), choose the PEC
                         experts, plan who writes what, snapshot this rank's share into reused host
-                        buffers (level 1, snapshot.py), return.
-         [persist thread] write this rank's shard, rank 0 commits (level 2, persist.py).
+                        buffers (level 1, snapshot.py; on CUDA the copies are only queued), return.
+         [main thread, later] wait_snapshot() before the state changes in place (the optimizer step):
+                        the device-to-host copies overlap the next forward and backward until then.
+         [persist thread] wait for those copies, write this rank's shard, rank 0 commits (level 2, persist.py).
 Collectives happen only in the main thread, inside save / wait / load / close (all collective calls);
 the persist threads talk through files in the shared checkpoint directory, never through the group.
 """
@@ -52,6 +54,7 @@ class CheckpointManager:
         self._persister = Persister(self.root, self.rank, self.world_size, cfg.keep, cfg.commit_timeout_s)
         self._snap = Snapshotter()
         self._handle: SaveHandle | None = None
+        self._copying: SaveHandle | None = None  # the checkpoint whose snapshot copies may still run
         self._thread: threading.Thread | None = None
         self._failed_prev: pec.PecState | None = None
         self._pec: pec.PecState | None = None
@@ -83,8 +86,10 @@ class CheckpointManager:
         full: save every expert whatever `pec_k` says (the trainer does this at the last step).
 
         expert_tokens: int64 [L, E], tokens each global expert processed since the previous call
-        (already summed over ranks); it drives load-aware PEC and PLT. Returns once the state may change.
+        (already summed over ranks); it drives load-aware PEC and PLT. On CUDA it returns with the snapshot
+        copies still running: call `wait_snapshot` before changing the saved tensors in place.
         """
+        self.wait_snapshot()  # charged to the previous checkpoint's blocked_s, not to this one
         t0 = time.perf_counter()
         meta = json.loads(json.dumps(dict(meta)))  # JSON only, never pickle; fails early on bad meta
         layout = local_layout(tensors, experts)
@@ -100,8 +105,21 @@ class CheckpointManager:
         handle.blocked_s = time.perf_counter() - t0
         return handle
 
+    def wait_snapshot(self) -> float:
+        """Block until the newest checkpoint's snapshot copies are complete (local); the seconds waited.
+
+        Call it before the saved state changes in place; the time is added to that checkpoint's `blocked_s`.
+        Returns 0.0 when nothing is in flight (always on CPU, where `save` copies synchronously).
+        """
+        waited = self._snap.wait()
+        if self._copying is not None:
+            self._copying.blocked_s += waited
+            self._copying = None
+        return waited
+
     def wait(self) -> None:
         """Block until the in-flight checkpoint is committed (collective); raise CheckpointError if it failed."""
+        self.wait_snapshot()
         self._join_local()
         self._check_errors(self._exchange({"error": self._local_error()}))
 
@@ -113,6 +131,7 @@ class CheckpointManager:
             self.wait()
         finally:
             self._closed = True
+            self.wait_snapshot()  # again, in case wait() raised before it: never free buffers mid-copy
             self._snap.close()
 
     def latest_good(self) -> Path | None:
@@ -198,7 +217,8 @@ class CheckpointManager:
     def _start(self, step: int, tensors: Mapping[str, torch.Tensor], experts: Mapping[str, ExpertShard],
                meta: dict[str, Any], selected: list[list[int]], k: int, t0: float) -> SaveHandle:
         items = plan_shards(self._layouts, selected)[self.rank]
-        host = self._snap.snapshot(_sources(items, tensors, experts))  # level 1
+        self._join_local()  # no-op (the caller made sure no persist runs): it may no longer read the buffers
+        host = self._snap.snapshot(_sources(items, tensors, experts))  # level 1; CUDA copies still running
         prev, self._pec = self._pec, self._pec.after_save(step, selected)
         plt = self._pec.plt() if self._tokens_counted else None
         self._seq += 1
@@ -206,8 +226,9 @@ class CheckpointManager:
         handle = SaveHandle(step, skipped=False, selected=selected, plt=plt)
         job = Job(step, self.root / f".tmp-{step_dir_name(step)}-{uid}", self.root / step_dir_name(step), host,
                    {it.key: _record(it) for it in items},
-                   self._manifest(step, uid, selected, k, plt, meta) if self.rank == 0 else None, handle, t0)
-        self._handle, self._failed_prev = handle, prev
+                   self._manifest(step, uid, selected, k, plt, meta) if self.rank == 0 else None, handle, t0,
+                   copies=self._snap.pending())
+        self._handle, self._failed_prev, self._copying = handle, prev, handle
         if self.cfg.async_save:
             self._thread = threading.Thread(target=self._persister.run, args=(job,), name=f"ckpt-persist-{step}")
             self._thread.start()

@@ -17,7 +17,7 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,9 @@ _POLL_S = 0.01
 class SaveHandle:
     """What `save` returns once the snapshot is taken; the persist may still be running.
 
-    blocked_s: time `save` kept the training loop waiting. After `wait()`: bytes_written (this rank),
+    blocked_s: time `save` kept the training loop waiting, plus, once the manager's `wait_snapshot` (or
+    the next save / wait / load / close) ran, the time it waited there for this checkpoint's device-to-host
+    copies (CUDA; they overlap the next step until then). After `wait()`: bytes_written (this rank),
     persist_s (from the call to save to this rank's part written; on rank 0 to the commit), and on
     rank 0 path (the committed directory) and total_bytes (all ranks). error: what failed, if anything.
     """
@@ -73,6 +75,7 @@ class Job:
     manifest: dict[str, Any] | None  # rank 0: everything but "files"
     handle: SaveHandle
     t0: float
+    copies: list[torch.cuda.Event] = field(default_factory=list)  # `host` is valid once these completed
 
 
 class Persister:
@@ -86,6 +89,8 @@ class Persister:
         """Write this rank's shard and part file; on rank 0 also commit. Errors go to `job.handle.error`."""
         handle = job.handle
         try:
+            for event in job.copies:  # the snapshot's CUDA copies may still be writing `host`
+                event.synchronize()
             job.tmp.mkdir(parents=True, exist_ok=True)
             files = {}
             if job.host:

@@ -1,7 +1,12 @@
-"""Level 1 of the two-level checkpoint: a consistent in-memory copy of the state, into reused host buffers."""
+"""Level 1 of the two-level checkpoint: a consistent in-memory copy of the state, into reused host buffers.
+
+On CUDA the copy runs on a side stream while training goes on; it is consistent as long as nobody changes
+the state in place before `Snapshotter.wait` (the model state only changes at the optimizer step).
+"""
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -13,7 +18,8 @@ class BufferPool:
 
     Pinned (page-locked) when CUDA is available, so device-to-host copies run asynchronously at full
     bandwidth; allocating pinned memory is slow, hence the reuse. A snapshot takes buffers with `take`;
-    `release_all` hands them all back once the persist that read them has finished.
+    `release_all` hands them all back once the copies into them have completed (`Snapshotter.wait`) and
+    the persist that read them has finished (the caller's part).
     """
 
     def __init__(self, pin: bool):
@@ -50,27 +56,46 @@ class BufferPool:
 class Snapshotter:
     """Copies tensors (views allowed) into pool buffers; CUDA copies go on a side stream.
 
-    `snapshot` returns once the copies are complete, so training may modify its tensors right after.
+    On CUDA `snapshot` returns with the device-to-host copies queued, not done, so they overlap what the
+    training stream runs next (the next step's forward and backward); the sources must not change in
+    place before `wait` (the trainer calls it right before the optimizer step). CPU copies are complete
+    when `snapshot` returns.
     """
 
     def __init__(self, pin: bool | None = None):
         self.pool = BufferPool(torch.cuda.is_available() if pin is None else pin)
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._events: list[torch.cuda.Event] = []  # the newest snapshot's CUDA copies
+        self._sources: dict[str, torch.Tensor] | None = None  # kept alive while copies read them
 
     def snapshot(self, sources: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Host copies of `sources` (key -> tensor), in reused buffers."""
+        """Host copies of `sources` (key -> tensor), in reused buffers; CUDA copies complete at `wait`."""
+        self.wait()  # the buffers handed back below may still be written by the previous snapshot's copies
         self.pool.release_all()
         out = {key: self.pool.take(t.shape, t.dtype) for key, t in sources.items()}
-        events = []
         for device, keys in _by_device(sources).items():
             if device.type == "cuda":
-                events.append(self._copy_cuda(device, keys, sources, out))
+                self._events.append(self._copy_cuda(device, keys, sources, out))
             else:
                 for key in keys:
                     copy_cpu(out[key], sources[key])
-        for event in events:
-            event.synchronize()
+        if self._events:  # a source freed now could have its memory reused before the copy read it
+            self._sources = sources
         return out
+
+    def pending(self) -> list[torch.cuda.Event]:
+        """Events recorded after the newest snapshot's CUDA copies; its buffers are valid once they completed."""
+        return list(self._events)
+
+    def wait(self) -> float:
+        """Block until the newest snapshot's copies are complete; the seconds waited (0.0 with none in flight)."""
+        if not self._events:
+            return 0.0
+        t0 = time.perf_counter()
+        for event in self._events:
+            event.synchronize()
+        self._events, self._sources = [], None
+        return time.perf_counter() - t0
 
     def _copy_cuda(self, device: torch.device, keys: list[str], sources: dict[str, torch.Tensor],
                    out: dict[str, torch.Tensor]) -> torch.cuda.Event:
@@ -81,12 +106,13 @@ class Snapshotter:
         with torch.cuda.stream(stream):
             for key in keys:
                 out[key].copy_(sources[key], non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)  # waiters sleep instead of spinning a core
             event.record(stream)
         return event
 
     def close(self) -> None:
-        """Release the buffers."""
+        """Wait for the copies in flight, then release the buffers."""
+        self.wait()
         self.pool.clear()
 
 
