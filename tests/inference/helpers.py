@@ -44,8 +44,8 @@ def hidden_batches(n: int, tokens: int = 64, seed: int = 1) -> list[torch.Tensor
 
 
 class RowCounter:
-    """Counts the rows each call of a GroupedExperts receives (a forward pre-hook)."""
+    """Counts the rows each call of a GroupedExperts computes (its output rows; a forward hook)."""
 
     def __init__(self, experts):
         self.rows: list[int] = []
-        self.handle = experts.register_forward_pre_hook(lambda mod, args: self.rows.append(args[0].shape[0]))
+        self.handle = experts.register_forward_hook(lambda mod, args, out: self.rows.append(out.shape[0]))

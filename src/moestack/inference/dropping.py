@@ -84,16 +84,15 @@ class ThenHandle:
 
 
 def sort_by_parts(parts_run: torch.Tensor, slot: torch.Tensor, num_slots: int, parts: int):
-    """Order rows for `PartExperts`: (order [M] of the rows with j >= 1, counts [P, slots], sizes per j).
+    """Order rows for `PartExperts`: (order [R], counts [P, slots] rows per (parts run - 1, slot)).
 
-    parts_run, slot: [R] parts to run (0..P) and expert slot of each row. Rows are sorted by (j, slot) with
-    j ascending; rows with j = 0 sort last and are cut off. One host sync (the sizes).
+    parts_run, slot: [R] parts to run (0..P) and expert slot of each row. Rows are sorted by (j, slot),
+    j ascending, and rows with j = 0 sort last (PartExperts never reads them). No host sync.
     """
     key = torch.where(parts_run > 0, (parts_run - 1) * num_slots + slot, parts * num_slots)  # [R]
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=parts * num_slots + 1)[: parts * num_slots].view(parts, num_slots)
-    sizes = counts.sum(dim=1).tolist()  # rows running j = 1..P parts
-    return order[: sum(sizes)], counts, sizes
+    return order, counts
 
 
 def work_per_expert(counts: torch.Tensor) -> torch.Tensor:
@@ -119,7 +118,8 @@ class DualSparseDispatcher(nn.Module):
         self.register_buffer("table", torch.zeros(TABLE_SIZE))  # calibration score quantiles
         self.register_buffer("expert_rank", torch.zeros(num_experts, dtype=torch.int64))  # [E] EP rank
         self.drop_rate, self.load_aware, self.num_ranks, self.max_rank_rate = 0.0, False, 1, 1.0
-        self.skipped = self.total = 0
+        self.total = 0  # sub-expert computations asked for since the last reset
+        self._ran: torch.Tensor | None = None  # ... and run (a device scalar: counting costs no host sync)
         self.last_counts: torch.Tensor | None = None  # [P, E] rows running j = 1..P parts, last forward
 
     def set_ranks(self, expert_rank: list[int]) -> None:
@@ -159,27 +159,37 @@ class DualSparseDispatcher(nn.Module):
             return torch.full_like(routing.expert_ids, self.parts)
         return keep.view(*routing.expert_ids.shape, self.parts).sum(dim=-1)
 
-    def record(self, counts: torch.Tensor, sizes: list[int], choices: int) -> None:
-        """Count the sub-expert computations run and skipped (sizes: rows running j = 1..P parts)."""
-        ran = sum(j * n for j, n in enumerate(sizes, start=1))
-        self.total += choices * self.parts
-        self.skipped += choices * self.parts - ran
-        self.last_counts = counts
+    def record(self, parts_run: torch.Tensor) -> None:
+        """Count the sub-expert computations asked for and run (parts_run: [choices] 0..P)."""
+        ran = parts_run.sum()
+        self._ran = ran if self._ran is None else self._ran + ran
+        self.total += parts_run.numel() * self.parts
+
+    @property
+    def skipped(self) -> int:
+        """Sub-expert computations skipped since the last reset (reading it syncs with the device)."""
+        return self.total - (int(self._ran) if self._ran is not None else 0)
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
-        """Choices with work left, each row once, sorted by (parts to run, expert) (a done handle)."""
+        """Every choice's row, sorted by (parts to run, expert), the dropped ones last (a done handle).
+
+        No host sync here: the experts read the segment sizes once (`PartExperts.forward`) and never
+        compute the dropped rows at the end; gathering them too costs less than a second sync per layer.
+        """
         # x: [T, D]
         T, k = routing.expert_ids.shape
         j = self.parts_to_run(routing).flatten()  # [T*k]
-        order, counts, sizes = sort_by_parts(j, routing.expert_ids.flatten(), self.num_experts, self.parts)
-        self.record(counts, sizes, T * k)
-        inverse, sent = inverse_order(order, T * k)
-        x_sorted = expand_rows(x, order, inverse, sent, k)  # [M, D]: dropped choices never reach the experts
+        order, counts = sort_by_parts(j, routing.expert_ids.flatten(), self.num_experts, self.parts)
+        self.record(j)
+        self.last_counts = counts
+        inverse, _ = inverse_order(order, T * k)
+        sent = (j > 0) if self.drop_rate > 0 else None  # choices with a row the experts compute
+        x_sorted = expand_rows(x, order, inverse, None, k)  # [T*k, D]
         return Done(Dispatched(x_sorted, counts, order, T * k, routing.weights, inverse=inverse, sent=sent))
 
     def combine(self, y: torch.Tensor, d: Dispatched):
         """Each token's sum of its expert outputs (kept parts only) times the gate values: [T, D]."""
-        # y: [M, D] in dispatch order
+        # y: [M, D], the first M rows of the dispatch order (the choices with work)
         return Done(unpermute(y, d.order, d.weights, d.num_choices, d.inverse, d.sent))
 
     def achieved_rate(self) -> float:
@@ -188,4 +198,4 @@ class DualSparseDispatcher(nn.Module):
 
     def reset_stats(self) -> None:
         """Zero the skipped/total counters."""
-        self.skipped = self.total = 0
+        self.total, self._ran = 0, None

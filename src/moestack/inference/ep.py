@@ -37,9 +37,7 @@ class EPDualSparseDispatcher(DualSparseDispatcher):
         T, k = routing.expert_ids.shape
         j = self.parts_to_run(routing).flatten()  # [T*k]
         pairs = (j > 0).nonzero().squeeze(1)  # [M] choices with work left
-        ran = int(j.sum())
-        self.total += T * k * self.parts
-        self.skipped += T * k * self.parts - ran
+        self.record(j)
         ids = routing.expert_ids.flatten()[pairs]  # [M]
         ones = torch.ones(pairs.numel(), 1, device=x.device)  # the gate weights are applied at home, below
         pseudo = Routing(ids.unsqueeze(1), ones, torch.bincount(ids, minlength=self.num_experts),
@@ -52,14 +50,14 @@ class EPDualSparseDispatcher(DualSparseDispatcher):
         """Received rows [R, D + 1] grouped by local expert -> rows with work sorted by (parts, expert)."""
         D = d.x.shape[-1] - 1
         slot = torch.repeat_interleave(torch.arange(d.counts.numel(), device=d.x.device), d.counts)  # [R]
-        order, counts, sizes = sort_by_parts(d.x[:, D].round().long(), slot, d.counts.numel(), self.parts)
+        order, counts = sort_by_parts(d.x[:, D].round().long(), slot, d.counts.numel(), self.parts)
         self.last_counts = counts
         return Dispatched(d.x[order, :D], counts, order, d.num_choices, d.weights, 0,
                           {"dualsparse": (d, order, home)})
 
     def combine(self, y: torch.Tensor, d: Dispatched):
         """Rows back into received order, home by all-to-all, then summed into their tokens: [T, D]."""
-        # y: [M_recv, D] in (parts, expert) order; every received row has work, so the order is a permutation
+        # y: [R, D] in (parts, expert) order; every received row has work, so the order is a permutation
         received, order, home = d.extra["dualsparse"]
         rows = y.new_empty(received.x.shape[0], y.shape[-1]).index_copy_(0, order, y)  # [R, D]
         pairs, weights, choices = home["pairs"], home["weights"], home["choices"]

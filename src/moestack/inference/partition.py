@@ -76,6 +76,7 @@ class PartExperts(GroupedExperts):
     parts of every expert are the first 2jf columns of w13 and the first jf rows of w2: one grouped GEMM
     pair per j runs exactly the kept neurons of the rows that need j parts, and each row is gathered once.
     forward(x, counts): x [N, D] sorted by (j, expert), j ascending; counts [P, E] rows per (j - 1, expert).
+    Rows after the counted ones (choices with nothing to run) are ignored; the output has the counted rows.
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, parts: int, impl: str = "auto"):
@@ -87,8 +88,9 @@ class PartExperts(GroupedExperts):
         P, f = self.parts, self.d_ff // self.parts
         w13, w2 = self.w13.to(x.dtype), self.w2.to(x.dtype)
         grouped = self.use_grouped_mm(x)
+        sizes = counts.sum(dim=1).tolist()  # the layer's one host sync
         outs = []
-        for j, xj, cj in zip(range(1, P + 1), x.split(counts.sum(dim=1).tolist()), counts):
+        for j, xj, cj in zip(range(1, P + 1), x[: sum(sizes)].split(sizes), counts):
             if xj.shape[0] == 0:
                 continue
             h = self._mm(xj, w13[:, :, : 2 * j * f], cj, grouped).view(-1, j, 2, f)  # [n, j, (gate, up), f]

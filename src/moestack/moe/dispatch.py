@@ -114,16 +114,21 @@ def unpermute(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_c
               inverse: torch.Tensor | None = None, sent: torch.Tensor | None = None) -> torch.Tensor:
     """Sum each token's expert outputs with its weights: y [N, D] rows of choices `order` -> [T, D].
 
-    Choices without a row count as zero. One gather into token order and one batched [1, k] x [k, D]
-    product per token; no zero-filled scatter buffer and no atomics, forward or backward.
+    Choices without a row count as zero (`sent` False). y may hold fewer rows than `order` when the
+    choices after its first N rows have none (DualSparse's dropped choices sort last). One gather into
+    token order and one batched [1, k] x [k, D] product per token; no zero-filled scatter buffer and no
+    atomics, forward or backward.
     """
     T, k = weights.shape
-    if y.shape[0] == 0:
+    N = y.shape[0]
+    if N == 0:
         return y.new_zeros(T, y.shape[-1])
     if inverse is None:
         inverse, sent = inverse_order(order, num_choices)
     if sent is not None:
         weights = weights * sent.view(T, k)  # rows read for unsent choices are multiplied by zero
+    if N < order.numel():
+        inverse, order = inverse.clamp(max=N - 1), order[:N]
     per_choice = gather_rows(y, inverse, order)  # [T*k, D]
     return torch.bmm(weights.to(y.dtype).unsqueeze(1), per_choice.view(T, k, -1)).squeeze(1)
 

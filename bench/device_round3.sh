@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Device calls of 2026-11-25 (second session): A = GPU tests, permutation round trip, DualSparse speed,
+# profile; B = checkpoint overhead and throughput at >= 1B parameters. Results in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-bench/results}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
+case "${1:-}" in
+A)
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -3
+  timeout 120 python3 bench/combine.py --reps 20 2>&1 | grep -v "^{" | tee "$OUT/combine.log"
+  timeout 150 python3 bench/dualsparse.py --study speed,load --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
+  timeout 40 python3 bench/profile_moe.py --shape qwen3_moe --tokens 16384 --rates 0.25 --rows 16 > /dev/null 2>&1
+  ;;
+B)
+  df -h /tmp | tail -1 | tee "$OUT/disk.txt"
+  dd if=/dev/zero of=/tmp/dd.bin bs=16M count=256 oflag=direct conv=fsync 2>&1 | tail -1 | tee -a "$OUT/disk.txt"; rm -f /tmp/dd.bin
+  timeout 540 python3 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp --train-steps 200 --every 50 2>&1 \
+    | grep -v "^{" | tee "$OUT/checkpoint.log"
+  ;;
+*) echo "usage: $0 A | B" >&2; exit 2 ;;
+esac
