@@ -1,12 +1,13 @@
 """Token permutation round trip of an MoE layer: dispatch gather + combine, forward and forward+backward.
 
-    python bench/combine.py                  # GPU: Mixtral-, OLMoE- and Qwen3-MoE-like shapes, bf16
+    python bench/combine.py                  # GPU: Mixtral-, DBRX-, OLMoE-, Qwen3-MoE-like shapes, bf16
     python bench/combine.py --quick          # CPU smoke run
 
-Compares, in one run, moestack's path (`expand_rows` gather, `unpermute`: gather into token order and a
-batched [1, k] x [k, D] product) with two alternatives on the same routing: the scatter path moestack used
-before (autograd indexing, zero-filled [T*k, D] buffer, index_copy, broadcast multiply, sum) and gather
-followed by a broadcast multiply and sum. The experts are a stand-in (y = 2x) so only data movement counts.
+Compares, in one run and on the same routing, moestack's path (`expand_rows` gather, `unpermute`: gather
+into token order and a weighted sum per token) with its two weighted-sum variants (a batched [1, k] x
+[k, D] product; multiply and sum) and with the scatter path moestack used before (autograd indexing,
+zero-filled [T*k, D] buffer, index_copy, broadcast multiply, sum). The experts are a stand-in (y = 2x),
+so only data movement counts.
 """
 
 from __future__ import annotations
@@ -22,15 +23,26 @@ from common import device_name, print_table, time_fn, write_results  # noqa: E40
 
 from moestack.moe.dispatch import expand_rows, gather_rows, inverse_order, sort_by_expert, unpermute  # noqa: E402
 
-SHAPES = {"mixtral": (4096, 8, 2), "olmoe": (2048, 64, 8), "qwen3_moe": (2048, 128, 8), "cpu": (256, 8, 2)}
+SHAPES = {"mixtral": (4096, 8, 2), "dbrx": (6144, 16, 4), "olmoe": (2048, 64, 8), "qwen3_moe": (2048, 128, 8),
+          "cpu": (256, 8, 2)}
 
 
 def moestack_path(x, ids, w, E):
+    """moestack's LocalDispatcher path (multiply-and-sum at k <= 2, bmm above)."""
     T, k = ids.shape
     order, _ = sort_by_expert(ids, E)
     inverse, _ = inverse_order(order, T * k)
     y = expand_rows(x, order, inverse, None, k) * 2
     return unpermute(y, order, w, T * k, inverse)
+
+
+def gather_bmm(x, ids, w, E):
+    T, k = ids.shape
+    order, _ = sort_by_expert(ids, E)
+    inverse, _ = inverse_order(order, T * k)
+    y = expand_rows(x, order, inverse, None, k) * 2
+    per_choice = gather_rows(y, inverse, order).view(T, k, -1)
+    return torch.bmm(w.to(y.dtype).unsqueeze(1), per_choice).squeeze(1)
 
 
 def gather_mul_sum(x, ids, w, E):
@@ -50,7 +62,7 @@ def scatter_before(x, ids, w, E):
     return (full.view(T, k, -1) * w.to(y.dtype).unsqueeze(-1)).sum(dim=1)
 
 
-PATHS = {"moestack (gather + bmm)": moestack_path, "gather + mul + sum": gather_mul_sum,
+PATHS = {"moestack": moestack_path, "gather + bmm": gather_bmm, "gather + mul + sum": gather_mul_sum,
          "scatter (before)": scatter_before}
 
 
@@ -63,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    shapes = (args.shapes or ("mixtral,olmoe,qwen3_moe" if device == "cuda" else "cpu")).split(",")
+    shapes = (args.shapes or ("mixtral,dbrx,olmoe,qwen3_moe" if device == "cuda" else "cpu")).split(",")
     token_list = [int(t) for t in (args.tokens or ("8192,32768" if device == "cuda" else "1024")).split(",")]
     rows = []
     for shape in shapes:

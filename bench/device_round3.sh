@@ -19,5 +19,16 @@ B)
   timeout 540 python3 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp --train-steps 200 --every 50 2>&1 \
     | grep -v "^{" | tee "$OUT/checkpoint.log"
   ;;
-*) echo "usage: $0 A | B" >&2; exit 2 ;;
+C1)
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -3
+  timeout 200 python3 bench/moe_layer.py --reps 10 --skip-loop 2>&1 | grep -v "^{" | tee "$OUT/moe_layer.log"
+  timeout 150 python3 bench/combine.py --reps 20 2>&1 | grep -v "^{" | tee "$OUT/combine.log"
+  timeout 150 python3 bench/dualsparse.py --study speed --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
+  ;;
+C2)
+  timeout 280 python3 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp 2>&1 | grep -v "^{" | tee "$OUT/checkpoint.log"
+  timeout 280 python3 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp --methods moestack_full,moestack_pec \
+    --train-steps 200 --every 50 2>&1 | grep -v "^{" | tee "$OUT/checkpoint_loop.log"
+  ;;
+*) echo "usage: $0 A | B | C1 | C2" >&2; exit 2 ;;
 esac

@@ -190,13 +190,13 @@ def test_resume_from_older_step_moves_newer_aside(tmp_path):
 
 def test_when_busy_skip_and_wait(tmp_path, monkeypatch, caplog):
     gate = threading.Event()
-    real = persist.write_shard
+    real = persist.write_shards
 
-    def slow_write(path, tensors):
+    def slow_write(directory, rank, tensors):
         gate.wait(10)
-        return real(path, tensors)
+        return real(directory, rank, tensors)
 
-    monkeypatch.setattr(persist, "write_shard", slow_write)
+    monkeypatch.setattr(persist, "write_shards", slow_write)
     mgr = CheckpointManager(tmp_path, CheckpointConfig(when_busy="skip", pec_k=2, keep=5))
     tensors, experts = make_state(1)
     tok = torch.ones(2, NUM_EXPERTS, dtype=torch.int64)
@@ -223,13 +223,13 @@ def test_when_busy_skip_and_wait(tmp_path, monkeypatch, caplog):
 def test_failed_persist_raises_and_keeps_previous(tmp_path, monkeypatch):
     mgr = CheckpointManager(tmp_path, CheckpointConfig(pec_k=4, keep=5))
     _save_steps(mgr, [1, 2])  # 1 full, 2: experts 0-3
-    real = persist.write_shard
-    monkeypatch.setattr(persist, "write_shard", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    real = persist.write_shards
+    monkeypatch.setattr(persist, "write_shards", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     tensors, experts = make_state(3)
     mgr.save(3, tensors, experts, {})
     with pytest.raises(CheckpointError, match="disk full"):
         mgr.wait()
-    monkeypatch.setattr(persist, "write_shard", real)
+    monkeypatch.setattr(persist, "write_shards", real)
     (h,) = _save_steps(mgr, [4])
     assert h.selected[0] == [4, 5, 6, 7]  # step 3 never landed, so 4-7 are still the oldest copies
     assert _steps(tmp_path) == [1, 2, 4]

@@ -104,3 +104,28 @@ def test_write_shard_streams_a_file_safetensors_reads_back_with_its_sha256(tmp_p
     for name, t in tensors.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
     assert rec == {"bytes": (tmp_path / "s.safetensors").stat().st_size, "sha256": sha256_file(tmp_path / "s.safetensors")}
+
+
+def test_a_large_share_is_split_into_files_written_in_parallel_and_loads_back(tmp_path, monkeypatch):
+    from moestack.checkpoint import storage
+
+    monkeypatch.setattr(storage, "FILE_BYTES", 600)  # this state is a few KiB: several files
+    mgr = CheckpointManager(tmp_path, CheckpointConfig(keep=5))
+    tensors, experts = make_state(3)
+    mgr.save(3, tensors, experts, {"step": 3})
+    mgr.wait()
+    (_, path), = list_committed(tmp_path / "ckpt")
+    names = sorted(p.name for p in path.glob("*.safetensors"))
+    assert len(names) > 2 and "rank-00000.safetensors" in names and "rank-00000-1.safetensors" in names
+    assert verify(path) == []
+    loaded, meta, _ = mgr.load()
+    mgr.close()
+    assert meta["step"] == 3 and set(loaded) == set(tensors)
+    for key, t in tensors.items():
+        assert torch.equal(loaded[key], t), key
+    shard = path / "rank-00000-1.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    problems = verify(path)
+    assert len(problems) == 1 and str(shard) in problems[0]

@@ -1,7 +1,7 @@
 """Level 2 of the two-level checkpoint: persist a snapshot, commit it atomically, apply retention.
 
 Commit protocol (no collectives: it runs in a background thread on every rank):
-  1. every rank writes rank-R.safetensors into the shared .tmp-step-N-<uid>/ and fsyncs it, then
+  1. every rank writes rank-R.safetensors (rank-R-1..., above 1 GiB) into the shared .tmp-step-N-<uid>/ and fsyncs it, then
      writes its manifest part rank-R.json (tmp file + fsync + rename), last; a failing rank writes
      rank-R.error instead;
   2. rank 0 polls for all parts (commit_timeout_s), merges them into manifest.json (atomic write),
@@ -25,7 +25,7 @@ import torch
 
 from moestack.checkpoint.storage import (
     MANIFEST, Checkpoint, CheckpointError, commit_dir, list_committed, move_aside, part_name, read_latest,
-    remove_dir, shard_name, step_dir_name, write_json_atomic, write_latest, write_shard,
+    remove_dir, step_dir_name, write_json_atomic, write_latest, write_shards,
 )
 
 log = logging.getLogger("moestack.checkpoint")
@@ -94,9 +94,10 @@ class Persister:
             job.tmp.mkdir(parents=True, exist_ok=True)
             files = {}
             if job.host:
-                rec = write_shard(job.tmp / shard_name(self.rank), job.host)
-                files[shard_name(self.rank)] = {"rank": self.rank, **rec, "tensors": job.records}
-                handle.bytes_written = rec["bytes"]
+                for name, rec in write_shards(job.tmp, self.rank, job.host).items():
+                    keys = rec.pop("keys")
+                    files[name] = {"rank": self.rank, **rec, "tensors": {k: job.records[k] for k in keys}}
+                    handle.bytes_written += rec["bytes"]
             write_json_atomic(job.tmp / part_name(self.rank), {"rank": self.rank, "files": files})
             if self.rank == 0:
                 self._commit(job)

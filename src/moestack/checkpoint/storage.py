@@ -4,7 +4,8 @@
       latest                      "step-00000200\n", replaced atomically after each commit
       step-00000200/              one committed checkpoint (renamed into place from .tmp-step-...)
         manifest.json             format, step, world size, files (rank, bytes, sha256, tensors), PEC, PLT, meta
-        rank-00000.safetensors    the tensors rank 0 wrote (its balanced share), one file per writing rank
+        rank-00000.safetensors    the tensors rank 0 wrote (its balanced share); shares over 1 GiB
+        rank-00000-1.safetensors  are split into files of about 1 GiB (written and hashed in parallel)
       .tmp-step-00000300-<uid>/   a checkpoint being written; never read, removed at the next start
       abandoned/                  checkpoints of a timeline that a resume from an older step left behind
 """
@@ -52,9 +53,42 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def shard_name(rank: int) -> str:
-    """File name of the shard a rank writes."""
-    return f"rank-{rank:05d}.safetensors"
+def shard_name(rank: int, index: int = 0) -> str:
+    """File name of a rank's shard: rank-00003.safetensors, then rank-00003-1.safetensors, ... when split."""
+    return f"rank-{rank:05d}.safetensors" if index == 0 else f"rank-{rank:05d}-{index}.safetensors"
+
+
+FILE_BYTES = 1 << 30  # a rank's share is split into files of about this size, written and hashed in parallel
+WRITERS = 4  # files written at once per rank
+
+
+def split_by_bytes(keys: list[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:
+    """Consecutive groups of keys of at most `limit` bytes each (a larger tensor gets a group of its own)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key in keys:
+        if groups[-1] and size + nbytes[key] > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes[key]
+    return groups
+
+
+def write_shards(directory: Path, rank: int, tensors: dict[str, torch.Tensor],
+                 limit: int | None = None) -> dict[str, dict[str, Any]]:
+    """Write a rank's tensors as safetensors files of about `limit` bytes, in parallel: {file: {bytes, sha256, keys}}.
+
+    One file's sha256 is sequential, so one big file is bound by one hashing core; several files use
+    several (hashlib and writes release the GIL) and keep the disk busy.
+    """
+    nbytes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    groups = split_by_bytes(sorted(tensors), nbytes, FILE_BYTES if limit is None else limit)
+    names = [shard_name(rank, i) for i in range(len(groups))]
+    with ThreadPoolExecutor(min(WRITERS, len(groups))) as pool:
+        recs = list(pool.map(lambda ng: write_shard(directory / ng[0], {k: tensors[k] for k in ng[1]}),
+                             zip(names, groups)))
+    return {name: {**rec, "keys": group} for name, rec, group in zip(names, recs, groups)}
 
 
 def part_name(rank: int) -> str:

@@ -116,8 +116,8 @@ def unpermute(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_c
 
     Choices without a row count as zero (`sent` False). y may hold fewer rows than `order` when the
     choices after its first N rows have none (DualSparse's dropped choices sort last). One gather into
-    token order and one batched [1, k] x [k, D] product per token; no zero-filled scatter buffer and no
-    atomics, forward or backward.
+    token order and one weighted sum per token (a batched [1, k] x [k, D] product, or multiply-and-sum
+    at k <= 2); no zero-filled scatter buffer and no atomics, forward or backward.
     """
     T, k = weights.shape
     N = y.shape[0]
@@ -129,8 +129,11 @@ def unpermute(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_c
         weights = weights * sent.view(T, k)  # rows read for unsent choices are multiplied by zero
     if N < order.numel():
         inverse, order = inverse.clamp(max=N - 1), order[:N]
-    per_choice = gather_rows(y, inverse, order)  # [T*k, D]
-    return torch.bmm(weights.to(y.dtype).unsqueeze(1), per_choice.view(T, k, -1)).squeeze(1)
+    per_choice = gather_rows(y, inverse, order).view(T, k, -1)  # [T, k, D]
+    w = weights.to(y.dtype)
+    if k <= 2:  # bmm's backward on [1, 2] x [2, D] products is slow (bench/combine.py: 2.5x at k = 2)
+        return (per_choice * w.unsqueeze(-1)).sum(dim=1)
+    return torch.bmm(w.unsqueeze(1), per_choice).squeeze(1)  # faster at k = 8, forward and backward
 
 
 class LocalDispatcher:
