@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from moestack.checkpoint import CheckpointConfig, CheckpointManager, ExpertShard
+from moestack.checkpoint import CheckpointConfig, CheckpointManager, ExpertShard, storage
 
 METHODS = ("torch_save", "dcp_save", "dcp_async_save", "moestack_full", "moestack_pec")
 
@@ -50,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=0, help="also time a synthetic training loop (0 = off)")
     p.add_argument("--every", type=int, default=50, help="checkpoint every N steps in the throughput loop")
     p.add_argument("--step-ms", type=float, default=None, help="synthetic step time (default 100 CUDA, 50 CPU)")
+    p.add_argument("--write-chunk-mb", type=int, default=None, help="moestack: bytes per write/hash call (MiB)")
+    p.add_argument("--writers", type=int, default=None, help="moestack: files written at once per rank")
     return p.parse_args()
 
 
@@ -308,6 +310,12 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
 def main() -> None:
     """Run the selected methods, print the table, append JSON lines."""
     args = parse_args()
+    if args.write_chunk_mb:
+        storage.WRITE_CHUNK = args.write_chunk_mb << 20
+    if args.writers:
+        storage.WRITERS = args.writers
+    print(f"moestack writer: {storage.WRITE_CHUNK >> 20} MiB per write/hash call, {storage.WRITERS} files at once, "
+          f"files of {storage.FILE_BYTES >> 20} MiB", flush=True)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cpu":

@@ -28,7 +28,7 @@ SHAPES = {"mixtral": (4096, 8, 2), "dbrx": (6144, 16, 4), "olmoe": (2048, 64, 8)
 
 
 def moestack_path(x, ids, w, E):
-    """moestack's LocalDispatcher path (multiply-and-sum at k <= 2, bmm above)."""
+    """moestack's LocalDispatcher path (multiply-and-sum at k <= 4, bmm above)."""
     T, k = ids.shape
     order, _ = sort_by_expert(ids, E)
     inverse, _ = inverse_order(order, T * k)

@@ -30,5 +30,12 @@ C2)
   timeout 280 python3 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp --methods moestack_full,moestack_pec \
     --train-steps 200 --every 50 2>&1 | grep -v "^{" | tee "$OUT/checkpoint_loop.log"
   ;;
-*) echo "usage: $0 A | B | C1 | C2" >&2; exit 2 ;;
+D)
+  for cfg in "8 4" "64 2"; do
+    set -- $cfg
+    timeout 280 python3 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp --methods moestack_full,moestack_pec \
+      --train-steps 200 --every 50 --write-chunk-mb "$1" --writers "$2" 2>&1 | grep -v "^{" | tee "$OUT/checkpoint_loop_$1_$2.log"
+  done
+  ;;
+*) echo "usage: $0 A | B | C1 | C2 | D" >&2; exit 2 ;;
 esac

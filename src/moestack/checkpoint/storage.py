@@ -31,7 +31,8 @@ FORMAT = "moestack.ckpt/v1"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 STEP_RE = re.compile(r"^step-(\d{8,})$")
-_CHUNK = 8 << 20
+_CHUNK = 8 << 20  # reads (verify)
+WRITE_CHUNK = 8 << 20  # bytes per write/hash call of write_shard (each call takes the GIL once)
 _ST_DTYPES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
@@ -179,8 +180,8 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
 def _chunks(buffers: list[memoryview | bytes]):
     for buf in buffers:
         view = memoryview(buf)
-        for start in range(0, len(view), _CHUNK):
-            yield view[start:start + _CHUNK]
+        for start in range(0, len(view), WRITE_CHUNK):
+            yield view[start:start + WRITE_CHUNK]
 
 
 def _write_all(f, view: memoryview) -> None:

@@ -117,7 +117,7 @@ def unpermute(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_c
     Choices without a row count as zero (`sent` False). y may hold fewer rows than `order` when the
     choices after its first N rows have none (DualSparse's dropped choices sort last). One gather into
     token order and one weighted sum per token (a batched [1, k] x [k, D] product, or multiply-and-sum
-    at k <= 2); no zero-filled scatter buffer and no atomics, forward or backward.
+    at k <= 4); no zero-filled scatter buffer and no atomics, forward or backward.
     """
     T, k = weights.shape
     N = y.shape[0]
@@ -131,7 +131,7 @@ def unpermute(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_c
         inverse, order = inverse.clamp(max=N - 1), order[:N]
     per_choice = gather_rows(y, inverse, order).view(T, k, -1)  # [T, k, D]
     w = weights.to(y.dtype)
-    if k <= 2:  # bmm's backward on [1, 2] x [2, D] products is slow (bench/combine.py: 2.5x at k = 2)
+    if k <= 4:  # bmm's backward is slow on thin products (bench/combine.py, H200: 2.4x at k = 2, 1.7x at k = 4)
         return (per_choice * w.unsqueeze(-1)).sum(dim=1)
     return torch.bmm(w.unsqueeze(1), per_choice).squeeze(1)  # faster at k = 8, forward and backward
 
