@@ -88,15 +88,18 @@ def test_shard_bytes_are_plain_safetensors(tmp_path):
     assert torch.equal(tensors["model.embed.weight"], torch.full((16, 8), 3.0))
 
 
-def test_write_shard_streams_a_file_safetensors_reads_back_with_its_sha256(tmp_path):
+def test_write_shard_streams_a_file_safetensors_reads_back_with_its_sha256(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from moestack.checkpoint import storage
     from moestack.checkpoint.storage import sha256_file, write_shard
+
+    monkeypatch.setattr(storage, "WRITE_CHUNK", 1 << 20)  # "big" spans several write/hash calls
 
     tensors = {
         "f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(), "scalar": torch.tensor(7),
         "empty": torch.zeros(0, 4), "mask": torch.tensor([True, False, True]),
-        "strided": torch.randn(4, 6)[:, ::2], "big": torch.randn(3 << 20),  # > one 8 MiB chunk
+        "strided": torch.randn(4, 6)[:, ::2], "big": torch.randn(3 << 20),  # 12 MiB
     }
     rec = write_shard(tmp_path / "s.safetensors", tensors)
     back = load_file(tmp_path / "s.safetensors")

@@ -32,7 +32,10 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 STEP_RE = re.compile(r"^step-(\d{8,})$")
 _CHUNK = 8 << 20  # reads (verify)
-WRITE_CHUNK = 8 << 20  # bytes per write/hash call of write_shard (each call takes the GIL once)
+# Bytes per write/hash call of write_shard, and files written at once per rank. Every call re-takes the GIL,
+# which the training thread needs to launch kernels: fewer, larger calls disturb training less (1.06B state
+# on an H200, PEC every 50 steps: 10.8% throughput loss at 8 MiB x 4 writers, 6.8% at 64 MiB x 2).
+WRITE_CHUNK = 64 << 20
 _ST_DTYPES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
@@ -60,7 +63,7 @@ def shard_name(rank: int, index: int = 0) -> str:
 
 
 FILE_BYTES = 1 << 30  # a rank's share is split into files of about this size, written and hashed in parallel
-WRITERS = 4  # files written at once per rank
+WRITERS = 2
 
 
 def split_by_bytes(keys: list[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:
