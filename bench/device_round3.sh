@@ -37,5 +37,10 @@ D)
       --train-steps 200 --every 50 --write-chunk-mb "$1" --writers "$2" 2>&1 | grep -v "^{" | tee "$OUT/checkpoint_loop_$1_$2.log"
   done
   ;;
-*) echo "usage: $0 A | B | C1 | C2 | D" >&2; exit 2 ;;
+E)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -3
+  timeout 240 python3 bench/moe_layer.py --reps 10 --skip-loop 2>&1 | grep -v "^{" | tee "$OUT/moe_layer.log"
+  timeout 150 python3 bench/dualsparse.py --study speed --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
+  ;;
+*) echo "usage: $0 A | B | C1 | C2 | D | E" >&2; exit 2 ;;
 esac

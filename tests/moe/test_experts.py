@@ -28,3 +28,30 @@ def test_grouped_experts_match_python_loop_with_empty_experts(impl):
     rx, rw13, rw2 = torch.autograd.grad(ref, (ref_x, ex.w13, ex.w2), g)
     for a, b in ((gx, rx), (gw13, rw13), (gw2, rw2)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+def test_swiglu_matches_silu_gate_times_up(parts):
+    from moestack.moe.experts import swiglu
+
+    h = torch.randn(5, parts * 2 * 3)
+    per_part = h.view(5, parts, 2, 3)
+    want = (torch.nn.functional.silu(per_part[:, :, 0]) * per_part[:, :, 1]).reshape(5, -1)
+    torch.testing.assert_close(swiglu(h, parts), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("parts", [1, 2])
+def test_fused_swiglu_on_gpu_matches_eager_with_grads(parts, monkeypatch):
+    from moestack.moe import experts
+
+    h = torch.randn(333, parts * 2 * 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(333, parts * 64, device="cuda", dtype=torch.bfloat16)
+    fused = experts.swiglu(h, parts)
+    (dh_fused,) = torch.autograd.grad(fused, h, g)
+    monkeypatch.setattr(experts, "FUSE_ACTIVATION", False)
+    eager = experts.swiglu(h, parts)
+    (dh_eager,) = torch.autograd.grad(eager, h, g)
+    torch.testing.assert_close(fused, eager, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(dh_fused, dh_eager, atol=2e-2, rtol=2e-2)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moestack.moe.experts import GroupedExperts, grouped_mm, loop_mm
+from moestack.moe.experts import GroupedExperts, grouped_mm, loop_mm, swiglu
 
 
 def check_parts(d_ff: int, parts: int) -> None:
@@ -93,8 +93,7 @@ class PartExperts(GroupedExperts):
         for j, xj, cj in zip(range(1, P + 1), x[: sum(sizes)].split(sizes), counts):
             if xj.shape[0] == 0:
                 continue
-            h = self._mm(xj, w13[:, :, : 2 * j * f], cj, grouped).view(-1, j, 2, f)  # [n, j, (gate, up), f]
-            act = (F.silu(h[:, :, 0]) * h[:, :, 1]).reshape(-1, j * f)  # [n, jf]
+            act = swiglu(self._mm(xj, w13[:, :, : 2 * j * f], cj, grouped), parts=j)  # [n, jf]
             outs.append(self._mm(act, w2[:, : j * f], cj, grouped))
         if len(outs) == 1:
             return outs[0]
