@@ -16,7 +16,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, print_table, time_fn, write_results  # noqa: E402
 
-from moestack.moe import experts  # noqa: E402
 from moestack.moe.layer import MoELayer  # noqa: E402
 
 SHAPES = {  # name: (d_model, d_ff, experts, top_k)
@@ -30,16 +29,10 @@ def moe_flops(tokens: int, d: int, f: int, k: int) -> float:
     return 3 * tokens * k * 3 * 2 * d * f
 
 
-def ours(d, f, E, k, impl, device, dtype, fused: bool = True):
-    """moestack's layer; fused=False runs the SwiGLU activation eagerly (experts.FUSE_ACTIVATION off)."""
+def ours(d, f, E, k, impl, device, dtype):
     torch.manual_seed(0)
     layer = MoELayer(d, E, k, f, impl=impl, aux_loss_coef=0.01, z_loss_coef=0.001).to(device, dtype)
-
-    def run(x):
-        experts.FUSE_ACTIVATION = fused
-        return sum(layer(x))
-
-    return run
+    return lambda x: sum(layer(x))
 
 
 def hf_block(d, f, E, k, impl, device, dtype):
@@ -95,8 +88,6 @@ def main() -> None:
             cands = {
                 "dense ceiling": dense_ceiling(T, d, f, k, device, dtype),
                 "moestack grouped_mm": ours(d, f, E, k, "grouped_mm" if device == "cuda" else "auto", device, dtype),
-                "moestack, eager activation": ours(d, f, E, k, "grouped_mm" if device == "cuda" else "auto", device,
-                                                   dtype, fused=False),
                 "hf grouped_mm": hf_block(d, f, E, k, "grouped_mm", device, dtype),
                 "hf eager": hf_block(d, f, E, k, "eager", device, dtype),
             }

@@ -37,26 +37,14 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-# Fuse the SwiGLU activation (silu(gate) * up: two elementwise passes and an intermediate in eager mode)
-# into one kernel with torch.compile on CUDA. CPU stays eager (no compiler needed there, and CI covers the
-# same arithmetic). bench/moe_layer.py times both in one run.
-FUSE_ACTIVATION = True
-_fused: dict = {}
+def swiglu(h: torch.Tensor, parts: int = 1) -> torch.Tensor:
+    """SwiGLU activation of expert rows h [N, parts * 2f], laid out per part as (gate, up): [N, parts * f].
 
-
-def _swiglu(h: torch.Tensor, parts: int) -> torch.Tensor:
-    """[N, parts * 2f] laid out per part as (gate, up) -> silu(gate) * up: [N, parts * f]."""
+    Eager on purpose: a torch.compile-fused version measured slower forward+backward on an H200 at
+    Mixtral- and OLMoE-like shapes (bench/moe_layer.py, same run, 2026-11-25; docs/BENCHMARKS.md).
+    """
     g = h.view(h.shape[0], parts, 2, -1)
     return (F.silu(g[:, :, 0]) * g[:, :, 1]).reshape(h.shape[0], -1)
-
-
-def swiglu(h: torch.Tensor, parts: int = 1) -> torch.Tensor:
-    """SwiGLU activation of expert rows h [N, parts * 2f] ((gate, up) per part); fused on CUDA."""
-    if not (FUSE_ACTIVATION and h.is_cuda) or torch.compiler.is_compiling():
-        return _swiglu(h, parts)
-    if "fn" not in _fused:
-        _fused["fn"] = torch.compile(_swiglu, dynamic=True, fullgraph=True)
-    return _fused["fn"](h, parts)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
