@@ -290,6 +290,7 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
     work.mkdir(parents=True, exist_ok=True)
     _sync(device)
     t0 = time.perf_counter()
+    ends = []  # time at the end of each step: where the loss goes (the save steps, or the steps during persist)
     for step in range(1, steps + 1):
         for _ in range(matmuls):
             a = torch.tanh(a @ a)  # the step's compute
@@ -299,12 +300,21 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
         if saver is not None and step % every == 0:
             saver.start(state, work, _LOOP_STEP0 + step)  # after the measured saves' steps
         _sync_stream(device)
+        ends.append(time.perf_counter())
     _sync(device)
     elapsed = time.perf_counter() - t0
     if saver is not None:
         saver.finish()
-    print(f"  loop {name}: {steps / elapsed:.2f} steps/s", flush=True)
-    return {"method": name, "steps_per_s": steps / elapsed}
+    durations = [b - a for a, b in zip([t0] + ends[:-1], ends)]
+    save_steps = [durations[s - 1] for s in range(every, steps + 1, every)]
+    after = [durations[s] for s in range(steps) if (s + 1) % every and (s + 1) > every and (s + 1) % every <= every // 2]
+    out = {"method": name, "steps_per_s": steps / elapsed, "median_step_s": statistics.median(durations),
+           "save_step_s": statistics.mean(save_steps) if save_steps else None,
+           "after_save_median_s": statistics.median(after) if after else None}
+    print(f"  loop {name}: {steps / elapsed:.2f} steps/s; step median {out['median_step_s'] * 1e3:.1f} ms, "
+          f"at a save {(out['save_step_s'] or 0) * 1e3:.1f} ms, first half of the intervals after a save "
+          f"{(out['after_save_median_s'] or 0) * 1e3:.1f} ms (median)", flush=True)
+    return out
 
 
 def main() -> None:

@@ -42,5 +42,9 @@ E)
   timeout 240 python3 bench/moe_layer.py --reps 10 --skip-loop 2>&1 | grep -v "^{" | tee "$OUT/moe_layer.log"
   timeout 150 python3 bench/dualsparse.py --study speed --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
   ;;
-*) echo "usage: $0 A | B | C1 | C2 | D | E" >&2; exit 2 ;;
+F)
+  timeout 400 python3 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp --methods moestack_full,moestack_pec \
+    --train-steps 200 --every 50 2>&1 | grep -v "^{" | tee "$OUT/checkpoint_loop.log"
+  ;;
+*) echo "usage: $0 A | B | C1 | C2 | D | E | F" >&2; exit 2 ;;
 esac
