@@ -38,4 +38,5 @@ def test_swiglu_matches_silu_gate_times_up(parts):
     per_part = h.view(5, parts, 2, 3)
     want = (torch.nn.functional.silu(per_part[:, :, 0]) * per_part[:, :, 1]).reshape(5, -1)
     torch.testing.assert_close(swiglu(h, parts), want)
+    assert swiglu(h[:0], parts).shape == (0, parts * 3)  # no rows (an EP rank that received none)
 

@@ -43,8 +43,9 @@ def swiglu(h: torch.Tensor, parts: int = 1) -> torch.Tensor:
     Eager on purpose: a torch.compile-fused version measured slower forward+backward on an H200 at
     Mixtral- and OLMoE-like shapes (bench/moe_layer.py, same run, 2026-11-25; docs/BENCHMARKS.md).
     """
-    g = h.view(h.shape[0], parts, 2, -1)
-    return (F.silu(g[:, :, 0]) * g[:, :, 1]).reshape(h.shape[0], -1)
+    n, f = h.shape[0], h.shape[1] // (2 * parts)
+    g = h.view(n, parts, 2, f)  # explicit sizes: n may be 0 (a rank that received no rows)
+    return (F.silu(g[:, :, 0]) * g[:, :, 1]).reshape(n, parts * f)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
