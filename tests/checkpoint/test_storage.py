@@ -100,6 +100,7 @@ def test_write_shard_streams_a_file_safetensors_reads_back_with_its_sha256(tmp_p
         "f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(), "scalar": torch.tensor(7),
         "empty": torch.zeros(0, 4), "mask": torch.tensor([True, False, True]),
         "strided": torch.randn(4, 6)[:, ::2], "big": torch.randn(3 << 20),  # 12 MiB
+        "u16": torch.arange(5).to(torch.uint16),
     }
     rec = write_shard(tmp_path / "s.safetensors", tensors)
     back = load_file(tmp_path / "s.safetensors")
@@ -132,3 +133,13 @@ def test_a_large_share_is_split_into_files_written_in_parallel_and_loads_back(tm
     shard.write_bytes(bytes(data))
     problems = verify(path)
     assert len(problems) == 1 and str(shard) in problems[0]
+
+
+def test_write_shard_names_a_dtype_it_cannot_store(tmp_path):
+    import pytest
+
+    from moestack.checkpoint import CheckpointError
+    from moestack.checkpoint.storage import write_shard
+
+    with pytest.raises(CheckpointError, match="'z'.*complex64"):
+        write_shard(tmp_path / "s.safetensors", {"z": torch.zeros(2, dtype=torch.complex64)})

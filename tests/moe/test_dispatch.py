@@ -64,3 +64,16 @@ def test_gather_based_dispatch_and_combine_match_plain_indexing_with_grads(capac
     want.backward(g)
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(weights.grad, w_ref.grad)
+
+
+def test_a_non_finite_expert_row_stays_with_its_own_token():
+    T, E, k = 8, 4, 2
+    rt = routing_for(T, E, k, seed=1)
+    rt.expert_ids = torch.tensor([[0, 1]] * T)  # everything to experts 0 and 1: capacity drops the rest
+    rt.counts = torch.tensor([T, T, 0, 0])
+    disp = LocalDispatcher(E, capacity_factor=1.0)  # capacity 4 per expert
+    d = disp.dispatch(torch.randn(T, 8), rt).wait()
+    y = d.x.clone()
+    y[0] = float("inf")  # the row of the first kept choice (token 0)
+    out = disp.combine(y, d).wait()
+    assert not torch.isfinite(out[0]).all() and torch.isfinite(out[1:]).all()

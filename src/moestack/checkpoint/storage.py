@@ -39,6 +39,7 @@ WRITE_CHUNK = 64 << 20
 _ST_DTYPES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "uint16": "U16", "uint32": "U32", "uint64": "U64",
     "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
 }
 
@@ -156,6 +157,9 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     for name in names:
         t = tensors[name]
         n = t.numel() * t.element_size()
+        if dtype_name(t.dtype) not in _ST_DTYPES:
+            raise CheckpointError(f"cannot checkpoint {name!r}: dtype {dtype_name(t.dtype)} has no safetensors "
+                                  f"encoding here (supported: {', '.join(_ST_DTYPES)}); convert it before saving")
         header[name] = {"dtype": _ST_DTYPES[dtype_name(t.dtype)], "shape": list(t.shape),
                         "data_offsets": [offset, offset + n]}
         offset += n

@@ -99,8 +99,8 @@ class _ExpandRows(torch.autograd.Function):
     def backward(ctx, grad):
         inverse, sent = ctx.saved_tensors
         per_choice = grad.index_select(0, inverse)  # [T*k, D]
-        if sent is not None:
-            per_choice = per_choice * sent.unsqueeze(-1).to(grad.dtype)
+        if sent is not None:  # unsent choices read another row's gradient: zero it (where: inf * 0 is nan)
+            per_choice = torch.where(sent.unsqueeze(-1), per_choice, per_choice.new_zeros(()))
         return per_choice.view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None, None
 
 
@@ -125,11 +125,15 @@ def unpermute(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_c
         return y.new_zeros(T, y.shape[-1])
     if inverse is None:
         inverse, sent = inverse_order(order, num_choices)
-    if sent is not None:
-        weights = weights * sent.view(T, k)  # rows read for unsent choices are multiplied by zero
     if N < order.numel():
+        if sent is None:
+            raise ValueError("unpermute: y has fewer rows than `order` but no `sent` mask says which choices lack one")
         inverse, order = inverse.clamp(max=N - 1), order[:N]
     per_choice = gather_rows(y, inverse, order).view(T, k, -1)  # [T, k, D]
+    if sent is not None:  # unsent choices read some other row: zero it (where, not a multiply: inf * 0 is nan)
+        mask = sent.view(T, k)
+        weights = weights * mask
+        per_choice = torch.where(mask.unsqueeze(-1), per_choice, per_choice.new_zeros(()))
     w = weights.to(y.dtype)
     if k <= 4:  # bmm's backward is slow on thin products (bench/combine.py, H200: 2.4x at k = 2, 1.7x at k = 4)
         return (per_choice * w.unsqueeze(-1)).sum(dim=1)
