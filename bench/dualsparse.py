@@ -223,15 +223,19 @@ def per_rank(counts: torch.Tensor, ranks: list[int], G: int) -> torch.Tensor:
 def rank_calls(policy: str, experts: GroupedExperts, d, ranks: list[int], G: int) -> dict:
     """{(policy, rank): fn} running one simulated rank's expert compute alone on its experts' rows.
 
-    d.counts: [E] rows per expert (plain layer) or [P, E] rows per (parts run, expert) (PartExperts)."""
+    d.counts: [E] rows per expert (plain layer, d.x [N, D]) or [P, E] rows per (parts run, expert)
+    (PartExperts, d.x [P, R, D] padded segments). Each rank runs its rows packed (`PartExperts` packed layout)."""
     E = len(ranks)
-    counts = d.counts.view(-1, E)  # [S, E] row segments in dispatch order
-    ends = torch.cumsum(counts.flatten(), 0).view_as(counts).tolist()
+    counts = d.counts.view(-1, E)  # [S, E] row segments
+    segs = d.x if d.x.dim() == 3 else d.x.unsqueeze(0)  # [S', R, D]
+    flat = counts.flatten() if segs.shape[0] == 1 else counts  # one segment: experts follow on across j
+    ends = torch.cumsum(flat, -1).view_as(counts).tolist()
     sizes = counts.tolist()
     fns = {}
     for r in range(G):
         ids = [e for e, rk in enumerate(ranks) if rk == r]
-        x_r = torch.cat([d.x[ends[s][e] - sizes[s][e]:ends[s][e]] for s in range(len(sizes)) for e in ids])
+        x_r = torch.cat([segs[s if segs.shape[0] > 1 else 0][ends[s][e] - sizes[s][e]:ends[s][e]]
+                         for s in range(len(sizes)) for e in ids])
         if x_r.shape[0]:
             mine = slice_experts(experts, ids)
             c = counts[:, ids] if isinstance(experts, PartExperts) else counts[0, ids]

@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, print_table, time_fn, write_results  # noqa: E402
 
+import moestack.moe.experts as experts_mod  # noqa: E402
 from moestack.moe.layer import MoELayer  # noqa: E402
 
 SHAPES = {  # name: (d_model, d_ff, experts, top_k)
@@ -59,6 +60,18 @@ def dense_ceiling(tokens, d, f, k, device, dtype):
     return lambda x: x.repeat(k, 1) @ w if k > 1 else x @ w
 
 
+def eager_swiglu(fn):
+    """fn with moestack's SwiGLU forced to eager PyTorch for its forward (the backward follows the forward)."""
+    def run(x):
+        old, experts_mod.SWIGLU_IMPL = experts_mod.SWIGLU_IMPL, "eager"
+        try:
+            return fn(x)
+        finally:
+            experts_mod.SWIGLU_IMPL = old
+
+    return run
+
+
 def measure(fn, x, device, reps):
     def step():
         out = fn(x)
@@ -91,6 +104,8 @@ def main() -> None:
                 "hf grouped_mm": hf_block(d, f, E, k, "grouped_mm", device, dtype),
                 "hf eager": hf_block(d, f, E, k, "eager", device, dtype),
             }
+            if device == "cuda":  # the same layer with eager SwiGLU: what the Triton kernel buys, same run
+                cands["moestack grouped_mm, eager swiglu"] = eager_swiglu(cands["moestack grouped_mm"])
             if not args.skip_loop:
                 cands["moestack loop"] = ours(d, f, E, k, "loop", device, dtype)
             base = None

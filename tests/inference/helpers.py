@@ -44,8 +44,36 @@ def hidden_batches(n: int, tokens: int = 64, seed: int = 1) -> list[torch.Tensor
 
 
 class RowCounter:
-    """Counts the rows each call of a GroupedExperts computes (its output rows; a forward hook)."""
+    """Rows the first projection's GEMMs compute in each forward of `experts` (a context manager).
+
+    Counts what the kernels are asked to compute: a grouped GEMM's last offset (rows past it are never
+    computed), or a looped GEMM's rows. Wraps the GEMM functions the expert modules call while active.
+    """
 
     def __init__(self, experts):
-        self.rows: list[int] = []
-        self.handle = experts.register_forward_hook(lambda mod, args, out: self.rows.append(out.shape[0]))
+        self.experts, self.rows = experts, []
+        self._saved = []
+
+    def __enter__(self):
+        import moestack.inference.partition as partition
+        import moestack.moe.experts as experts
+
+        def counting(fn, rows_of):
+            def run(x, w, arg):
+                if w.shape[-2] == self.experts.d_model:  # w13: K = hidden size (w2 has K = kept neurons)
+                    self.rows[-1] += rows_of(x, arg)
+                return fn(x, w, arg)
+            return run
+
+        for mod in (partition, experts):
+            for name, rows_of in (("grouped_mm", lambda x, offs: int(offs[-1]) if offs.numel() else 0),
+                                  ("loop_mm", lambda x, sizes: x.shape[0])):
+                self._saved.append((mod, name, getattr(mod, name)))
+                setattr(mod, name, counting(getattr(mod, name), rows_of))
+        self.handle = self.experts.register_forward_pre_hook(lambda mod, args: self.rows.append(0))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        for mod, name, fn in self._saved:
+            setattr(mod, name, fn)

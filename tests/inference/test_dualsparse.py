@@ -65,8 +65,7 @@ def test_achieved_drop_rate_is_close_to_the_target(rate):
 
 def test_dropped_rows_never_reach_the_grouped_gemm():
     layer, x = sparsify(moe_layer(), hidden_batches(4), 0.0), hidden_batches(1, seed=5)[0]
-    counter = RowCounter(layer.experts)
-    with torch.no_grad():
+    with RowCounter(layer.experts) as counter, torch.no_grad():
         layer(x)
         set_drop_rate(layer, 0.4)
         reset_drop_stats(layer)

@@ -24,8 +24,7 @@ def _check(rank, world):
         shard_sparse(layer, ctx, Placement(world, [row]))
         set_drop_rate(layer, 0.3)  # uniform: every rank applies the same threshold
         reset_drop_stats(layer)
-        counter = RowCounter(layer.experts)
-        with torch.no_grad():
+        with RowCounter(layer.experts) as counter, torch.no_grad():
             got = layer(x_all[rank * T:(rank + 1) * T])[0]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert layer.experts.w13.shape[0] == E // world

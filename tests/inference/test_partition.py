@@ -11,6 +11,7 @@ from moestack.inference.partition import (
     reorder_neurons,
     to_parts,
 )
+from moestack.inference.dropping import segment_slots, sort_by_parts
 from moestack.moe.experts import GroupedExperts
 
 E, D, F = 3, 8, 12
@@ -61,6 +62,31 @@ def test_part_experts_run_the_first_j_parts_of_each_row(parts):
     got = pe(torch.cat(rows), counts)
     torch.testing.assert_close(got, torch.cat(want), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(want[-1].view(E, 5, D), per_expert(ex, x), atol=1e-6, rtol=1e-5)  # j = P: whole
+
+
+@pytest.mark.parametrize("impl", ["loop", "auto"])  # auto: torch._grouped_mm where it runs (CPU: yes)
+@pytest.mark.parametrize("parts", [2, 3])
+def test_padded_segments_compute_what_the_packed_layout_computes(parts, impl):
+    torch.manual_seed(3)
+    R = 40  # choices
+    j = torch.randint(0, parts + 1, (R,))  # parts each choice runs (0: none)
+    slot_of = torch.randint(0, E, (R,))
+    d, f = 16, 48  # part widths (24, 16) are multiples of 8, so part_experts keeps torch._grouped_mm
+    ex = GroupedExperts(E, d, f, impl=impl)
+    x = torch.randn(R, d)
+    pe = part_experts(ex, parts)
+    assert pe.impl == impl
+    order, counts = sort_by_parts(j, slot_of, E, parts)
+    n = int(counts.sum())
+    packed = pe(x[order][:n], counts)  # [n, D] in (j, expert) order
+    slot = segment_slots(j, order, counts)  # [R]
+    assert (slot == parts * R).eq(j == 0).all()
+    src = torch.zeros(parts * R + 1, dtype=torch.long).scatter_(0, slot, torch.arange(R))[: parts * R]
+    segs = pe(x[src].view(parts, R, d), counts)  # P outputs [R, D], rows past each count undefined
+    ran = (j > 0).nonzero().squeeze(1)
+    got = torch.stack([segs[int(slot[c]) // R][int(slot[c]) % R] for c in ran])
+    want = packed[torch.argsort(order)[ran]]  # packed row of each choice that ran
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_part_experts_with_reordered_neurons_compute_the_same_experts():

@@ -40,3 +40,33 @@ def test_swiglu_matches_silu_gate_times_up(parts):
     torch.testing.assert_close(swiglu(h, parts), want)
     assert swiglu(h[:0], parts).shape == (0, parts * 3)  # no rows (an EP rank that received none)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_triton_swiglu_matches_eager_forward_and_backward(parts, dtype):
+    import moestack.moe.experts as mod
+
+    torch.manual_seed(0)
+    h = torch.randn(300, parts * 2 * 1040, device="cuda", dtype=dtype)  # rows span two column blocks
+    grad = torch.randn(300, parts * 1040, device="cuda", dtype=dtype)
+    outs, grads = [], []
+    for impl in ("triton", "eager"):
+        mod.SWIGLU_IMPL = impl
+        try:
+            hh = h.clone().requires_grad_()
+            out = mod.swiglu(hh, parts)
+            out.backward(grad)
+        finally:
+            mod.SWIGLU_IMPL = "auto"
+        outs.append(out.float())
+        grads.append(hh.grad.float())
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(outs[0], outs[1], **tol)
+    torch.testing.assert_close(grads[0], grads[1], **tol)
+    with torch.no_grad():  # rows: only the leading rows are computed, the rest left as they were
+        out = mod.swiglu(h, parts, rows=torch.tensor([7], device="cuda"))
+    torch.testing.assert_close(out[:7].float(), outs[1][:7], **tol)
+    assert mod._use_triton(h)

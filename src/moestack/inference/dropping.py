@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moestack.moe.dispatch import Dispatched, Done, expand_rows, inverse_order, unpermute
+from moestack.moe.dispatch import Dispatched, Done, weighted_sum
 from moestack.moe.router import Routing
 
 TABLE_SIZE = 1025  # points of the calibration score distribution kept per layer
@@ -95,6 +95,22 @@ def sort_by_parts(parts_run: torch.Tensor, slot: torch.Tensor, num_slots: int, p
     return order, counts
 
 
+def segment_slots(parts_run: torch.Tensor, order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Row of each choice in padded segments [P, R] flattened: (j - 1) * R + its rank among the rows of
+    segment j (in `sort_by_parts` order); P * R for choices with nothing to run. No host sync.
+
+    parts_run [R] (0..P), order and counts [P, E] from `sort_by_parts(parts_run, ...)`.
+    """
+    R, P = parts_run.numel(), counts.shape[0]
+    sizes = counts.sum(dim=1)  # [P]
+    starts = torch.cumsum(sizes, 0) - sizes  # [P] first sorted position of each segment
+    j = parts_run[order]  # [R] in sorted order
+    seg = (j - 1).clamp(min=0)
+    rank = torch.arange(R, device=order.device) - starts[seg]
+    sorted_slot = torch.where(j > 0, seg * R + rank, torch.full_like(rank, P * R))
+    return torch.empty_like(sorted_slot).scatter_(0, order, sorted_slot)
+
+
 def work_per_expert(counts: torch.Tensor) -> torch.Tensor:
     """Sub-expert computations run per expert [E] from `sort_by_parts` counts [P, E] (a row of j parts is j)."""
     j = torch.arange(1, counts.shape[0] + 1, device=counts.device)
@@ -171,26 +187,34 @@ class DualSparseDispatcher(nn.Module):
         return self.total - (int(self._ran) if self._ran is not None else 0)
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
-        """Every choice's row, sorted by (parts to run, expert), the dropped ones last (a done handle).
+        """Rows in padded segments for `PartExperts`: [P, T*k, D], segment j - 1 holding the choices that
+        run j parts, grouped by expert, then padding (a done handle). Choices with nothing to run get no row.
 
-        No host sync here: the experts read the segment sizes once (`PartExperts.forward`) and never
-        compute the dropped rows at the end; gathering them too costs less than a second sync per layer.
+        No host sync: the segments have a fixed size (T*k rows, the most any can hold) and the grouped
+        GEMMs take the valid row counts from the device, so the padding is never computed.
         """
         # x: [T, D]
         T, k = routing.expert_ids.shape
-        j = self.parts_to_run(routing).flatten()  # [T*k]
-        order, counts = sort_by_parts(j, routing.expert_ids.flatten(), self.num_experts, self.parts)
+        R, P = T * k, self.parts
+        j = self.parts_to_run(routing).flatten()  # [R]
+        order, counts = sort_by_parts(j, routing.expert_ids.flatten(), self.num_experts, P)
         self.record(j)
         self.last_counts = counts
-        inverse, _ = inverse_order(order, T * k)
+        slot = segment_slots(j, order, counts)  # [R] row in the flattened segments, P * R if none
+        src = torch.zeros(P * R + 1, dtype=torch.long, device=x.device).scatter_(0, slot, torch.arange(R, device=x.device) // k)
+        x_seg = x.index_select(0, src[: P * R]).view(P, R, x.shape[-1])  # padding rows copy token 0
         sent = (j > 0) if self.drop_rate > 0 else None  # choices with a row the experts compute
-        x_sorted = expand_rows(x, order, inverse, None, k)  # [T*k, D]
-        return Done(Dispatched(x_sorted, counts, order, T * k, routing.weights, inverse=inverse, sent=sent))
+        return Done(Dispatched(x_seg, counts, order, R, routing.weights, inverse=slot, sent=sent))
 
-    def combine(self, y: torch.Tensor, d: Dispatched):
+    def combine(self, y: list[torch.Tensor], d: Dispatched):
         """Each token's sum of its expert outputs (kept parts only) times the gate values: [T, D]."""
-        # y: [M, D], the first M rows of the dispatch order (the choices with work)
-        return Done(unpermute(y, d.order, d.weights, d.num_choices, d.inverse, d.sent))
+        # y: P outputs [R, D], one per segment; choice c's row is y[slot // R][slot % R]
+        R = d.num_choices
+        seg, pos = d.inverse // R, (d.inverse % R)  # a choice without a row reads row 0 of y[0], masked below
+        per_choice = y[0].index_select(0, pos)
+        for p in range(1, len(y)):  # where, not a multiply: the rows not selected may hold anything
+            per_choice = torch.where((seg == p).unsqueeze(-1), y[p].index_select(0, pos), per_choice)
+        return Done(weighted_sum(per_choice, d.weights, d.sent))
 
     def achieved_rate(self) -> float:
         """Fraction of sub-expert computations skipped since the last reset."""

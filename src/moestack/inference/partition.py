@@ -75,8 +75,12 @@ class PartExperts(GroupedExperts):
     w13 [E, D, 2F] is in `to_parts` order and w2 [E, F, D] holds the parts' rows in order, so the first j
     parts of every expert are the first 2jf columns of w13 and the first jf rows of w2: one grouped GEMM
     pair per j runs exactly the kept neurons of the rows that need j parts, and each row is gathered once.
-    forward(x, counts): x [N, D] sorted by (j, expert), j ascending; counts [P, E] rows per (j - 1, expert).
-    Rows after the counted ones (choices with nothing to run) are ignored; the output has the counted rows.
+    Two input layouts, counts [P, E] rows per (j - 1, expert) in both:
+    - segments, x [P, R, D] (single process): x[j - 1] holds the rows running j parts, grouped by expert,
+      then padding. The GEMMs read the valid row counts from the device (their offsets), so there is no
+      host sync; returns P outputs [R, D] whose rows past each segment's count are undefined.
+    - packed, x [N, D] (expert parallel): rows sorted by (j, expert), j ascending; rows after the counted
+      ones are ignored. One host sync (the segment sizes); returns the counted rows' outputs [M, D].
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, parts: int, impl: str = "auto"):
@@ -84,26 +88,38 @@ class PartExperts(GroupedExperts):
         super().__init__(num_experts, d_model, d_ff, impl)
         self.parts = parts
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        P, f = self.parts, self.d_ff // self.parts
-        w13, w2 = self.w13.to(x.dtype), self.w2.to(x.dtype)
-        grouped = self.use_grouped_mm(x)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor):
+        if x.dim() == 3:
+            return self.forward_segments(x, counts)
         sizes = counts.sum(dim=1).tolist()  # the layer's one host sync
-        outs = []
-        for j, xj, cj in zip(range(1, P + 1), x[: sum(sizes)].split(sizes), counts):
-            if xj.shape[0] == 0:
-                continue
-            act = swiglu(self._mm(xj, w13[:, :, : 2 * j * f], cj, grouped), parts=j)  # [n, jf]
-            outs.append(self._mm(act, w2[:, : j * f], cj, grouped))
+        outs = [self._run(j, xj, cj) for j, xj, cj in zip(range(1, self.parts + 1), x[: sum(sizes)].split(sizes), counts)
+                if xj.shape[0]]
         if len(outs) == 1:
             return outs[0]
         return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
 
-    @staticmethod
-    def _mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, grouped: bool) -> torch.Tensor:
-        if grouped:
-            return grouped_mm(x, w, torch.cumsum(counts, 0).to(torch.int32))
-        return loop_mm(x, w, counts.tolist())
+    def forward_segments(self, x: torch.Tensor, counts: torch.Tensor) -> list[torch.Tensor]:
+        """x [P, R, D] padded segments -> P outputs [R, D] (rows past counts[j - 1].sum() undefined)."""
+        if self.use_grouped_mm(x):
+            return [self._run(j, x[j - 1], counts[j - 1]) for j in range(1, self.parts + 1)]
+        outs = []
+        for j, n in enumerate(counts.sum(dim=1).tolist(), start=1):  # the loop needs host sizes anyway
+            out = x.new_zeros(x.shape[1], self.d_model)
+            if n:
+                out[:n] = self._run(j, x[j - 1, :n], counts[j - 1])
+            outs.append(out)
+        return outs
+
+    def _run(self, j: int, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The first j parts of each row's expert: x [n, D] grouped by expert (counts [E]) -> [n, D]."""
+        f = self.d_ff // self.parts
+        w13, w2 = self.w13[:, :, : 2 * j * f].to(x.dtype), self.w2[:, : j * f].to(x.dtype)
+        if self.use_grouped_mm(x):
+            offsets = torch.cumsum(counts, 0).to(torch.int32)
+            act = swiglu(grouped_mm(x, w13, offsets), parts=j, rows=offsets[-1:])  # [n, jf]
+            return grouped_mm(act, w2, offsets)
+        sizes = counts.tolist()
+        return loop_mm(swiglu(loop_mm(x, w13, sizes), parts=j), w2, sizes)
 
     def full_experts(self) -> GroupedExperts:
         """The same experts as a plain GroupedExperts ([gate | up] layout; neurons in this object's order)."""

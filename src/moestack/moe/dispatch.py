@@ -129,12 +129,21 @@ def unpermute(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_c
         if sent is None:
             raise ValueError("unpermute: y has fewer rows than `order` but no `sent` mask says which choices lack one")
         inverse, order = inverse.clamp(max=N - 1), order[:N]
-    per_choice = gather_rows(y, inverse, order).view(T, k, -1)  # [T, k, D]
+    return weighted_sum(gather_rows(y, inverse, order), weights, sent)
+
+
+def weighted_sum(per_choice: torch.Tensor, weights: torch.Tensor, sent: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k weights[t, k] * per_choice[t * k + k'] -> [T, D] (per_choice [T*k, D] in choice order).
+
+    sent [T*k] bool: choices without a row; their per_choice rows may hold anything and count as zero.
+    """
+    T, k = weights.shape
+    per_choice = per_choice.view(T, k, -1)  # [T, k, D]
     if sent is not None:  # unsent choices read some other row: zero it (where, not a multiply: inf * 0 is nan)
         mask = sent.view(T, k)
         weights = weights * mask
         per_choice = torch.where(mask.unsqueeze(-1), per_choice, per_choice.new_zeros(()))
-    w = weights.to(y.dtype)
+    w = weights.to(per_choice.dtype)
     if k <= 4:  # bmm's backward is slow on thin products (bench/combine.py, H200: 2.4x at k = 2, 1.7x at k = 4)
         return (per_choice * w.unsqueeze(-1)).sum(dim=1)
     return torch.bmm(w.unsqueeze(1), per_choice).squeeze(1)  # faster at k = 8, forward and backward

@@ -5,7 +5,9 @@ Notation: N = expert-sorted rows, E = local experts, D = hidden size, F = expert
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -21,8 +23,8 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        h = self.w13(x)  # [..., 2F]: gate then up
+        return self.w2(swiglu(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1))
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -37,15 +39,50 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def swiglu(h: torch.Tensor, parts: int = 1) -> torch.Tensor:
+# "auto": the Triton kernel on CUDA when triton imports, eager PyTorch otherwise; "eager" or "triton" force one
+# (benchmarks compare them in one run; MOESTACK_SWIGLU sets the default).
+SWIGLU_IMPL = os.environ.get("MOESTACK_SWIGLU", "auto")
+
+
+def swiglu(h: torch.Tensor, parts: int = 1, rows: torch.Tensor | None = None) -> torch.Tensor:
     """SwiGLU activation of expert rows h [N, parts * 2f], laid out per part as (gate, up): [N, parts * f].
 
-    Eager on purpose: a torch.compile-fused version measured slower forward+backward on an H200 at
-    Mixtral- and OLMoE-like shapes (bench/moe_layer.py, same run, 2026-11-25; docs/BENCHMARKS.md).
+    rows: optional device int tensor [1]; only the first rows[0] rows are needed (the rest of the output
+    is undefined) - the Triton kernel skips them without a host sync, eager computes them anyway.
+    On CUDA one Triton kernel each way (moe/swiglu_triton.py): eager's two kernels over strided halves
+    took 2.7 ms of a 19.5 ms Mixtral-like layer forward on an H200 (bench/profile_moe.py, 2026-11-25).
     """
+    if _use_triton(h):
+        from moestack.moe.swiglu_triton import SwiGLUFunction
+
+        if rows is not None and torch.is_grad_enabled() and h.requires_grad:
+            rows = None  # a gradient needs every row
+        return SwiGLUFunction.apply(h, parts, rows)
     n, f = h.shape[0], h.shape[1] // (2 * parts)
     g = h.view(n, parts, 2, f)  # explicit sizes: n may be 0 (a rank that received no rows)
     return (F.silu(g[:, :, 0]) * g[:, :, 1]).reshape(n, parts * f)
+
+
+def _use_triton(h: torch.Tensor) -> bool:
+    if SWIGLU_IMPL == "eager":
+        return False
+    if SWIGLU_IMPL == "triton":
+        if not (h.is_cuda and _triton_available()):
+            raise RuntimeError("MOESTACK_SWIGLU=triton needs a CUDA tensor and the triton package; "
+                               "use auto or eager on this machine")
+        return True
+    if SWIGLU_IMPL != "auto":
+        raise ValueError(f"MOESTACK_SWIGLU={SWIGLU_IMPL!r}: expected auto, eager or triton")
+    return h.is_cuda and _triton_available()
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
