@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Device calls of 2026-11-25 (third session). A = GPU tests, DualSparse speed (sync-free segments, Triton
+# SwiGLU), MoE layer fwd+bwd with the Triton vs eager SwiGLU in one run, profile. Results in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-bench/results}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
+case "${1:-}" in
+A)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -4
+  timeout 150 python3 bench/dualsparse.py --study speed --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
+  timeout 40 python3 bench/profile_moe.py --shape mixtral --tokens 16384 --rates 0.25 --rows 14 > /dev/null 2>&1
+  timeout 240 python3 bench/moe_layer.py --reps 10 --skip-loop 2>&1 | grep -v "^{" | tee "$OUT/moe_layer.log"
+  ;;
+*)
+  echo "usage: bench/device_round4.sh A" >&2; exit 2
+  ;;
+esac
