@@ -165,3 +165,23 @@ def test_bf16_grouped_mm_path_on_gpu():
         reset_drop_stats(layer)
         layer(batches[0])
     assert drop_stats(layer)["drop_rate"] == pytest.approx(0.25, abs=0.06)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("parts", [2, 3])
+def test_triton_segment_kernels_match_the_eager_path_on_gpu(parts, monkeypatch):
+    import moestack.inference.dropping as dropping
+    from moestack.moe.layer import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(64, E, K, 192, aux_loss_coef=0.0, z_loss_coef=0.0, impl="grouped_mm").to("cuda").eval()
+    batches = [torch.randn(512, 64, device="cuda") for _ in range(5)]
+    with torch.no_grad():
+        sparsify(layer, batches[1:], 0.3, parts=parts)
+        assert dropping._fused(batches[0])
+        fused = layer(batches[0])[0]
+        monkeypatch.setattr(dropping, "_fused", lambda t: False)
+        eager = layer(batches[0])[0]
+    torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
+    assert fused.abs().sum() > 0

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from moestack.moe.dispatch import Dispatched, Done, weighted_sum
-from moestack.moe.router import Routing
+from moestack.moe.experts import triton_available
+from moestack.moe.router import Routing, count_ids
 
 TABLE_SIZE = 1025  # points of the calibration score distribution kept per layer
 
@@ -63,7 +64,7 @@ def keep_top_per_group(score: torch.Tensor, group: torch.Tensor, rates: torch.Te
     """Drop the lowest-scoring fraction `rates[g]` of each group's entries: keep mask [M] (score, group: [M])."""
     order = score.argsort()
     order = order[group[order].argsort(stable=True)]  # grouped, ascending score within a group
-    sizes = torch.bincount(group, minlength=rates.numel())  # [G]
+    sizes = count_ids(group, rates.numel())  # [G]
     starts = torch.cumsum(sizes, 0) - sizes
     n_drop = (rates.double() * sizes).round().long()  # [G]
     g = group[order]
@@ -91,8 +92,13 @@ def sort_by_parts(parts_run: torch.Tensor, slot: torch.Tensor, num_slots: int, p
     """
     key = torch.where(parts_run > 0, (parts_run - 1) * num_slots + slot, parts * num_slots)  # [R]
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=parts * num_slots + 1)[: parts * num_slots].view(parts, num_slots)
+    counts = count_ids(key, parts * num_slots + 1)[: parts * num_slots].view(parts, num_slots)
     return order, counts
+
+
+def _fused(t: torch.Tensor) -> bool:
+    """Whether the Triton segment kernels run for t: CUDA, triton importable, and no gradient wanted."""
+    return t.is_cuda and triton_available() and not (torch.is_grad_enabled() and t.requires_grad)
 
 
 def segment_slots(parts_run: torch.Tensor, order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -163,7 +169,7 @@ class DualSparseDispatcher(nn.Module):
         ids = routing.expert_ids  # [T, k]
         score = (routing.weights.unsqueeze(-1) * self.scale[ids]).flatten()  # [T*k*P]
         if not self.load_aware:  # one static threshold, calibrated to the target rate
-            rate = torch.tensor([self.drop_rate], device=score.device)
+            rate = torch.full((1,), self.drop_rate, device=score.device)  # a fill, not a host-to-device copy (a sync)
             return score >= threshold_at(self.table, rate)
         rank = self.expert_rank[ids].unsqueeze(-1).expand(*ids.shape, self.parts).flatten()  # [T*k*P]
         return keep_top_per_group(score, rank, self.rank_rates(routing.counts))
@@ -201,8 +207,14 @@ class DualSparseDispatcher(nn.Module):
         self.record(j)
         self.last_counts = counts
         slot = segment_slots(j, order, counts)  # [R] row in the flattened segments, P * R if none
-        src = torch.zeros(P * R + 1, dtype=torch.long, device=x.device).scatter_(0, slot, torch.arange(R, device=x.device) // k)
-        x_seg = x.index_select(0, src[: P * R]).view(P, R, x.shape[-1])  # padding rows copy token 0
+        if _fused(x):
+            from moestack.inference.segments_triton import to_segments
+
+            x_seg = to_segments(x, slot, P, k)  # padding rows uninitialised: never read
+        else:
+            src = torch.zeros(P * R + 1, dtype=torch.long, device=x.device)
+            src = src.scatter_(0, slot, torch.arange(R, device=x.device) // k)[: P * R]
+            x_seg = x.index_select(0, src).view(P, R, x.shape[-1])  # padding rows copy token 0
         sent = (j > 0) if self.drop_rate > 0 else None  # choices with a row the experts compute
         return Done(Dispatched(x_seg, counts, order, R, routing.weights, inverse=slot, sent=sent))
 
@@ -210,6 +222,10 @@ class DualSparseDispatcher(nn.Module):
         """Each token's sum of its expert outputs (kept parts only) times the gate values: [T, D]."""
         # y: P outputs [R, D], one per segment; choice c's row is y[slot // R][slot % R]
         R = d.num_choices
+        if _fused(y[0]) and len(y) <= 4:
+            from moestack.inference.segments_triton import combine_segments
+
+            return Done(combine_segments(y, d.inverse, d.weights))
         seg, pos = d.inverse // R, (d.inverse % R)  # a choice without a row reads row 0 of y[0], masked below
         per_choice = y[0].index_select(0, pos)
         for p in range(1, len(y)):  # where, not a multiply: the rows not selected may hold anything

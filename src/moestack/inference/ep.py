@@ -18,7 +18,7 @@ import torch.nn as nn
 from moestack.inference.dropping import DualSparseDispatcher, ThenHandle, sort_by_parts
 from moestack.inference.dualsparse import dispatchers, moe_layers
 from moestack.moe.dispatch import Dispatched, unpermute
-from moestack.moe.router import Routing
+from moestack.moe.router import Routing, count_ids
 from moestack.parallel.ep import EPDispatcher, global_stats, shard_experts
 from moestack.parallel.mesh import ParallelContext
 from moestack.placement.placement import Placement
@@ -40,7 +40,7 @@ class EPDualSparseDispatcher(DualSparseDispatcher):
         self.record(j)
         ids = routing.expert_ids.flatten()[pairs]  # [M]
         ones = torch.ones(pairs.numel(), 1, device=x.device)  # the gate weights are applied at home, below
-        pseudo = Routing(ids.unsqueeze(1), ones, torch.bincount(ids, minlength=self.num_experts),
+        pseudo = Routing(ids.unsqueeze(1), ones, count_ids(ids, self.num_experts),
                          routing.aux_loss, routing.z_loss)
         rows = torch.cat([x[pairs // k], j[pairs].unsqueeze(1).to(x.dtype)], dim=-1)  # [M, D + 1]
         home = {"pairs": pairs, "weights": routing.weights, "choices": T * k}

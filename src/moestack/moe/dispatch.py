@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moestack.moe.router import Routing
+from moestack.moe.router import Routing, count_ids
 
 
 @dataclass
@@ -46,7 +46,7 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int):
     """Stable sort of the flattened token-choices by expert: (order [T*k], counts [E])."""
     flat = expert_ids.flatten()  # [T*k]
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = count_ids(flat, num_experts)
     return order, counts
 
 

@@ -67,17 +67,17 @@ def _use_triton(h: torch.Tensor) -> bool:
     if SWIGLU_IMPL == "eager":
         return False
     if SWIGLU_IMPL == "triton":
-        if not (h.is_cuda and _triton_available()):
+        if not (h.is_cuda and triton_available()):
             raise RuntimeError("MOESTACK_SWIGLU=triton needs a CUDA tensor and the triton package; "
                                "use auto or eager on this machine")
         return True
     if SWIGLU_IMPL != "auto":
         raise ValueError(f"MOESTACK_SWIGLU={SWIGLU_IMPL!r}: expected auto, eager or triton")
-    return h.is_cuda and _triton_available()
+    return h.is_cuda and triton_available()
 
 
 @functools.cache
-def _triton_available() -> bool:
+def triton_available() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -32,6 +32,15 @@ class Routing:
     z_loss: torch.Tensor  # scalar, already scaled by its coefficient
 
 
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in ids (int64 [n]), without a host sync.
+
+    torch.bincount sizes its output from ids.max(), which on CUDA waits for the device; a scatter-add into
+    n zeros does not, so the CPU can queue the rest of the layer while the GPU routes.
+    """
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int64))
+
+
 class Router(nn.Module):
     """Token-choice top-k router with Switch aux loss, z-loss and optional DeepSeek-V3 bias balancing."""
 
@@ -63,7 +72,7 @@ class Router(nn.Module):
         weights = probs.gather(-1, expert_ids)  # [T, k]
         if self.renormalize and self.top_k > 1:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        counts = torch.bincount(expert_ids.flatten(), minlength=self.num_experts)  # [E]
+        counts = count_ids(expert_ids.flatten(), self.num_experts)  # [E]
         aux, z = self.losses(logits, probs, counts)
         return Routing(expert_ids, weights, counts, aux, z)
 
