@@ -179,9 +179,9 @@ def test_triton_segment_kernels_match_the_eager_path_on_gpu(parts, monkeypatch):
     batches = [torch.randn(512, 64, device="cuda") for _ in range(5)]
     with torch.no_grad():
         sparsify(layer, batches[1:], 0.3, parts=parts)
-        assert dropping._fused(batches[0])
+        assert dropping.fused_inference(batches[0])
         fused = layer(batches[0])[0]
-        monkeypatch.setattr(dropping, "_fused", lambda t: False)
+        monkeypatch.setattr(dropping, "fused_inference", lambda t: False)
         eager = layer(batches[0])[0]
     torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
     assert fused.abs().sum() > 0

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from moestack.moe.dispatch import Dispatched, Done, weighted_sum
-from moestack.moe.experts import triton_available
+from moestack.moe.experts import fused_inference
 from moestack.moe.router import Routing, count_ids
 
 TABLE_SIZE = 1025  # points of the calibration score distribution kept per layer
@@ -94,11 +94,6 @@ def sort_by_parts(parts_run: torch.Tensor, slot: torch.Tensor, num_slots: int, p
     order = torch.argsort(key, stable=True)
     counts = count_ids(key, parts * num_slots + 1)[: parts * num_slots].view(parts, num_slots)
     return order, counts
-
-
-def _fused(t: torch.Tensor) -> bool:
-    """Whether the Triton segment kernels run for t: CUDA, triton importable, and no gradient wanted."""
-    return t.is_cuda and triton_available() and not (torch.is_grad_enabled() and t.requires_grad)
 
 
 def segment_slots(parts_run: torch.Tensor, order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -207,8 +202,8 @@ class DualSparseDispatcher(nn.Module):
         self.record(j)
         self.last_counts = counts
         slot = segment_slots(j, order, counts)  # [R] row in the flattened segments, P * R if none
-        if _fused(x):
-            from moestack.inference.segments_triton import to_segments
+        if fused_inference(x):
+            from moestack.moe.rows_triton import to_segments
 
             x_seg = to_segments(x, slot, P, k)  # padding rows uninitialised: never read
         else:
@@ -222,8 +217,8 @@ class DualSparseDispatcher(nn.Module):
         """Each token's sum of its expert outputs (kept parts only) times the gate values: [T, D]."""
         # y: P outputs [R, D], one per segment; choice c's row is y[slot // R][slot % R]
         R = d.num_choices
-        if _fused(y[0]) and len(y) <= 4:
-            from moestack.inference.segments_triton import combine_segments
+        if fused_inference(y[0]) and len(y) <= 4:
+            from moestack.moe.rows_triton import combine_segments
 
             return Done(combine_segments(y, d.inverse, d.weights))
         seg, pos = d.inverse // R, (d.inverse % R)  # a choice without a row reads row 0 of y[0], masked below

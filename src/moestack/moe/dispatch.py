@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moestack.moe.experts import fused_inference
 from moestack.moe.router import Routing, count_ids
 
 
@@ -174,4 +175,8 @@ class LocalDispatcher:
 
     def combine(self, y: torch.Tensor, d: Dispatched) -> Done:
         # y: [N, D] expert outputs in dispatch order
+        if d.sent is None and fused_inference(y):  # inference, dropless: one kernel reads each row once
+            from moestack.moe.rows_triton import combine_segments
+
+            return Done(combine_segments([y], d.inverse, d.weights))
         return Done(unpermute(y, d.order, d.weights, d.num_choices, d.inverse, d.sent))

@@ -76,6 +76,11 @@ def _use_triton(h: torch.Tensor) -> bool:
     return h.is_cuda and triton_available()
 
 
+def fused_inference(t: torch.Tensor) -> bool:
+    """Whether forward-only Triton kernels may take t: CUDA, triton importable, and no gradient wanted."""
+    return t.is_cuda and triton_available() and not (torch.is_grad_enabled() and t.requires_grad)
+
+
 @functools.cache
 def triton_available() -> bool:
     try:

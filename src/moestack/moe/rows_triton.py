@@ -1,4 +1,7 @@
-"""DualSparse's moves into and out of padded segments as Triton kernels (CUDA inference; `dropping` picks them).
+"""Token rows into expert-ordered slots and weighted outputs back home, as Triton kernels (CUDA inference).
+
+DualSparse (inference/dropping.py) uses both with P padded segments; the plain local dispatcher uses the
+combine with one (P = 1). Callers pick them through `experts.fused_inference`.
 
 Eager PyTorch fills the P segments with one gather over all P * R rows (padding included) and brings the
 outputs home with P gathers of R rows, a select per segment and a weighted sum: several passes over
