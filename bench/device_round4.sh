@@ -13,7 +13,13 @@ A)
   timeout 40 python3 bench/profile_moe.py --shape mixtral --tokens 16384 --rates 0.25 --rows 14 > /dev/null 2>&1
   timeout 240 python3 bench/moe_layer.py --reps 10 --skip-loop 2>&1 | grep -v "^{" | tee "$OUT/moe_layer.log"
   ;;
+B)  # after the Triton row kernels and sync-free counts
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -4
+  timeout 150 python3 bench/dualsparse.py --study speed --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
+  timeout 40 python3 bench/profile_moe.py --shape qwen3_moe --tokens 16384 --rates 0.25 --rows 14 > /dev/null 2>&1
+  timeout 240 python3 bench/moe_layer.py --reps 10 --skip-loop 2>&1 | grep -v "^{" | tee "$OUT/moe_layer.log"
+  ;;
 *)
-  echo "usage: bench/device_round4.sh A" >&2; exit 2
+  echo "usage: bench/device_round4.sh A|B" >&2; exit 2
   ;;
 esac
