@@ -143,6 +143,13 @@ def speed(shape: str, T: int, rates: list[float], args, device, dtype) -> list[d
             layer_fns[rate] = lambda r=rate: (set_drop_rate(sparse, r), sparse(x))
         t_layer = interleaved(layer_fns, device, args.reps)
         t_exp = interleaved(expert_fns, device, args.reps)
+        t_graph = {}
+        if device == "cuda" and not args.no_graphs:  # the same layers replayed as CUDA graphs: no launch cost
+            graph_fns = {"base": graphed(lambda: base(x))}
+            for rate in rates:
+                set_drop_rate(sparse, rate)  # the rate is baked into the captured kernels
+                graph_fns[rate] = graphed(lambda: sparse(x))
+            t_graph = interleaved(graph_fns, device, args.reps)
     rows = []
     for rate in rates:
         rows.append({"study": "speed", "shape": shape, "tokens": T, "target": rate, "drop_rate": achieved[rate],
@@ -150,9 +157,25 @@ def speed(shape: str, T: int, rates: list[float], args, device, dtype) -> list[d
                      "ratio": t_layer[rate] / t_layer["base"], "ideal": 1 - achieved[rate],
                      "experts_ms": t_exp[rate] * 1e3, "experts_ms_no_partition": t_exp["base"] * 1e3,
                      "experts_ratio": t_exp[rate] / t_exp["base"],
+                     **({"graph_ms": t_graph[rate] * 1e3, "graph_ms_no_partition": t_graph["base"] * 1e3,
+                         "graph_ratio": t_graph[rate] / t_graph["base"]} if t_graph else {}),
                      "device": device_name(device), "dtype": str(dtype).replace("torch.", "")})
         print(rows[-1], flush=True)
     return rows
+
+
+def graphed(fn):
+    """fn captured as a CUDA graph (after warm-up on a side stream); returns the replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def expert_call(layer: MoELayer, x: torch.Tensor):
@@ -320,6 +343,7 @@ def main() -> None:
     ap.add_argument("--skew", type=float, default=2.0, help="router skew towards rank 0's experts (load study)")
     ap.add_argument("--load-rate", type=float, default=0.25, help="drop rate of the load study")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--no-graphs", action="store_true", help="speed: skip the CUDA-graph replay timings")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -350,7 +374,8 @@ def main() -> None:
         if "speed" in studies:
             rows = speed(shape, T, rates, args, device, dtype)
             print_table(rows, ["shape", "tokens", "target", "drop_rate", "ms", "ms_no_partition", "ratio", "ideal",
-                               "experts_ms", "experts_ms_no_partition", "experts_ratio"])
+                               "experts_ms", "experts_ms_no_partition", "experts_ratio", "graph_ms",
+                               "graph_ms_no_partition", "graph_ratio"])
             write_results("dualsparse", rows)
         if "load" in studies:
             rows = load_study(shape, T, args.load_rate, args, device, dtype)
