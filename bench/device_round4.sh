@@ -19,7 +19,10 @@ B)  # after the Triton row kernels and sync-free counts
   timeout 40 python3 bench/profile_moe.py --shape qwen3_moe --tokens 16384 --rates 0.25 --rows 14 > /dev/null 2>&1
   timeout 240 python3 bench/moe_layer.py --reps 10 --skip-loop 2>&1 | grep -v "^{" | tee "$OUT/moe_layer.log"
   ;;
+C)  # DualSparse speed with CUDA-graph replay columns
+  timeout 300 python3 bench/dualsparse.py --study speed --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
+  ;;
 *)
-  echo "usage: bench/device_round4.sh A|B" >&2; exit 2
+  echo "usage: bench/device_round4.sh A|B|C" >&2; exit 2
   ;;
 esac
