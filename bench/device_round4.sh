@@ -22,7 +22,14 @@ B)  # after the Triton row kernels and sync-free counts
 C)  # DualSparse speed with CUDA-graph replay columns
   timeout 300 python3 bench/dualsparse.py --study speed --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
   ;;
+D)  # strided-row (persistent) SwiGLU forward
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -4
+  timeout 60 python3 bench/swiglu.py 2>&1 | grep -v "^{" | tee "$OUT/swiglu.log"
+  timeout 300 python3 bench/dualsparse.py --study speed --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
+  timeout 40 python3 bench/profile_moe.py --shape mixtral --tokens 16384 --rates 0.25 --rows 14 > /dev/null 2>&1
+  timeout 240 python3 bench/moe_layer.py --reps 10 --skip-loop 2>&1 | grep -v "^{" | tee "$OUT/moe_layer.log"
+  ;;
 *)
-  echo "usage: bench/device_round4.sh A|B|C" >&2; exit 2
+  echo "usage: bench/device_round4.sh A|B|C|D" >&2; exit 2
   ;;
 esac

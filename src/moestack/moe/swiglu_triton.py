@@ -9,6 +9,8 @@ Layout: h [N, P * 2f] holds, per part, f gate columns then f up columns; the act
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -16,20 +18,22 @@ import triton.language as tl
 BLOCK = 1024
 
 
-@triton.jit
-def _swiglu_fwd(h_ptr, out_ptr, rows_ptr, stride_h, stride_o, f, width,
+@triton.jit(do_not_specialize=["n"])
+def _swiglu_fwd(h_ptr, out_ptr, rows_ptr, n, stride_h, stride_o, f, width,
                 HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    if HAS_ROWS:
-        if row >= tl.load(rows_ptr):
-            return
+    # a fixed grid of programs strides over the rows, so rows past a device-side count cost nothing
+    n_rows = n
+    if HAS_ROWS:  # compile-time branch
+        n_rows = tl.minimum(tl.load(rows_ptr).to(tl.int32), n)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
     gcol = cols + (cols // f) * f  # the gate column of output column c = part p, neuron i: p * 2f + i
-    g = tl.load(h_ptr + row * stride_h + gcol, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(h_ptr + row * stride_h + gcol + f, mask=mask, other=0.0).to(tl.float32)
-    a = g * tl.sigmoid(g) * u
-    tl.store(out_ptr + row * stride_o + cols, a.to(out_ptr.dtype.element_ty), mask=mask)
+    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row = r.to(tl.int64)
+        g = tl.load(h_ptr + row * stride_h + gcol, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * stride_h + gcol + f, mask=mask, other=0.0).to(tl.float32)
+        a = g * tl.sigmoid(g) * u
+        tl.store(out_ptr + row * stride_o + cols, a.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -49,6 +53,12 @@ def _swiglu_bwd(h_ptr, grad_ptr, dh_ptr, stride_h, stride_g, stride_dh, f, width
     tl.store(dh_ptr + row * stride_dh + gcol + f, du.to(ty), mask=mask)
 
 
+@functools.cache
+def _programs(device: torch.device) -> int:
+    """Programs a strided-row launch uses: enough to fill every SM several times over."""
+    return 32 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _rows_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -59,8 +69,9 @@ def swiglu_fwd(h: torch.Tensor, parts: int, rows: torch.Tensor | None = None) ->
     n, width = h.shape[0], h.shape[1] // 2
     out = h.new_empty(n, width)
     if n and width:
-        grid = (n, triton.cdiv(width, BLOCK))
-        _swiglu_fwd[grid](h, out, rows if rows is not None else h, h.stride(0), out.stride(0), width // parts,
+        blocks = triton.cdiv(width, BLOCK)
+        grid = (min(n, max(1, _programs(h.device) // blocks)), blocks)
+        _swiglu_fwd[grid](h, out, rows if rows is not None else h, n, h.stride(0), out.stride(0), width // parts,
                           width, HAS_ROWS=rows is not None, BLOCK=BLOCK)
     return out
 
