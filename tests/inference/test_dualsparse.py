@@ -116,6 +116,19 @@ def test_dropping_matches_a_reference_that_zeroes_the_skipped_parts():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.4])
+def test_packed_rows_past_the_padding_budget_give_the_same_output(rate):
+    layer, x = sparsify(moe_layer(), hidden_batches(4), rate), hidden_batches(1, seed=5)[0]
+    with torch.no_grad():
+        padded = layer(x)[0]
+        assert layer.dispatcher.dispatch(x, layer.router(x)).wait().x.dim() == 3  # [P, T*k, D] segments
+        layer.dispatcher.padded_limit_bytes = 0  # every batch is "too big": packed rows, one host sync
+        d = layer.dispatcher.dispatch(x, layer.router(x)).wait()
+        packed = layer(x)[0]
+    assert d.x.dim() == 2 and d.extra["packed"]
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+
+
 def test_naive_drop_removes_the_lowest_weight_choices():
     layer, x = naive_drop(moe_layer(), hidden_batches(8, tokens=128), 0.25), hidden_batches(1, tokens=128, seed=3)[0]
     assert layer.experts.num_experts == E and layer.dispatcher.parts == 1

@@ -16,11 +16,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moestack.moe.dispatch import Dispatched, Done, weighted_sum
+from moestack.moe.dispatch import Dispatched, Done, expand_rows, inverse_order, unpermute, weighted_sum
 from moestack.moe.experts import fused_inference
 from moestack.moe.router import Routing, count_ids
 
 TABLE_SIZE = 1025  # points of the calibration score distribution kept per layer
+# Padded segments hold P * T*k rows where packed rows need T*k: past this size the sync-free layout
+# trades too much memory (e.g. a 64k-token Mixtral prefill: 2 x 128k x 4096 bf16 = 2 GiB).
+PADDED_LIMIT_BYTES = 2 << 30
 
 
 def quantile_table(scores: torch.Tensor, size: int = TABLE_SIZE) -> torch.Tensor:
@@ -138,6 +141,7 @@ class DualSparseDispatcher(nn.Module):
         self.total = 0  # sub-expert computations asked for since the last reset
         self._ran: torch.Tensor | None = None  # ... and run (a device scalar: counting costs no host sync)
         self.last_counts: torch.Tensor | None = None  # [P, E] rows running j = 1..P parts, last forward
+        self.padded_limit_bytes = PADDED_LIMIT_BYTES  # above it, dispatch packs rows (see `dispatch`)
 
     def set_ranks(self, expert_rank: list[int]) -> None:
         """The EP rank of each global expert (a placement row), for load-aware dropping."""
@@ -192,7 +196,9 @@ class DualSparseDispatcher(nn.Module):
         run j parts, grouped by expert, then padding (a done handle). Choices with nothing to run get no row.
 
         No host sync: the segments have a fixed size (T*k rows, the most any can hold) and the grouped
-        GEMMs take the valid row counts from the device, so the padding is never computed.
+        GEMMs take the valid row counts from the device, so the padding is never computed. When the
+        segments would exceed `padded_limit_bytes` (a long prefill), the rows go packed instead: [T*k, D]
+        sorted by (parts, expert), and `PartExperts` reads the segment sizes with one host sync.
         """
         # x: [T, D]
         T, k = routing.expert_ids.shape
@@ -201,6 +207,12 @@ class DualSparseDispatcher(nn.Module):
         order, counts = sort_by_parts(j, routing.expert_ids.flatten(), self.num_experts, P)
         self.record(j)
         self.last_counts = counts
+        sent = (j > 0) if self.drop_rate > 0 else None  # choices with a row the experts compute
+        if P * R * x.shape[-1] * x.element_size() > self.padded_limit_bytes:  # packed rows, one host sync
+            inverse, _ = inverse_order(order, R)
+            x_sorted = expand_rows(x, order, inverse, None, k)  # [R, D], rows with nothing to run last
+            return Done(Dispatched(x_sorted, counts, order, R, routing.weights, inverse=inverse, sent=sent,
+                                   extra={"packed": True}))
         slot = segment_slots(j, order, counts)  # [R] row in the flattened segments, P * R if none
         if fused_inference(x):
             from moestack.moe.rows_triton import to_segments
@@ -210,11 +222,12 @@ class DualSparseDispatcher(nn.Module):
             src = torch.zeros(P * R + 1, dtype=torch.long, device=x.device)
             src = src.scatter_(0, slot, torch.arange(R, device=x.device) // k)[: P * R]
             x_seg = x.index_select(0, src).view(P, R, x.shape[-1])  # padding rows copy token 0
-        sent = (j > 0) if self.drop_rate > 0 else None  # choices with a row the experts compute
         return Done(Dispatched(x_seg, counts, order, R, routing.weights, inverse=slot, sent=sent))
 
     def combine(self, y: list[torch.Tensor], d: Dispatched):
         """Each token's sum of its expert outputs (kept parts only) times the gate values: [T, D]."""
+        if d.extra.get("packed"):  # y: [M, D], the first M rows of the dispatch order (the choices with work)
+            return Done(unpermute(y, d.order, d.weights, d.num_choices, d.inverse, d.sent))
         # y: P outputs [R, D], one per segment; choice c's row is y[slot // R][slot % R]
         R = d.num_choices
         if fused_inference(y[0]) and len(y) <= 4:
