@@ -52,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--step-ms", type=float, default=None, help="synthetic step time (default 100 CUDA, 50 CPU)")
     p.add_argument("--write-chunk-mb", type=int, default=None, help="moestack: bytes per write/hash call (MiB)")
     p.add_argument("--writers", type=int, default=None, help="moestack: files written at once per rank")
+    p.add_argument("--no-early-writeback", action="store_true",
+                   help="moestack: leave the page cache's writeback to the final fsync (the previous behaviour)")
     return p.parse_args()
 
 
@@ -324,8 +326,10 @@ def main() -> None:
         storage.WRITE_CHUNK = args.write_chunk_mb << 20
     if args.writers:
         storage.WRITERS = args.writers
+    if args.no_early_writeback:
+        storage.EARLY_WRITEBACK = False
     print(f"moestack writer: {storage.WRITE_CHUNK >> 20} MiB per write/hash call, {storage.WRITERS} files at once, "
-          f"files of {storage.FILE_BYTES >> 20} MiB", flush=True)
+          f"files of {storage.FILE_BYTES >> 20} MiB, early writeback {storage.EARLY_WRITEBACK}", flush=True)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cpu":
@@ -395,7 +399,9 @@ def report(rows: list[dict], loop: list[dict], s: dict, state_bytes: int, device
     out_dir.mkdir(parents=True, exist_ok=True)
     common = {"bench": "checkpoint", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "device": device_name(device), "torch": torch.__version__, "state_bytes": state_bytes,
-              "reps": args.reps, **s}
+              "reps": args.reps, **s,
+              "writer": f"{storage.WRITE_CHUNK >> 20} MiB x {storage.WRITERS} writers, early writeback "
+                        f"{'on' if storage.EARLY_WRITEBACK else 'off'}"}
     with open(out_dir / "checkpoint.jsonl", "a") as f:
         for r in rows:
             f.write(json.dumps({**common, **r}) + "\n")

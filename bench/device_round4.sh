@@ -29,7 +29,22 @@ D)  # strided-row (persistent) SwiGLU forward
   timeout 40 python3 bench/profile_moe.py --shape mixtral --tokens 16384 --rates 0.25 --rows 14 > /dev/null 2>&1
   timeout 240 python3 bench/moe_layer.py --reps 10 --skip-loop 2>&1 | grep -v "^{" | tee "$OUT/moe_layer.log"
   ;;
+E1)  # checkpoint persist: early writeback off vs on (same call), disk reference
+  df -h /tmp | tail -1 | tee "$OUT/disk.txt"
+  dd if=/dev/zero of=/tmp/dd.bin bs=64M count=64 oflag=direct conv=fsync 2>&1 | tail -1 | tee -a "$OUT/disk.txt"; rm -f /tmp/dd.bin
+  dd if=/dev/zero of=/tmp/dd.bin bs=64M count=64 conv=fsync 2>&1 | tail -1 | tee -a "$OUT/disk.txt"; rm -f /tmp/dd.bin
+  for wb in --no-early-writeback ""; do
+    timeout 250 python3 bench/checkpoint.py --params 1.05e9 --reps 2 --dir /tmp --methods moestack_full,moestack_pec $wb \
+      2>&1 | grep -v "^{" | tail -4 | tee -a "$OUT/checkpoint.log"
+  done
+  ;;
+E2)  # throughput with a checkpoint every 50 steps: early writeback off vs on
+  for wb in --no-early-writeback ""; do
+    timeout 280 python3 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp --methods moestack_full,moestack_pec \
+      --train-steps 200 --every 50 $wb 2>&1 | grep -v "^{" | tail -6 | tee -a "$OUT/checkpoint_loop.log"
+  done
+  ;;
 *)
-  echo "usage: bench/device_round4.sh A|B|C|D" >&2; exit 2
+  echo "usage: bench/device_round4.sh A|B|C|D|E1|E2" >&2; exit 2
   ;;
 esac

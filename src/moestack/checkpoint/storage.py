@@ -36,6 +36,7 @@ _CHUNK = 8 << 20  # reads (verify)
 # disk (1.4 GB/s) a 12.7 GB share persisted in 10.7 s at 8 MiB x 4 and 13.8 s at 64 MiB x 2 (one run each,
 # commit da91f15); both are disk-bound. Larger calls take the GIL fewer times.
 WRITE_CHUNK = 64 << 20
+EARLY_WRITEBACK = True  # start each chunk's writeback as soon as it is written (see `_start_writeback`)
 _ST_DTYPES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
@@ -167,16 +168,31 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     head += b" " * (-len(head) % 8)
     digest = hashlib.sha256()
     with ThreadPoolExecutor(1) as hasher, open(path, "wb", buffering=0) as f:
-        pending = None
+        pending, written = None, 0
         for chunk in _chunks([struct.pack("<Q", len(head)) + head] + [_raw_bytes(tensors[n]) for n in names]):
             if pending is not None:
                 pending.result()  # sha256 is sequential: chunk i-1 before chunk i
             pending = hasher.submit(digest.update, chunk)
             _write_all(f, chunk)
+            _start_writeback(f.fileno(), written, len(chunk))
+            written += len(chunk)
         if pending is not None:
             pending.result()
         os.fsync(f.fileno())
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a just-written range to disk now, without waiting for it.
+
+    Buffered writes only fill the page cache; left alone, the disk sees the data at the final fsync, so a
+    shard costs (copy into the cache) + (flush at disk speed) one after the other. POSIX_FADV_DONTNEED on
+    Linux starts writeback of the range's dirty pages (and drops pages already clean), so the disk writes
+    while the next chunks are copied and hashed; the fsync then waits only for the tail. EARLY_WRITEBACK
+    turns it off (for comparison); elsewhere than Linux it is a no-op.
+    """
+    if EARLY_WRITEBACK and hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:
