@@ -293,14 +293,19 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
     _sync(device)
     t0 = time.perf_counter()
     ends = []  # time at the end of each step: where the loss goes (the save steps, or the steps during persist)
+    in_start, in_wait = [], []  # seconds inside saver.start at each save, inside wait_snapshot after each
     for step in range(1, steps + 1):
         for _ in range(matmuls):
             a = torch.tanh(a @ a)  # the step's compute
         if saver is not None:
-            saver.wait_snapshot()  # the state changes in place next: the last snapshot must be complete
+            t_wait = time.perf_counter()
+            if saver.wait_snapshot():  # the state changes in place next: the last snapshot must be complete
+                in_wait.append(time.perf_counter() - t_wait)
         torch._foreach_mul_(floats, 1.0 - 1e-7)
         if saver is not None and step % every == 0:
+            t_start = time.perf_counter()
             saver.start(state, work, _LOOP_STEP0 + step)  # after the measured saves' steps
+            in_start.append(time.perf_counter() - t_start)
         _sync_stream(device)
         ends.append(time.perf_counter())
     _sync(device)
@@ -312,10 +317,13 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
     after = [durations[s] for s in range(steps) if (s + 1) % every and (s + 1) > every and (s + 1) % every <= every // 2]
     out = {"method": name, "steps_per_s": steps / elapsed, "median_step_s": statistics.median(durations),
            "save_step_s": statistics.mean(save_steps) if save_steps else None,
-           "after_save_median_s": statistics.median(after) if after else None}
+           "after_save_median_s": statistics.median(after) if after else None,
+           "start_s": statistics.mean(in_start) if in_start else None,
+           "snapshot_wait_s": statistics.mean(in_wait) if in_wait else None}
     print(f"  loop {name}: {steps / elapsed:.2f} steps/s; step median {out['median_step_s'] * 1e3:.1f} ms, "
           f"at a save {(out['save_step_s'] or 0) * 1e3:.1f} ms, first half of the intervals after a save "
-          f"{(out['after_save_median_s'] or 0) * 1e3:.1f} ms (median)", flush=True)
+          f"{(out['after_save_median_s'] or 0) * 1e3:.1f} ms (median); inside save() {(out['start_s'] or 0) * 1e3:.1f} ms, "
+          f"waiting for the snapshot copy {(out['snapshot_wait_s'] or 0) * 1e3:.1f} ms (means)", flush=True)
     return out
 
 

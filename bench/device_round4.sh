@@ -44,7 +44,11 @@ E2)  # throughput with a checkpoint every 50 steps: early writeback off vs on
       --train-steps 200 --every 50 $wb 2>&1 | grep -v "^{" | tail -6 | tee -a "$OUT/checkpoint_loop.log"
   done
   ;;
+E3)  # throughput loop with the time inside save() and the snapshot wait reported
+  timeout 280 python3 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp --methods moestack_full,moestack_pec \
+    --train-steps 200 --every 50 2>&1 | grep -v "^{" | tail -12 | tee -a "$OUT/checkpoint_loop.log"
+  ;;
 *)
-  echo "usage: bench/device_round4.sh A|B|C|D|E1|E2" >&2; exit 2
+  echo "usage: bench/device_round4.sh A|B|C|D|E1|E2|E3" >&2; exit 2
   ;;
 esac
