@@ -294,6 +294,7 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
     t0 = time.perf_counter()
     ends = []  # time at the end of each step: where the loss goes (the save steps, or the steps during persist)
     in_start, in_wait = [], []  # seconds inside saver.start at each save, inside wait_snapshot after each
+    handles = []
     for step in range(1, steps + 1):
         for _ in range(matmuls):
             a = torch.tanh(a @ a)  # the step's compute
@@ -304,7 +305,7 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
         torch._foreach_mul_(floats, 1.0 - 1e-7)
         if saver is not None and step % every == 0:
             t_start = time.perf_counter()
-            saver.start(state, work, _LOOP_STEP0 + step)  # after the measured saves' steps
+            handles.append(saver.start(state, work, _LOOP_STEP0 + step))  # after the measured saves' steps
             in_start.append(time.perf_counter() - t_start)
         _sync_stream(device)
         ends.append(time.perf_counter())
@@ -319,11 +320,14 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
            "save_step_s": statistics.mean(save_steps) if save_steps else None,
            "after_save_median_s": statistics.median(after) if after else None,
            "start_s": statistics.mean(in_start) if in_start else None,
-           "snapshot_wait_s": statistics.mean(in_wait) if in_wait else None}
+           "snapshot_wait_s": statistics.mean(in_wait) if in_wait else None,
+           "persist_s": [round(h.persist_s, 3) for h in handles if getattr(h, "persist_s", None) is not None],
+           "copy_wait_s": [round(h.copy_wait_s, 3) for h in handles if hasattr(h, "copy_wait_s")]}
     print(f"  loop {name}: {steps / elapsed:.2f} steps/s; step median {out['median_step_s'] * 1e3:.1f} ms, "
           f"at a save {(out['save_step_s'] or 0) * 1e3:.1f} ms, first half of the intervals after a save "
           f"{(out['after_save_median_s'] or 0) * 1e3:.1f} ms (median); inside save() {(out['start_s'] or 0) * 1e3:.1f} ms, "
-          f"waiting for the snapshot copy {(out['snapshot_wait_s'] or 0) * 1e3:.1f} ms (means)", flush=True)
+          f"waiting for the snapshot copy {(out['snapshot_wait_s'] or 0) * 1e3:.1f} ms (means); persist s (save call "
+          f"to commit) {out['persist_s']}, of which waiting for the copy {out['copy_wait_s']}", flush=True)
     return out
 
 

@@ -48,7 +48,13 @@ E3)  # throughput loop with the time inside save() and the snapshot wait reporte
   timeout 280 python3 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp --methods moestack_full,moestack_pec \
     --train-steps 200 --every 50 2>&1 | grep -v "^{" | tail -12 | tee -a "$OUT/checkpoint_loop.log"
   ;;
+E4)  # does the snapshot copy overlap compute at all; the loop with persist times per save
+  timeout 60 python3 bench/d2h_overlap.py --gib 5 --tensors 300 | tee "$OUT/d2h_overlap.log"
+  timeout 60 python3 bench/d2h_overlap.py --gib 5 --tensors 300 --matmuls 80 | tee -a "$OUT/d2h_overlap.log"
+  timeout 280 python3 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp --methods moestack_pec \
+    --train-steps 250 --every 50 2>&1 | grep -v "^{" | tail -8 | tee -a "$OUT/checkpoint_loop.log"
+  ;;
 *)
-  echo "usage: bench/device_round4.sh A|B|C|D|E1|E2|E3" >&2; exit 2
+  echo "usage: bench/device_round4.sh A|B|C|D|E1|E2|E3|E4" >&2; exit 2
   ;;
 esac

@@ -46,6 +46,7 @@ class SaveHandle:
         self.step, self.skipped, self.selected, self.plt = step, skipped, selected or [], plt
         self.blocked_s = 0.0
         self.persist_s: float | None = None
+        self.copy_wait_s = 0.0  # of persist_s: waiting for the snapshot's device-to-host copies
         self.bytes_written = 0
         self.total_bytes: int | None = None
         self.path: Path | None = None
@@ -89,8 +90,10 @@ class Persister:
         """Write this rank's shard and part file; on rank 0 also commit. Errors go to `job.handle.error`."""
         handle = job.handle
         try:
+            t_copy = time.perf_counter()
             for event in job.copies:  # the snapshot's CUDA copies may still be writing `host`
                 event.synchronize()
+            handle.copy_wait_s = time.perf_counter() - t_copy
             job.tmp.mkdir(parents=True, exist_ok=True)
             files = {}
             if job.host:
