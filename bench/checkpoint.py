@@ -52,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--step-ms", type=float, default=None, help="synthetic step time (default 100 CUDA, 50 CPU)")
     p.add_argument("--write-chunk-mb", type=int, default=None, help="moestack: bytes per write/hash call (MiB)")
     p.add_argument("--writers", type=int, default=None, help="moestack: files written at once per rank")
+    p.add_argument("--when-busy", default="wait", choices=("wait", "skip", "defer"),
+                   help="moestack: a checkpoint due while the previous one persists (throughput loop)")
     p.add_argument("--no-early-writeback", action="store_true",
                    help="moestack: leave the page cache's writeback to the final fsync (the previous behaviour)")
     return p.parse_args()
@@ -211,15 +213,21 @@ class DcpAsyncSave:
 class MoestackSave:
     """moestack two-level async checkpoints; one manager per folder, so its pinned buffers are reused."""
 
-    def __init__(self, pec_k: int) -> None:
-        self.pec_k = pec_k
+    def __init__(self, pec_k: int, when_busy: str = "wait") -> None:
+        self.pec_k, self.when_busy = pec_k, when_busy
         self.managers: dict[Path, CheckpointManager] = {}
 
     def manager(self, work: Path) -> CheckpointManager:
         """The manager writing under `work`."""
         if work not in self.managers:
-            self.managers[work] = CheckpointManager(work, CheckpointConfig(keep=1, pec_k=self.pec_k))
+            cfg = CheckpointConfig(keep=1, pec_k=self.pec_k, when_busy=self.when_busy)
+            self.managers[work] = CheckpointManager(work, cfg)
         return self.managers[work]
+
+    @property
+    def deferred(self) -> bool:
+        """A checkpoint is owed (when_busy = defer): call `start` again at the next step."""
+        return any(m.deferred is not None for m in self.managers.values())
 
     def __call__(self, state, work: Path, step: int) -> tuple[float, float, int]:
         handle = self.start(state, work, step)
@@ -303,7 +311,7 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
             if saver.wait_snapshot():  # the state changes in place next: the last snapshot must be complete
                 in_wait.append(time.perf_counter() - t_wait)
         torch._foreach_mul_(floats, 1.0 - 1e-7)
-        if saver is not None and step % every == 0:
+        if saver is not None and (step % every == 0 or getattr(saver, "deferred", False)):
             t_start = time.perf_counter()
             handles.append(saver.start(state, work, _LOOP_STEP0 + step))  # after the measured saves' steps
             in_start.append(time.perf_counter() - t_start)
@@ -321,13 +329,15 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
            "after_save_median_s": statistics.median(after) if after else None,
            "start_s": statistics.mean(in_start) if in_start else None,
            "snapshot_wait_s": statistics.mean(in_wait) if in_wait else None,
+           "taken_at": [h.step - _LOOP_STEP0 for h in handles if hasattr(h, "skipped") and not h.skipped],
            "persist_s": [round(h.persist_s, 3) for h in handles if getattr(h, "persist_s", None) is not None],
-           "copy_wait_s": [round(h.copy_wait_s, 3) for h in handles if hasattr(h, "copy_wait_s")]}
+           "copy_wait_s": [round(h.copy_wait_s, 3) for h in handles if hasattr(h, "copy_wait_s") and not h.skipped]}
     print(f"  loop {name}: {steps / elapsed:.2f} steps/s; step median {out['median_step_s'] * 1e3:.1f} ms, "
           f"at a save {(out['save_step_s'] or 0) * 1e3:.1f} ms, first half of the intervals after a save "
           f"{(out['after_save_median_s'] or 0) * 1e3:.1f} ms (median); inside save() {(out['start_s'] or 0) * 1e3:.1f} ms, "
           f"waiting for the snapshot copy {(out['snapshot_wait_s'] or 0) * 1e3:.1f} ms (means); persist s (save call "
-          f"to commit) {out['persist_s']}, of which waiting for the copy {out['copy_wait_s']}", flush=True)
+          f"to commit) {out['persist_s']}, of which waiting for the copy {out['copy_wait_s']}; checkpoints taken at "
+          f"steps {out['taken_at']}", flush=True)
     return out
 
 
@@ -355,7 +365,8 @@ def main() -> None:
     # DCP async_save wants a process group with a CPU backend; gloo alone (an NCCL one hung at exit)
     dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=0, world_size=1)
     savers = {"torch_save": TorchSave, "dcp_save": DcpSave, "dcp_async_save": DcpAsyncSave,
-              "moestack_full": lambda: MoestackSave(0), "moestack_pec": lambda: MoestackSave(max(1, s["experts"] // 4))}
+              "moestack_full": lambda: MoestackSave(0, args.when_busy),
+              "moestack_pec": lambda: MoestackSave(max(1, s["experts"] // 4), args.when_busy)}
     chosen = [m for m in args.methods.split(",") if m]
     print(f"device {device_name(device)}; {s['params'] / 1e9:.3f}B parameters ({s['layers']} layers, "
           f"{s['experts']} experts, d {s['d']}, ffn {s['f']}); state {state_bytes / 2**30:.2f} GiB; writing to {root}",
@@ -413,7 +424,7 @@ def report(rows: list[dict], loop: list[dict], s: dict, state_bytes: int, device
               "device": device_name(device), "torch": torch.__version__, "state_bytes": state_bytes,
               "reps": args.reps, **s,
               "writer": f"{storage.WRITE_CHUNK >> 20} MiB x {storage.WRITERS} writers, early writeback "
-                        f"{'on' if storage.EARLY_WRITEBACK else 'off'}"}
+                        f"{'on' if storage.EARLY_WRITEBACK else 'off'}", "when_busy": args.when_busy}
     with open(out_dir / "checkpoint.jsonl", "a") as f:
         for r in rows:
             f.write(json.dumps({**common, **r}) + "\n")

@@ -54,7 +54,11 @@ E4)  # does the snapshot copy overlap compute at all; the loop with persist time
   timeout 280 python3 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp --methods moestack_pec \
     --train-steps 250 --every 50 2>&1 | grep -v "^{" | tail -8 | tee -a "$OUT/checkpoint_loop.log"
   ;;
+E5)  # throughput with when_busy = defer (checkpoints deferred while a persist runs, never blocking)
+  timeout 280 python3 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp --methods moestack_full,moestack_pec \
+    --train-steps 250 --every 50 --when-busy defer 2>&1 | grep -v "^{" | tail -12 | tee -a "$OUT/checkpoint_loop.log"
+  ;;
 *)
-  echo "usage: bench/device_round4.sh A|B|C|D|E1|E2|E3|E4" >&2; exit 2
+  echo "usage: bench/device_round4.sh A|B|C|D|E1|E2|E3|E4|E5" >&2; exit 2
   ;;
 esac

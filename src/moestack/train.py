@@ -228,7 +228,7 @@ class Trainer:
             if row is not None and ctx.is_main:
                 self.metrics.write(row)
             every = self.cfg.checkpoint.every
-            if every and (self.step % every == 0 or self.step == t.steps):
+            if every and (self.step % every == 0 or self.step == t.steps or self.ckpt.deferred is not None):
                 self.save_checkpoint(full=self.step == t.steps)  # the final model keeps every expert
         bar.close()
         self.ckpt.wait()

@@ -220,6 +220,35 @@ def test_when_busy_skip_and_wait(tmp_path, monkeypatch, caplog):
     assert not h.skipped and h.blocked_s >= 0.25
 
 
+def test_when_busy_defer_takes_the_checkpoint_once_the_write_is_done(tmp_path, monkeypatch, caplog):
+    gate = threading.Event()
+    real = persist.write_shards
+
+    def slow_write(directory, rank, tensors):
+        gate.wait(10)
+        return real(directory, rank, tensors)
+
+    monkeypatch.setattr(persist, "write_shards", slow_write)
+    mgr = CheckpointManager(tmp_path, CheckpointConfig(every=10, when_busy="defer", keep=5))
+    tensors, experts = make_state(1)
+    assert mgr.save(10, tensors, experts, {}).step == 10 and mgr.deferred is None
+    with caplog.at_level(logging.INFO, logger="moestack.checkpoint"):
+        assert mgr.due(20) and mgr.save(20, tensors, experts, {}).skipped  # step 10 still writing
+    assert mgr.deferred == 20 and "deferred" in caplog.text
+    assert mgr.due(21) and mgr.save(21, tensors, experts, {}).skipped and mgr.deferred == 20  # still owed
+    gate.set()
+    mgr._thread.join()
+    h = mgr.save(22, tensors, experts, {})  # the first step that finds the write done
+    assert not h.skipped and mgr.deferred is None and not mgr.due(23)
+    mgr._thread.join()
+    gate.clear()
+    mgr.save(25, tensors, experts, {})  # its write waits for the gate
+    threading.Timer(0.3, gate.set).start()
+    final = mgr.save(30, tensors, experts, {}, full=True)  # the last checkpoint waits, whatever the policy
+    mgr.close()
+    assert not final.skipped and final.blocked_s >= 0.25 and _steps(tmp_path) == [10, 22, 25, 30]
+
+
 def test_failed_persist_raises_and_keeps_previous(tmp_path, monkeypatch):
     mgr = CheckpointManager(tmp_path, CheckpointConfig(pec_k=4, keep=5))
     _save_steps(mgr, [1, 2])  # 1 full, 2: experts 0-3

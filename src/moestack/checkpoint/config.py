@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 PEC_POLICIES = ("sequential", "load_aware")
-WHEN_BUSY = ("wait", "skip")
+WHEN_BUSY = ("wait", "skip", "defer")
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,10 @@ class CheckpointConfig:
     pec_k            experts saved per MoE layer and checkpoint (PEC); 0 = all experts (full checkpoints)
     pec_policy       "sequential" (round robin) or "load_aware" (most tokens since last saved first)
     async_save       persist in a background thread; False writes and commits inside `save`
-    when_busy        a save due while the previous one still persists: "wait" (block) or "skip" (log, skip)
+    when_busy        a save due while the previous one still persists: "wait" (block), "skip" (log, skip) or
+                     "defer" (take it at the first later step whose save finds the persist done; the
+                     trainer calls save every step while `CheckpointManager.deferred` is set). The last
+                     step's checkpoint always waits.
     plt_threshold    > 0 turns on adaptive K: raise K until the portion of lost tokens stays <= this
     commit_timeout_s rank 0 waits this long for the other ranks' shards before failing the save
     """

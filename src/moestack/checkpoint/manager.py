@@ -64,6 +64,8 @@ class CheckpointManager:
         self._summary: dict[str, Any] = {}
         self._seq = 0
         self._closed = False
+        # when_busy = "defer": the step whose checkpoint is owed (the caller saves every step until it is None)
+        self.deferred: int | None = None
         self._verifier = Verifier()
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -76,8 +78,8 @@ class CheckpointManager:
     # ------------------------------------------------------------------ public API
 
     def due(self, step: int) -> bool:
-        """Whether `cfg.every` asks for a checkpoint after `step`."""
-        return self.cfg.every > 0 and step > 0 and step % self.cfg.every == 0
+        """Whether `cfg.every` asks for a checkpoint after `step`, or a deferred one is still owed."""
+        return self.cfg.every > 0 and step > 0 and (step % self.cfg.every == 0 or self.deferred is not None)
 
     def save(self, step: int, tensors: Mapping[str, torch.Tensor], experts: Mapping[str, ExpertShard],
              meta: Mapping[str, Any], expert_tokens: torch.Tensor | None = None, full: bool = False) -> SaveHandle:
@@ -93,13 +95,14 @@ class CheckpointManager:
         t0 = time.perf_counter()
         meta = json.loads(json.dumps(dict(meta)))  # JSON only, never pickle; fails early on bad meta
         layout = local_layout(tensors, experts)
-        if self.cfg.when_busy == "wait":
+        if self.cfg.when_busy == "wait" or full:  # the last checkpoint of a run is never skipped
             self._join_local()
         views = self._agree(layout)
         self._count_tokens(expert_tokens)
         self._check_errors(views)
         if any(v["busy"] for v in views):
             return self._skip(step, t0)
+        self.deferred = None
         selected, k = self._select(step, full)
         handle = self._start(step, tensors, experts, dict(meta), selected, k, t0)
         handle.blocked_s = time.perf_counter() - t0
@@ -201,8 +204,15 @@ class CheckpointManager:
             self._tokens_counted = True
 
     def _skip(self, step: int, t0: float) -> SaveHandle:
-        log.warning("checkpoint at step %d skipped: the previous one (step %d) is still being written "
-                    "(checkpoint.when_busy = skip)", step, self._handle.step if self._handle else -1)
+        prev = self._handle.step if self._handle else -1
+        if self.cfg.when_busy == "defer":
+            if self.deferred is None:  # decided from the views all ranks exchanged: the same on every rank
+                self.deferred = step
+                log.info("checkpoint due at step %d deferred: the previous one (step %d) is still being "
+                         "written; it is taken at the first step that finds the write done", step, prev)
+        else:
+            log.warning("checkpoint at step %d skipped: the previous one (step %d) is still being written "
+                        "(checkpoint.when_busy = skip)", step, prev)
         handle = SaveHandle(step, skipped=True)
         handle.blocked_s = time.perf_counter() - t0
         return handle
