@@ -129,6 +129,24 @@ def test_packed_rows_past_the_padding_budget_give_the_same_output(rate):
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_an_empty_batch_gives_an_empty_output(rate):
+    layer = sparsify(moe_layer(), hidden_batches(4), rate)
+    with torch.no_grad():
+        assert layer(torch.zeros(0, hidden_batches(1)[0].shape[1]))[0].shape == (0, hidden_batches(1)[0].shape[1])
+
+
+def test_a_gradient_through_the_layer_uses_packed_rows():
+    layer, x = sparsify(moe_layer(), hidden_batches(4), 0.3), hidden_batches(1, seed=5)[0].requires_grad_()
+    assert layer.dispatcher.dispatch(x, layer.router(x)).wait().x.dim() == 2  # padding has no gradient
+    with torch.no_grad():
+        want = layer(x)[0]
+    got = layer(x)[0]
+    got.sum().backward()
+    torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
 def test_naive_drop_removes_the_lowest_weight_choices():
     layer, x = naive_drop(moe_layer(), hidden_batches(8, tokens=128), 0.25), hidden_batches(1, tokens=128, seed=3)[0]
     assert layer.experts.num_experts == E and layer.dispatcher.parts == 1

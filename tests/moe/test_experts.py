@@ -41,6 +41,13 @@ def test_swiglu_matches_silu_gate_times_up(parts):
     assert swiglu(h[:0], parts).shape == (0, parts * 3)  # no rows (an EP rank that received none)
 
 
+def test_dense_swiglu_module_takes_empty_batches():
+    from moestack.moe.experts import SwiGLU
+
+    ffn = SwiGLU(8, 12)
+    assert ffn(torch.zeros(0, 8)).shape == (0, 8) and ffn(torch.zeros(2, 0, 8)).shape == (2, 0, 8)
+
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -192,7 +192,10 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     turns it off (for comparison); elsewhere than Linux it is a no-op.
     """
     if EARLY_WRITEBACK and hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:  # only a hint: a file system that refuses it still gets the final fsync
+            pass
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:

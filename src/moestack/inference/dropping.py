@@ -197,8 +197,9 @@ class DualSparseDispatcher(nn.Module):
 
         No host sync: the segments have a fixed size (T*k rows, the most any can hold) and the grouped
         GEMMs take the valid row counts from the device, so the padding is never computed. When the
-        segments would exceed `padded_limit_bytes` (a long prefill), the rows go packed instead: [T*k, D]
-        sorted by (parts, expert), and `PartExperts` reads the segment sizes with one host sync.
+        segments would exceed `padded_limit_bytes` (a long prefill), or when a gradient is wanted (padding
+        rows are undefined, their gradients too), the rows go packed instead: [T*k, D] sorted by (parts,
+        expert), and `PartExperts` reads the segment sizes with one host sync.
         """
         # x: [T, D]
         T, k = routing.expert_ids.shape
@@ -208,7 +209,8 @@ class DualSparseDispatcher(nn.Module):
         self.record(j)
         self.last_counts = counts
         sent = (j > 0) if self.drop_rate > 0 else None  # choices with a row the experts compute
-        if P * R * x.shape[-1] * x.element_size() > self.padded_limit_bytes:  # packed rows, one host sync
+        grad = torch.is_grad_enabled() and (x.requires_grad or routing.weights.requires_grad)
+        if grad or P * R * x.shape[-1] * x.element_size() > self.padded_limit_bytes:  # packed rows, one host sync
             inverse, _ = inverse_order(order, R)
             x_sorted = expand_rows(x, order, inverse, None, k)  # [R, D], rows with nothing to run last
             return Done(Dispatched(x_sorted, counts, order, R, routing.weights, inverse=inverse, sent=sent,
@@ -230,7 +232,7 @@ class DualSparseDispatcher(nn.Module):
             return Done(unpermute(y, d.order, d.weights, d.num_choices, d.inverse, d.sent))
         # y: P outputs [R, D], one per segment; choice c's row is y[slot // R][slot % R]
         R = d.num_choices
-        if fused_inference(y[0]) and len(y) <= 4:
+        if fused_inference(y[0], *y[1:], d.weights) and len(y) <= 4:
             from moestack.moe.rows_triton import combine_segments
 
             return Done(combine_segments(y, d.inverse, d.weights))

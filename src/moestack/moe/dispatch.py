@@ -139,7 +139,7 @@ def weighted_sum(per_choice: torch.Tensor, weights: torch.Tensor, sent: torch.Te
     sent [T*k] bool: choices without a row; their per_choice rows may hold anything and count as zero.
     """
     T, k = weights.shape
-    per_choice = per_choice.view(T, k, -1)  # [T, k, D]
+    per_choice = per_choice.view(T, k, per_choice.shape[-1])  # [T, k, D]; T may be 0
     if sent is not None:  # unsent choices read some other row: zero it (where, not a multiply: inf * 0 is nan)
         mask = sent.view(T, k)
         weights = weights * mask
@@ -175,7 +175,7 @@ class LocalDispatcher:
 
     def combine(self, y: torch.Tensor, d: Dispatched) -> Done:
         # y: [N, D] expert outputs in dispatch order
-        if d.sent is None and fused_inference(y):  # inference, dropless: one kernel reads each row once
+        if d.sent is None and fused_inference(y, d.weights):  # inference, dropless: one kernel reads each row once
             from moestack.moe.rows_triton import combine_segments
 
             return Done(combine_segments([y], d.inverse, d.weights))

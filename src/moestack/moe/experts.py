@@ -24,7 +24,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.w13(x)  # [..., 2F]: gate then up
-        return self.w2(swiglu(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1))
+        return self.w2(swiglu(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], h.shape[-1] // 2))  # sizes: any may be 0
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -76,9 +76,11 @@ def _use_triton(h: torch.Tensor) -> bool:
     return h.is_cuda and triton_available()
 
 
-def fused_inference(t: torch.Tensor) -> bool:
-    """Whether forward-only Triton kernels may take t: CUDA, triton importable, and no gradient wanted."""
-    return t.is_cuda and triton_available() and not (torch.is_grad_enabled() and t.requires_grad)
+def fused_inference(*tensors: torch.Tensor) -> bool:
+    """Whether forward-only Triton kernels may take these inputs: CUDA, triton importable, and no gradient
+    wanted for any of them (the kernels are not differentiable)."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return tensors[0].is_cuda and triton_available() and not grad
 
 
 @functools.cache

@@ -13,6 +13,7 @@ import functools
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 BLOCK = 1024
@@ -98,6 +99,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return swiglu_fwd(h, parts, rows)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         (h,) = ctx.saved_tensors
         return swiglu_bwd(h, grad, ctx.parts), None, None
