@@ -313,7 +313,7 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
         torch._foreach_mul_(floats, 1.0 - 1e-7)
         if saver is not None and (step % every == 0 or getattr(saver, "deferred", False)):
             t_start = time.perf_counter()
-            handles.append(saver.start(state, work, _LOOP_STEP0 + step))  # after the measured saves' steps
+            handles.append((step, saver.start(state, work, _LOOP_STEP0 + step)))  # after the measured saves' steps
             in_start.append(time.perf_counter() - t_start)
         _sync_stream(device)
         ends.append(time.perf_counter())
@@ -329,9 +329,10 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
            "after_save_median_s": statistics.median(after) if after else None,
            "start_s": statistics.mean(in_start) if in_start else None,
            "snapshot_wait_s": statistics.mean(in_wait) if in_wait else None,
-           "taken_at": [h.step - _LOOP_STEP0 for h in handles if hasattr(h, "skipped") and not h.skipped],
-           "persist_s": [round(h.persist_s, 3) for h in handles if getattr(h, "persist_s", None) is not None],
-           "copy_wait_s": [round(h.copy_wait_s, 3) for h in handles if hasattr(h, "copy_wait_s") and not h.skipped]}
+           "taken_at": [s for s, h in handles if not getattr(h, "skipped", False)],  # other savers: every call
+           "persist_s": [round(h.persist_s, 3) for _, h in handles if getattr(h, "persist_s", None) is not None],
+           "copy_wait_s": [round(h.copy_wait_s, 3) for _, h in handles
+                           if hasattr(h, "copy_wait_s") and not h.skipped]}
     print(f"  loop {name}: {steps / elapsed:.2f} steps/s; step median {out['median_step_s'] * 1e3:.1f} ms, "
           f"at a save {(out['save_step_s'] or 0) * 1e3:.1f} ms, first half of the intervals after a save "
           f"{(out['after_save_median_s'] or 0) * 1e3:.1f} ms (median); inside save() {(out['start_s'] or 0) * 1e3:.1f} ms, "
@@ -417,7 +418,12 @@ def report(rows: list[dict], loop: list[dict], s: dict, state_bytes: int, device
         print(f"\nthroughput, checkpoint every {args.every} of {args.train_steps} steps")
         for r in loop:
             r["throughput_loss"] = 1 - r["steps_per_s"] / none
-            print(f"{r['method']:16} {r['steps_per_s']:8.2f} steps/s  {100 * r['throughput_loss']:6.2f}% loss")
+            # the loop's extra wall time per checkpoint taken: what a checkpoint really blocks training
+            extra = args.train_steps / r["steps_per_s"] - args.train_steps / none
+            r["lost_s_per_checkpoint"] = extra / len(r["taken_at"]) if r.get("taken_at") else None
+            lost = "-" if r["lost_s_per_checkpoint"] is None else f"{r['lost_s_per_checkpoint']:.3f} s"
+            print(f"{r['method']:16} {r['steps_per_s']:8.2f} steps/s  {100 * r['throughput_loss']:6.2f}% loss  "
+                  f"{lost} lost per checkpoint taken")
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).with_name("results")
     out_dir.mkdir(parents=True, exist_ok=True)
     common = {"bench": "checkpoint", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -58,7 +58,12 @@ E5)  # throughput with when_busy = defer (checkpoints deferred while a persist r
   timeout 280 python3 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp --methods moestack_full,moestack_pec \
     --train-steps 250 --every 50 --when-busy defer 2>&1 | grep -v "^{" | tail -12 | tee -a "$OUT/checkpoint_loop.log"
   ;;
+E6)  # what a checkpoint costs the training loop, torch.save and moestack in the same run (defer)
+  timeout 560 python3 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp \
+    --methods torch_save,moestack_full,moestack_pec --train-steps 250 --every 50 --when-busy defer 2>&1 \
+    | grep -v "^{" | tail -14 | tee -a "$OUT/checkpoint_loop.log"
+  ;;
 *)
-  echo "usage: bench/device_round4.sh A|B|C|D|E1|E2|E3|E4|E5" >&2; exit 2
+  echo "usage: bench/device_round4.sh A|B|C|D|E1|E2|E3|E4|E5|E6" >&2; exit 2
   ;;
 esac
