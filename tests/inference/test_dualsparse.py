@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moestack.inference.dropping import DualSparseDispatcher, threshold_at, work_per_expert
+from moestack.inference.dropping import DualSparseDispatcher, work_per_expert
 from moestack.inference.dualsparse import (
     drop_stats,
     moe_layers,
@@ -145,17 +145,6 @@ def test_a_gradient_through_the_layer_uses_packed_rows():
     got.sum().backward()
     torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-
-
-def test_the_cached_threshold_follows_the_rate_and_the_table():
-    layer = sparsify(moe_layer(), hidden_batches(4), 0.3)
-    disp = layer.dispatcher
-    want = threshold_at(disp.table, torch.tensor([0.3]))
-    assert disp.threshold() is disp.threshold() and torch.equal(disp.threshold(), want)
-    set_drop_rate(layer, 0.5)
-    assert torch.equal(disp.threshold(), threshold_at(disp.table, torch.tensor([0.5])))
-    disp.load_state_dict({**disp.state_dict(), "table": disp.table * 2})  # new calibration, same rate
-    assert torch.equal(disp.threshold(), threshold_at(disp.table, torch.tensor([0.5])))
 
 
 def test_naive_drop_removes_the_lowest_weight_choices():

@@ -142,7 +142,6 @@ class DualSparseDispatcher(nn.Module):
         self._ran: torch.Tensor | None = None  # ... and run (a device scalar: counting costs no host sync)
         self.last_counts: torch.Tensor | None = None  # [P, E] rows running j = 1..P parts, last forward
         self.padded_limit_bytes = PADDED_LIMIT_BYTES  # above it, dispatch packs rows (see `dispatch`)
-        self._tau, self._tau_key = None, None  # cached `threshold`
 
     def set_ranks(self, expert_rank: list[int]) -> None:
         """The EP rank of each global expert (a placement row), for load-aware dropping."""
@@ -169,18 +168,10 @@ class DualSparseDispatcher(nn.Module):
         ids = routing.expert_ids  # [T, k]
         score = (routing.weights.unsqueeze(-1) * self.scale[ids]).flatten()  # [T*k*P]
         if not self.load_aware:  # one static threshold, calibrated to the target rate
-            return score >= self.threshold()
+            rate = torch.full((1,), self.drop_rate, device=score.device)  # a fill, not a host-to-device copy (a sync)
+            return score >= threshold_at(self.table, rate)
         rank = self.expert_rank[ids].unsqueeze(-1).expand(*ids.shape, self.parts).flatten()  # [T*k*P]
         return keep_top_per_group(score, rank, self.rank_rates(routing.counts))
-
-    def threshold(self) -> torch.Tensor:
-        """The uniform policy's score threshold [1] at `drop_rate`, kept until the rate or the table changes
-        (a dozen small kernels per layer and forward otherwise)."""
-        key = (self.drop_rate, self.table._version, self.table.data_ptr(), self.table.device)
-        if self._tau_key != key:
-            rate = torch.full((1,), self.drop_rate, device=self.table.device)  # a fill, not a (syncing) copy
-            self._tau, self._tau_key = threshold_at(self.table, rate), key
-        return self._tau
 
     def parts_to_run(self, routing: Routing) -> torch.Tensor:
         """How many parts (0..P) of its expert each choice runs: [T, k] int64."""
