@@ -168,6 +168,8 @@ class DualSparseDispatcher(nn.Module):
         ids = routing.expert_ids  # [T, k]
         score = (routing.weights.unsqueeze(-1) * self.scale[ids]).flatten()  # [T*k*P]
         if not self.load_aware:  # one static threshold, calibrated to the target rate
+            # computed every forward on purpose: a threshold tensor cached across forwards is freed when the
+            # rate changes, and a CUDA graph captured at the old rate would then read freed memory
             rate = torch.full((1,), self.drop_rate, device=score.device)  # a fill, not a host-to-device copy (a sync)
             return score >= threshold_at(self.table, rate)
         rank = self.expert_rank[ids].unsqueeze(-1).expand(*ids.shape, self.parts).flatten()  # [T*k*P]
