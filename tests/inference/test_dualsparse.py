@@ -216,3 +216,34 @@ def test_triton_segment_kernels_match_the_eager_path_on_gpu(parts, monkeypatch):
         eager = layer(batches[0])[0]
     torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
     assert fused.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_graph_of_the_sparse_layer_replays_its_output_and_its_drop_counts():
+    from moestack.moe.layer import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(64, E, K, 192, aux_loss_coef=0.0, z_loss_coef=0.0, impl="grouped_mm").to("cuda").eval()
+    batches = [torch.randn(512, 64, device="cuda") for _ in range(5)]
+    x = batches[0]
+    with torch.no_grad():
+        sparsify(layer, batches[1:], 0.3)
+        reset_drop_stats(layer)
+        want = layer(x)[0].clone()
+        once = drop_stats(layer)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer(x)  # warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # no host sync in the layer, or capture would fail
+            out = layer(x)[0]
+        reset_drop_stats(layer)
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    st = drop_stats(layer)
+    assert st["skipped"] == 3 * once["skipped"] > 0 and st["drop_rate"] == pytest.approx(once["drop_rate"])

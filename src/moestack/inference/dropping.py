@@ -138,8 +138,10 @@ class DualSparseDispatcher(nn.Module):
         self.register_buffer("table", torch.zeros(TABLE_SIZE))  # calibration score quantiles
         self.register_buffer("expert_rank", torch.zeros(num_experts, dtype=torch.int64))  # [E] EP rank
         self.drop_rate, self.load_aware, self.num_ranks, self.max_rank_rate = 0.0, False, 1, 1.0
-        self.total = 0  # sub-expert computations asked for since the last reset
-        self._ran: torch.Tensor | None = None  # ... and run (a device scalar: counting costs no host sync)
+        # sub-expert computations asked for and run since the last reset: device scalars updated in place, so
+        # counting costs no host sync and a CUDA graph replay of the layer counts too
+        self.register_buffer("_asked", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("_ran", torch.zeros((), dtype=torch.int64), persistent=False)
         self.last_counts: torch.Tensor | None = None  # [P, E] rows running j = 1..P parts, last forward
         self.padded_limit_bytes = PADDED_LIMIT_BYTES  # above it, dispatch packs rows (see `dispatch`)
 
@@ -184,14 +186,18 @@ class DualSparseDispatcher(nn.Module):
 
     def record(self, parts_run: torch.Tensor) -> None:
         """Count the sub-expert computations asked for and run (parts_run: [choices] 0..P)."""
-        ran = parts_run.sum()
-        self._ran = ran if self._ran is None else self._ran + ran
-        self.total += parts_run.numel() * self.parts
+        self._asked.add_(parts_run.numel() * self.parts)
+        self._ran.add_(parts_run.sum())
+
+    @property
+    def total(self) -> int:
+        """Sub-expert computations asked for since the last reset (reading it syncs with the device)."""
+        return int(self._asked)
 
     @property
     def skipped(self) -> int:
         """Sub-expert computations skipped since the last reset (reading it syncs with the device)."""
-        return self.total - (int(self._ran) if self._ran is not None else 0)
+        return int(self._asked) - int(self._ran)
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
         """Rows in padded segments for `PartExperts`: [P, T*k, D], segment j - 1 holding the choices that
@@ -246,8 +252,10 @@ class DualSparseDispatcher(nn.Module):
 
     def achieved_rate(self) -> float:
         """Fraction of sub-expert computations skipped since the last reset."""
-        return self.skipped / self.total if self.total else 0.0
+        total = self.total
+        return self.skipped / total if total else 0.0
 
     def reset_stats(self) -> None:
         """Zero the skipped/total counters."""
-        self.total, self._ran = 0, None
+        self._asked.zero_()
+        self._ran.zero_()
