@@ -224,8 +224,10 @@ def test_a_cuda_graph_of_the_sparse_layer_replays_its_output_and_its_drop_counts
     from moestack.moe.layer import MoELayer
 
     torch.manual_seed(0)
-    layer = MoELayer(64, E, K, 192, aux_loss_coef=0.0, z_loss_coef=0.0, impl="grouped_mm").to("cuda").eval()
-    batches = [torch.randn(512, 64, device="cuda") for _ in range(5)]
+    # bf16: torch._grouped_mm's fp32 path on CUDA is a fallback that copies the offsets to the host
+    layer = MoELayer(64, E, K, 192, aux_loss_coef=0.0, z_loss_coef=0.0, impl="grouped_mm")
+    layer = layer.to("cuda", torch.bfloat16).eval()
+    batches = [torch.randn(512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(5)]
     x = batches[0]
     with torch.no_grad():
         sparsify(layer, batches[1:], 0.3)
@@ -244,6 +246,6 @@ def test_a_cuda_graph_of_the_sparse_layer_replays_its_output_and_its_drop_counts
         for _ in range(3):
             graph.replay()
         torch.cuda.synchronize()
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)
     st = drop_stats(layer)
     assert st["skipped"] == 3 * once["skipped"] > 0 and st["drop_rate"] == pytest.approx(once["drop_rate"])
