@@ -335,7 +335,8 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
                            if hasattr(h, "copy_wait_s") and not h.skipped]}
     print(f"  loop {name}: {steps / elapsed:.2f} steps/s; step median {out['median_step_s'] * 1e3:.1f} ms, "
           f"at a save {(out['save_step_s'] or 0) * 1e3:.1f} ms, first half of the intervals after a save "
-          f"{(out['after_save_median_s'] or 0) * 1e3:.1f} ms (median); inside save() {(out['start_s'] or 0) * 1e3:.1f} ms, "
+          f"{(out['after_save_median_s'] or 0) * 1e3:.1f} ms (median); "
+          f"inside save() {(out['start_s'] or 0) * 1e3:.1f} ms, "
           f"waiting for the snapshot copy {(out['snapshot_wait_s'] or 0) * 1e3:.1f} ms (means); persist s (save call "
           f"to commit) {out['persist_s']}, of which waiting for the copy {out['copy_wait_s']}; checkpoints taken at "
           f"steps {out['taken_at']}", flush=True)

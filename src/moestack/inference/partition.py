@@ -92,8 +92,8 @@ class PartExperts(GroupedExperts):
         if x.dim() == 3:
             return self.forward_segments(x, counts)
         sizes = counts.sum(dim=1).tolist()  # the layer's one host sync
-        outs = [self._run(j, xj, cj) for j, xj, cj in zip(range(1, self.parts + 1), x[: sum(sizes)].split(sizes), counts)
-                if xj.shape[0]]
+        segments = zip(range(1, self.parts + 1), x[: sum(sizes)].split(sizes), counts)
+        outs = [self._run(j, xj, cj) for j, xj, cj in segments if xj.shape[0]]
         if len(outs) == 1:
             return outs[0]
         return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)

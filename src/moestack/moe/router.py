@@ -38,7 +38,8 @@ def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
     torch.bincount sizes its output from ids.max(), which on CUDA waits for the device; a scatter-add into
     n zeros does not, so the CPU can queue the rest of the layer while the GPU routes.
     """
-    return torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int64))
+    ones = torch.ones_like(ids, dtype=torch.int64)
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, ones)
 
 
 class Router(nn.Module):
