@@ -130,3 +130,38 @@ def test_capacity_factor_logs_dropped_token_choices(tmp_path):
     # capacity 0.5 x the mean load: at least half of each layer's token-choices cannot fit
     tokens_x_k = 4 * 32 * 2
     assert all(len(r["dropped"]) == 2 and min(r["dropped"]) >= tokens_x_k // 2 for r in rows)
+
+
+def test_a_deferred_checkpoint_is_taken_at_a_later_step(tmp_path, monkeypatch):
+    import threading
+
+    import moestack.checkpoint.persist as persist
+    from moestack.checkpoint.storage import list_committed
+
+    real, calls = persist.write_shards, []
+    first_done = threading.Event()
+
+    def write(directory, rank, tensors):  # the first checkpoint's write lasts until the trainer has moved on
+        calls.append(directory)
+        if len(calls) == 1:
+            first_done.wait(20)
+        return real(directory, rank, tensors)
+
+    monkeypatch.setattr(persist, "write_shards", write)
+    from moestack.checkpoint import manager as mgr_mod
+
+    save = mgr_mod.CheckpointManager.save
+
+    def save_and_release(self, step, *args, **kwargs):  # once a save at step >= 7 was deferred, let it finish
+        handle = save(self, step, *args, **kwargs)
+        if handle.skipped and step >= 7:
+            first_done.set()
+            self._thread.join()  # so that the next step's save finds the write done
+        return handle
+
+    monkeypatch.setattr(mgr_mod.CheckpointManager, "save", save_and_release)
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "12", "--run-dir", str(run), "--ckpt-every", "5",
+                 "--checkpoint.when_busy", "defer", "--checkpoint.keep", "5"]) == 0
+    steps = [s for s, _ in list_committed(run / "ckpt")]
+    assert steps == [5, 11, 12]  # step 10's checkpoint was owed, then taken at the first step after the write
