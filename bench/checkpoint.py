@@ -4,6 +4,8 @@
     python bench/checkpoint.py --params 1.1e9           # CUDA default: >= 1B parameters on one GPU
     python bench/checkpoint.py --train-steps 200 --every 50   # also: training throughput with checkpoints
                                                               # (a synthetic step of --step-ms)
+    torchrun --standalone --nproc_per_node 2 bench/checkpoint.py   # expert parallel: each rank holds E/N
+                                                                   # experts and the replicated rest
 
 For each method: the time the training loop is blocked per checkpoint, the time until the checkpoint is
 committed (durable on disk), and the bytes written; medians over --reps after one warm-up save. moestack's
@@ -12,6 +14,9 @@ right away (no step to overlap); the throughput loop waits just before its in-pl
 The state is moestack-like: dense tensors, expert-stacked tensors [E, d, f] and AdamW moments for all
 (fp32: 12 bytes per parameter). Prints a table and appends one JSON line per method to
 $OUT/checkpoint.jsonl (or bench/results/checkpoint.jsonl).
+Under torchrun every rank saves its own share (torch.save: its whole local state; DCP: its experts under
+rank-specific keys, the replicated tensors once; moestack: its share, collectively); a rank's times are
+the slowest rank's, since the next step waits for it. Only rank 0 prints and writes results.
 """
 
 from __future__ import annotations
@@ -33,6 +38,35 @@ import torch.distributed.checkpoint as dcp
 from moestack.checkpoint import CheckpointConfig, CheckpointManager, ExpertShard, storage
 
 METHODS = ("torch_save", "dcp_save", "dcp_async_save", "moestack_full", "moestack_pec")
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets them
+
+
+def say(*args, **kwargs) -> None:
+    """print, on rank 0 only."""
+    if RANK == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def _barrier() -> None:
+    if WORLD > 1:
+        dist.barrier()
+
+
+def _slowest(value: float) -> float:
+    """The largest value over the ranks (what the next collective step waits for)."""
+    if WORLD == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def _total(value: int) -> int:
+    if WORLD == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t)
 
 
 def parse_args() -> argparse.Namespace:
@@ -76,14 +110,19 @@ def sizes(args: argparse.Namespace, device: torch.device) -> dict[str, int]:
 
 
 def build_state(s: dict[str, int], device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, ExpertShard]]:
-    """Flat training state: parameters plus AdamW exp_avg / exp_avg_sq, experts stacked on dim 0."""
-    d, f, e = s["d"], s["f"], s["experts"]
+    """Flat training state: parameters plus AdamW exp_avg / exp_avg_sq, experts stacked on dim 0 (this
+    rank's E / world_size experts under torchrun)."""
+    d, f = s["d"], s["f"]
+    if s["experts"] % WORLD:
+        raise SystemExit(f"--experts {s['experts']} does not divide over {WORLD} ranks: pick a multiple of {WORLD}")
+    e = s["experts"] // WORLD
+    mine = tuple(range(RANK * e, (RANK + 1) * e))
     params: dict[str, tuple[int, ...]] = {"embed.weight": (s["vocab"], d), "lm_head.weight": (s["vocab"], d)}
     experts: dict[str, ExpertShard] = {}
     for i in range(s["layers"]):
         pre = f"layers.{i}"
         params.update({f"{pre}.attn.qkv": (3 * d, d), f"{pre}.attn.out": (d, d), f"{pre}.norm1": (d,),
-                       f"{pre}.norm2": (d,), f"{pre}.moe.router": (e, d)})
+                       f"{pre}.norm2": (d,), f"{pre}.moe.router": (s["experts"], d)})
         for w, shape in (("w1", (e, d, f)), ("w3", (e, d, f)), ("w2", (e, f, d))):
             params[f"{pre}.moe.experts.{w}"] = shape
     tensors: dict[str, torch.Tensor] = {}
@@ -95,7 +134,7 @@ def build_state(s: dict[str, int], device: torch.device) -> tuple[dict[str, torc
         if ".moe.experts." in name:
             layer = int(name.split(".")[1])
             for key in (f"model.{name}", f"optim.{name}.exp_avg", f"optim.{name}.exp_avg_sq"):
-                experts[key] = ExpertShard(layer, tuple(range(e)))
+                experts[key] = ExpertShard(layer, mine)
     tensors["optim.step"] = torch.tensor(1.0)
     tensors["rng.torch"] = torch.get_rng_state()
     return tensors, experts
@@ -118,6 +157,23 @@ def _sync_stream(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
+def dcp_state(state) -> dict[str, torch.Tensor]:
+    """The state for DCP: with several ranks each rank's experts get rank-specific keys (DCP would keep one
+    copy of same-key tensors, as if replicated); the replicated tensors keep theirs, so DCP writes them once."""
+    tensors, experts = state[0], state[1]
+    if WORLD == 1:
+        return tensors
+    return {f"{k}.ep{RANK}" if k in experts else k: t for k, t in tensors.items()}
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder every rank has finished with (rank 0 deletes, after a barrier)."""
+    _barrier()
+    if RANK == 0:
+        shutil.rmtree(path)
+    _barrier()
+
+
 def _du(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -127,8 +183,10 @@ def _du(path: Path) -> int:
 class TorchSave:
     """The original method: a synchronous torch.save of everything (then fsync, for durability)."""
 
+    per_rank_files = True  # bytes written: the sum over ranks (each writes its own file)
+
     def __call__(self, state, work: Path, step: int) -> tuple[float, float, int]:
-        path = work / f"state-{step}.pt"
+        path = work / f"state-{step}-rank{RANK}.pt"
         t0 = time.perf_counter()
         torch.save(state[0], path)
         blocked = time.perf_counter() - t0
@@ -154,13 +212,15 @@ class TorchSave:
 class DcpSave(TorchSave):
     """torch.distributed.checkpoint.save (synchronous; DCP fsyncs its files)."""
 
+    per_rank_files = False
+
     def __call__(self, state, work: Path, step: int) -> tuple[float, float, int]:
         path = work / f"dcp-{step}"
         t0 = time.perf_counter()
-        dcp.save(state[0], checkpoint_id=str(path))
+        dcp.save(dcp_state(state), checkpoint_id=str(path))
         blocked = time.perf_counter() - t0
         size = _du(path)
-        shutil.rmtree(path)
+        _remove(path)
         return blocked, blocked, size
 
     start = __call__
@@ -168,6 +228,8 @@ class DcpSave(TorchSave):
 
 class DcpAsyncSave:
     """torch.distributed.checkpoint.async_save, default options: stage on the CPU, write in a thread."""
+
+    per_rank_files = False
 
     def __init__(self) -> None:
         self.pending: tuple[object, Path] | None = None
@@ -178,17 +240,18 @@ class DcpAsyncSave:
         blocked = time.perf_counter() - t0
         path = self.close()
         committed = time.perf_counter() - t0
+        _barrier()  # every rank's part is written
         size = _du(path)
-        shutil.rmtree(path)
+        _remove(path)
         return blocked, committed, size
 
     def start(self, state, work: Path, step: int) -> None:
         """Begin a save; first finish (and delete) the previous one, as DCP asks."""
         previous = self.close()
         if previous is not None:
-            shutil.rmtree(previous)
+            _remove(previous)
         path = work / f"dcp-async-{step}"
-        self.pending = (dcp.async_save(state[0], checkpoint_id=str(path)), path)
+        self.pending = (dcp.async_save(dcp_state(state), checkpoint_id=str(path)), path)
 
     def wait_snapshot(self) -> float:
         """Nothing to wait for: async_save stages the state on the CPU before it returns."""
@@ -198,7 +261,7 @@ class DcpAsyncSave:
         """Wait for the save in flight and delete it."""
         path = self.close()
         if path is not None:
-            shutil.rmtree(path)
+            _remove(path)
 
     def close(self) -> Path | None:
         """Wait for the save in flight; return its folder."""
@@ -213,6 +276,7 @@ class DcpAsyncSave:
 class MoestackSave:
     """moestack two-level async checkpoints; one manager per folder, so its pinned buffers are reused."""
 
+    per_rank_files = False  # rank 0's commit reports the whole checkpoint
     def __init__(self, pec_k: int, when_busy: str = "wait") -> None:
         self.pec_k, self.when_busy = pec_k, when_busy
         self.managers: dict[Path, CheckpointManager] = {}
@@ -221,7 +285,7 @@ class MoestackSave:
         """The manager writing under `work`."""
         if work not in self.managers:
             cfg = CheckpointConfig(keep=1, pec_k=self.pec_k, when_busy=self.when_busy)
-            self.managers[work] = CheckpointManager(work, cfg)
+            self.managers[work] = CheckpointManager(work, cfg, group=dist.group.WORLD if WORLD > 1 else None)
         return self.managers[work]
 
     @property
@@ -264,9 +328,12 @@ def measure(name: str, saver, state, work: Path, reps: int, device) -> dict:
     samples = []
     for rep in range(reps + 1):
         _sync(device)
-        samples.append(saver(state, work, rep + 1))
-        print(f"  {name} {'warm-up' if rep == 0 else f'rep {rep}'}: blocked {samples[-1][0]:.4f}s, "
-              f"committed {samples[-1][1]:.3f}s", flush=True)
+        _barrier()  # all ranks start the save together
+        blocked, committed, size = saver(state, work, rep + 1)
+        size = _total(size or 0) if saver.per_rank_files else (size or 0)
+        samples.append((_slowest(blocked), _slowest(committed), size))
+        say(f"  {name} {'warm-up' if rep == 0 else f'rep {rep}'}: blocked {samples[-1][0]:.4f}s, "
+            f"committed {samples[-1][1]:.3f}s")
     blocked, committed, size = zip(*samples[1:])
     return {"method": name, "blocked_s": statistics.median(blocked), "committed_s": statistics.median(committed),
             "bytes_written": int(statistics.median(size)), "blocked_all": list(blocked), "committed_all": list(committed)}
@@ -299,6 +366,7 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
     floats = [t for t in state[0].values() if t.is_floating_point() and t.device.type == device.type]
     work.mkdir(parents=True, exist_ok=True)
     _sync(device)
+    _barrier()
     t0 = time.perf_counter()
     ends = []  # time at the end of each step: where the loss goes (the save steps, or the steps during persist)
     in_start, in_wait = [], []  # seconds inside saver.start at each save, inside wait_snapshot after each
@@ -333,13 +401,13 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
            "persist_s": [round(h.persist_s, 3) for _, h in handles if getattr(h, "persist_s", None) is not None],
            "copy_wait_s": [round(h.copy_wait_s, 3) for _, h in handles
                            if hasattr(h, "copy_wait_s") and not h.skipped]}
-    print(f"  loop {name}: {steps / elapsed:.2f} steps/s; step median {out['median_step_s'] * 1e3:.1f} ms, "
+    say(f"  loop {name}: {steps / elapsed:.2f} steps/s; step median {out['median_step_s'] * 1e3:.1f} ms, "
           f"at a save {(out['save_step_s'] or 0) * 1e3:.1f} ms, first half of the intervals after a save "
           f"{(out['after_save_median_s'] or 0) * 1e3:.1f} ms (median); "
           f"inside save() {(out['start_s'] or 0) * 1e3:.1f} ms, "
           f"waiting for the snapshot copy {(out['snapshot_wait_s'] or 0) * 1e3:.1f} ms (means); persist s (save call "
           f"to commit) {out['persist_s']}, of which waiting for the copy {out['copy_wait_s']}; checkpoints taken at "
-          f"steps {out['taken_at']}", flush=True)
+          f"steps {out['taken_at']}")
     return out
 
 
@@ -352,27 +420,35 @@ def main() -> None:
         storage.WRITERS = args.writers
     if args.no_early_writeback:
         storage.EARLY_WRITEBACK = False
-    print(f"moestack writer: {storage.WRITE_CHUNK >> 20} MiB per write/hash call, {storage.WRITERS} files at once, "
-          f"files of {storage.FILE_BYTES >> 20} MiB, early writeback {storage.EARLY_WRITEBACK}", flush=True)
+    say(f"moestack writer: {storage.WRITE_CHUNK >> 20} MiB per write/hash call, {storage.WRITERS} files at once, "
+        f"files of {storage.FILE_BYTES >> 20} MiB, early writeback {storage.EARLY_WRITEBACK}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and WORLD > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # leave a core to the persist threads; see docs/methods/moc.md
     s = sizes(args, device)
     tensors, experts = build_state(s, device)
     tokens = torch.full((s["layers"], s["experts"]), 1000, dtype=torch.int64)
     state = (tensors, experts, tokens)
-    state_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    root = Path(tempfile.mkdtemp(prefix="moestack-bench-", dir=args.dir))
     # DCP async_save wants a process group with a CPU backend; gloo alone (an NCCL one hung at exit)
-    dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=0, world_size=1)
+    if WORLD > 1:
+        dist.init_process_group("gloo")  # torchrun's environment
+        shared = [str(Path(tempfile.mkdtemp(prefix="moestack-bench-", dir=args.dir))) if RANK == 0 else None]
+        dist.broadcast_object_list(shared, src=0)  # --dir must be on a file system every rank sees
+        root = Path(shared[0])
+    else:
+        root = Path(tempfile.mkdtemp(prefix="moestack-bench-", dir=args.dir))
+        dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=0, world_size=1)
+    state_bytes = _total(sum(t.numel() * t.element_size() for t in tensors.values()))  # all ranks
     savers = {"torch_save": TorchSave, "dcp_save": DcpSave, "dcp_async_save": DcpAsyncSave,
               "moestack_full": lambda: MoestackSave(0, args.when_busy),
               "moestack_pec": lambda: MoestackSave(max(1, s["experts"] // 4), args.when_busy)}
     chosen = [m for m in args.methods.split(",") if m]
-    print(f"device {device_name(device)}; {s['params'] / 1e9:.3f}B parameters ({s['layers']} layers, "
-          f"{s['experts']} experts, d {s['d']}, ffn {s['f']}); state {state_bytes / 2**30:.2f} GiB; writing to {root}",
-          flush=True)
+    say(f"{WORLD} rank(s), device {device_name(device)}; {s['params'] / 1e9:.3f}B parameters ({s['layers']} layers, "
+        f"{s['experts']} experts, d {s['d']}, ffn {s['f']}); state {state_bytes / 2**30:.2f} GiB; writing to {root}")
     try:
         rows, warm = [], {}
         for m in chosen:
@@ -380,16 +456,22 @@ def main() -> None:
             rows.append(measure(m, warm[m], state, root / m, args.reps, device))
         loop = []
         if args.train_steps:  # the savers measured above, warm (moestack: pinned buffers allocated)
-            matmuls = calibrate(args.step_ms or (100 if device.type == "cuda" else 50), device)
+            matmuls = [calibrate(args.step_ms or (100 if device.type == "cuda" else 50), device)]
+            if WORLD > 1:
+                dist.broadcast_object_list(matmuls, src=0)  # the same synthetic step on every rank
+            matmuls = matmuls[0]
             loop = [throughput("none", None, state, root / "none", args.train_steps, args.every, matmuls, device)]
             loop += [throughput(m, warm[m], state, root / m, args.train_steps, args.every, matmuls, device)
                      for m in chosen if m != "dcp_save"]
         for saver in warm.values():
             saver.close()
+        _barrier()  # every rank is done with the folder
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if RANK == 0:
+            shutil.rmtree(root, ignore_errors=True)
         dist.destroy_process_group()
-    report(rows, loop, s, state_bytes, device, args)
+    if RANK == 0:
+        report(rows, loop, s, state_bytes, device, args)
 
 
 def device_name(device: torch.device) -> str:
@@ -429,7 +511,7 @@ def report(rows: list[dict], loop: list[dict], s: dict, state_bytes: int, device
     out_dir.mkdir(parents=True, exist_ok=True)
     common = {"bench": "checkpoint", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "device": device_name(device), "torch": torch.__version__, "state_bytes": state_bytes,
-              "reps": args.reps, **s,
+              "reps": args.reps, "world_size": WORLD, **s,
               "writer": f"{storage.WRITE_CHUNK >> 20} MiB x {storage.WRITERS} writers, early writeback "
                         f"{'on' if storage.EARLY_WRITEBACK else 'off'}", "when_busy": args.when_busy}
     with open(out_dir / "checkpoint.jsonl", "a") as f:
