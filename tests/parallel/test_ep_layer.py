@@ -88,3 +88,36 @@ def test_ep_layer_matches_single_process_contiguous_shuffled_and_skewed(world):
     """Contiguous and shuffled placements, and skewed routing where half the ranks get no tokens."""
     cases = [(contiguous(world), False), (shuffled(world), False), (contiguous(world), True)]
     run_ranks(_check_all, world, cases)
+
+
+def _check_empty_rank(rank, world):
+    """Rank 1 brings no tokens (an uneven last batch): the layer still matches the reference, both ways."""
+    ctx = init_parallel(ParallelConfig(ep=world), "cpu")
+    x_all, g_all = _inputs(world, False)
+    x_all, g_all = x_all[:T], g_all[:T]  # rank 0's tokens only
+    ref = _layer(False)
+    x_ref = x_all.clone().requires_grad_()
+    y_ref, aux_ref = ref(x_ref)
+    ((y_ref * g_all).sum() + aux_ref * world).backward()
+
+    layer = _layer(False)
+    rows_of = contiguous(world)
+    placement = Placement(world, rows_of)
+    mine = placement.experts_on(0, rank)
+    shard_experts(layer.experts, mine)
+    layer.dispatcher = EPDispatcher(ctx.ep_group, rows_of[0], [placement.slot_of(0, e)[1] for e in range(E)], len(mine))
+    layer.router.reduce_stats = global_stats(ctx.stats_group)
+    rows = slice(0, T) if rank == 0 else slice(0, 0)
+    x = x_all[rows].clone().requires_grad_()
+    y, aux = layer(x)
+    ((y * g_all[rows]).sum() + aux).backward()
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, y_ref[rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad[rows], atol=1e-5, rtol=1e-5)
+    idx = torch.tensor(mine)
+    torch.testing.assert_close(layer.experts.w13.grad, ref.experts.w13.grad[idx], atol=1e-5, rtol=1e-5)
+    shutdown(ctx)
+
+
+def test_ep_layer_with_a_rank_that_has_no_tokens():
+    run_ranks(_check_empty_rank, 2)
