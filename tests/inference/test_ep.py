@@ -44,3 +44,25 @@ def _check(rank, world):
 
 def test_sharded_sparse_layer_matches_one_process():
     run_ranks(_check, 2)
+
+
+def _check_empty_rank(rank, world):
+    """Rank 1 brings no tokens: rank 0 still gets the single-process output, rank 1 an empty one."""
+    ctx = init_parallel(ParallelConfig(ep=world), "cpu")
+    x0 = hidden_batches(1, tokens=T, seed=3)[0]
+    layer = sparsify(moe_layer(), hidden_batches(4), 0.3)
+    with torch.no_grad():
+        want = layer(x0)[0]
+    shard_sparse(layer, ctx, Placement(world, [[e * world // E for e in range(E)]]))
+    set_drop_rate(layer, 0.3)
+    x = x0 if rank == 0 else x0[:0]
+    with torch.no_grad():
+        got = layer(x)[0]
+    assert got.shape == x.shape
+    if rank == 0:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    shutdown(ctx)
+
+
+def test_sharded_sparse_layer_with_a_rank_that_has_no_tokens():
+    run_ranks(_check_empty_rank, 2)
