@@ -27,30 +27,29 @@ SHAPES = {"mixtral": (4096, 8, 2), "dbrx": (6144, 16, 4), "olmoe": (2048, 64, 8)
           "cpu": (256, 8, 2)}
 
 
-def moestack_path(x, ids, w, E):
-    """moestack's LocalDispatcher path (multiply-and-sum at k <= 4, bmm above)."""
+def _dispatched(x, ids, E):
+    """The gather dispatch and the stand-in experts (y = 2x): (y, order, inverse)."""
     T, k = ids.shape
     order, _ = sort_by_expert(ids, E)
     inverse, _ = inverse_order(order, T * k)
-    y = expand_rows(x, order, inverse, None, k) * 2
-    return unpermute(y, order, w, T * k, inverse)
+    return expand_rows(x, order, inverse, None, k) * 2, order, inverse
+
+
+def moestack_path(x, ids, w, E):
+    """moestack's LocalDispatcher path (multiply-and-sum at k <= 4, bmm above)."""
+    y, order, inverse = _dispatched(x, ids, E)
+    return unpermute(y, order, w, ids.numel(), inverse)
 
 
 def gather_bmm(x, ids, w, E):
-    T, k = ids.shape
-    order, _ = sort_by_expert(ids, E)
-    inverse, _ = inverse_order(order, T * k)
-    y = expand_rows(x, order, inverse, None, k) * 2
-    per_choice = gather_rows(y, inverse, order).view(T, k, -1)
+    y, order, inverse = _dispatched(x, ids, E)
+    per_choice = gather_rows(y, inverse, order).view(*ids.shape, -1)
     return torch.bmm(w.to(y.dtype).unsqueeze(1), per_choice).squeeze(1)
 
 
 def gather_mul_sum(x, ids, w, E):
-    T, k = ids.shape
-    order, _ = sort_by_expert(ids, E)
-    inverse, _ = inverse_order(order, T * k)
-    y = expand_rows(x, order, inverse, None, k) * 2
-    per_choice = gather_rows(y, inverse, order).view(T, k, -1)
+    y, order, inverse = _dispatched(x, ids, E)
+    per_choice = gather_rows(y, inverse, order).view(*ids.shape, -1)
     return (per_choice * w.to(y.dtype).unsqueeze(-1)).sum(dim=1)
 
 

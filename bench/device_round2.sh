@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests of the dispatch/DualSparse code, DualSparse speed/load, MoE layer bench,
 # a GPU-trained run for the DualSparse quality study, and kernel profiles. Results in $OUT.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-OUT=${OUT:-bench/results}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/device_env.sh"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/moe tests/inference/test_dualsparse.py tests/inference/test_partition.py 2>&1 | tail -3
 timeout 150 python3 bench/dualsparse.py --study speed,load --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
 timeout 150 python3 bench/moe_layer.py --reps 10 --skip-loop 2>&1 | grep -v "^{" | tee "$OUT/moe_layer.log"

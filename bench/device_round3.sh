@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # Device calls of 2026-11-25 (second session): A = GPU tests, permutation round trip, DualSparse speed,
 # profile; B = checkpoint overhead and throughput at >= 1B parameters. Results in $OUT.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-OUT=${OUT:-bench/results}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/device_env.sh"
 case "${1:-}" in
 A)
   timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -3

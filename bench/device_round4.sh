@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # Device calls of 2026-11-25 (third session). A = GPU tests, DualSparse speed (sync-free segments, Triton
 # SwiGLU), MoE layer fwd+bwd with the Triton vs eager SwiGLU in one run, profile. Results in $OUT.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-OUT=${OUT:-bench/results}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/device_env.sh"
 case "${1:-}" in
 A)
   timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -4

@@ -3,10 +3,7 @@
 #   bash bench/device_suite.sh benches      # MoE layer, checkpoint overhead, training throughput probe
 #   bash bench/device_suite.sh quality N    # top2 / shared_top1 / scmoe side by side for N steps, then DualSparse
 # Results go to $OUT (device runs) or bench/results.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-OUT=${OUT:-bench/results}; mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh"
 QUALITY="--model.d_model 512 --model.n_heads 8 --model.n_layers 8 --model.seq_len 256 --moe.num_experts 8
  --moe.d_ff 1024 --batch-size 32 --train.lr 1e-3 --train.warmup 100 --train.data_max_mb 64
  --train.eval_every 250 --train.eval_batches 16 --train.log_every 50 --device cuda"

@@ -188,7 +188,8 @@ def test_resume_from_older_step_moves_newer_aside(tmp_path):
     assert len(list((root / "abandoned").iterdir())) == 2
 
 
-def test_when_busy_skip_and_wait(tmp_path, monkeypatch, caplog):
+def gate_writes(monkeypatch) -> threading.Event:
+    """Make every shard write wait (up to 10 s) until the returned event is set."""
     gate = threading.Event()
     real = persist.write_shards
 
@@ -197,6 +198,11 @@ def test_when_busy_skip_and_wait(tmp_path, monkeypatch, caplog):
         return real(directory, rank, tensors)
 
     monkeypatch.setattr(persist, "write_shards", slow_write)
+    return gate
+
+
+def test_when_busy_skip_and_wait(tmp_path, monkeypatch, caplog):
+    gate = gate_writes(monkeypatch)
     mgr = CheckpointManager(tmp_path, CheckpointConfig(when_busy="skip", pec_k=2, keep=5))
     tensors, experts = make_state(1)
     tok = torch.ones(2, NUM_EXPERTS, dtype=torch.int64)
@@ -221,14 +227,7 @@ def test_when_busy_skip_and_wait(tmp_path, monkeypatch, caplog):
 
 
 def test_when_busy_defer_takes_the_checkpoint_once_the_write_is_done(tmp_path, monkeypatch, caplog):
-    gate = threading.Event()
-    real = persist.write_shards
-
-    def slow_write(directory, rank, tensors):
-        gate.wait(10)
-        return real(directory, rank, tensors)
-
-    monkeypatch.setattr(persist, "write_shards", slow_write)
+    gate = gate_writes(monkeypatch)
     mgr = CheckpointManager(tmp_path, CheckpointConfig(every=10, when_busy="defer", keep=5))
     tensors, experts = make_state(1)
     assert mgr.save(10, tensors, experts, {}).step == 10 and mgr.deferred is None

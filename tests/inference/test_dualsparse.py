@@ -178,15 +178,20 @@ def test_bad_input_gets_a_clear_error(call, match):
         call(tiny_model())
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_bf16_grouped_mm_path_on_gpu():
+def cuda_layer(d_ff: int, dtype: torch.dtype):
+    """A grouped_mm MoE layer on the GPU (hidden 64) and five batches of 512 tokens for it."""
     from moestack.moe.layer import MoELayer
 
     torch.manual_seed(0)
-    layer = MoELayer(64, E, K, 128, aux_loss_coef=0.0, z_loss_coef=0.0, impl="grouped_mm")
-    layer = layer.to("cuda", torch.bfloat16).eval()
-    batches = [torch.randn(512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(5)]
+    layer = MoELayer(64, E, K, d_ff, aux_loss_coef=0.0, z_loss_coef=0.0, impl="grouped_mm")
+    layer = layer.to("cuda", dtype).eval()
+    return layer, [torch.randn(512, 64, device="cuda", dtype=dtype) for _ in range(5)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_grouped_mm_path_on_gpu():
+    layer, batches = cuda_layer(128, torch.bfloat16)
     with torch.no_grad():
         want = layer(batches[0])[0]
         sparsify(layer, batches[1:], 0.0)
@@ -203,11 +208,8 @@ def test_bf16_grouped_mm_path_on_gpu():
 @pytest.mark.parametrize("parts", [2, 3])
 def test_triton_segment_kernels_match_the_eager_path_on_gpu(parts, monkeypatch):
     import moestack.inference.dropping as dropping
-    from moestack.moe.layer import MoELayer
 
-    torch.manual_seed(0)
-    layer = MoELayer(64, E, K, 192, aux_loss_coef=0.0, z_loss_coef=0.0, impl="grouped_mm").to("cuda").eval()
-    batches = [torch.randn(512, 64, device="cuda") for _ in range(5)]
+    layer, batches = cuda_layer(192, torch.float32)
     with torch.no_grad():
         sparsify(layer, batches[1:], 0.3, parts=parts)
         assert dropping.fused_inference(batches[0])
@@ -221,13 +223,8 @@ def test_triton_segment_kernels_match_the_eager_path_on_gpu(parts, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_cuda_graph_of_the_sparse_layer_replays_its_output_and_its_drop_counts():
-    from moestack.moe.layer import MoELayer
-
-    torch.manual_seed(0)
     # bf16: torch._grouped_mm's fp32 path on CUDA is a fallback that copies the offsets to the host
-    layer = MoELayer(64, E, K, 192, aux_loss_coef=0.0, z_loss_coef=0.0, impl="grouped_mm")
-    layer = layer.to("cuda", torch.bfloat16).eval()
-    batches = [torch.randn(512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(5)]
+    layer, batches = cuda_layer(192, torch.bfloat16)
     x = batches[0]
     with torch.no_grad():
         sparsify(layer, batches[1:], 0.3)

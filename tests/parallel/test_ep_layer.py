@@ -31,6 +31,18 @@ def _inputs(world: int, skewed: bool):
     return x, torch.randn(world * T, D, generator=g)
 
 
+def _ep_layer(rank, world, ctx, placement_rows, skewed):
+    """This rank's shard of `_layer(skewed)` under the placement, with the EP dispatcher: (layer, its experts)."""
+    layer = _layer(skewed)
+    placement = Placement(world, placement_rows)
+    mine = placement.experts_on(0, rank)
+    shard_experts(layer.experts, mine)
+    slots = [placement.slot_of(0, e)[1] for e in range(E)]
+    layer.dispatcher = EPDispatcher(ctx.ep_group, placement_rows[0], slots, len(mine))
+    layer.router.reduce_stats = global_stats(ctx.stats_group)
+    return layer, mine
+
+
 def _check_all(rank, world, cases):
     ctx = init_parallel(ParallelConfig(ep=world), "cpu")
     for placement_rows, skewed in cases:
@@ -47,12 +59,7 @@ def _check(rank, world, ctx, placement_rows, skewed):
     y_ref, aux_ref = ref(x_ref)
     ((y_ref * g_all).sum() + aux_ref * world).backward()
 
-    layer = _layer(skewed)
-    placement = Placement(world, placement_rows)
-    mine = placement.experts_on(0, rank)
-    shard_experts(layer.experts, mine)
-    layer.dispatcher = EPDispatcher(ctx.ep_group, placement_rows[0], [placement.slot_of(0, e)[1] for e in range(E)], len(mine))
-    layer.router.reduce_stats = global_stats(ctx.stats_group)
+    layer, mine = _ep_layer(rank, world, ctx, placement_rows, skewed)
     x = x_all[rows].clone().requires_grad_()
     y, aux = layer(x)
     ((y * g_all[rows]).sum() + aux).backward()
@@ -100,13 +107,7 @@ def _check_empty_rank(rank, world):
     y_ref, aux_ref = ref(x_ref)
     ((y_ref * g_all).sum() + aux_ref * world).backward()
 
-    layer = _layer(False)
-    rows_of = contiguous(world)
-    placement = Placement(world, rows_of)
-    mine = placement.experts_on(0, rank)
-    shard_experts(layer.experts, mine)
-    layer.dispatcher = EPDispatcher(ctx.ep_group, rows_of[0], [placement.slot_of(0, e)[1] for e in range(E)], len(mine))
-    layer.router.reduce_stats = global_stats(ctx.stats_group)
+    layer, mine = _ep_layer(rank, world, ctx, contiguous(world), False)
     rows = slice(0, T) if rank == 0 else slice(0, 0)
     x = x_all[rows].clone().requires_grad_()
     y, aux = layer(x)

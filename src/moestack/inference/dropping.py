@@ -6,9 +6,10 @@ expert). For every token-choice it estimates each sub-expert's (part's) contribu
 sub-expert computations scoring lowest. Skipped work is removed before the grouped GEMMs: a choice with
 j kept parts runs a GEMM over its expert's first j parts only (in segment j of padded segments, see
 `DualSparseDispatcher.dispatch`), and a choice with none is not sent. Uniform dropping uses one static
-threshold: the calibration score distribution's (`table`) quantile at the target rate. Load-aware dropping gives each EP rank its own rate from this
-batch's per-rank loads (`load_aware_rates`) and drops exactly that fraction of the rank's lowest scores in
-this batch (a per-rank batch quantile: skewed loads also skew the scores, so a calibrated table would miss).
+threshold: the calibration score distribution's (`table`) quantile at the target rate. Load-aware dropping
+gives each EP rank its own rate from this batch's per-rank loads (`load_aware_rates`) and drops exactly
+that fraction of the rank's lowest scores in this batch (a per-rank batch quantile: skewed loads also skew
+the scores, so a calibrated table would miss).
 Notation: T = tokens, k = choices per token, E = experts, P = parts, G = EP ranks, N = kept rows, D = hidden.
 """
 
