@@ -6,12 +6,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # A CPU machine installs torch 2.13.0 from the wheel on disk; a plain `torch` would download a CUDA build.
 TORCH_PIN ?= torch==2.13.0
+# Triton for its CPU interpreter: the tests run the project's Triton kernels on the CPU (GPUs compile them).
+TRITON_PIN ?= triton==3.8.0
 
 .PHONY: train test setup clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIN)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIN) $(TRITON_PIN)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,hf,plot]'
 	touch $@
 

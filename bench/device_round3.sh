@@ -4,7 +4,7 @@
 source "$(dirname "$0")/device_env.sh"
 case "${1:-}" in
 A)
-  timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -3
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" tests 2>&1 | tail -3
   timeout 120 python3 bench/combine.py --reps 20 2>&1 | grep -v "^{" | tee "$OUT/combine.log"
   timeout 150 python3 bench/dualsparse.py --study speed,load --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
   timeout 40 python3 bench/profile_moe.py --shape qwen3_moe --tokens 16384 --rates 0.25 --rows 16 > /dev/null 2>&1
@@ -16,7 +16,7 @@ B)
     | grep -v "^{" | tee "$OUT/checkpoint.log"
   ;;
 C1)
-  timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -3
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" tests 2>&1 | tail -3
   timeout 200 python3 bench/moe_layer.py --reps 10 --skip-loop 2>&1 | grep -v "^{" | tee "$OUT/moe_layer.log"
   timeout 150 python3 bench/combine.py --reps 20 2>&1 | grep -v "^{" | tee "$OUT/combine.log"
   timeout 150 python3 bench/dualsparse.py --study speed --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
@@ -34,7 +34,7 @@ D)
   done
   ;;
 E)
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -3
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" tests 2>&1 | tail -3
   timeout 240 python3 bench/moe_layer.py --reps 10 --skip-loop 2>&1 | grep -v "^{" | tee "$OUT/moe_layer.log"
   timeout 150 python3 bench/dualsparse.py --study speed --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
   ;;

@@ -4,13 +4,13 @@
 source "$(dirname "$0")/device_env.sh"
 case "${1:-}" in
 A)
-  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -4
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" tests 2>&1 | tail -4
   timeout 150 python3 bench/dualsparse.py --study speed --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
   timeout 40 python3 bench/profile_moe.py --shape mixtral --tokens 16384 --rates 0.25 --rows 14 > /dev/null 2>&1
   timeout 240 python3 bench/moe_layer.py --reps 10 --skip-loop 2>&1 | grep -v "^{" | tee "$OUT/moe_layer.log"
   ;;
 B)  # after the Triton row kernels and sync-free counts
-  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -4
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" tests 2>&1 | tail -4
   timeout 150 python3 bench/dualsparse.py --study speed --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
   timeout 40 python3 bench/profile_moe.py --shape qwen3_moe --tokens 16384 --rates 0.25 --rows 14 > /dev/null 2>&1
   timeout 240 python3 bench/moe_layer.py --reps 10 --skip-loop 2>&1 | grep -v "^{" | tee "$OUT/moe_layer.log"
@@ -19,7 +19,7 @@ C)  # DualSparse speed with CUDA-graph replay columns
   timeout 300 python3 bench/dualsparse.py --study speed --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
   ;;
 D)  # strided-row (persistent) SwiGLU forward
-  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -4
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" tests 2>&1 | tail -4
   timeout 60 python3 bench/swiglu.py 2>&1 | grep -v "^{" | tee "$OUT/swiglu.log"
   timeout 300 python3 bench/dualsparse.py --study speed --reps 10 2>&1 | grep -v "^{" | tee "$OUT/dualsparse_speed.log"
   timeout 40 python3 bench/profile_moe.py --shape mixtral --tokens 16384 --rates 0.25 --rows 14 > /dev/null 2>&1

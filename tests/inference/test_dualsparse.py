@@ -178,20 +178,20 @@ def test_bad_input_gets_a_clear_error(call, match):
         call(tiny_model())
 
 
-def cuda_layer(d_ff: int, dtype: torch.dtype):
-    """A grouped_mm MoE layer on the GPU (hidden 64) and five batches of 512 tokens for it."""
+def grouped_layer(d_ff: int, dtype: torch.dtype, device: str = "cuda", tokens: int = 512):
+    """A grouped_mm MoE layer (hidden 64) on `device` and five batches of `tokens` tokens for it."""
     from moestack.moe.layer import MoELayer
 
     torch.manual_seed(0)
     layer = MoELayer(64, E, K, d_ff, aux_loss_coef=0.0, z_loss_coef=0.0, impl="grouped_mm")
-    layer = layer.to("cuda", dtype).eval()
-    return layer, [torch.randn(512, 64, device="cuda", dtype=dtype) for _ in range(5)]
+    layer = layer.to(device, dtype).eval()
+    return layer, [torch.randn(tokens, 64, device=device, dtype=dtype) for _ in range(5)]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_grouped_mm_path_on_gpu():
-    layer, batches = cuda_layer(128, torch.bfloat16)
+    layer, batches = grouped_layer(128, torch.bfloat16)
     with torch.no_grad():
         want = layer(batches[0])[0]
         sparsify(layer, batches[1:], 0.0)
@@ -203,13 +203,12 @@ def test_bf16_grouped_mm_path_on_gpu():
     assert drop_stats(layer)["drop_rate"] == pytest.approx(0.25, abs=0.06)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.triton
 @pytest.mark.parametrize("parts", [2, 3])
-def test_triton_segment_kernels_match_the_eager_path_on_gpu(parts, monkeypatch):
+def test_triton_segment_kernels_match_the_eager_path(parts, monkeypatch, triton_device):
     import moestack.inference.dropping as dropping
 
-    layer, batches = cuda_layer(192, torch.float32)
+    layer, batches = grouped_layer(192, torch.float32, triton_device, 512 if triton_device == "cuda" else 96)
     with torch.no_grad():
         sparsify(layer, batches[1:], 0.3, parts=parts)
         assert dropping.fused_inference(batches[0])
@@ -224,7 +223,7 @@ def test_triton_segment_kernels_match_the_eager_path_on_gpu(parts, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_cuda_graph_of_the_sparse_layer_replays_its_output_and_its_drop_counts():
     # bf16: torch._grouped_mm's fp32 path on CUDA is a fallback that copies the offsets to the host
-    layer, batches = cuda_layer(192, torch.bfloat16)
+    layer, batches = grouped_layer(192, torch.bfloat16)
     x = batches[0]
     with torch.no_grad():
         sparsify(layer, batches[1:], 0.3)

@@ -79,15 +79,41 @@ def test_a_non_finite_expert_row_stays_with_its_own_token():
     assert not torch.isfinite(out[0]).all() and torch.isfinite(out[1:]).all()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fused_inference_combine_matches_the_autograd_path_on_gpu():
+@pytest.mark.triton
+def test_fused_inference_combine_matches_the_autograd_path(triton_device):
     from moestack.moe.layer import MoELayer
+    import moestack.moe.dispatch as dispatch
 
     torch.manual_seed(0)
-    layer = MoELayer(64, 8, 2, 128, impl="grouped_mm").to("cuda")
-    x = torch.randn(300, 64, device="cuda", requires_grad=True)
+    layer = MoELayer(64, 8, 2, 128, impl="grouped_mm").to(triton_device)
+    x = torch.randn(300, 64, device=triton_device, requires_grad=True)
     with torch.no_grad():
+        assert dispatch.fused_inference(x)
         fused = layer(x)[0]  # no gradient wanted: the Triton combine
     eager = layer(x)[0]  # autograd: unpermute
     torch.testing.assert_close(fused, eager.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("parts", [1, 2, 4])
+def test_segment_kernels_match_a_per_choice_reference(parts, triton_device):
+    from moestack.moe.rows_triton import combine_segments, to_segments
+
+    T, k, D = 9, 2, 1030  # D spans two column blocks
+    R = T * k
+    g = torch.Generator().manual_seed(parts)
+    x = torch.randn(T, D, generator=g).to(triton_device)
+    slot = torch.randperm(parts * R, generator=g)[:R]
+    slot[[1, 6]] = parts * R  # two choices with nothing to run
+    slot = slot.to(triton_device)
+    seg = to_segments(x, slot, parts, k).view(parts * R, D)
+    y = [torch.randn(R, D, generator=g).to(triton_device) for _ in range(parts)]
+    w = torch.rand(T, k, generator=g).to(triton_device)
+    want = torch.zeros(T, D, device=triton_device)
+    for c, s in enumerate(slot.tolist()):
+        if s < parts * R:
+            assert torch.equal(seg[s], x[c // k])
+            want[c // k] += w[c // k, c % k] * y[s // R][s % R]
+    torch.testing.assert_close(combine_segments(y, slot, w), want)
+    with pytest.raises(ValueError, match="up to 4 outputs"):
+        combine_segments(y * 5, slot, w)

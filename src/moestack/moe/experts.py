@@ -39,8 +39,8 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-# "auto": the Triton kernel on CUDA when triton imports, eager PyTorch otherwise; "eager" or "triton" force one
-# (benchmarks compare them in one run; MOESTACK_SWIGLU sets the default).
+# "auto": the Triton kernel where Triton runs (`triton_runs`), eager PyTorch otherwise; "eager" or "triton"
+# force one (benchmarks compare them in one run; MOESTACK_SWIGLU sets the default).
 SWIGLU_IMPL = os.environ.get("MOESTACK_SWIGLU", "auto")
 
 
@@ -67,20 +67,28 @@ def _use_triton(h: torch.Tensor) -> bool:
     if SWIGLU_IMPL == "eager":
         return False
     if SWIGLU_IMPL == "triton":
-        if not (h.is_cuda and triton_available()):
-            raise RuntimeError("MOESTACK_SWIGLU=triton needs a CUDA tensor and the triton package; "
-                               "use auto or eager on this machine")
+        if not triton_runs(h):
+            raise RuntimeError("MOESTACK_SWIGLU=triton needs a CUDA tensor and the triton package "
+                               "(or TRITON_INTERPRET=1 for Triton's CPU interpreter); use auto or eager here")
         return True
     if SWIGLU_IMPL != "auto":
         raise ValueError(f"MOESTACK_SWIGLU={SWIGLU_IMPL!r}: expected auto, eager or triton")
-    return h.is_cuda and triton_available()
+    return triton_runs(h)
 
 
 def fused_inference(*tensors: torch.Tensor) -> bool:
-    """Whether forward-only Triton kernels may take these inputs: CUDA, triton importable, and no gradient
-    wanted for any of them (the kernels are not differentiable)."""
+    """Whether forward-only Triton kernels may take these inputs: Triton runs on their device
+    (`triton_runs`) and no gradient is wanted for any of them (the kernels are not differentiable)."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return tensors[0].is_cuda and triton_available() and not grad
+    return triton_runs(tensors[0]) and not grad
+
+
+def triton_runs(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels take tensors like t: on CUDA with triton installed, or on the CPU under
+    Triton's interpreter (TRITON_INTERPRET=1, read per call: slow, the same kernel code; CI tests it so)."""
+    if not triton_available():
+        return False
+    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @functools.cache

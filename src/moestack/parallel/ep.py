@@ -9,6 +9,8 @@ Notation: T = tokens, k = choices per token, G = ep ranks, E_l = local experts, 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -205,6 +207,16 @@ def expert_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     ]
 
 
+# No buffer broadcast each forward: tokens_seen is rank-local (DDP ignores it), expert_bias moves the same
+# way on every rank (from all-reduced counts) and the RoPE tables are constants. torch 2.13 renamed the
+# switch (broadcast_buffers warns there); torch 2.11, on the GPU machines, only has the old name.
+_NO_BUFFER_SYNC_PER_FORWARD = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
+
+
 def parallelize(model: nn.Module, ctx: ParallelContext, placement_path: str = "", for_training: bool = True) -> nn.Module:
     """Apply EP (and, for training, DDP) when running on several ranks; returns the module to call."""
     if not ctx.distributed:
@@ -218,8 +230,8 @@ def parallelize(model: nn.Module, ctx: ParallelContext, placement_path: str = ""
     ignore = [n for n, _ in expert_params(model)] + [n for n, _ in model.named_buffers() if n.endswith("tokens_seen")]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     return DistributedDataParallel(
-        model, process_group=ctx.grad_group, broadcast_buffers=False,  # tokens_seen is rank-local
-        device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+        model, process_group=ctx.grad_group, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+        **_NO_BUFFER_SYNC_PER_FORWARD,
     )
 
 
