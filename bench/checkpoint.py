@@ -197,7 +197,9 @@ class TorchSave:
         path.unlink()
         return blocked, committed, size
 
-    start = __call__
+    def start(self, state, work: Path, step: int, last: bool = False):
+        """One save inside the loop (synchronous: it is done when this returns)."""
+        return self(state, work, step)
 
     def wait_snapshot(self) -> float:
         """Nothing to wait for: the state was copied (or written) before `start` returned."""
@@ -223,8 +225,6 @@ class DcpSave(TorchSave):
         _remove(path)
         return blocked, blocked, size
 
-    start = __call__
-
 
 class DcpAsyncSave:
     """torch.distributed.checkpoint.async_save, default options: stage on the CPU, write in a thread."""
@@ -245,7 +245,7 @@ class DcpAsyncSave:
         _remove(path)
         return blocked, committed, size
 
-    def start(self, state, work: Path, step: int) -> None:
+    def start(self, state, work: Path, step: int, last: bool = False) -> None:
         """Begin a save; first finish (and delete) the previous one, as DCP asks."""
         previous = self.close()
         if previous is not None:
@@ -299,10 +299,11 @@ class MoestackSave:
         self.manager(work).wait()
         return handle.blocked_s, handle.persist_s, handle.total_bytes
 
-    def start(self, state, work: Path, step: int):
-        """Snapshot and return; the persist goes on in the background."""
+    def start(self, state, work: Path, step: int, last: bool = False):
+        """Snapshot and return; the persist goes on in the background. `last`: the run's final checkpoint,
+        full and never skipped or deferred, as the trainer takes it."""
         tensors, experts, tokens = state
-        return self.manager(work).save(step, tensors, experts, {"step": step}, tokens)
+        return self.manager(work).save(step, tensors, experts, {"step": step}, tokens, full=last)
 
     def wait_snapshot(self) -> float:
         """Wait for the snapshot copies in flight (CUDA); the seconds waited, added to their handles' blocked_s."""
@@ -361,7 +362,9 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
     tensor, like an optimizer step) with a checkpoint every `every` steps (`saver` None: none).
 
     As in the trainer, the saver's snapshot copy may overlap the next step's compute and is waited for
-    right before the update; each step ends waiting for the training stream only (like loss.item())."""
+    right before the update; each step ends waiting for the training stream only (like loss.item()).
+    As in the trainer, the last step always takes a checkpoint (moestack: full, waiting for a write in
+    flight), and the run ends once that checkpoint is written: the time includes it, for every method."""
     a = torch.randn(_MATMUL_N[device.type], _MATMUL_N[device.type], device=device)
     floats = [t for t in state[0].values() if t.is_floating_point() and t.device.type == device.type]
     work.mkdir(parents=True, exist_ok=True)
@@ -379,16 +382,18 @@ def throughput(name: str, saver, state, work: Path, steps: int, every: int, matm
             if saver.wait_snapshot():  # the state changes in place next: the last snapshot must be complete
                 in_wait.append(time.perf_counter() - t_wait)
         torch._foreach_mul_(floats, 1.0 - 1e-7)
-        if saver is not None and (step % every == 0 or getattr(saver, "deferred", False)):
+        last = step == steps
+        if saver is not None and (step % every == 0 or getattr(saver, "deferred", False) or last):
             t_start = time.perf_counter()
-            handles.append((step, saver.start(state, work, _LOOP_STEP0 + step)))  # after the measured saves' steps
+            # checkpoint steps after the measured saves' steps
+            handles.append((step, saver.start(state, work, _LOOP_STEP0 + step, last=last)))
             in_start.append(time.perf_counter() - t_start)
         _sync_stream(device)
         ends.append(time.perf_counter())
+    if saver is not None:
+        saver.finish()  # the run is over once its last checkpoint is written
     _sync(device)
     elapsed = time.perf_counter() - t0
-    if saver is not None:
-        saver.finish()
     durations = [b - a for a, b in zip([t0] + ends[:-1], ends)]
     save_steps = [durations[s - 1] for s in range(every, steps + 1, every)]
     after = [durations[s] for s in range(steps) if (s + 1) % every and (s + 1) > every and (s + 1) % every <= every // 2]

@@ -100,6 +100,20 @@ def test_resume_with_a_different_model_is_refused_and_keeps_the_config(tmp_path,
     assert (run / "config.toml").read_text() == before
 
 
+def test_resume_when_every_checkpoint_is_damaged_is_an_error_not_a_fresh_start(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "4", "--run-dir", str(run), "--ckpt-every", "2"]) == 0
+    for shard in (run / "ckpt").glob("step-*/rank-*.safetensors"):
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 1
+        shard.write_bytes(bytes(data))
+    before = sorted(p.name for p in (run / "ckpt").iterdir())
+    assert main(["train", *TINY, "--steps", "6", "--run-dir", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: no intact checkpoint" in err and "sha256 mismatch" in err and "ckpt verify" in err
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == before  # nothing moved aside or deleted
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks, extra", [(2, []), (4, ["--dp", "2"])], ids=["ep2", "ep2-dp2"])
 def test_torchrun_ep2_matches_single_process_losses(tmp_path, ranks, extra):

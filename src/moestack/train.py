@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from moestack.checkpoint import CheckpointManager
+from moestack.checkpoint import CheckpointError, CheckpointManager
+from moestack.checkpoint.storage import list_committed
 from moestack.config import Config, ConfigError, load_config, to_toml
 from moestack.data import Corpus
 from moestack.metrics import MetricsLog, load_balance, plot_run
@@ -173,12 +174,19 @@ class Trainer:
         self.tokens_at_save = now
 
     def resume(self) -> bool:
-        """Continue from the newest good checkpoint; False if there is none."""
-        if not self._rank0_says(self.ckpt.latest_good() is not None if self.ctx.is_main else False):
+        """Continue from the newest good checkpoint; False if the run has none.
+
+        Checkpoints that exist but are all damaged are an error (CheckpointError naming each problem), not
+        a silent start from step 0: the next commit would move them aside."""
+        if not self._rank0_says(bool(list_committed(self.ckpt.root)) if self.ctx.is_main else False):
             return False
         self._init_optimizer_state()
         _, experts = flatten_state(self.model, self.opt, self.tokens_seen())
-        tensors, meta, report = self.ckpt.load(experts_wanted=experts)
+        try:
+            tensors, meta, report = self.ckpt.load(experts_wanted=experts)
+        except CheckpointError as e:
+            raise CheckpointError(f"--resume: {e}. `moestack ckpt verify {self.run_dir}` lists the "
+                                  "damage; repair or move the damaged checkpoints, or train without --resume") from None
         self.resume_report = report
         tokens = restore_state(self.model, self.opt, tensors)
         for m, row in zip(self.model.moe_layers(), tokens):  # the global count, held once

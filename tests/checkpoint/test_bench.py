@@ -29,3 +29,15 @@ def test_checkpoint_bench_writes_one_row_per_method(tmp_path, ranks):
     if ranks == 2:  # torch.save writes the replicated state once per rank; moestack shards it: once in total
         assert rows["torch_save"]["bytes_written"] > full
     assert not list(tmp_path.glob("moestack-bench-*"))  # the bench removes its checkpoints
+
+
+def test_the_throughput_loop_takes_the_last_checkpoint_and_times_its_write(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    args = [*ARGS[:-1], "torch_save,moestack_pec", "--train-steps", "7", "--every", "3", "--step-ms", "5",
+            "--when-busy", "defer", "--dir", str(tmp_path)]
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loop = [r for r in map(json.loads, (tmp_path / "checkpoint.jsonl").read_text().splitlines())
+            if r.get("kind") == "throughput"]
+    taken = {r["method"]: r["taken_at"] for r in loop if r["method"] != "none"}
+    assert taken["moestack_pec"][-1] == 7 and taken["torch_save"] == [3, 6, 7]  # the last step always saves

@@ -296,3 +296,85 @@ def test_bad_inputs_fail_early(tmp_path):
     h = mgr.save(1, tensors, experts, {}, torch.ones(2, NUM_EXPERTS, dtype=torch.int64))
     mgr.close()
     assert h.path is not None and np.all(mgr._pec.processed == 1)  # the failed calls counted nothing
+
+
+def test_a_reader_leaves_the_save_in_flight_alone(tmp_path, monkeypatch):
+    gate = gate_writes(monkeypatch)
+    writer = CheckpointManager(tmp_path, CheckpointConfig(keep=5))
+    gate.set()
+    _save_steps(writer, [1])
+    gate.clear()
+    tensors, experts = make_state(2)
+    writer.save(2, tensors, experts, {})  # its shard write waits for the gate
+    root = tmp_path / "ckpt"
+    while not any(p.name.startswith(".tmp-") for p in root.iterdir()):
+        threading.Event().wait(0.01)
+    reader = CheckpointManager(tmp_path, CheckpointConfig())  # eval / generate on a run in progress
+    _, meta, _ = reader.load()
+    assert meta == {"step": 1} and any(p.name.startswith(".tmp-") for p in root.iterdir())
+    gate.set()
+    writer.close()
+    assert _steps(tmp_path) == [1, 2]
+
+
+def test_a_saving_manager_removes_leftovers_of_killed_saves(tmp_path):
+    (tmp_path / "ckpt" / ".tmp-step-00000009-dead-1").mkdir(parents=True)
+    mgr = CheckpointManager(tmp_path, CheckpointConfig())
+    assert (tmp_path / "ckpt" / ".tmp-step-00000009-dead-1").exists()  # creating a manager deletes nothing
+    _save_steps(mgr, [1])
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step-00000001"]
+
+
+@pytest.mark.parametrize("step", [-5, 2.0, "3", True])
+def test_a_bad_step_is_refused_before_anything_changes(tmp_path, step):
+    mgr = CheckpointManager(tmp_path, CheckpointConfig(pec_k=2, keep=5))
+    _save_steps(mgr, [1])
+    tensors, experts = make_state(2)
+    with pytest.raises(ValueError, match="step must be an int >= 0"):
+        mgr.save(step, tensors, experts, {})
+    (h,) = _save_steps(mgr, [2])
+    assert h.selected[0] == [0, 1] and _steps(tmp_path) == [1, 2]  # PEC state untouched by the refusal
+
+
+def test_resume_from_an_older_step_never_mixes_in_the_timeline_it_left(tmp_path):
+    cfg = CheckpointConfig(pec_k=2, keep=10)
+    _save_steps(CheckpointManager(tmp_path, cfg), [10, 20, 30])  # 10 full; 20: 0,1; 30: 2,3
+    mgr = CheckpointManager(tmp_path, cfg)
+    mgr.load(path=tmp_path / "ckpt" / "step-00000010")
+    (h,) = _save_steps(mgr, [25])  # the new timeline: 20 and 30 belong to the old one
+    assert h.selected[0] == [0, 1] and _steps(tmp_path) == [10, 25]
+    loaded, _, report = CheckpointManager(tmp_path, cfg).load()
+    assert report.step == 25 and report.expert_sources[0] == [25, 25, 10, 10, 10, 10, 10, 10]
+    check_experts(loaded, report.expert_sources)
+
+
+def test_recovery_never_takes_a_copy_newer_than_the_target_timeline_made(tmp_path):
+    """Even with the old timeline's checkpoints still on disk (a crash before the move-aside finished)."""
+    _save_steps(CheckpointManager(tmp_path, CheckpointConfig(pec_k=2, keep=10)), [10, 15, 20])  # 15: 0,1; 20: 2,3
+    cfg = CheckpointConfig(pec_k=1, keep=10)
+    mgr = CheckpointManager(tmp_path, cfg)
+    mgr.load(path=tmp_path / "ckpt" / "step-00000015")
+    mgr._resumed_step = None  # as if the abandoned step 20 had not been moved aside
+    (h,) = _save_steps(mgr, [25])
+    assert h.selected[0] == [2] and _steps(tmp_path) == [10, 15, 20, 25]
+    loaded, _, report = CheckpointManager(tmp_path, cfg).load()
+    assert report.expert_sources[0] == [15, 15, 25, 10, 10, 10, 10, 10]  # expert 3 not from step 20
+    check_experts(loaded, report.expert_sources)
+
+
+def test_synchronous_mode_raises_a_failed_save_at_once(tmp_path, monkeypatch):
+    mgr = CheckpointManager(tmp_path, CheckpointConfig(async_save=False))
+    _save_steps(mgr, [1])
+    monkeypatch.setattr(persist, "write_shards", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    tensors, experts = make_state(2)
+    with pytest.raises(CheckpointError, match="disk full"):
+        mgr.save(2, tensors, experts, {})
+    assert _steps(tmp_path) == [1]
+
+
+def test_a_dtype_safetensors_cannot_hold_is_refused_inside_save(tmp_path):
+    mgr = CheckpointManager(tmp_path, CheckpointConfig())
+    tensors, experts = make_state(1)
+    with pytest.raises(CheckpointError, match="complex64"):
+        mgr.save(1, {**tensors, "rope": torch.zeros(2, dtype=torch.complex64)}, experts, {})
+    assert mgr._thread is None and _steps(tmp_path) == []

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from moestack.checkpoint import CheckpointConfig, CheckpointManager, verify
@@ -59,6 +60,41 @@ def test_manifest_naming_a_missing_tensor(tmp_path):
     rec["tensors"]["model.ghost"] = {"name": "model.ghost", "shape": [1], "dtype": "float32"}
     (path / MANIFEST).write_text(json.dumps(manifest))
     assert verify(path) == [f"{path / 'rank-00000.safetensors'}: missing tensor 'model.ghost'"]
+
+
+def _damage(m, how):
+    rec = m["files"]["rank-00000.safetensors"]
+    if how == "null":
+        return None
+    if how == "no_sha256":
+        del rec["sha256"]
+    elif how == "files_list":
+        m["files"] = [rec]
+    elif how == "no_files":
+        m["files"] = {}
+    elif how == "pec_empty":
+        m["pec"] = {}
+    elif how == "expert_in_no_file":
+        del rec["tensors"]["model.layers.1.moe.experts.w1#5"]
+    elif how == "path_in_name":
+        m["files"] = {"../x.safetensors": rec}
+    return m
+
+
+@pytest.mark.parametrize("how", ["null", "no_sha256", "files_list", "no_files", "pec_empty", "expert_in_no_file",
+                                 "path_in_name"])
+def test_a_damaged_manifest_is_one_named_problem_and_load_falls_back(tmp_path, how):
+    mgr = CheckpointManager(tmp_path, CheckpointConfig(keep=5))
+    for step in (1, 2):
+        tensors, experts = make_state(step)
+        mgr.save(step, tensors, experts, {"step": step})
+        mgr.wait()
+    path = tmp_path / "ckpt" / "step-00000002"
+    (path / MANIFEST).write_text(json.dumps(_damage(json.loads((path / MANIFEST).read_text()), how)))
+    problems = verify(path)
+    assert len(problems) == 1 and str(path / MANIFEST) in problems[0], problems
+    _, meta, report = mgr.load()
+    assert meta == {"step": 1} and len(report.skipped) == 1
 
 
 def test_manifest_records_what_the_issue_asks(tmp_path):

@@ -67,11 +67,8 @@ class CheckpointManager:
         # when_busy = "defer": the step whose checkpoint is owed (the caller saves every step until it is None)
         self.deferred: int | None = None
         self._verifier = Verifier()
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            removed = clean_leftovers(self.root)
-            if removed:
-                log.info("removed leftovers of interrupted saves in %s: %s", self.root, removed)
+        self._cleaned = False  # leftovers of killed saves are removed at the first save, not by readers
+        self._resumed_step: int | None = None  # set by load(): the first commit abandons every later step
         self._nonce = self._broadcast(secrets.token_hex(4) if self.rank == 0 else None)
         self._lineage = self._nonce
 
@@ -91,10 +88,15 @@ class CheckpointManager:
         (already summed over ranks); it drives load-aware PEC and PLT. On CUDA it returns with the snapshot
         copies still running: call `wait_snapshot` before changing the saved tensors in place.
         """
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
+        step = int(step)
         self.wait_snapshot()  # charged to the previous checkpoint's blocked_s, not to this one
         t0 = time.perf_counter()
         meta = json.loads(json.dumps(dict(meta)))  # JSON only, never pickle; fails early on bad meta
         layout = local_layout(tensors, experts)
+        if not self._cleaned:
+            self._clean_leftovers()  # before the exchange below: no rank has started writing this save yet
         if self.cfg.when_busy == "wait" or full:  # the last checkpoint of a run is never skipped
             self._join_local()
         views = self._agree(layout)
@@ -106,6 +108,8 @@ class CheckpointManager:
         selected, k = self._select(step, full)
         handle = self._start(step, tensors, experts, dict(meta), selected, k, t0)
         handle.blocked_s = time.perf_counter() - t0
+        if not self.cfg.async_save:  # written and committed inside save: a failure is this call's error
+            self._check_errors(self._exchange({"error": self._local_error()}))
         return handle
 
     def wait_snapshot(self) -> float:
@@ -166,6 +170,7 @@ class CheckpointManager:
         tensors, meta, report, state = read_state(self.root, plan, experts_wanted)
         target = Checkpoint.open(Path(plan["target"]))
         self._pec, self._lineage = state, target.lineage
+        self._resumed_step = target.step
         self._tokens_counted = bool(target.manifest["pec"].get("tokens_counted"))
         log.info(report.summary())
         return tensors, meta, report
@@ -234,10 +239,13 @@ class CheckpointManager:
         self._seq += 1
         uid = f"{self._nonce}-{self._seq}"
         handle = SaveHandle(step, skipped=False, selected=selected, plt=plt)
+        # the first commit after a resume moves aside every later checkpoint: they belong to the timeline left
+        abandon_from = step if self._resumed_step is None else min(step, self._resumed_step + 1)
+        self._resumed_step = None
         job = Job(step, self.root / f".tmp-{step_dir_name(step)}-{uid}", self.root / step_dir_name(step), host,
                    {it.key: _record(it) for it in items},
                    self._manifest(step, uid, selected, k, plt, meta) if self.rank == 0 else None, handle, t0,
-                   copies=self._snap.pending())
+                   copies=self._snap.pending(), abandon_from=abandon_from)
         self._handle, self._failed_prev, self._copying = handle, prev, handle
         if self.cfg.async_save:
             self._thread = threading.Thread(target=self._persister.run, args=(job,), name=f"ckpt-persist-{step}")
@@ -259,6 +267,16 @@ class CheckpointManager:
         }
 
     # ------------------------------------------------------------------ errors and collectives
+
+    def _clean_leftovers(self) -> None:
+        """Remove what killed saves left (rank 0). Only a manager that saves does this: a reader of a run in
+        progress (eval, generate) must not delete the save its trainer is writing."""
+        self._cleaned = True
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            removed = clean_leftovers(self.root)
+            if removed:
+                log.info("removed leftovers of interrupted saves in %s: %s", self.root, removed)
 
     def _join_local(self) -> None:
         if self._thread is not None:

@@ -5,7 +5,8 @@ Commit protocol (no collectives: it runs in a background thread on every rank):
      writes its manifest part rank-R.json (tmp file + fsync + rename), last; a failing rank writes
      rank-R.error instead;
   2. rank 0 polls for all parts (commit_timeout_s), merges them into manifest.json (atomic write),
-     moves aside committed checkpoints at >= N (an abandoned timeline), renames the directory to
+     moves aside committed checkpoints at >= N, or after the step a resume started from (an
+     abandoned timeline), renames the directory to
      step-N, fsyncs the parent, replaces `latest` atomically, and applies retention.
 A crash at any point leaves either the previous state or the new committed checkpoint, never half of one.
 """
@@ -77,6 +78,7 @@ class Job:
     handle: SaveHandle
     t0: float
     copies: list[torch.cuda.Event] = field(default_factory=list)  # `host` is valid once these completed
+    abandon_from: int = -1  # committed checkpoints at >= this step are moved aside (-1: at >= step)
 
 
 class Persister:
@@ -118,7 +120,7 @@ class Persister:
         write_json_atomic(job.tmp / MANIFEST, manifest)
         for r in range(self.world_size):
             (job.tmp / part_name(r)).unlink()
-        self._abandon_from(job.step)
+        self._abandon_from(job.step if job.abandon_from < 0 else job.abandon_from)
         commit_dir(job.tmp, job.final)
         write_latest(self.root, job.final.name)
         job.handle.path, job.handle.total_bytes = job.final, manifest["bytes"]
@@ -148,7 +150,8 @@ class Persister:
         return files
 
     def _abandon_from(self, step: int) -> None:
-        """Checkpoints at >= step belong to a timeline a resume from an older step left: move them aside."""
+        """Checkpoints at >= step belong to a timeline a resume from an older step left: move them aside
+        (the first commit after a resume from step S passes S + 1, later commits their own step)."""
         committed = list_committed(self.root)
         newer = [p for s, p in committed if s >= step]
         if not newer:

@@ -95,6 +95,7 @@ def resolve_sources(target: Checkpoint, older: list[Path], verifier: Verifier) -
     for name, info in target.manifest["experts"].items():
         names_by_layer.setdefault(info["layer"], set()).add(name)
     history = _same_lineage(target, older)
+    copy_step = pec.PecState.from_json(target.manifest["pec"]["state"]).copy_step  # [L, E]
     sources = []
     for layer, held in enumerate(target.manifest["pec"]["selected"]):
         row = []
@@ -102,7 +103,11 @@ def resolve_sources(target: Checkpoint, older: list[Path], verifier: Verifier) -
             if e in held:
                 row.append(target.step)
                 continue
-            src = _newest_copy(history, layer, e, names_by_layer.get(layer, set()), verifier)
+            # never newer than the copy the target's timeline made: a checkpoint between a resume point and
+            # the first save after it belongs to the timeline that resume left
+            bound = int(copy_step[layer, e])
+            candidates = [c for c in history if bound == pec.NEVER or c.step <= bound]
+            src = _newest_copy(candidates, layer, e, names_by_layer.get(layer, set()), verifier)
             if src is None:
                 raise CheckpointError(f"{target.path}: expert {e} of MoE layer {layer} has no intact copy "
                                       "in this or an older checkpoint")

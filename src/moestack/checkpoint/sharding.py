@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
-from moestack.checkpoint.storage import CheckpointError, dtype_name, expert_key
+from moestack.checkpoint.storage import CheckpointError, check_dtype, dtype_name, expert_key
 
 Layout = dict[str, list[Any]]
 
@@ -47,7 +47,8 @@ class Item:
 
 
 def local_layout(tensors: Mapping[str, torch.Tensor], experts: Mapping[str, ExpertShard]) -> Layout:
-    """Describe this rank's tensors; ValueError when an ExpertShard does not match its tensor."""
+    """Describe this rank's tensors; ValueError when an ExpertShard does not match its tensor,
+    CheckpointError for a dtype safetensors cannot hold."""
     unknown = sorted(set(experts) - set(tensors))
     if unknown:
         raise ValueError(f"experts names tensors that are not in the state: {unknown}")
@@ -55,6 +56,7 @@ def local_layout(tensors: Mapping[str, torch.Tensor], experts: Mapping[str, Expe
     for name, t in tensors.items():
         if "#" in name:
             raise ValueError(f"tensor name {name!r}: '#' is reserved for expert slice keys")
+        check_dtype(name, t)  # at save(), not later in the persist thread
         shard = experts.get(name)
         if shard is not None:
             _check_shard(name, t, shard)

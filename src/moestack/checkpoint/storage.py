@@ -81,6 +81,13 @@ def split_by_bytes(keys: list[str], nbytes: dict[str, int], limit: int) -> list[
     return groups
 
 
+def check_dtype(name: str, t: torch.Tensor) -> None:
+    """CheckpointError unless t's dtype has a safetensors encoding."""
+    if dtype_name(t.dtype) not in _ST_DTYPES:
+        raise CheckpointError(f"cannot checkpoint {name!r}: dtype {dtype_name(t.dtype)} has no safetensors "
+                              f"encoding here (supported: {', '.join(_ST_DTYPES)}); convert it before saving")
+
+
 def write_shards(directory: Path, rank: int, tensors: dict[str, torch.Tensor],
                  limit: int | None = None) -> dict[str, dict[str, Any]]:
     """Write a rank's tensors as safetensors files of about `limit` bytes, in parallel: {file: {bytes, sha256, keys}}.
@@ -158,9 +165,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     for name in names:
         t = tensors[name]
         n = t.numel() * t.element_size()
-        if dtype_name(t.dtype) not in _ST_DTYPES:
-            raise CheckpointError(f"cannot checkpoint {name!r}: dtype {dtype_name(t.dtype)} has no safetensors "
-                                  f"encoding here (supported: {', '.join(_ST_DTYPES)}); convert it before saving")
+        check_dtype(name, t)
         header[name] = {"dtype": _ST_DTYPES[dtype_name(t.dtype)], "shape": list(t.shape),
                         "data_offsets": [offset, offset + n]}
         offset += n
@@ -301,12 +306,49 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
         manifest = json.loads(text)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{_rel(path)}: unreadable, truncated or not JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{_rel(path)}: not a moestack manifest (a JSON {type(manifest).__name__})")
     missing = [k for k in ("format", "step", "world_size", "files", "pec", "experts") if k not in manifest]
-    if not isinstance(manifest, dict) or missing:
+    if missing:
         raise CheckpointError(f"{_rel(path)}: not a moestack manifest (missing {missing})")
     if manifest["format"] != FORMAT:
         raise CheckpointError(f"{_rel(path)}: format {manifest['format']!r}, expected {FORMAT!r}")
+    problem = _structure_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{_rel(path)}: damaged manifest ({problem})")
     return manifest
+
+
+def _structure_problem(m: dict[str, Any]) -> str | None:
+    """The first field of a parsed manifest with the wrong type or shape (None when it is well formed)."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(m["step"]) or m["step"] < 0 or not is_int(m["world_size"]) or m["world_size"] < 1:
+        return "step or world_size is not a non-negative integer"
+    if not isinstance(m["files"], dict) or not m["files"]:
+        return "files is not a non-empty object"
+    for fname, rec in m["files"].items():
+        if not (isinstance(rec, dict) and is_int(rec.get("bytes")) and isinstance(rec.get("sha256"), str)
+                and isinstance(rec.get("tensors"), dict)):
+            return f"files[{fname!r}] lacks bytes, sha256 or tensors"
+        if "/" in fname or fname.startswith("."):
+            return f"file name {fname!r} is not a plain name in the checkpoint directory"
+    pec, experts = m["pec"], m["experts"]
+    if not (isinstance(pec, dict) and isinstance(pec.get("selected"), list) and is_int(pec.get("num_experts"))
+            and isinstance(pec.get("state"), dict)):
+        return "pec lacks selected, num_experts or state"
+    if not isinstance(experts, dict) or not all(isinstance(v, dict) and is_int(v.get("layer")) for v in experts.values()):
+        return "experts is not an object of {layer, ...} records"
+    held = {key for rec in m["files"].values() for key in rec["tensors"]}
+    for name, info in experts.items():  # every expert the manifest says it holds is in some file
+        layer = info["layer"]
+        if not 0 <= layer < len(pec["selected"]):
+            return f"expert tensor {name!r} is in MoE layer {layer}, pec.selected has {len(pec['selected'])} layers"
+        lost = [e for e in pec["selected"][layer] if expert_key(name, e) not in held]
+        if lost:
+            return f"experts {lost} of {name!r} are selected but in no file"
+    return None
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
