@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a trained run")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--batches", type=int, default=16, help="validation batches")
+    from moestack.inference.cli import add_drop_eval_args, add_sparsify_parser, positive_int
+
+    p.add_argument("--batches", type=positive_int, default=16, help="validation batches")
     p.add_argument("--device", default="auto")
-    from moestack.inference.cli import add_drop_eval_args, add_sparsify_parser
 
     add_drop_eval_args(p)  # --drop-rate R: evaluate with DualSparse dropping
     add_sparsify_parser(sub)
@@ -135,10 +136,15 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    if getattr(args, "drop_rate", None) is not None:
-        from moestack.inference.cli import run_eval_with_drop
+    from moestack.inference.cli import DROP_DEFAULTS, run_eval_with_drop
 
+    if args.drop_rate is not None:
         return run_eval_with_drop(args)
+    given = [f"--{name.replace('_', '-')}" for name in DROP_DEFAULTS if getattr(args, name) is not None]
+    if given:
+        print(f"moestack eval: error: {', '.join(given)} only apply with --drop-rate R; add one, or leave them out",
+              file=sys.stderr)
+        return 2
     from moestack.runs import evaluate_run
 
     result = evaluate_run(args.run_dir, args.batches, args.device)

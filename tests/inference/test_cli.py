@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from moestack.cli import main
 from moestack.config import load_config
 from moestack.inference.cli import (
     add_drop_eval_args,
@@ -91,3 +92,17 @@ def test_bad_flags_exit_2_with_one_line(run, tmp_path, capsys, flags, needle):
                   "--out", str(tmp_path / "o"), *flags])
     assert run_sparsify(args) == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sparsify", "--batches", "0"], "argument --batches: expected an integer >= 1, got 0"),
+    (["eval", "--batches", "-1"], "argument --batches: expected an integer >= 1, got -1"),
+    (["eval", "--calib-batches", "0", "--drop-rate", "0.2"], "argument --calib-batches: expected an integer >= 1"),
+    (["eval", "--method", "naive", "--parts", "4"], "--parts, --method only apply with --drop-rate R"),
+])
+def test_cli_flags_out_of_range_or_without_effect_are_refused(run, capsys, argv, needle):
+    try:
+        code = main([*argv, "--run-dir", str(run), "--device", "cpu"])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2 and needle in capsys.readouterr().err

@@ -95,9 +95,11 @@ def test_dropping_skips_the_smallest_contributions_first():
     assert keep[..., 0].float().mean() > keep[..., 1].float().mean()  # minor parts drop first
 
 
-def test_dropping_matches_a_reference_that_zeroes_the_skipped_parts():
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_dropping_matches_a_reference_that_zeroes_the_skipped_parts(layout):
     layer, x = moe_layer(), hidden_batches(1, seed=5)[0]
     sparsify(layer, hidden_batches(4), 0.3)
+    layer.dispatcher.layout = layout
     with torch.no_grad():
         got = layer(x)[0]
         routing = layer.router(x)
@@ -120,6 +122,8 @@ def test_dropping_matches_a_reference_that_zeroes_the_skipped_parts():
 def test_packed_rows_past_the_padding_budget_give_the_same_output(rate):
     layer, x = sparsify(moe_layer(), hidden_batches(4), rate), hidden_batches(1, seed=5)[0]
     with torch.no_grad():
+        assert layer.dispatcher.dispatch(x, layer.router(x)).wait().x.dim() == 2  # no Triton here: packed
+        layer.dispatcher.layout = "padded"  # the GPU's layout, forced
         padded = layer(x)[0]
         assert layer.dispatcher.dispatch(x, layer.router(x)).wait().x.dim() == 3  # [P, T*k, D] segments
         layer.dispatcher.padded_limit_bytes = 0  # every batch is "too big": packed rows, one host sync
@@ -172,6 +176,11 @@ def test_set_drop_rate_recalibrates_nothing_and_zero_is_exact_again():
     (lambda m: sparsify(sparsify(m, token_batches(1), 0.2), token_batches(1), 0.2), "already sparsified"),
     (lambda m: sparsify(torch.nn.Linear(2, 2), [torch.zeros(1, 2)], 0.2), "no moestack MoE layers"),
     (lambda m: set_drop_rate(m, 0.2), "call sparsify"),
+    (lambda m: set_drop_rate(sparsify(m, token_batches(1), 0.2), 0.2, expert_rank=[[0]]), r"lengths \[1\].*\[4, 4\]"),
+    (lambda m: set_drop_rate(sparsify(m, token_batches(1), 0.2), 0.2, expert_rank=[[0, 0, 1, 1]] * 3),
+     "one row per MoE layer"),
+    (lambda m: set_drop_rate(sparsify(m, token_batches(1), 0.2), 0.2, expert_rank=[[0, 0, 1, -1]] * 2),
+     r"holds \[-1\]"),
 ])
 def test_bad_input_gets_a_clear_error(call, match):
     with pytest.raises(ValueError, match=match):

@@ -65,3 +65,10 @@ def test_bias_balancing_changes_selection_not_weights():
     probs = torch.softmax(x @ r.gate.weight.T, -1)
     assert torch.allclose(after.weights, probs.gather(-1, after.expert_ids))
     assert not torch.equal(before.expert_ids, after.expert_ids)
+
+
+def test_no_tokens_give_zero_losses_not_nan():
+    """An EP rank can receive no tokens: its z-loss is 0 (a mean over nothing), not NaN."""
+    router = Router(8, 4, 2, aux_loss_coef=0.01, z_loss_coef=0.001)
+    rt = router(torch.zeros(0, 8))
+    assert rt.expert_ids.shape == (0, 2) and rt.z_loss.item() == 0.0 and torch.isfinite(rt.aux_loss)

@@ -31,19 +31,37 @@ def add_sparsify_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="a run folder written by `moestack train`")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/sparse)")
     add_drop_eval_args(p, default_rate=0.25)
-    p.add_argument("--batches", type=int, default=16, help="validation batches for the before/after loss")
+    p.add_argument("--batches", type=positive_int, default=16, help="validation batches for the before/after loss")
     p.add_argument("--device", default="auto")
     return p
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+# what `eval` uses when --drop-rate is given; without it these options would be ignored, so they are refused
+DROP_DEFAULTS = {"parts": 2, "calib_batches": 8, "method": "dualsparse"}
 
 
 def add_drop_eval_args(p: argparse.ArgumentParser, default_rate: float | None = None) -> None:
     """The DualSparse options shared by `sparsify` and `eval`."""
     p.add_argument("--drop-rate", type=float, default=default_rate,
                    help="fraction of sub-expert computations to skip, in [0, 1)")
-    p.add_argument("--parts", type=int, default=2, help="sub-experts per expert (must divide moe.d_ff)")
-    p.add_argument("--calib-batches", type=int, default=8, help="training batches used for calibration")
-    p.add_argument("--method", choices=METHODS, default="dualsparse",
-                   help="dualsparse | partition (no neuron reconstruction) | naive (drop whole low-weight choices)")
+    p.add_argument("--parts", type=positive_int, default=None, help="sub-experts per expert (must divide moe.d_ff; "
+                   "default 2)")
+    p.add_argument("--calib-batches", type=positive_int, default=None,
+                   help="training batches used for calibration (default 8)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="dualsparse (default) | partition (no neuron reconstruction) | naive (drop whole low-weight "
+                        "choices)")
 
 
 def run_sparsify(args) -> int:
@@ -145,7 +163,15 @@ def _load_single(run_dir, device):
     return load_model(run_dir, device)
 
 
+def fill_drop_defaults(args) -> None:
+    """Give the DualSparse options left out their defaults (they default to None to tell given from not)."""
+    for name, value in DROP_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def _check_args(args) -> None:
+    fill_drop_defaults(args)
     if args.drop_rate is None or not 0 <= args.drop_rate < 1:
         raise ValueError(f"--drop-rate must be in [0, 1), got {args.drop_rate}")
     if args.parts < 1:

@@ -146,6 +146,9 @@ class DualSparseDispatcher(nn.Module):
         self.register_buffer("_ran", torch.zeros((), dtype=torch.int64), persistent=False)
         self.last_counts: torch.Tensor | None = None  # [P, E] rows running j = 1..P parts, last forward
         self.padded_limit_bytes = PADDED_LIMIT_BYTES  # above it, dispatch packs rows (see `dispatch`)
+        # "auto": padded segments where the Triton kernels run (they skip the padding), packed rows elsewhere
+        # (eager SwiGLU and the CPU's grouped GEMM would compute the padding); "padded" / "packed" force one
+        self.layout = "auto"
 
     def set_ranks(self, expert_rank: list[int]) -> None:
         """The EP rank of each global expert (a placement row), for load-aware dropping."""
@@ -206,10 +209,11 @@ class DualSparseDispatcher(nn.Module):
         run j parts, grouped by expert, then padding (a done handle). Choices with nothing to run get no row.
 
         No host sync: the segments have a fixed size (T*k rows, the most any can hold) and the grouped
-        GEMMs take the valid row counts from the device, so the padding is never computed. When the
-        segments would exceed `padded_limit_bytes` (a long prefill), or when a gradient is wanted (padding
-        rows are undefined, their gradients too), the rows go packed instead: [T*k, D] sorted by (parts,
-        expert), and `PartExperts` reads the segment sizes with one host sync.
+        GEMMs take the valid row counts from the device, so the padding is never computed (on CUDA with the
+        Triton kernels: `layout` "auto" uses segments only there). Elsewhere, when the segments would exceed
+        `padded_limit_bytes` (a long prefill), or when a gradient is wanted (padding rows are undefined,
+        their gradients too), the rows go packed instead: [T*k, D] sorted by (parts, expert), and
+        `PartExperts` reads the segment sizes with one host sync.
         """
         # x: [T, D]
         T, k = routing.expert_ids.shape
@@ -220,7 +224,10 @@ class DualSparseDispatcher(nn.Module):
         self.last_counts = counts
         sent = (j > 0) if self.drop_rate > 0 else None  # choices with a row the experts compute
         grad = torch.is_grad_enabled() and (x.requires_grad or routing.weights.requires_grad)
-        if grad or P * R * x.shape[-1] * x.element_size() > self.padded_limit_bytes:  # packed rows, one host sync
+        if self.layout not in ("auto", "padded", "packed"):
+            raise ValueError(f"DualSparseDispatcher.layout={self.layout!r}: expected auto, padded or packed")
+        padded = self.layout == "padded" or (self.layout == "auto" and fused_inference(x))
+        if grad or not padded or P * R * x.shape[-1] * x.element_size() > self.padded_limit_bytes:  # one host sync
             inverse, _ = inverse_order(order, R)
             x_sorted = expand_rows(x, order, inverse, None, k)  # [R, D], rows with nothing to run last
             return Done(Dispatched(x_sorted, counts, order, R, routing.weights, inverse=inverse, sent=sent,

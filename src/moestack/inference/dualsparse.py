@@ -59,7 +59,17 @@ def set_drop_rate(model: nn.Module, drop_rate: float, load_aware: bool = False, 
     dropping levels the kept work over these ranks. Omitted: keep the ranks already set.
     """
     _check_rate(drop_rate)
-    for i, disp in enumerate(dispatchers(model)):
+    disps = dispatchers(model)
+    if expert_rank is not None:
+        shape = [len(row) for row in expert_rank]
+        want = [d.num_experts for d in disps]
+        if shape != want:
+            raise ValueError(f"expert_rank has rows of lengths {shape}; this model needs one row per MoE layer with "
+                             f"one EP rank per expert: lengths {want} (a placement's expert_to_gpu)")
+        bad = sorted({r for row in expert_rank for r in row if isinstance(r, bool) or not isinstance(r, int) or r < 0})
+        if bad:
+            raise ValueError(f"expert_rank holds {bad}: EP ranks are integers >= 0")
+    for i, disp in enumerate(disps):
         if expert_rank is not None:
             disp.set_ranks(list(expert_rank[i]))
         disp.set_policy(drop_rate, load_aware, max_rank_rate)

@@ -61,8 +61,23 @@ class MoEBlock(nn.Module):
         self.hf_config = hf_config  # to rebuild the Hugging Face block in `to_hf`
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if _hf_collecting("router_logits"):
+            raise ValueError(
+                "output_router_logits=True is not supported on a model converted by moestack.models.hf.from_hf: "
+                "its MoE blocks route with moestack's Router, which Hugging Face's hooks do not see. Call "
+                "to_hf(model) first, or take the router's aux loss from the block's layer: aux = block.moe(x)[1]")
         y, _ = self.moe(hidden_states)
         return y
+
+
+def _hf_collecting(key: str) -> bool:
+    """Whether the running Hugging Face forward collects the outputs named `key` (transformers v5 hooks)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # an older transformers: no collector, nothing to check
+        return False
+    collected = _active_collector.get()
+    return collected is not None and key in collected
 
 
 def family_of(model: nn.Module) -> str:
@@ -120,6 +135,7 @@ def moe_layer_from_block(block: nn.Module, family: str, config) -> MoELayer:
     with torch.device("meta"):  # no memory or init time for weights that are replaced right away
         layer = MoELayer(D, E, top_k, two_f // 2, renormalize=renormalize, aux_loss_coef=0.0, z_loss_coef=0.0)
     layer.router.gate.weight = block.gate.weight  # [E, D], shared
+    layer.router.logits_in_fp32 = False  # HF rounds the gate logits to the model's dtype: same experts in bf16
     layer.experts.w13 = nn.Parameter(experts.gate_up_proj.detach().transpose(1, 2).contiguous())  # [E, D, 2F]
     layer.experts.w2 = nn.Parameter(experts.down_proj.detach().transpose(1, 2).contiguous())  # [E, F, D]
     if fam.gated_shared_expert:

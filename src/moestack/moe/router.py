@@ -63,10 +63,16 @@ class Router(nn.Module):
         # Aux-loss-free balancing: added to the scores for selection only, never to the weights.
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=bias_balancing)
         self.reduce_stats: StatsReducer = _identity
+        # Gate logits: fp32 (moestack's models), or False: in the input's dtype, then fp32 for the softmax, as
+        # Hugging Face's MoE routers do (models/hf.py sets it, so bf16 models route the tokens HF routes).
+        self.logits_in_fp32 = True
 
     def forward(self, x: torch.Tensor) -> Routing:
         # x: [T, D]
-        logits = F.linear(x.float(), self.gate.weight.float())  # [T, E] in fp32
+        if self.logits_in_fp32:
+            logits = F.linear(x.float(), self.gate.weight.float())  # [T, E] in fp32
+        else:
+            logits = F.linear(x, self.gate.weight).float()  # [T, E], rounded to x's dtype first
         probs = logits.softmax(dim=-1)  # [T, E]
         select = probs + self.expert_bias if self.bias_balancing else probs
         _, expert_ids = select.topk(self.top_k, dim=-1)  # [T, k]
@@ -83,12 +89,13 @@ class Router(nn.Module):
         aux = z = zero
         if self.aux_loss_coef > 0:
             global_counts = self.reduce_stats(counts.float())  # [E]
-            choices = global_counts.sum()  # tokens * top_k over every rank
+            choices = global_counts.sum().clamp(min=1)  # tokens * top_k over every rank (1 if none: no 0/0)
             frac = global_counts / choices  # f_e: [E], no grad
             mean_prob = self.reduce_stats(probs.sum(dim=0)) * self.top_k / choices  # P_e: [E], differentiable
             aux = self.aux_loss_coef * self.num_experts * (frac.detach() * mean_prob).sum()
         if self.z_loss_coef > 0:
-            z = self.z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
+            # a mean that is 0, not NaN, over no tokens (an EP rank can receive none)
+            z = self.z_loss_coef * torch.logsumexp(logits, dim=-1).square().sum() / max(logits.shape[0], 1)
         return aux, z
 
     @torch.no_grad()
