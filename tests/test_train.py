@@ -76,6 +76,10 @@ def test_resume_continues_with_the_same_losses(tmp_path):
         (["train", "--placement", "/no/such/placement.json"], "/no/such/placement.json"),
         (["train", "--moe.capacity_factor", "1.5", "--ep", "2"], "moe.capacity_factor > 0 is not supported"),
         (["train", "--model.vocab_size", "100"], "model.vocab_size=100 is below 256"),
+        (["train", "--train.lr", "nan"], "train.lr must be a finite number, got nan"),
+        (["train", "--moe.aux_loss_coef", "nan"], "moe.aux_loss_coef must be a finite number"),
+        (["train", "--model.rope_theta", "0"], "model.rope_theta must be > 0"),
+        (["train", "--resume"], "is not a moestack run folder (no config.toml)"),
     ],
 )
 def test_bad_input_is_one_clear_error_and_leaves_no_run_folder(argv, needle, capsys, tmp_path):
@@ -112,6 +116,21 @@ def test_resume_when_every_checkpoint_is_damaged_is_an_error_not_a_fresh_start(t
     err = capsys.readouterr().err
     assert "--resume: no intact checkpoint" in err and "sha256 mismatch" in err and "ckpt verify" in err
     assert sorted(p.name for p in (run / "ckpt").iterdir()) == before  # nothing moved aside or deleted
+
+
+def test_resume_continues_the_run_as_configured_and_a_used_folder_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "4", "--train.lr", "1e-3", "--run-dir", str(run), "--ckpt-every", "2"]) == 0
+    assert main(["train", "--run-dir", str(run), "--resume", "--steps", "6"]) == 0  # no model flags repeated
+    saved = (run / "config.toml").read_text()
+    assert "lr = 0.001" in saved and "steps = 6" in saved and "d_model = 32" in saved
+    assert sorted(losses(run)) == list(range(1, 7))
+    capsys.readouterr()
+    assert main(["train", *TINY, "--steps", "2", "--run-dir", str(run)]) == 2  # a new run into a used folder
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "config.toml").read_text() == saved and sorted(losses(run)) == list(range(1, 7))
+    assert main(["train", "--run-dir", str(tmp_path / "typo"), "--resume"]) == 2
+    assert "is not a moestack run folder" in capsys.readouterr().err and not (tmp_path / "typo").exists()
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from moestack.config import SECTIONS, ConfigError, section_fields
 
@@ -52,26 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, checkpoint, place and serve Mixture-of-Experts language models.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from moestack.inference.cli import add_drop_eval_args, add_sparsify_parser, positive_int
 
     p = sub.add_parser("train", help="train an MoE language model (torchrun for expert parallelism)",
                        description="Train an MoE LM. With no arguments: a small model on the CPU on Python's "
-                                   "standard library source, in about a minute. Under torchrun: expert parallel.")
+                                   "standard library source, in about a minute. Under torchrun: data parallel over the ranks, "
+                                   "expert parallel with --ep N.")
     add_config_flags(p, TRAIN_SHORTCUTS)
-    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --run-dir")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest good checkpoint, "
+                   "with its config.toml (flags given now override it)")
 
     p = sub.add_parser("generate", help="sample text from a trained run")
     p.add_argument("--run-dir", required=True, help="a run folder written by `moestack train`")
     p.add_argument("--prompt", default="def ", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a trained run")
     p.add_argument("--run-dir", required=True)
-    from moestack.inference.cli import add_drop_eval_args, add_sparsify_parser, positive_int
-
     p.add_argument("--batches", type=positive_int, default=16, help="validation batches")
     p.add_argument("--device", default="auto")
 
@@ -116,7 +118,18 @@ def cmd_train(args) -> int:
     from moestack.config import load_config
     from moestack.train import train
 
-    cfg = load_config(args.config, overrides_from(args))
+    overrides = overrides_from(args)
+    base = args.config
+    if args.resume:  # continue the run as it was configured: its config.toml, then the flags given now
+        run_dir = overrides.get("train.run_dir") or (load_config(args.config).train.run_dir if args.config else "")
+        if not run_dir:
+            raise ConfigError("--resume needs --run-dir D, the folder of the run to continue")
+        saved = Path(run_dir) / "config.toml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {run_dir} is not a moestack run folder (no config.toml); check the "
+                              "path, or train without --resume to start a new run there")
+        base = base or saved
+    cfg = load_config(base, overrides)
     summary = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", 0)) == 0:
         first, last = summary.get("first_val_loss"), summary.get("val_loss")

@@ -7,6 +7,7 @@ and what is allowed, so the CLI can print one line and exit.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -50,6 +51,9 @@ class ModelConfig:
         _choice("model.arch", self.arch, ARCHS)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "moe_every"):
             _positive(f"model.{name}", getattr(self, name))
+        for name in ("rope_theta", "norm_eps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
         if self.vocab_size < 256:
             raise ConfigError(f"model.vocab_size={self.vocab_size} is below 256, the byte tokenizer's vocabulary; use >= 256")
         if self.d_model % self.n_heads:
@@ -161,6 +165,10 @@ class Config:
 
     def validate(self) -> "Config":
         for section in SECTIONS:
+            for f in fields(getattr(self, section)):  # NaN passes every comparison below: refuse it first
+                value = getattr(getattr(self, section), f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
             try:
                 getattr(self, section).validate()
             except ValueError as err:
@@ -248,8 +256,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
     flat: dict[str, Any] = {}
     for section, table in data.items():

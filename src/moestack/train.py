@@ -83,6 +83,9 @@ class Trainer:
         ctx, path = self.ctx, self.run_dir / "config.toml"
         if self.resuming and path.is_file():
             check_same_model(load_config(path), self.cfg, path)  # every rank, so all raise together
+        if not self.resuming and path.is_file():  # every rank sees the shared folder: all raise together
+            raise ConfigError(f"{self.run_dir} already holds a run (config.toml); pass --resume to continue it, "
+                              "or choose another --run-dir (a run's config.toml used as --config carries its run_dir)")
         self._barrier()
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

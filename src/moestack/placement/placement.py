@@ -62,7 +62,9 @@ class Placement:
             raw = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise PlacementError(f"{name}: file not found") from None
-        except json.JSONDecodeError as err:
+        except IsADirectoryError:
+            raise PlacementError(f"{name}: is a folder; pass the placement JSON file `moestack plan` wrote") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise PlacementError(f"{name}: not valid JSON ({err})") from None
         return cls._from_dict(raw, name)
 
