@@ -55,3 +55,11 @@ def test_bool_override_parses_words():
 def test_config_is_frozen():
     with pytest.raises(Exception):
         Config().model.d_model = 3
+
+
+def test_fields_with_short_flags_take_their_dotted_spelling_too():
+    from moestack.cli import build_parser, overrides_from
+
+    for argv, want in ((["--train.steps", "3"], {"train.steps": "3"}), (["--steps", "3"], {"train.steps": "3"}),
+                       (["--ckpt.every", "5", "--train.run-dir", "x"], {"checkpoint.every": "5", "train.run_dir": "x"})):
+        assert overrides_from(build_parser().parse_args(["train", *argv])) == want

@@ -31,16 +31,23 @@ SECTION_ALIASES = {"checkpoint": ("ckpt",)}
 def add_config_flags(p: argparse.ArgumentParser, shortcuts: dict) -> None:
     """--config, the short flags, and a dotted override for every config field (--moe.top_k 2)."""
     p.add_argument("--config", help="TOML config file; flags override it")
-    for flag, (key, help_) in shortcuts.items():
-        p.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="V", help=f"{help_} [{key}]")
+    for flag, (key, help_) in shortcuts.items():  # the short flag, and the dotted ones as aliases
+        p.add_argument(flag, *_dotted_flags(key), dest=key, default=argparse.SUPPRESS, metavar="V",
+                       help=f"{help_} [{key}]")
     group = p.add_argument_group("config overrides (any field, see config.toml of a run)")
     for section in SECTIONS:
         for name in section_fields(section):
             key = f"{section}.{name}"
             if any(k == key for k, _ in shortcuts.values()):
                 continue
-            flags = [f"--{s}.{n}" for s in (section, *SECTION_ALIASES.get(section, ())) for n in {name, name.replace("_", "-")}]
-            group.add_argument(*flags, dest=key, default=argparse.SUPPRESS, metavar="V", help=argparse.SUPPRESS)
+            group.add_argument(*_dotted_flags(key), dest=key, default=argparse.SUPPRESS, metavar="V",
+                               help=argparse.SUPPRESS)
+
+
+def _dotted_flags(key: str) -> list[str]:
+    """--section.field spellings of a config key: with - or _ in the field, and the section's aliases."""
+    section, name = key.split(".")
+    return sorted({f"--{s}.{n}" for s in (section, *SECTION_ALIASES.get(section, ())) for n in (name, name.replace("_", "-"))})
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
