@@ -49,11 +49,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         _choice("model.arch", self.arch, ARCHS)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "moe_every"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "moe_every", "rope_theta", "norm_eps"):
             _positive(f"model.{name}", getattr(self, name))
-        for name in ("rope_theta", "norm_eps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
         if self.vocab_size < 256:
             raise ConfigError(f"model.vocab_size={self.vocab_size} is below 256, the byte tokenizer's vocabulary; use >= 256")
         if self.d_model % self.n_heads:
@@ -194,7 +191,7 @@ class Config:
 SECTIONS = tuple(f.name for f in fields(Config))
 
 
-def _positive(key: str, value: int) -> None:
+def _positive(key: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{key} must be > 0, got {value}")
 

@@ -102,7 +102,7 @@ def test_persist_waits_for_the_copies_before_reading_the_buffers(tmp_path):
     copy = SlowCopy(host["w"], 7.0, delay_s=0.05)
     handle = SaveHandle(1, skipped=False)
     job = Job(1, tmp_path / ".tmp", tmp_path / "step-1", host, {"w": {"name": "w", "shape": [64], "dtype": "float32"}},
-              None, handle, time.perf_counter(), copies=[copy])
+              None, handle, time.perf_counter(), abandon_from=1, copies=[copy])
     thread = threading.Thread(target=Persister(tmp_path, 1, 2, 5, 10).run, args=(job,))  # rank 1: no commit
     thread.start()
     thread.join()

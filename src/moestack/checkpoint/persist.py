@@ -77,8 +77,8 @@ class Job:
     manifest: dict[str, Any] | None  # rank 0: everything but "files"
     handle: SaveHandle
     t0: float
+    abandon_from: int  # committed checkpoints at >= this step are moved aside (an abandoned timeline)
     copies: list[torch.cuda.Event] = field(default_factory=list)  # `host` is valid once these completed
-    abandon_from: int = -1  # committed checkpoints at >= this step are moved aside (-1: at >= step)
 
 
 class Persister:
@@ -120,7 +120,7 @@ class Persister:
         write_json_atomic(job.tmp / MANIFEST, manifest)
         for r in range(self.world_size):
             (job.tmp / part_name(r)).unlink()
-        self._abandon_from(job.step if job.abandon_from < 0 else job.abandon_from)
+        self._abandon_from(job.abandon_from)
         commit_dir(job.tmp, job.final)
         write_latest(self.root, job.final.name)
         job.handle.path, job.handle.total_bytes = job.final, manifest["bytes"]

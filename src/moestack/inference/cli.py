@@ -174,7 +174,3 @@ def _check_args(args) -> None:
     fill_drop_defaults(args)
     if args.drop_rate is None or not 0 <= args.drop_rate < 1:
         raise ValueError(f"--drop-rate must be in [0, 1), got {args.drop_rate}")
-    if args.parts < 1:
-        raise ValueError(f"--parts must be >= 1, got {args.parts}")
-    if args.calib_batches < 1:
-        raise ValueError(f"--calib-batches must be >= 1, got {args.calib_batches}")
