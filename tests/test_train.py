@@ -153,6 +153,10 @@ def test_torchrun_ep2_matches_single_process_losses(tmp_path, ranks, extra):
     assert sorted(got) == list(range(1, 21))
     for step in got:
         assert got[step] == pytest.approx(want[step], abs=2e-5), step
+    # the run's 2-rank placement does not tie it to 2 ranks: one process evaluates and traces it
+    assert main(["eval", "--run-dir", str(ep2), "--batches", "1", "--device", "cpu"]) == 0
+    assert main(["trace", "--run-dir", str(ep2), "--tokens", "256", "--out", str(tmp_path / "t.npz"),
+                 "--device", "cpu"]) == 0
 
 
 def test_capacity_factor_logs_dropped_token_choices(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -15,8 +16,11 @@ from moestack.data import ByteTokenizer, Corpus
 from moestack.models.transformer import MoETransformer
 from moestack.parallel import ep as ep_parallel
 from moestack.parallel.mesh import ParallelContext, init_parallel, shutdown, world_from_env
+from moestack.placement.placement import Placement
 from moestack.train import autocast_for
 from moestack.state import expert_param_names
+
+log = logging.getLogger("moestack")
 
 
 def run_config(run_dir: str | Path, device: str = "auto", placement: str | None = None) -> Config:
@@ -31,8 +35,21 @@ def run_config(run_dir: str | Path, device: str = "auto", placement: str | None 
             f"{world} ranks cannot share the run's {cfg.moe.num_experts} experts evenly; "
             f"launch a number of ranks that divides {cfg.moe.num_experts}"
         )
-    par = replace(cfg.parallel, ep=world, dp=1, placement=cfg.parallel.placement if placement is None else placement)
+    if placement is None:
+        placement = _training_placement_for(cfg.parallel.placement, world)
+    par = replace(cfg.parallel, ep=world, dp=1, placement=placement)
     return replace(cfg, parallel=par, train=replace(cfg.train, device=device)).validate()
+
+
+def _training_placement_for(path: str, world: int) -> str:
+    """The run's training placement if this launch has its number of ranks, else none (experts contiguous):
+    the checkpoint loads into any expert layout, so eval, generate and trace run on any number of ranks."""
+    if not path or world == 1:
+        return ""
+    if Placement.load(path).num_gpus == world:
+        return path
+    log.info("the run's placement %s is for another number of ranks; experts placed contiguously over %d", path, world)
+    return ""
 
 
 def load_model(run_dir: str | Path, device: str = "auto", placement: str | None = None):

@@ -72,6 +72,9 @@ def test_npz_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.transitions, transitions)
     with np.load(tmp_path / "trace.npz") as data:
         assert sorted(data.files) == ["counts", "top_k", "transitions"]
+    with pytest.raises(TraceError, match="is a folder; pass a file name"):
+        trace.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.npz"]  # no temporary file left behind
 
 
 def save_raw(tmp_path, **arrays):

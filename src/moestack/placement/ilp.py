@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from tqdm import tqdm
 
 from . import baselines
 from .formulation import Problem, affinity, joint_size, solve_block, solve_joint
@@ -128,18 +129,19 @@ def _improve_layer(problem: Problem, gpu_of: np.ndarray, layer: int, use_next: b
 
 
 def _chain_pass(problem: Problem, clock: _Clock, sweeps: int, mip_gap: float, rng: np.random.Generator,
-                stats: dict) -> np.ndarray:
+                stats: dict, bar: tqdm) -> np.ndarray:
     """Layer 0 for balance alone, then each layer given the one before it."""
     L, E, G = problem.shape
     gpu_of = np.zeros((L, E), dtype=np.int64)
     for layer in range(L):
         gpu_of[layer] = _start_row(problem, gpu_of, layer)
         _improve_layer(problem, gpu_of, layer, False, clock.share(L * (1 + sweeps) - layer), mip_gap, rng, stats)
+        bar.update(1)
     return gpu_of
 
 
 def _refine(problem: Problem, gpu_of: np.ndarray, clock: _Clock, sweeps: int, mip_gap: float,
-            rng: np.random.Generator, stats: dict) -> np.ndarray:
+            rng: np.random.Generator, stats: dict, bar: tqdm) -> np.ndarray:
     """Re-solve each layer given both neighbours, alternating direction; keep only improvements."""
     L = problem.shape[0]
     gpu_of = gpu_of.copy()
@@ -151,6 +153,7 @@ def _refine(problem: Problem, gpu_of: np.ndarray, clock: _Clock, sweeps: int, mi
                 return gpu_of
             budget = clock.share(L * (sweeps - sweep) - done)
             changed |= _improve_layer(problem, gpu_of, layer, True, budget, mip_gap, rng, stats)
+            bar.update(1)
         stats["sweeps"] = sweep + 1
         if not changed:
             break
@@ -214,25 +217,29 @@ def solve_ilp(
     use_joint = joint if joint is not None else joint_size(problem) <= JOINT_MAX_VARS
     clock = _Clock(time_limit * (JOINT_DECOMPOSED_SHARE if use_joint else 1.0))
     rng = np.random.default_rng(seed)
-    best, best_obj = _decomposed(problem, best, best_obj, clock, sweeps, mip_gap, rng, stats)
-    stats["decomposed_objective"] = best_obj
-    report.status = "time_limit" if clock.left() <= 0 else "heuristic"
-    if use_joint:
-        time_left = time_limit - (time.perf_counter() - start)
-        best, best_obj = _joint(problem, best, best_obj, time_left, mip_gap, report, stats)
+    # progress: one step per layer sub-MILP of the chain and the refinement sweeps (sweeps may stop early)
+    with tqdm(total=problem.shape[0] * (1 + sweeps), desc=f"ilp (<= {time_limit:g} s)", unit="layer",
+              leave=False) as bar:
+        best, best_obj = _decomposed(problem, best, best_obj, clock, sweeps, mip_gap, rng, stats, bar)
+        stats["decomposed_objective"] = best_obj
+        report.status = "time_limit" if clock.left() <= 0 else "heuristic"
+        if use_joint:
+            bar.set_description("ilp: joint MILP (HiGHS)")
+            time_left = time_limit - (time.perf_counter() - start)
+            best, best_obj = _joint(problem, best, best_obj, time_left, mip_gap, report, stats)
     report.objective, report.subproblems, report.details = best_obj, stats["subproblems"], stats
     report.solve_time_s = time.perf_counter() - start
     return Placement.from_array(best, num_gpus), report
 
 
 def _decomposed(problem: Problem, best: np.ndarray, best_obj: float, clock: _Clock, sweeps: int,
-                mip_gap: float, rng: np.random.Generator, stats: dict) -> tuple[np.ndarray, float]:
+                mip_gap: float, rng: np.random.Generator, stats: dict, bar: tqdm) -> tuple[np.ndarray, float]:
     """Chain pass, then refinement sweeps from the better of the chain and the warm start."""
-    chain = _chain_pass(problem, clock, sweeps, mip_gap, rng, stats)
+    chain = _chain_pass(problem, clock, sweeps, mip_gap, rng, stats, bar)
     chain_obj = problem.total(chain)
     stats["chain_objective"] = chain_obj
     start = chain if chain_obj < best_obj else best
-    refined = _refine(problem, start, clock, sweeps, mip_gap, rng, stats)
+    refined = _refine(problem, start, clock, sweeps, mip_gap, rng, stats, bar)
     refined_obj = problem.total(refined)
     return (refined, refined_obj) if refined_obj < best_obj else (best, best_obj)
 

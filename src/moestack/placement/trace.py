@@ -89,6 +89,8 @@ class RoutingTrace:
         """Validate and write the ``.npz`` atomically."""
         self.validate(str(path))
         target = Path(path)
+        if target.is_dir():
+            raise TraceError(f"{target} is a folder; pass a file name for the trace, e.g. {target / 'trace.npz'}")
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".npz", dir=target.parent)
         try:
