@@ -5,14 +5,17 @@ The source rank decides how many parts each choice runs (as on one process) and 
 (token, expert) pair with at least one kept part through the plain `EPDispatcher`, its part count as an
 extra column; the owning rank sorts the rows by (parts, expert) for `PartExperts` and restores the
 received order before the return all-to-all. So the wire carries what plain EP carries (less: pairs
-with every part dropped stay home). With load-aware dropping each source rank levels the ranks' kept work
-from its own routed counts (no extra communication).
+with every part dropped stay home). With load-aware dropping the ranks first sum their routed counts (one
+all-reduce of E numbers per layer), so every source rank computes the same per-rank rates from the global
+loads, as one process does on the whole batch; each source then drops that rate of its own lowest-scoring
+computations bound for each rank, so each rank's kept work is the single-process level (up to rounding).
 Notation: T = tokens, k = choices, E = experts (E_l local), P = parts, M = pairs sent, R = rows received.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from moestack.inference.dropping import DualSparseDispatcher, ThenHandle, sort_by_parts
@@ -30,6 +33,13 @@ class EPDualSparseDispatcher(DualSparseDispatcher):
     def __init__(self, num_experts: int, parts: int, inner: EPDispatcher):
         super().__init__(num_experts, parts)
         self.inner = inner
+
+    def rank_rates(self, counts: torch.Tensor) -> torch.Tensor:
+        """Per-rank drop rates [G] from the loads summed over the EP group (counts: this rank's [E])."""
+        if self.load_aware:
+            counts = counts.clone()
+            dist.all_reduce(counts, group=self.inner.group)
+        return super().rank_rates(counts)
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
         """Send every choice with work left once, its part count attached; wait() gives rows for PartExperts."""
