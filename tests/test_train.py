@@ -136,8 +136,9 @@ def test_resume_continues_the_run_as_configured_and_a_used_folder_is_not_overwri
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks, extra", [(2, []), (4, ["--dp", "2"])], ids=["ep2", "ep2-dp2"])
 def test_torchrun_ep2_matches_single_process_losses(tmp_path, ranks, extra):
-    """20 steps with --ep 2 (and --dp 2 on 4 ranks) on gloo give the single-process losses (global batch,
-    global aux), here with a non-contiguous placement file as `moestack plan` writes it."""
+    """20 steps under torchrun with 4 experts, expert parallel by default (ep 2 on 2 ranks; ep 2 x dp 2 with
+    --dp 2 on 4), on gloo give the single-process losses (global batch, global aux), here with a
+    non-contiguous placement file as `moestack plan` writes it."""
     single, ep2 = tmp_path / "single", tmp_path / "ep2"
     placement = tmp_path / "placement.json"
     placement.write_text(json.dumps({"format": "moestack.placement/v1", "num_gpus": 2,
@@ -146,9 +147,10 @@ def test_torchrun_ep2_matches_single_process_losses(tmp_path, ranks, extra):
     assert main(["train", *common, "--run-dir", str(single)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-           "-m", "moestack.cli", "train", *common, "--ep", "2", *extra, "--run-dir", str(ep2), "--placement", str(placement)]
+           "-m", "moestack.cli", "train", *common, *extra, "--run-dir", str(ep2), "--placement", str(placement)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{ranks} ranks: expert parallel over 2, data parallel over {ranks // 2}" in proc.stderr
     want, got = losses(single), losses(ep2)
     assert sorted(got) == list(range(1, 21))
     for step in got:

@@ -21,7 +21,7 @@ TRAIN_SHORTCUTS = {
     "--data": ("train.data", "a text file or folder (default: Python's standard library source)"),
     "--batch-size": ("train.batch_size", "GLOBAL batch in sequences, split over all ranks"),
     "--ckpt-every": ("checkpoint.every", "checkpoint every N steps (0 = off)"),
-    "--ep": ("parallel.ep", "expert-parallel ranks (torchrun --nproc_per_node)"),
+    "--ep": ("parallel.ep", "expert-parallel ranks (default 0 = as many as the ranks and experts allow)"),
     "--dp": ("parallel.dp", "data-parallel replicas (default world / ep)"),
     "--placement": ("parallel.placement", "expert placement JSON from `moestack plan`"),
 }
@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an MoE language model (torchrun for expert parallelism)",
                        description="Train an MoE LM. With no arguments: a small model on the CPU on Python's "
-                                   "standard library source, in about a minute. Under torchrun: data parallel over the ranks, "
-                                   "expert parallel with --ep N.")
+                                   "standard library source, in about a minute. Under torchrun: expert parallel over as many "
+                                   "ranks as divide the experts, data parallel over the rest (--ep N / --dp N to choose).")
     add_config_flags(p, TRAIN_SHORTCUTS)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest good checkpoint, "
                    "with its config.toml (flags given now override it)")

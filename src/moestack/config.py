@@ -139,12 +139,15 @@ class TrainConfig:
 class ParallelConfig:
     """Expert and data parallelism over torchrun's ranks: world = dp * ep."""
 
-    ep: int = 1
+    # 0 = auto: under torchrun, as many expert-parallel ranks as the world and moe.num_experts allow
+    # (the largest divisor of both; with dp given, world // dp), data parallel over the rest
+    ep: int = 0
     dp: int = 0  # 0 = world // ep
     placement: str = ""  # a moestack.placement/v1 JSON file; empty = contiguous
 
     def validate(self) -> None:
-        _positive("parallel.ep", self.ep)
+        if self.ep < 0:
+            raise ConfigError(f"parallel.ep must be >= 0 (0 = as many expert-parallel ranks as fit), got {self.ep}")
         if self.dp < 0:
             raise ConfigError(f"parallel.dp must be >= 0 (0 = world // ep), got {self.dp}")
 
@@ -170,16 +173,12 @@ class Config:
                 getattr(self, section).validate()
             except ValueError as err:
                 raise ConfigError(str(err)) from None
-        if self.moe.num_experts % self.parallel.ep:
+        if self.parallel.ep and self.moe.num_experts % self.parallel.ep:
             raise ConfigError(
                 f"parallel.ep={self.parallel.ep} does not divide moe.num_experts={self.moe.num_experts}; "
                 "choose ep among the divisors of num_experts"
             )
-        if self.moe.capacity_factor > 0 and self.parallel.ep > 1:
-            raise ConfigError(
-                "moe.capacity_factor > 0 is not supported with parallel.ep > 1 (the expert-parallel dispatcher "
-                "is dropless); set moe.capacity_factor = 0"
-            )
+        check_capacity(self, self.parallel.ep)
         if self.checkpoint.pec_k > self.moe.num_experts:
             raise ConfigError(
                 f"checkpoint.pec_k={self.checkpoint.pec_k} exceeds moe.num_experts={self.moe.num_experts}; "
@@ -189,6 +188,15 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in fields(Config))
+
+
+def check_capacity(cfg: "Config", ep: int) -> None:
+    """A capacity factor needs the local dispatcher: refuse it with expert parallelism (ep > 1)."""
+    if cfg.moe.capacity_factor > 0 and ep > 1:
+        raise ConfigError(
+            f"moe.capacity_factor > 0 is not supported with expert parallelism (ep = {ep}; the expert-parallel "
+            "dispatcher is dropless); set moe.capacity_factor = 0, or --ep 1 for data parallelism only"
+        )
 
 
 def _positive(key: str, value: float) -> None:

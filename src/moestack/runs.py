@@ -55,7 +55,7 @@ def _training_placement_for(path: str, world: int) -> str:
 def load_model(run_dir: str | Path, device: str = "auto", placement: str | None = None):
     """(model, cfg, ctx) with the newest good checkpoint's weights; under torchrun experts are sharded."""
     cfg = run_config(run_dir, device, placement)
-    ctx = init_parallel(cfg.parallel, cfg.train.device)
+    ctx = init_parallel(cfg.parallel, cfg.train.device, cfg.moe.num_experts)
     try:
         model = MoETransformer(cfg).to(ctx.device)
         ep_parallel.parallelize(model, ctx, cfg.parallel.placement, for_training=False)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from moestack.checkpoint import CheckpointError, CheckpointManager
 from moestack.checkpoint.storage import list_committed
-from moestack.config import Config, ConfigError, load_config, to_toml
+from moestack.config import Config, ConfigError, check_capacity, load_config, to_toml
 from moestack.data import Corpus
 from moestack.metrics import MetricsLog, load_balance, plot_run
 from moestack.models.transformer import MoETransformer
@@ -284,8 +284,11 @@ def autocast_for(cfg: Config, device: torch.device):
 
 def train(cfg: Config, resume: bool = False) -> dict:
     """Train with `cfg` (under torchrun: expert parallel); returns a summary of the run."""
-    ctx = init_parallel(cfg.parallel, cfg.train.device)
+    ctx = init_parallel(cfg.parallel, cfg.train.device, cfg.moe.num_experts)
     try:
+        check_capacity(cfg, ctx.ep)
+        if ctx.is_main and ctx.distributed:
+            log.info("%d ranks: expert parallel over %d, data parallel over %d", ctx.world, ctx.ep, ctx.dp)
         run_dir = Path(cfg.train.run_dir or default_run_dir())
         trainer = Trainer(cfg, ctx, run_dir, resuming=resume)
         if resume and not trainer.resume() and ctx.is_main:

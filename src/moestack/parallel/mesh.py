@@ -75,8 +75,29 @@ def world_from_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def resolve_sizes(cfg: ParallelConfig, world: int) -> tuple[int, int]:
-    """(dp, ep) for this world, or a ConfigError saying what divides what."""
+def resolve_sizes(cfg: ParallelConfig, world: int, num_experts: int = 0) -> tuple[int, int]:
+    """(dp, ep) for this world, or a ConfigError saying what divides what.
+
+    ep = 0 (auto) needs num_experts: with dp given ep = world // dp, else the largest divisor of both the
+    world and num_experts (every rank holds experts when the world divides them; dp covers the rest).
+    """
+    if cfg.ep == 0:
+        if world == 1:
+            return 1, 1
+        if num_experts <= 0:
+            raise ValueError("resolve_sizes: parallel.ep = 0 (auto) needs the model's num_experts")
+        if cfg.dp:
+            if world % cfg.dp:
+                raise ConfigError(f"--dp {cfg.dp} does not divide the world size {world}; launch a multiple of {cfg.dp} ranks")
+            ep = world // cfg.dp
+            if num_experts % ep:
+                raise ConfigError(
+                    f"--dp {cfg.dp} on {world} ranks leaves ep = {ep}, which does not divide the {num_experts} experts; "
+                    f"pass --ep with a divisor of {num_experts} (and of {world})"
+                )
+            return cfg.dp, ep
+        ep = max(d for d in range(1, world + 1) if world % d == 0 and num_experts % d == 0)
+        return world // ep, ep
     if world % cfg.ep:
         raise ConfigError(f"--ep {cfg.ep} does not divide the world size {world}; launch a multiple of {cfg.ep} ranks")
     dp = cfg.dp or world // cfg.ep
@@ -85,10 +106,10 @@ def resolve_sizes(cfg: ParallelConfig, world: int) -> tuple[int, int]:
     return dp, cfg.ep
 
 
-def init_parallel(cfg: ParallelConfig, device: str = "auto") -> ParallelContext:
-    """Join torchrun's world (NCCL on GPU, gloo on CPU) and build the (dp, ep) mesh."""
+def init_parallel(cfg: ParallelConfig, device: str = "auto", num_experts: int = 0) -> ParallelContext:
+    """Join torchrun's world (NCCL on GPU, gloo on CPU) and build the (dp, ep) mesh (num_experts: for ep auto)."""
     rank, world, local_rank = world_from_env()
-    dp, ep = resolve_sizes(cfg, world)
+    dp, ep = resolve_sizes(cfg, world, num_experts)
     dev = pick_device(device, local_rank)
     if world == 1:
         return ParallelContext(device=dev)
