@@ -6,7 +6,7 @@
 source "$(dirname "$0")/device_env.sh"
 QUALITY="--model.d_model 512 --model.n_heads 8 --model.n_layers 8 --model.seq_len 256 --moe.num_experts 8
  --moe.d_ff 1024 --batch-size 32 --train.lr 1e-3 --train.warmup 100 --train.data_max_mb 64
- --train.eval_every 250 --train.eval_batches 16 --train.log_every 50 --device cuda"
+ --train.eval_every 200 --train.eval_batches 16 --train.log_every 50 --device cuda"
 moestack() { python3 -m moestack.cli "$@"; }
 
 case "${1:-}" in
@@ -26,6 +26,8 @@ benches)
   tail -n 2 /tmp/probe-*/metrics.jsonl | tee -a "$OUT/probe.txt"
   ;;
 quality)
+  # docs/methods/scmoe.md's runs (evaluations every 200 steps); --ckpt-every $steps only adds the final
+  # checkpoint the DualSparse step below loads (saving does not change the losses)
   steps=${2:?steps}
   for arch in top2 shared_top1 scmoe; do
     moestack train $QUALITY --model.arch $arch --steps "$steps" --ckpt-every "$steps" --checkpoint.pec_k 0 \
