@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a trained run")
     p.add_argument("--run-dir", required=True, help="a run folder written by `moestack train`")
     p.add_argument("--prompt", default="def ", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=positive_int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0)
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("trace", help="record a routing trace (tokens per expert, inter-layer transitions) of a run")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--tokens", type=int, default=65536, help="held-out tokens to route")
+    p.add_argument("--tokens", type=positive_int, default=65536, help="held-out tokens to route")
     p.add_argument("--out", required=True, help="output .npz (counts [L,E], transitions [L-1,E,E], top_k)")
     p.add_argument("--device", default="auto")
 

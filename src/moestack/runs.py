@@ -137,10 +137,12 @@ def record_trace(run_dir, tokens: int, out: str, device: str = "auto", batch_siz
     """Run the trained model on held-out tokens and save a routing trace (.npz) for `moestack plan`."""
     from tqdm import tqdm
 
-    from moestack.placement.trace import TraceRecorder
+    from moestack.placement.trace import TraceError, TraceRecorder
 
     if world_from_env()[1] > 1:
         raise ConfigError("moestack trace runs in one process; start it without torchrun")
+    if Path(out).is_dir():  # before the recording, not after it
+        raise TraceError(f"--out {out} is a folder; pass a file name for the trace, e.g. {Path(out) / 'trace.npz'}")
     model, cfg, ctx = load_model(run_dir, device)
     layers = model.moe_layers()
     recorder = TraceRecorder(len(layers), cfg.moe.num_experts, layers[0].router.top_k)
@@ -148,7 +150,8 @@ def record_trace(run_dir, tokens: int, out: str, device: str = "auto", batch_siz
     steps = max(1, -(-tokens // (batch_size * cfg.model.seq_len)))
     for i in tqdm(range(steps), desc="trace", unit="batch"):
         x, _ = corpus.batch("val", 10_000 + i, batch_size, cfg.train.seed)
-        model(x.to(ctx.device))
+        with autocast_for(cfg, ctx.device):  # route as the run trains and serves (bf16 on a GPU)
+            model(x.to(ctx.device))
         for index, layer in enumerate(layers):
             recorder.record(index, layer.last_routing.expert_ids)
     trace = recorder.trace()

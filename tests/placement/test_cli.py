@@ -1,4 +1,4 @@
-"""`moestack plan` as the lead wires it: a parser, a run function, exit codes."""
+"""`moestack plan` as moestack.cli wires it: a parser, a run function, exit codes."""
 
 import argparse
 import json
@@ -43,11 +43,17 @@ def test_plan_errors_print_one_line_and_return_2(tmp_path, capsys):
     synthetic_trace(2, 8, 2, num_tokens=64).save(good)
     bad = tmp_path / "bad.npz"
     np.savez(bad, counts=np.ones((2, 8), np.int64), transitions=np.ones((1, 8, 8), np.int64), top_k=2)
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, counts=np.zeros((2, 8), np.int64), transitions=np.zeros((1, 8, 8), np.int64), top_k=2)
     cases = [
         (["--trace", str(good), "--gpus", "3"], "E=8 experts cannot be split evenly over G=3 gpus"),
         (["--trace", str(bad), "--gpus", "2"], "counts and transitions disagree"),
         (["--trace", str(tmp_path / "none.npz"), "--gpus", "2"], "file not found"),
         (["--trace", str(good), "--gpus", "2", "--time-limit", "0"], "--time-limit must be positive"),
+        (["--trace", str(good), "--gpus", "2", "--comm-weight", "nan"], "--comm-weight must be a finite number"),
+        (["--trace", str(good), "--gpus", "2", "--max-imbalance", "nan"], "--max-imbalance must be a finite number"),
+        (["--trace", str(good), "--gpus", "2", "--time-limit", "inf"], "--time-limit must be a finite number"),
+        (["--trace", str(empty), "--gpus", "2"], "the trace holds no tokens"),
     ]
     for argv, needle in cases:
         out = tmp_path / "p.json"
@@ -56,3 +62,19 @@ def test_plan_errors_print_one_line_and_return_2(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
         assert not out.exists()
     assert RoutingTrace.load(good).num_experts == 8
+
+
+def test_plan_out_folder_is_refused_before_solving(tmp_path, capsys, monkeypatch):
+    import moestack.placement.cli as cli
+
+    trace_path = tmp_path / "trace.npz"
+    synthetic_trace(2, 8, 2, num_tokens=64).save(trace_path)
+    monkeypatch.setattr(cli, "solve", lambda *a, **k: (_ for _ in ()).throw(AssertionError("solved")))
+    assert run_plan(parse(["plan", "--trace", str(trace_path), "--gpus", "2", "--out", str(tmp_path)])) == 2
+    assert "is a folder; pass the path of the placement JSON file" in capsys.readouterr().err
+
+
+def test_a_placement_of_numpy_integers_saves_as_json(tmp_path):
+    placement = Placement(np.int64(2), [[np.int64(g) for g in (0, 1, 1, 0)]])
+    placement.save(tmp_path / "p.json")
+    assert json.loads((tmp_path / "p.json").read_text())["expert_to_gpu"] == [[0, 1, 1, 0]]

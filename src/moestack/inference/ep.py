@@ -22,7 +22,7 @@ from moestack.inference.dropping import DualSparseDispatcher, ThenHandle, sort_b
 from moestack.inference.dualsparse import dispatchers, moe_layers
 from moestack.moe.dispatch import Dispatched, unpermute
 from moestack.moe.router import Routing, count_ids
-from moestack.parallel.ep import EPDispatcher, global_stats, shard_experts
+from moestack.parallel.ep import EPDispatcher, check_placement, shard_layer
 from moestack.parallel.mesh import ParallelContext
 from moestack.placement.placement import Placement
 
@@ -79,17 +79,15 @@ def shard_sparse(model: nn.Module, ctx: ParallelContext, placement: Placement | 
     """Shard every DualSparse layer of `model` over ctx's ep group (placement: contiguous by default)."""
     layers = moe_layers(model)
     dispatchers(model)  # raises unless the model is sparsified
-    placement = placement or Placement.contiguous(len(layers), layers[0].num_experts, ctx.ep)
+    E = layers[0].num_experts
+    if placement is None:
+        placement = Placement.contiguous(len(layers), E, ctx.ep)
+    check_placement(placement, len(layers), E, ctx.ep, placement.source)
     for idx, layer in enumerate(layers):
-        old, E = layer.dispatcher, layer.num_experts
-        row = list(placement.expert_to_gpu[idx])
-        mine = placement.experts_on(idx, ctx.ep_rank)
-        slots = [placement.slot_of(idx, e)[1] for e in range(E)]
-        shard_experts(layer.experts, mine)
-        disp = EPDualSparseDispatcher(E, old.parts, EPDispatcher(ctx.ep_group, row, slots, len(mine)))
+        old = layer.dispatcher
+        disp = EPDualSparseDispatcher(E, old.parts, shard_layer(layer, ctx, placement, idx))
         disp.load_state_dict(old.state_dict())
-        disp.to(old.scale.device).set_ranks(row)
+        disp.to(old.scale.device).set_ranks(list(placement.expert_to_gpu[idx]))
         disp.set_policy(old.drop_rate, old.load_aware, old.max_rank_rate)
         layer.dispatcher = disp
-        layer.router.reduce_stats = global_stats(ctx.stats_group)
     return model

@@ -175,13 +175,17 @@ def load_placement(path: str, num_layers: int, num_experts: int, ep: int) -> Pla
     """The placement file (validated against the model), or the contiguous default."""
     if not path:
         return Placement.contiguous(num_layers, num_experts, ep)
-    placement = Placement.load(path)
+    return check_placement(Placement.load(path), num_layers, num_experts, ep, str(path))
+
+
+def check_placement(placement: Placement, num_layers: int, num_experts: int, ep: int, name: str) -> Placement:
+    """`placement` if it fits the model and the ep ranks with the same number of experts on each, else a PlacementError."""
     placement.validate(num_layers=num_layers, num_experts=num_experts, num_gpus=ep)
     uneven = [(l, g) for l in range(num_layers) for g in range(ep) if len(placement.experts_on(l, g)) != num_experts // ep]
     if uneven:
         layer, gpu = uneven[0]
         raise PlacementError(
-            f"{path}: expert parallelism needs {num_experts // ep} experts on every gpu, but layer {layer} puts "
+            f"{name}: expert parallelism needs {num_experts // ep} experts on every gpu, but layer {layer} puts "
             f"{len(placement.experts_on(layer, gpu))} on gpu {gpu}; remove \"allow_uneven\" and balance the counts"
         )
     return placement
@@ -190,12 +194,18 @@ def load_placement(path: str, num_layers: int, num_experts: int, ep: int) -> Pla
 def apply_expert_parallel(model: nn.Module, ctx: ParallelContext, placement: Placement) -> None:
     """Shard every MoE layer's experts over the ep group and route through all-to-all."""
     for layer_idx, moe in enumerate(model.moe_layers()):
-        row = placement.expert_to_gpu[layer_idx]
-        mine = placement.experts_on(layer_idx, ctx.ep_rank)
-        slots = [placement.slot_of(layer_idx, e)[1] for e in range(moe.num_experts)]
-        shard_experts(moe.experts, mine)
-        moe.dispatcher = EPDispatcher(ctx.ep_group, row, slots, len(mine))
-        moe.router.reduce_stats = global_stats(ctx.stats_group)
+        moe.dispatcher = shard_layer(moe, ctx, placement, layer_idx)
+
+
+def shard_layer(moe: nn.Module, ctx: ParallelContext, placement: Placement, layer_idx: int) -> EPDispatcher:
+    """Keep this rank's experts of MoE layer `layer_idx`, sum router statistics over the world, and return
+    the all-to-all dispatcher over the ep group for that layer's placement row."""
+    row = placement.expert_to_gpu[layer_idx]
+    mine = placement.experts_on(layer_idx, ctx.ep_rank)
+    slots = [placement.slot_of(layer_idx, e)[1] for e in range(moe.num_experts)]
+    shard_experts(moe.experts, mine)
+    moe.router.reduce_stats = global_stats(ctx.stats_group)
+    return EPDispatcher(ctx.ep_group, row, slots, len(mine))
 
 
 def expert_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

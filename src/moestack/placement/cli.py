@@ -1,6 +1,6 @@
 """``moestack plan``: place experts from a routing trace and compare the placement with the baselines.
 
-The lead wires these into ``moestack.cli``:
+``moestack.cli`` wires these in:
 
     add_plan_parser(subparsers)        # adds "plan" and sets func=run_plan
     args = parser.parse_args(); sys.exit(args.func(args))
@@ -9,7 +9,9 @@ The lead wires these into ``moestack.cli``:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 
 from .metrics import PlacementMetrics, PlanReport, evaluate
 from .placement import PlacementError
@@ -50,7 +52,7 @@ def run_plan(args: argparse.Namespace) -> int:
                                   comm_weight=args.comm_weight, mip_gap=args.mip_gap, seed=args.seed,
                                   max_imbalance=args.max_imbalance)
         placement.save(args.out)
-    except (TraceError, PlacementError, ValueError, OSError) as err:
+    except (TraceError, PlacementError, PlanArgumentError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = [(args.method, report, evaluate(placement, trace, args.comm_weight))]
@@ -65,17 +67,27 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+class PlanArgumentError(ValueError):
+    """A `moestack plan` flag out of range (checked before the trace is read or anything is solved)."""
+
+
 def _check_args(args: argparse.Namespace) -> None:
+    for flag, value in (("--time-limit", args.time_limit), ("--comm-weight", args.comm_weight),
+                        ("--mip-gap", args.mip_gap), ("--max-imbalance", args.max_imbalance)):
+        if value is not None and not math.isfinite(value):  # NaN passes every range check below
+            raise PlanArgumentError(f"{flag} must be a finite number, got {value}")
     if args.gpus < 1:
-        raise ValueError(f"--gpus must be a positive integer, got {args.gpus}")
+        raise PlanArgumentError(f"--gpus must be a positive integer, got {args.gpus}")
     if args.time_limit <= 0:
-        raise ValueError(f"--time-limit must be positive seconds, got {args.time_limit}")
+        raise PlanArgumentError(f"--time-limit must be positive seconds, got {args.time_limit}")
     if args.comm_weight < 0:
-        raise ValueError(f"--comm-weight must be >= 0, got {args.comm_weight}")
+        raise PlanArgumentError(f"--comm-weight must be >= 0, got {args.comm_weight}")
     if not 0 <= args.mip_gap < 1:
-        raise ValueError(f"--mip-gap must be in [0, 1), got {args.mip_gap}")
+        raise PlanArgumentError(f"--mip-gap must be in [0, 1), got {args.mip_gap}")
     if args.max_imbalance is not None and args.max_imbalance < 1:
-        raise ValueError(f"--max-imbalance must be >= 1 (a max/mean load ratio), got {args.max_imbalance}")
+        raise PlanArgumentError(f"--max-imbalance must be >= 1 (a max/mean load ratio), got {args.max_imbalance}")
+    if Path(args.out).is_dir():
+        raise PlanArgumentError(f"--out {args.out} is a folder; pass the path of the placement JSON file to write")
 
 
 HEADER = ("method", "max/mean worst", "max/mean avg", "cross-gpu", "objective", "model ms", "vs contig", "solve s")

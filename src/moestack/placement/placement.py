@@ -90,7 +90,9 @@ class Placement:
     def save(self, path: str | os.PathLike) -> None:
         """Write the JSON file atomically (a failed write never leaves a half file at ``path``)."""
         self.validate()
-        doc: dict = {"format": FORMAT, "num_gpus": self.num_gpus, "expert_to_gpu": self.expert_to_gpu}
+        # int(): numpy integers pass validation but are not JSON numbers
+        doc: dict = {"format": FORMAT, "num_gpus": int(self.num_gpus),
+                     "expert_to_gpu": [[int(g) for g in row] for row in self.expert_to_gpu]}
         if self.allow_uneven:
             doc["allow_uneven"] = True
         body = "{\n" + ",\n".join(_json_field(k, v) for k, v in doc.items()) + "\n}\n"

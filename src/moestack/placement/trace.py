@@ -130,6 +130,8 @@ def _check_top_k(top_k: object, E: int, name: str) -> None:
 
 def _check_consistency(counts: np.ndarray, transitions: np.ndarray, k: int, name: str) -> None:
     totals = counts.sum(axis=1)  # [L]
+    if totals[0] == 0:
+        raise TraceError(f"{name}: 'counts' sum to 0: the trace holds no tokens; record one over some tokens")
     for layer, total in enumerate(totals):
         if total % k or total != totals[0]:
             raise TraceError(
