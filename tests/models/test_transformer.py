@@ -90,3 +90,75 @@ def test_generate_extends_the_prompt():
     model = MoETransformer(tiny())
     out = model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0)
     assert out.shape == (1, 8)
+
+
+class _Recording:
+    """Wraps a layer's dispatcher: logs each launch and wait, so a test can read the schedule's order.
+
+    A launch stands for what an expert-parallel dispatch does at once (a blocking exchange of row counts);
+    the wait for when the rows must be there.
+    """
+
+    def __init__(self, inner, index, log):
+        self.inner, self.index, self.log = inner, index, log
+
+    def _handle(self, handle, name):
+        log, index = self.log, self.index
+
+        class Handle:
+            def wait(self):
+                log.append((name + "_wait", index))
+                return handle.wait()
+
+        return Handle()
+
+    def dispatch(self, x, routing):
+        self.log.append(("dispatch", self.index))
+        return self._handle(self.inner.dispatch(x, routing), "dispatch")
+
+    def combine(self, y, d):
+        self.log.append(("combine", self.index))
+        return self._handle(self.inner.combine(y, d), "combine")
+
+
+def _schedule(position, overlap=True, n_layers=3):
+    torch.manual_seed(0)
+    model = MoETransformer(tiny(**{"model.arch": "scmoe", "model.scmoe_position": position,
+                                   "model.n_layers": str(n_layers)}))
+    model.overlap = overlap
+    log = []
+    for i, blk in enumerate(model.blocks):
+        blk.moe.dispatcher = _Recording(blk.moe.dispatcher, i, log)
+        for name, mod in (("attn", blk.attn), ("experts", blk.moe.experts), ("shared", blk.shared)):
+            mod.register_forward_pre_hook(lambda m, args, name=name, i=i: log.append((name, i)))
+    model(torch.randint(0, 256, (2, 16)))
+    return log
+
+
+def test_scmoe_prev_attn_keeps_communication_in_flight_across_compute():
+    log, n = _schedule("prev_attn"), 3
+    at = {event: k for k, event in enumerate(log)}
+    for i in range(n):
+        # the combine is in flight while the shared expert computes, with no dispatch launch (a blocking
+        # count exchange on the same EP group) between the combine's launch and the shared expert
+        between = log[at[("combine", i)] + 1: at[("shared", i)]]
+        assert at[("combine", i)] < at[("shared", i)] < at[("combine_wait", i)]
+        assert not any(name == "dispatch" for name, _ in between), log
+        if i + 1 < n:  # the next block's dispatch is in flight across this block's experts and shared expert
+            assert at[("dispatch", i + 1)] < at[("experts", i)] < at[("shared", i)] < at[("dispatch_wait", i + 1)]
+    assert at[("dispatch", 0)] > at[("attn", 0)]  # block 0 reads its own post-attention state
+
+
+def test_scmoe_block_input_overlaps_dispatch_with_attention():
+    log = _schedule("block_input")
+    at = {event: k for k, event in enumerate(log)}
+    for i in range(3):
+        assert at[("dispatch", i)] < at[("attn", i)] < at[("dispatch_wait", i)]
+        assert at[("combine", i)] < at[("shared", i)] < at[("combine_wait", i)]
+
+
+def test_scmoe_without_overlap_waits_at_once():
+    log = _schedule("prev_attn", overlap=False)
+    for k, (name, i) in enumerate(log):
+        if name in ("dispatch", "combine"):
+            assert log[k + 1] == (name + "_wait", i), log

@@ -182,13 +182,15 @@ class MoETransformer(nn.Module):
             if pending is None:  # first block under prev_attn: no earlier state exists, use its own
                 pending = self._launch(blk, a)
             handle, moe_aux = pending
-            combined = self._settle(blk.moe.compute(handle))
-            pending = None
-            if not from_input and i + 1 < len(blocks):
-                pending = self._launch(blocks[i + 1], a)  # next block's dispatch overlaps this shared expert
-            s = blk.shared_out(a)
+            # Under prev_attn the next block's dispatch starts now, before this block's experts: launching
+            # a dispatch exchanges row counts (a blocking collective and a host copy on the EP group), which
+            # would otherwise sit between this block's combine and its shared expert and serialise them.
+            nxt = self._launch(blocks[i + 1], a) if not from_input and i + 1 < len(blocks) else None
+            combined = self._settle(blk.moe.compute(handle))  # experts, then the combine is in flight ...
+            s = blk.shared_out(a)  # ... while the shared expert computes
             h = a + s + combined.wait().view_as(a)
             aux = aux + moe_aux
+            pending = nxt
         return h, aux
 
     def _launch(self, blk: ScMoEBlock, src):
