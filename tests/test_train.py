@@ -204,3 +204,15 @@ def test_a_deferred_checkpoint_is_taken_at_a_later_step(tmp_path, monkeypatch):
                  "--checkpoint.when_busy", "defer", "--checkpoint.keep", "5"]) == 0
     steps = [s for s, _ in list_committed(run / "ckpt")]
     assert steps == [5, 11, 12]  # step 10's checkpoint was owed, then taken at the first step after the write
+
+
+@pytest.mark.slow
+def test_compiled_training_gives_the_eager_losses(tmp_path):
+    """--train.compile true traces the whole model (router, dispatcher, grouped experts) with torch.compile."""
+    common = [*TINY, "--steps", "2", "--train.eval_every", "0", "--ckpt-every", "0"]
+    assert main(["train", *common, "--run-dir", str(tmp_path / "eager")]) == 0
+    assert main(["train", *common, "--train.compile", "true", "--run-dir", str(tmp_path / "compiled")]) == 0
+    want, got = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(got) == [1, 2]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], abs=1e-4), step

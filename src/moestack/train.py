@@ -257,7 +257,7 @@ class Trainer:
             "step": self.step, "loss": loss, "aux_loss": aux, "lr": self.sched.get_last_lr()[0],
             "tokens_per_s": tok_per_s, "load_max_over_mean": [round(float(b), 4) for b in balance],
         }
-        if self.cfg.moe.capacity_factor > 0:  # single process only (the config refuses it under EP)
+        if self.cfg.moe.capacity_factor > 0:  # never under EP (refused); under data parallelism: rank 0's tokens
             row["dropped"] = [m.dropped for m in self.model.moe_layers()]
         return row
 

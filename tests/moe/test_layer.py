@@ -69,3 +69,20 @@ def test_moe_layer_matches_hf_mixtral_block():
     want = want[0] if isinstance(want, tuple) else want
     got, _ = ours(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_under_autocast_the_experts_run_in_the_autocast_dtype():
+    """The residual stream is fp32 under autocast; the MoE rows travel and the experts compute in bf16."""
+    torch.manual_seed(0)
+    layer = MoELayer(16, 4, 2, 24, aux_loss_coef=0.0, z_loss_coef=0.0)
+    seen = []
+    layer.experts.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    x = torch.randn(32, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = layer(x)
+    assert seen == [torch.bfloat16]
+    y.float().sum().backward()  # the cast is differentiable: fp32 gradients reach the fp32 input
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    want, _ = layer(x.detach())  # fp32 without autocast, the same routing (fp32 router logits either way)
+    torch.testing.assert_close(y.float(), want, atol=0.05, rtol=0.05)
+    assert seen[-1] == torch.float32

@@ -50,3 +50,35 @@ def test_capacity_under_torchrun_with_ep_auto_is_refused(tmp_path):
     from tests.dist import run_ranks
 
     run_ranks(_train_with_capacity, 2, str(tmp_path / "run"))
+
+
+def test_dp_in_one_process_is_refused():
+    with pytest.raises(ConfigError, match="--dp 2 x --ep 1 = 2 but torchrun started 1 ranks"):
+        resolve_sizes(ParallelConfig(dp=2), 1, 8)
+    assert resolve_sizes(ParallelConfig(), 1, 8) == (1, 1)
+
+
+def _train_data_parallel_with_capacity(rank, world, run_dir):
+    import json
+    from pathlib import Path
+
+    from moestack.train import train
+
+    cfg = load_config(overrides={
+        "parallel.ep": "1", "moe.capacity_factor": "0.5", "train.device": "cpu", "train.run_dir": run_dir,
+        "model.d_model": "32", "model.n_heads": "2", "model.n_layers": "2", "model.seq_len": "32",
+        "moe.num_experts": "4", "moe.d_ff": "32", "train.batch_size": "4", "train.steps": "2",
+        "train.log_every": "1", "train.eval_every": "0", "checkpoint.every": "0"})
+    train(cfg)
+    if rank == 0:
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        dropped = [r["dropped"] for r in rows if "dropped" in r]
+        # capacity 0.5 x each rank's mean load: at least half of rank 0's 2 x 32 x 2 token-choices per layer drop
+        assert len(dropped) == 2 and all(min(d) >= 64 for d in dropped), dropped
+
+
+def test_data_parallel_torchrun_keeps_the_capacity_factor(tmp_path):
+    """--ep 1 on 2 ranks: every rank holds every expert and drops over capacity, as one process does."""
+    from tests.dist import run_ranks
+
+    run_ranks(_train_data_parallel_with_capacity, 2, str(tmp_path / "run"))

@@ -5,7 +5,6 @@ Notation: N = expert-sorted rows, E = local experts, D = hidden size, F = expert
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -91,13 +90,17 @@ def triton_runs(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-@functools.cache
+_TRITON: list[bool] = []  # filled on first use (a plain global: torch.compile traces it without a warning)
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if not _TRITON:
+        try:
+            import triton  # noqa: F401
+            _TRITON.append(True)
+        except ImportError:
+            _TRITON.append(False)
+    return _TRITON[0]
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -142,6 +145,10 @@ class GroupedExperts(nn.Module):
         if self.impl != "auto":
             return self.impl == "grouped_mm"
         key = (x.device.type, x.dtype)
+        if torch.compiler.is_compiling():
+            # no probing inside a graph (a failed probe is not catchable while tracing); torch.compile's
+            # _grouped_mm takes bf16 only, so other dtypes take the loop
+            return x.dtype == torch.bfloat16 and self._grouped_ok.get(key, hasattr(torch, "_grouped_mm"))
         if key not in self._grouped_ok:
             self._grouped_ok[key] = _probe_grouped_mm(x.device, x.dtype)
         return self._grouped_ok[key]

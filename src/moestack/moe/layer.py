@@ -49,7 +49,15 @@ class MoELayer(nn.Module):
         return routing
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
-        """Start moving tokens to their experts; returns a handle (wait() -> Dispatched)."""
+        """Start moving tokens to their experts; returns a handle (wait() -> Dispatched).
+
+        Under autocast the rows travel and the experts run in the autocast dtype (bf16 on a GPU): the
+        residual stream stays fp32 and the router keeps its fp32 logits, but the all-to-all moves half the
+        bytes and the grouped GEMMs run at bf16 speed, as the dense layers do under autocast.
+        """
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind) and x.is_floating_point():
+            x = x.to(torch.get_autocast_dtype(kind))
         return self.dispatcher.dispatch(x, routing)
 
     def compute(self, handle):

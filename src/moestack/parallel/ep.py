@@ -194,7 +194,10 @@ def check_placement(placement: Placement, num_layers: int, num_experts: int, ep:
 def apply_expert_parallel(model: nn.Module, ctx: ParallelContext, placement: Placement) -> None:
     """Shard every MoE layer's experts over the ep group and route through all-to-all."""
     for layer_idx, moe in enumerate(model.moe_layers()):
-        moe.dispatcher = shard_layer(moe, ctx, placement, layer_idx)
+        if ctx.ep == 1:  # data parallel only: every rank holds every expert, the local dispatcher suffices
+            moe.router.reduce_stats = global_stats(ctx.stats_group)  # (a capacity factor applies per rank)
+        else:
+            moe.dispatcher = shard_layer(moe, ctx, placement, layer_idx)
 
 
 def shard_layer(moe: nn.Module, ctx: ParallelContext, placement: Placement, layer_idx: int) -> EPDispatcher:

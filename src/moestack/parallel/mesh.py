@@ -67,6 +67,13 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         raise ConfigError(f"train.device={name!r} but no CUDA device is available; use --device cpu")
     if name == "cuda":
         return torch.device(f"cuda:{local_rank}")
+    if name.startswith("cuda:"):
+        if world_from_env()[1] > 1:
+            raise ConfigError(f"train.device={name!r} under torchrun would put every rank on one GPU; use --device cuda "
+                              "(each rank takes the GPU of its LOCAL_RANK) and CUDA_VISIBLE_DEVICES to pick GPUs")
+        index = int(name.split(":", 1)[1])
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 
 
@@ -81,9 +88,9 @@ def resolve_sizes(cfg: ParallelConfig, world: int, num_experts: int = 0) -> tupl
     ep = 0 (auto) needs num_experts: with dp given ep = world // dp, else the largest divisor of both the
     world and num_experts (every rank holds experts when the world divides them; dp covers the rest).
     """
+    if cfg.ep == 0 and world == 1:
+        cfg = ParallelConfig(ep=1, dp=cfg.dp, placement=cfg.placement)  # one process: nothing to split
     if cfg.ep == 0:
-        if world == 1:
-            return 1, 1
         if num_experts <= 0:
             raise ValueError("resolve_sizes: parallel.ep = 0 (auto) needs the model's num_experts")
         if cfg.dp:
