@@ -154,7 +154,7 @@ def test_torchrun_ep2_matches_single_process_losses(tmp_path, ranks, extra):
     want, got = losses(single), losses(ep2)
     assert sorted(got) == list(range(1, 21))
     for step in got:
-        assert got[step] == pytest.approx(want[step], abs=2e-5), step
+        assert got[step] == pytest.approx(want[step], abs=5e-6), step
     # the run's 2-rank placement does not tie it to 2 ranks: one process evaluates and traces it
     assert main(["eval", "--run-dir", str(ep2), "--batches", "1", "--device", "cpu"]) == 0
     assert main(["trace", "--run-dir", str(ep2), "--tokens", "256", "--out", str(tmp_path / "t.npz"),
