@@ -285,7 +285,7 @@ def ep_study(shape: str, T: int, rate: float, args, dtype) -> list[dict]:
 
     from moestack.config import ParallelConfig
     from moestack.inference.ep import shard_sparse
-    from moestack.parallel.ep import EPDispatcher, shard_experts
+    from moestack.parallel.ep import shard_layer
     from moestack.parallel.mesh import init_parallel, shutdown, world_from_env
     from moestack.placement.placement import Placement
 
@@ -296,10 +296,7 @@ def ep_study(shape: str, T: int, rate: float, args, dtype) -> list[dict]:
     placement = Placement.contiguous(1, E, ctx.ep)
     with torch.no_grad():
         sparse = sparsify(copy.deepcopy(base), [tokens(T, d, m, dev, dtype, seed=100)], 0.0, args.parts)
-        mine = placement.experts_on(0, ctx.ep_rank)
-        shard_experts(base.experts, mine)
-        slots = [placement.slot_of(0, e)[1] for e in range(E)]
-        base.dispatcher = EPDispatcher(ctx.ep_group, placement.expert_to_gpu[0], slots, len(mine))
+        base.dispatcher = shard_layer(base, ctx, placement, 0)
         shard_sparse(sparse, ctx, placement)
         x = tokens(T, d, m, dev, dtype, seed=1 + ctx.rank)  # each rank routes its own tokens
         fns = {"no drop": lambda: base(x),

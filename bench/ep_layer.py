@@ -24,7 +24,7 @@ from common import print_table, time_fn, write_results  # noqa: E402
 
 from moestack.config import ParallelConfig  # noqa: E402
 from moestack.moe.layer import MoELayer  # noqa: E402
-from moestack.parallel.ep import EPDispatcher, global_stats, shard_experts  # noqa: E402
+from moestack.parallel.ep import shard_layer  # noqa: E402
 from moestack.parallel.mesh import init_parallel, shutdown  # noqa: E402
 from moestack.placement.placement import Placement  # noqa: E402
 
@@ -64,11 +64,7 @@ def main() -> None:
             t_local = time_fn(step_fn(local, x), ctx.device, reps=args.reps)
             del local
             layer = MoELayer(d, E, k, f).to(ctx.device, dtype)
-            placement = Placement.contiguous(1, E, world)
-            shard_experts(layer.experts, placement.experts_on(0, ctx.ep_rank))
-            layer.dispatcher = EPDispatcher(ctx.ep_group, placement.expert_to_gpu[0],
-                                            [placement.slot_of(0, e)[1] for e in range(E)], E // world)
-            layer.router.reduce_stats = global_stats(ctx.stats_group)
+            layer.dispatcher = shard_layer(layer, ctx, Placement.contiguous(1, E, world), 0)
             t_ep = time_fn(step_fn(layer, x), ctx.device, reps=args.reps)
             del layer
             # raw NCCL all_to_all of the same bytes (T*k rows, even splits) for 4 exchanges per step

@@ -86,3 +86,14 @@ def test_under_autocast_the_experts_run_in_the_autocast_dtype():
     want, _ = layer(x.detach())  # fp32 without autocast, the same routing (fp32 router logits either way)
     torch.testing.assert_close(y.float(), want, atol=0.05, rtol=0.05)
     assert seen[-1] == torch.float32
+
+
+def test_bad_layer_input_is_one_clear_error():
+    layer = MoELayer(16, 4, 2, 24)
+    with pytest.raises(ValueError, match=r"hidden size 16 \(\[\.\.\., 16\]\), got shape \(4, 8\)"):
+        layer(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="top_k=5 must be between 1 and num_experts=4"):
+        MoELayer(16, 4, 5, 24)
+    experts = MoELayer(16, 4, 2, 24, impl="loop").experts
+    with pytest.raises(ValueError, match="counts sum to 8 rows but x has 10"):
+        experts(torch.randn(10, 16), torch.tensor([2, 2, 2, 2]))

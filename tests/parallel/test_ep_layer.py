@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from moestack.config import ParallelConfig
 from moestack.moe.layer import MoELayer
-from moestack.parallel.ep import EPDispatcher, global_stats, shard_experts
+from moestack.parallel.ep import shard_layer
 from moestack.parallel.mesh import init_parallel, shutdown
 from moestack.placement.placement import Placement
 from tests.dist import run_ranks
@@ -35,12 +35,8 @@ def _ep_layer(rank, world, ctx, placement_rows, skewed):
     """This rank's shard of `_layer(skewed)` under the placement, with the EP dispatcher: (layer, its experts)."""
     layer = _layer(skewed)
     placement = Placement(world, placement_rows)
-    mine = placement.experts_on(0, rank)
-    shard_experts(layer.experts, mine)
-    slots = [placement.slot_of(0, e)[1] for e in range(E)]
-    layer.dispatcher = EPDispatcher(ctx.ep_group, placement_rows[0], slots, len(mine))
-    layer.router.reduce_stats = global_stats(ctx.stats_group)
-    return layer, mine
+    layer.dispatcher = shard_layer(layer, ctx, placement, 0)  # the wiring apply_expert_parallel uses
+    return layer, placement.experts_on(0, rank)
 
 
 def _check_all(rank, world, cases):

@@ -138,6 +138,9 @@ class GroupedExperts(nn.Module):
             h = grouped_mm(x, w13, offsets)  # [N, 2F]
             return grouped_mm(swiglu(h).contiguous(), w2, offsets)  # [N, D]
         sizes = counts.tolist()
+        if sum(sizes) != x.shape[0]:  # the loop syncs anyway; the grouped path trusts its dispatcher
+            raise ValueError(f"GroupedExperts: counts sum to {sum(sizes)} rows but x has {x.shape[0]}; a dispatcher "
+                             "must pass one count per expert covering exactly the rows it sends")
         return loop_mm(swiglu(loop_mm(x, w13, sizes)), w2, sizes)
 
     def use_grouped_mm(self, x: torch.Tensor) -> bool:

@@ -43,6 +43,10 @@ class MoELayer(nn.Module):
 
     def route(self, x: torch.Tensor) -> Routing:
         """Route [T, D] tokens and record the statistics."""
+        d_model = self.router.gate.in_features
+        if x.dim() != 2 or x.shape[-1] != d_model:
+            raise ValueError(f"MoELayer expects tokens of hidden size {d_model} ([..., {d_model}]), got shape "
+                             f"{tuple(x.shape)}; pass the hidden states the layer was built for")
         routing = self.router(x)
         self.tokens_seen += routing.counts.detach()
         self.last_routing = routing

@@ -56,6 +56,8 @@ class Router(nn.Module):
         bias_balancing: bool = False,
     ):
         super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"Router: top_k={top_k} must be between 1 and num_experts={num_experts}")
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.gate = nn.Linear(d_model, num_experts, bias=False)

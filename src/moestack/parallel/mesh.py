@@ -128,6 +128,9 @@ def init_parallel(cfg: ParallelConfig, device: str = "auto", num_experts: int = 
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(dev.type, (dp, ep), mesh_dim_names=("dp", "ep"))
+    # Two whole-world groups on purpose: DDP all-reduces gradient buckets on grad_group from its own hooks
+    # while autograd runs the router statistics' all-reduce backward on stats_group; on one communicator the
+    # two streams of collectives could be issued in different orders on different ranks (NCCL deadlocks).
     grad_group = dist.new_group(list(range(world)))
     stats_group = dist.new_group(list(range(world)))
     return ParallelContext(
