@@ -131,11 +131,13 @@ def bench_one(args, label: str, trace: RoutingTrace, preset: Preset | None, gpus
             "mean_load_ratio": m.mean_load_ratio, "load_bound": load_bound(trace, gpus),
             "cross_fraction": m.cross_fraction, "objective": m.objective, "solve_s": report.solve_time_s,
             **{f"model_ms_{link}": mm.step_ms for link, mm in metrics.items()},
+            **{f"ep_ms_{link}": mm.ep_ms for link, mm in metrics.items()},  # moestack's EP flow (loads only)
         })
     for link in LINKS:  # speed-up of the modelled time against contiguous (plain EP), same run
-        base = next(r[f"model_ms_{link}"] for r in rows if r["method"] == "contiguous")
+        base = next(r for r in rows if r["method"] == "contiguous")
         for r in rows:
-            r[f"speedup_{link}"] = base / r[f"model_ms_{link}"]
+            r[f"speedup_{link}"] = base[f"model_ms_{link}"] / r[f"model_ms_{link}"]
+            r[f"ep_speedup_{link}"] = base[f"ep_ms_{link}"] / r[f"ep_ms_{link}"]
     return rows
 
 

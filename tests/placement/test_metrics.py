@@ -39,3 +39,23 @@ def test_modelled_time_follows_the_documented_model():
     # a2a: gpu0 sends 2 tokens to gpu1, receives 0 -> 2 * 10 * 2 B / 20 B/s = 2 s
     assert m.comm_ms == pytest.approx(2_000.0)
     assert m.step_ms == pytest.approx(12_000.0)
+
+
+def test_moestack_ep_time_sees_the_loads_not_the_transitions():
+    """Under moestack's EP (tokens return home every layer) co-locating consecutive experts saves nothing."""
+    from moestack.placement.metrics import CostModel, evaluate
+
+    counts = np.full((2, 4), 8, dtype=np.int64)  # 16 tokens x top-2, even over 4 experts
+    transitions = (np.eye(4, dtype=np.int64) * 8)[None]  # expert i of layer 0 always feeds expert i of layer 1
+    trace = RoutingTrace(counts, transitions, 2)
+    same = Placement(2, [[0, 0, 1, 1], [0, 0, 1, 1]])
+    apart = Placement(2, [[0, 0, 1, 1], [1, 1, 0, 0]])
+    cost = CostModel()
+    a, b = evaluate(same, trace, cost=cost), evaluate(apart, trace, cost=cost)
+    assert (a.cross_fraction, b.cross_fraction) == (0.0, 1.0) and a.step_ms < b.step_ms
+    assert a.ep_ms == b.ep_ms
+    # per layer: 16 choices computed per gpu; 8 rows in from the other home, 8 out, both ways
+    want = 2 * (cost.compute_s(16.0) + 2 * cost.comm_s(8.0)) * 1e3
+    assert a.ep_ms == pytest.approx(want)
+    skewed = Placement(2, [[0, 0, 0, 1], [0, 1, 1, 1]], allow_uneven=True)
+    assert evaluate(skewed, trace, cost=cost).ep_ms > a.ep_ms  # 24 choices on one gpu: slower

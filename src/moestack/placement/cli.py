@@ -90,18 +90,20 @@ def _check_args(args: argparse.Namespace) -> None:
         raise PlanArgumentError(f"--out {args.out} is a folder; pass the path of the placement JSON file to write")
 
 
-HEADER = ("method", "max/mean worst", "max/mean avg", "cross-gpu", "objective", "model ms", "vs contig", "solve s")
+HEADER = ("method", "max/mean worst", "max/mean avg", "cross-gpu", "objective", "model ms", "vs contig",
+          "moestack EP ms", "vs contig", "solve s")
 
 
 def format_table(rows: list[tuple[str, PlanReport, PlacementMetrics]], chosen: str | None = None) -> str:
     """Plain aligned table, one row per method; the chosen one is starred; time relative to contiguous."""
-    base = next((m.step_ms for name, _, m in rows if name == "contiguous"), None)
+    base = next((m for name, _, m in rows if name == "contiguous"), None)
     lines = [HEADER]
     for name, report, m in rows:
-        speedup = f"{base / m.step_ms:.3f}x" if base else "-"
+        speedup = f"{base.step_ms / m.step_ms:.3f}x" if base else "-"
+        ep_speedup = f"{base.ep_ms / m.ep_ms:.3f}x" if base else "-"
         lines.append((name + (" *" if name == chosen else ""), f"{m.max_load_ratio:.3f}", f"{m.mean_load_ratio:.3f}",
                       f"{m.cross_fraction:.3f}", f"{m.objective:.3f}", f"{m.step_ms:.2f}", speedup,
-                      f"{report.solve_time_s:.2f}"))
+                      f"{m.ep_ms:.2f}", ep_speedup, f"{report.solve_time_s:.2f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
     out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
            for line in lines]

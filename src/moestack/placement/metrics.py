@@ -104,6 +104,21 @@ def modelled_time_s(gpu_of: np.ndarray, trace: RoutingTrace, num_gpus: int, cost
     return float(compute), comm
 
 
+def home_flow_time_s(gpu_of: np.ndarray, trace: RoutingTrace, num_gpus: int, cost: CostModel) -> float:
+    """Seconds of the MoE layers under moestack's EP data flow: every layer sends each token-choice from the
+    token's home rank to its expert's rank and back (attention is data parallel over the ranks; homes are
+    spread evenly). Per layer: compute on the most loaded gpu, plus dispatch and combine, each bounded by
+    the gpu that receives (or sends) the most remote rows. Only the per-gpu loads enter; the inter-layer
+    transitions do not (a token never goes from one layer's expert to the next's directly).
+    """
+    loads = gpu_loads(gpu_of, trace.counts, num_gpus)  # [L, G] token-choices per gpu
+    total = loads.sum(axis=1, keepdims=True)  # [L, 1]
+    remote_in = loads * (num_gpus - 1) / num_gpus  # rows a gpu's experts get from the other homes
+    remote_out = (total / num_gpus) - loads / num_gpus  # a home's rows bound for other gpus
+    exchange = np.maximum(remote_in.max(axis=1), remote_out.max(axis=1))  # [L]
+    return float((cost.compute_s(loads.max(axis=1)) + 2 * cost.comm_s(exchange)).sum())
+
+
 @dataclass(frozen=True)
 class PlacementMetrics:
     """Balance and traffic of one placement on one trace."""
@@ -114,6 +129,7 @@ class PlacementMetrics:
     compute_ms: float
     comm_ms: float
     objective: float
+    ep_ms: float = 0.0  # `home_flow_time_s`: the same cost model under moestack's EP data flow
 
     @property
     def step_ms(self) -> float:
@@ -128,9 +144,10 @@ def evaluate(placement: Placement, trace: RoutingTrace, comm_weight: float = 1.0
     ratios = load_ratios(gpu_of, trace.counts, G)
     total = trace.transitions.sum()
     cross = 0.0 if total == 0 else float((cross_fractions(gpu_of, trace.transitions) * trace.transitions.sum(axis=(1, 2))).sum() / total)
-    compute_s, comm_s = modelled_time_s(gpu_of, trace, G, cost or CostModel())
+    cost = cost or CostModel()
+    compute_s, comm_s = modelled_time_s(gpu_of, trace, G, cost)
     return PlacementMetrics(float(ratios.max()), float(ratios.mean()), cross, compute_s * 1e3, comm_s * 1e3,
-                            objective(placement, trace, comm_weight))
+                            objective(placement, trace, comm_weight), home_flow_time_s(gpu_of, trace, G, cost) * 1e3)
 
 
 @dataclass
