@@ -202,7 +202,7 @@ class Trainer:
         self.tokens_at_save = self.tokens_at_log = self.tokens_seen()
         if self.ctx.is_main:
             self.metrics.keep_until(self.step)  # steps after the checkpoint will be logged again
-            log.info("resumed from step %d: %s", self.step, report.summary())
+            log.info("resuming at step %d: %s", self.step, report.summary())
         return True
 
     def _init_optimizer_state(self) -> None:

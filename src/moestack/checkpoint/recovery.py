@@ -43,7 +43,7 @@ class LoadReport:
         """One line for the log."""
         total = sum(len(row) for row in self.expert_sources)
         plt = "n/a" if self.plt is None else f"{100 * self.plt:.2f}%"
-        return (f"resumed from {self.path} (step {self.step}); {self.stale_experts}/{total} experts "
+        return (f"loaded {self.path} (step {self.step}); {self.stale_experts}/{total} experts "
                 f"from older checkpoints; PLT {plt}")
 
 
