@@ -17,7 +17,7 @@ TRAIN_SHORTCUTS = {
     "--run-dir": ("train.run_dir", "run folder (default runs/<timestamp>)"),
     "--steps": ("train.steps", "optimizer steps"),
     "--seed": ("train.seed", "random seed"),
-    "--device": ("train.device", "auto | cpu | cuda | cuda:N"),
+    "--device": ("train.device", "auto (this rank's GPU if there is one) | cpu | cuda | cuda:N (one process)"),
     "--data": ("train.data", "a text file or folder (default: Python's standard library source)"),
     "--batch-size": ("train.batch_size", "GLOBAL batch in sequences, split over all ranks"),
     "--ckpt-every": ("checkpoint.every", "checkpoint every N steps (0 = off)"),
@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     from moestack.inference.cli import add_drop_eval_args, add_sparsify_parser, positive_int
 
     p = sub.add_parser("train", help="train an MoE language model (torchrun for expert parallelism)",
-                       description="Train an MoE LM. With no arguments: a small model on the CPU on Python's "
-                                   "standard library source, in about a minute. Under torchrun: expert parallel over as many "
-                                   "ranks as divide the experts, data parallel over the rest (--ep N / --dp N to choose).")
+                       description="Train an MoE LM. With no arguments: a small model on Python's standard library source, "
+                                   "in about a minute on the CPU (on the GPU if there is one; --device cpu to stay on the CPU). "
+                                   "Under torchrun: expert parallel over as many ranks of a node as divide the experts (or "
+                                   "the --placement file's GPU count), data parallel over the rest (--ep N / --dp N to choose).")
     add_config_flags(p, TRAIN_SHORTCUTS)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest good checkpoint, "
                    "with its config.toml (flags given now override it)")

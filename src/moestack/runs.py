@@ -35,6 +35,11 @@ def run_config(run_dir: str | Path, device: str = "auto", placement: str | None 
             f"{world} ranks cannot share the run's {cfg.moe.num_experts} experts evenly; "
             f"launch a number of ranks that divides {cfg.moe.num_experts}"
         )
+    if cfg.moe.capacity_factor > 0 and world > 1:
+        raise ConfigError(
+            f"{run_dir} was trained with moe.capacity_factor={cfg.moe.capacity_factor} (tokens over capacity dropped), "
+            "which expert parallelism does not support; run this command in one process, without torchrun"
+        )
     if placement is None:
         placement = _training_placement_for(cfg.parallel.placement, world)
     par = replace(cfg.parallel, ep=world, dp=1, placement=placement)

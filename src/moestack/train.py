@@ -20,6 +20,7 @@ from moestack.config import Config, ConfigError, check_capacity, load_config, to
 from moestack.data import Corpus
 from moestack.metrics import MetricsLog, load_balance, plot_run
 from moestack.models.transformer import MoETransformer
+from moestack.moe.experts import GroupedExperts
 from moestack.parallel import ep as ep_parallel
 from moestack.parallel.mesh import ParallelContext, init_parallel, shutdown
 from moestack.state import flatten_state, restore_state
@@ -67,6 +68,11 @@ class Trainer:
         self.model = MoETransformer(cfg).to(ctx.device)
         self.forward = ep_parallel.parallelize(self.model, ctx, cfg.parallel.placement)
         if cfg.train.compile:
+            # decide the expert GEMM path eagerly: a failing probe cannot be caught inside a traced graph
+            dtype = torch.bfloat16 if autocast_dtype(cfg, ctx.device) else torch.float32
+            for experts in self.model.modules():
+                if isinstance(experts, GroupedExperts):
+                    experts.use_grouped_mm(torch.empty(0, experts.d_model, device=ctx.device, dtype=dtype))
             self.forward = torch.compile(self.forward)
         self.opt, self.sched = build_optimizer(self.model, cfg)
         self.corpus = Corpus.load(cfg.train.data, cfg.model.seq_len, cfg.train.data_max_mb)
@@ -274,12 +280,18 @@ def check_same_model(saved: Config, cfg: Config, path: Path) -> None:
                 )
 
 
-def autocast_for(cfg: Config, device: torch.device):
-    """bf16 autocast on GPU (or when asked), nothing on the CPU in fp32."""
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 on GPU (or when asked), None (fp32, no autocast) on the CPU."""
     dtype = cfg.train.dtype
     if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        return torch.bfloat16
+    return None
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    """bf16 autocast on GPU (or when asked), nothing on the CPU in fp32."""
+    dtype = autocast_dtype(cfg, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def train(cfg: Config, resume: bool = False) -> dict:

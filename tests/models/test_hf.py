@@ -39,6 +39,16 @@ def test_from_hf_keeps_the_logits_of_a_half_precision_model(family, dtype):
     torch.testing.assert_close(logits(model, x).float(), want, atol=1e-2 if family == "mixtral" else 1e-3, rtol=0)
 
 
+def test_from_hf_keeps_the_logits_under_autocast():
+    """HF's experts compute in their weights' dtype under autocast; the converted layers do the same."""
+    model, x = tiny_model("mixtral"), tokens(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = logits(model, x).float()
+        from_hf(model)
+        got = logits(model, x).float()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", SUPPORTED)
 def test_round_trip_restores_the_hugging_face_blocks(family):
     model, x = tiny_model(family), tokens()

@@ -9,8 +9,26 @@ from moestack.parallel.mesh import resolve_sizes
 @pytest.mark.parametrize("world, experts, want", [
     (1, 8, (1, 1)), (2, 8, (1, 2)), (8, 8, (1, 8)), (16, 8, (2, 8)), (6, 8, (3, 2)), (3, 8, (3, 1)), (4, 6, (2, 2)),
 ])
-def test_auto_ep_is_the_largest_divisor_of_world_and_experts(world, experts, want):
+def test_auto_ep_is_the_largest_divisor_of_world_and_experts(world, experts, want, monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert resolve_sizes(ParallelConfig(), world, experts) == want
+
+
+def test_auto_ep_stays_inside_a_node(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 2 nodes of 8: the all-to-all stays on NVLink
+    assert resolve_sizes(ParallelConfig(), 16, 64) == (2, 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "6")
+    assert resolve_sizes(ParallelConfig(), 12, 8) == (6, 2)
+
+
+def test_auto_ep_follows_the_placement_file(tmp_path):
+    from moestack.placement.placement import Placement
+
+    path = tmp_path / "p2.json"
+    Placement.contiguous(2, 8, 2).save(path)
+    assert resolve_sizes(ParallelConfig(placement=str(path)), 4, 8) == (2, 2)
+    with pytest.raises(ConfigError, match="places the experts on 2 GPUs but torchrun started 3 ranks"):
+        resolve_sizes(ParallelConfig(placement=str(path)), 3, 8)
 
 
 def test_auto_ep_with_dp_given_and_explicit_sizes():
@@ -82,3 +100,15 @@ def test_data_parallel_torchrun_keeps_the_capacity_factor(tmp_path):
     from tests.dist import run_ranks
 
     run_ranks(_train_data_parallel_with_capacity, 2, str(tmp_path / "run"))
+
+
+def test_a_capacity_run_used_under_torchrun_is_one_clear_error(tmp_path, monkeypatch):
+    from moestack.config import to_toml
+    from moestack.runs import run_config
+
+    (tmp_path / "config.toml").write_text(to_toml(load_config(overrides={"moe.capacity_factor": "1.0", "parallel.ep": "1"})))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="run this command in one process, without torchrun"):
+        run_config(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert run_config(tmp_path, "cpu").moe.capacity_factor == 1.0

@@ -26,7 +26,8 @@ def test_plan_writes_placement_and_prints_every_method(tmp_path, capsys):
     placement.validate(num_layers=4, num_experts=8, num_gpus=2)
     assert json.loads(out.read_text())["format"] == "moestack.placement/v1"
     printed = capsys.readouterr().out
-    for word in ("ilp *", "greedy", "round_robin", "contiguous", "random", "cross-gpu", "max/mean worst", "solve s"):
+    for word in ("ilp *", "greedy", "round_robin", "contiguous", "random", "cross-gpu", "max/mean worst", "solve s",
+                 "moestack EP ms"):
         assert word in printed
 
 
@@ -78,3 +79,12 @@ def test_a_placement_of_numpy_integers_saves_as_json(tmp_path):
     placement = Placement(np.int64(2), [[np.int64(g) for g in (0, 1, 1, 0)]])
     placement.save(tmp_path / "p.json")
     assert json.loads((tmp_path / "p.json").read_text())["expert_to_gpu"] == [[0, 1, 1, 0]]
+
+
+def test_plan_says_when_a_baseline_is_faster_under_moestacks_ep(tmp_path, capsys):
+    """round_robin on a skewed trace: greedy balances better, which is all moestack's EP sees."""
+    trace_path, out = tmp_path / "trace.npz", tmp_path / "p.json"
+    synthetic_trace(4, 8, 2, num_tokens=512, seed=3).save(trace_path)
+    assert run_plan(parse(["plan", "--trace", str(trace_path), "--gpus", "2", "--out", str(out), "--method", "round_robin"])) == 0
+    printed = capsys.readouterr().out
+    assert "note: under moestack's EP (tokens return home every layer)" in printed and "--comm-weight 0" in printed

@@ -136,6 +136,7 @@ def moe_layer_from_block(block: nn.Module, family: str, config) -> MoELayer:
         layer = MoELayer(D, E, top_k, two_f // 2, renormalize=renormalize, aux_loss_coef=0.0, z_loss_coef=0.0)
     layer.router.gate.weight = block.gate.weight  # [E, D], shared
     layer.router.logits_in_fp32 = False  # HF rounds the gate logits to the model's dtype: same experts in bf16
+    layer.rows_in_autocast_dtype = False  # HF's experts run in their weights' dtype, under autocast too
     layer.experts.w13 = nn.Parameter(experts.gate_up_proj.detach().transpose(1, 2).contiguous())  # [E, D, 2F]
     layer.experts.w2 = nn.Parameter(experts.down_proj.detach().transpose(1, 2).contiguous())  # [E, F, D]
     if fam.gated_shared_expert:

@@ -40,13 +40,19 @@ class MoELayer(nn.Module):
         self.register_buffer("tokens_seen", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.last_routing: Routing | None = None
         self.dropped = 0  # token-choices over capacity in the last forward (0 when dropless)
+        # Under autocast, cast the rows to the autocast dtype before dispatch (see `dispatch`); models/hf.py
+        # turns it off: Hugging Face's experts compute in their weights' dtype, autocast or not
+        self.rows_in_autocast_dtype = True
 
     def route(self, x: torch.Tensor) -> Routing:
         """Route [T, D] tokens and record the statistics."""
         d_model = self.router.gate.in_features
-        if x.dim() != 2 or x.shape[-1] != d_model:
+        if x.shape[-1] != d_model:
             raise ValueError(f"MoELayer expects tokens of hidden size {d_model} ([..., {d_model}]), got shape "
                              f"{tuple(x.shape)}; pass the hidden states the layer was built for")
+        if x.dim() != 2:
+            raise ValueError(f"MoELayer.route takes flat tokens [T, {d_model}], got shape {tuple(x.shape)}; "
+                             f"flatten them first (x.reshape(-1, {d_model})), as MoELayer.forward does")
         routing = self.router(x)
         self.tokens_seen += routing.counts.detach()
         self.last_routing = routing
@@ -60,7 +66,7 @@ class MoELayer(nn.Module):
         bytes and the grouped GEMMs run at bf16 speed, as the dense layers do under autocast.
         """
         kind = x.device.type
-        if torch.is_autocast_enabled(kind) and x.is_floating_point():
+        if self.rows_in_autocast_dtype and torch.is_autocast_enabled(kind) and x.is_floating_point():
             x = x.to(torch.get_autocast_dtype(kind))
         return self.dispatcher.dispatch(x, routing)
 

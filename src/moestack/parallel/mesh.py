@@ -7,7 +7,7 @@ node's GPUs under torchrun). No module reaches for the default group: everything
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -85,11 +85,20 @@ def world_from_env() -> tuple[int, int, int]:
 def resolve_sizes(cfg: ParallelConfig, world: int, num_experts: int = 0) -> tuple[int, int]:
     """(dp, ep) for this world, or a ConfigError saying what divides what.
 
-    ep = 0 (auto) needs num_experts: with dp given ep = world // dp, else the largest divisor of both the
-    world and num_experts (every rank holds experts when the world divides them; dp covers the rest).
+    ep = 0 (auto): a placement file's GPU count; else with dp given ep = world // dp; else the largest
+    number that divides the world, num_experts and the ranks of one node (torchrun's LOCAL_WORLD_SIZE), so
+    every rank holds experts where it can and the all-to-all stays inside a node. dp covers the rest.
     """
     if cfg.ep == 0 and world == 1:
-        cfg = ParallelConfig(ep=1, dp=cfg.dp, placement=cfg.placement)  # one process: nothing to split
+        cfg = replace(cfg, ep=1)  # one process: nothing to split
+    if cfg.ep == 0 and cfg.placement:
+        from moestack.placement.placement import Placement
+
+        gpus = Placement.load(cfg.placement).num_gpus
+        if world % gpus:
+            raise ConfigError(f"{cfg.placement} places the experts on {gpus} GPUs but torchrun started {world} ranks; "
+                              f"launch a multiple of {gpus} ranks (or pass --ep and a placement made for it)")
+        cfg = replace(cfg, ep=gpus)
     if cfg.ep == 0:
         if num_experts <= 0:
             raise ValueError("resolve_sizes: parallel.ep = 0 (auto) needs the model's num_experts")
@@ -103,7 +112,8 @@ def resolve_sizes(cfg: ParallelConfig, world: int, num_experts: int = 0) -> tupl
                     f"pass --ep with a divisor of {num_experts} (and of {world})"
                 )
             return cfg.dp, ep
-        ep = max(d for d in range(1, world + 1) if world % d == 0 and num_experts % d == 0)
+        node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        ep = max(d for d in range(1, world + 1) if world % d == 0 and num_experts % d == 0 and node % d == 0)
         return world // ep, ep
     if world % cfg.ep:
         raise ConfigError(f"--ep {cfg.ep} does not divide the world size {world}; launch a multiple of {cfg.ep} ranks")
