@@ -118,3 +118,31 @@ def _check_empty_rank(rank, world):
 
 def test_ep_layer_with_a_rank_that_has_no_tokens():
     run_ranks(_check_empty_rank, 2)
+
+
+def _check_autocast(rank, world):
+    """Under bf16 autocast the rows cross the all-to-all in bf16 and the layer matches one process's
+    autocast output; gradients reach the fp32 input and the fp32 expert weights."""
+    ctx = init_parallel(ParallelConfig(ep=world), "cpu")
+    x_all, g_all = _inputs(world, False)
+    rows = slice(rank * T, (rank + 1) * T)
+    ref = _layer(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, _ = ref(x_all)
+    layer, mine = _ep_layer(rank, world, ctx, contiguous(world), False)
+    sent = []
+    real = layer.dispatcher.dispatch
+    layer.dispatcher.dispatch = lambda x, routing: (sent.append(x.dtype), real(x, routing))[1]
+    x = x_all[rows].clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x)
+    ((y.float() * g_all[rows]).sum() + aux).backward()
+    assert sent == [torch.bfloat16]
+    torch.testing.assert_close(y.float(), y_ref[rows].float(), atol=1e-2, rtol=1e-2)
+    assert x.grad.dtype == torch.float32 and layer.experts.w13.grad.dtype == torch.float32
+    assert torch.isfinite(x.grad).all() and layer.experts.w13.grad.abs().sum() > 0
+    shutdown(ctx)
+
+
+def test_ep_layer_under_autocast_sends_bf16_rows():
+    run_ranks(_check_autocast, 2)
