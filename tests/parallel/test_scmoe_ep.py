@@ -73,6 +73,7 @@ def _train_archs(rank, world, run_root):
     for arch in ARCHS:
         summary = train(_arch_config(arch, f"{run_root}/{arch}", **{"parallel.ep": "2"}))
         assert summary["step"] == 3 and summary["val_loss"] < summary["first_val_loss"]
+    train(_arch_config("top2", f"{run_root}/top2-dp", **{"parallel.ep": "1"}))  # data parallel only
 
 
 def _losses(run_dir):
@@ -82,11 +83,12 @@ def _losses(run_dir):
 
 def test_each_arch_trains_under_ep2_with_the_single_process_losses(tmp_path):
     """The whole trainer under EP=2 (DDP for replicated parameters, expert gradients, clipping, AdamW) gives
-    one process's losses for every arch: a gradient scaled wrongly on either side changes them."""
+    one process's losses for every arch, and so does --ep 1 (data parallel only) on 2 ranks."""
     run_ranks(_train_archs, 2, str(tmp_path / "ep2"))
-    for arch in ARCHS:
-        train(_arch_config(arch, str(tmp_path / "one" / arch)))
-        want, got = _losses(tmp_path / "one" / arch), _losses(tmp_path / "ep2" / arch)
+    for arch, run in [(arch, arch) for arch in ARCHS] + [("top2", "top2-dp")]:
+        if run == arch:
+            train(_arch_config(arch, str(tmp_path / "one" / arch)))
+        want, got = _losses(tmp_path / "one" / arch), _losses(tmp_path / "ep2" / run)
         assert sorted(got) == [1, 2, 3]
         for step in got:
             assert abs(got[step] - want[step]) < 5e-6, (arch, step, got[step], want[step])
