@@ -125,8 +125,10 @@ def evaluate(model, cfg: Config, ctx: ParallelContext, batches: int) -> dict:
     """Mean validation loss (over ranks) of `model` on the run's data."""
     corpus = Corpus.load(cfg.train.data, cfg.model.seq_len, cfg.train.data_max_mb)
     rows = ctx.batch_rows(cfg.train.batch_size)
+    from tqdm import tqdm
+
     total = torch.zeros((), device=ctx.device)
-    for i in range(batches):
+    for i in tqdm(range(batches), desc="eval", unit="batch", leave=False, disable=not ctx.is_main):
         x, y = corpus.batch("val", i, cfg.train.batch_size, cfg.train.seed, rows)
         with autocast_for(cfg, ctx.device):  # the precision training evaluated in
             total += model(x.to(ctx.device), y.to(ctx.device))[1].float()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from moestack.inference.partition import neuron_abs_sums
 from moestack.moe.layer import MoELayer
@@ -60,7 +61,7 @@ def calibrate(model: nn.Module, layers: list[MoELayer], batches) -> list[LayerSt
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
+        for batch in tqdm(batches, desc="calibrate", unit="batch", leave=False):
             run_batch(model, batch)
     finally:
         for h in handles:
