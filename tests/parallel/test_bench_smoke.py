@@ -22,3 +22,11 @@ def test_torchrun_benchmark_runs_on_two_cpu_ranks(tmp_path, argv, needle):
     assert done.returncode == 0, done.stderr[-2000:]
     assert needle in done.stdout
     assert list(tmp_path.glob("*.jsonl"))  # results were written where $OUT says
+
+
+def test_train_step_bench_runs_on_the_cpu(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, "bench/train_step.py", "--quick", "--reps", "1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fp32 rows (before)" in done.stdout and (tmp_path / "train_step.jsonl").exists()
