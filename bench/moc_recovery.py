@@ -34,7 +34,7 @@ def run(overrides: dict, root: Path, name: str, fail_at: int | None) -> dict:
         if fail_at is not None and trainer.step == fail_at:
             trainer.ckpt.wait()
             trainer.ckpt.close()
-            trainer = Trainer(cfg, ctx, run_dir)  # a fresh process after the crash
+            trainer = Trainer(cfg, ctx, run_dir, resuming=True)  # a fresh process after the crash
             trainer.resume()
             report = trainer.resume_report
             fail_at = None

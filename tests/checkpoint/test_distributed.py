@@ -22,8 +22,32 @@ def _worker(rank: int, tmp: str) -> None:
         _load_one_rank_checkpoint_on_two(rank, tmp, group)
         _save_expert_parallel(rank, tmp, group)
         _save_data_parallel(rank, tmp, group)
+        _ranks_that_disagree_never_commit(rank, tmp, group)
     finally:
         dist.destroy_process_group()
+
+
+def _ranks_that_disagree_never_commit(rank, tmp, group):
+    """Ranks passing different token counts (a caller bug: the trainer sums them) choose different experts;
+    the manifest would list experts no rank wrote, so the save fails on every rank and `latest` stays."""
+    import pytest
+
+    from moestack.checkpoint import CheckpointError
+    from moestack.checkpoint.storage import read_latest
+
+    mgr = CheckpointManager(f"{tmp}/disagree", CheckpointConfig(pec_k=2, pec_policy="load_aware", keep=5), group=group)
+    ids = _ep_ids(rank)
+    tensors, experts = make_state(1, ids=ids)
+    mgr.save(1, tensors, experts, {"step": 1})  # the first checkpoint holds every expert
+    mgr.wait()
+    tokens = torch.zeros(2, NUM_EXPERTS, dtype=torch.int64)
+    tokens[:, [e for e in range(NUM_EXPERTS) if e not in ids]] = 5  # each rank's own, unsummed view
+    tensors, experts = make_state(2, ids=ids)
+    with pytest.raises(CheckpointError, match="not committed"):
+        mgr.save(2, tensors, experts, {"step": 2}, tokens)
+        mgr.wait()
+    assert read_latest(mgr.root) == "step-00000001"
+    mgr.close()
 
 
 def _ep_ids(rank: int) -> range:

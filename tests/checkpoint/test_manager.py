@@ -378,3 +378,41 @@ def test_a_dtype_safetensors_cannot_hold_is_refused_inside_save(tmp_path):
     with pytest.raises(CheckpointError, match="complex64"):
         mgr.save(1, {**tensors, "rope": torch.zeros(2, dtype=torch.complex64)}, experts, {})
     assert mgr._thread is None and _steps(tmp_path) == []
+
+
+@pytest.mark.parametrize("damage", ["state_empty", "state_short", "experts_no_shape", "selected_str"])
+def test_a_damaged_manifest_field_is_named_and_load_falls_back(tmp_path, damage):
+    """Damage inside a well-formed JSON manifest: verify names it, load takes the older checkpoint."""
+    import json
+
+    from moestack.checkpoint import verify
+
+    mgr = CheckpointManager(tmp_path, CheckpointConfig(keep=5, pec_k=2))
+    _save_steps(mgr, [1, 2])
+    path = tmp_path / "ckpt" / "step-00000002" / MANIFEST
+    m = json.loads(path.read_text())
+    if damage == "state_empty":
+        m["pec"]["state"] = {}
+    elif damage == "state_short":
+        m["pec"]["state"]["copy_step"] = m["pec"]["state"]["copy_step"][:1]
+    elif damage == "experts_no_shape":
+        for info in m["experts"].values():
+            info.pop("shape")
+    else:
+        m["pec"]["selected"][0] = "01"
+    path.write_text(json.dumps(m))
+    problems = verify(path.parent)
+    assert len(problems) == 1 and "damaged manifest" in problems[0] and str(path) in problems[0]
+    _, meta, report = CheckpointManager(tmp_path, CheckpointConfig()).load()
+    assert meta["step"] == 1 and len(report.skipped) == 1
+
+
+def test_saving_again_at_a_committed_step_keeps_every_expert(tmp_path):
+    """A second save at step N moves the first step-N aside, so experts whose newest copy was there are
+    saved again: the new checkpoint never depends on one it replaced."""
+    mgr = CheckpointManager(tmp_path, CheckpointConfig(pec_k=2, keep=5))
+    first, second = _save_steps(mgr, [10, 10])
+    assert first.selected[0] == list(range(NUM_EXPERTS)) and second.selected[0] == list(range(NUM_EXPERTS))
+    loaded, _, report = CheckpointManager(tmp_path, CheckpointConfig()).load()
+    assert report.step == 10 and report.stale_experts == 0
+    check_experts(loaded, report.expert_sources)

@@ -227,7 +227,13 @@ class CheckpointManager:
         k = 0 if full else cfg.pec_k
         if cfg.plt_threshold > 0 and self._tokens_counted and 0 < k < state.shape[1]:
             k = pec.choose_k(state, cfg.pec_policy, k, cfg.plt_threshold, step)
-        return pec.select_experts_to_save(cfg.pec_policy, k, state.copy_step, state.unsaved()), k
+        selected = pec.select_experts_to_save(cfg.pec_policy, k, state.copy_step, state.unsaved())
+        # a copy at >= this step lives in a checkpoint this commit moves aside: save that expert again
+        doomed = state.copy_step >= self._abandon_from(step)
+        return [sorted(set(row) | set(np.flatnonzero(doomed[i]).tolist())) for i, row in enumerate(selected)], k
+
+    def _abandon_from(self, step: int) -> int:
+        return step if self._resumed_step is None else min(step, self._resumed_step + 1)
 
     def _start(self, step: int, tensors: Mapping[str, torch.Tensor], experts: Mapping[str, ExpertShard],
                meta: dict[str, Any], selected: list[list[int]], k: int, t0: float) -> SaveHandle:
@@ -240,7 +246,7 @@ class CheckpointManager:
         uid = f"{self._nonce}-{self._seq}"
         handle = SaveHandle(step, skipped=False, selected=selected, plt=plt)
         # the first commit after a resume moves aside every later checkpoint: they belong to the timeline left
-        abandon_from = step if self._resumed_step is None else min(step, self._resumed_step + 1)
+        abandon_from = self._abandon_from(step)
         self._resumed_step = None
         job = Job(step, self.root / f".tmp-{step_dir_name(step)}-{uid}", self.root / step_dir_name(step), host,
                    {it.key: _record(it) for it in items},

@@ -26,7 +26,7 @@ import torch
 
 from moestack.checkpoint.storage import (
     MANIFEST, Checkpoint, CheckpointError, commit_dir, list_committed, move_aside, part_name, read_latest,
-    remove_dir, step_dir_name, write_json_atomic, write_latest, write_shards,
+    remove_dir, step_dir_name, structure_problem, write_json_atomic, write_latest, write_shards,
 )
 
 log = logging.getLogger("moestack.checkpoint")
@@ -117,6 +117,9 @@ class Persister:
     def _commit(self, job: Job) -> None:
         files = self._gather_parts(job.tmp)
         manifest = {**job.manifest, "files": files, "bytes": sum(f["bytes"] for f in files.values())}
+        problem = structure_problem(manifest)  # e.g. ranks that chose different experts: never commit it
+        if problem:
+            raise CheckpointError(f"{job.tmp}: not committed, the ranks' shards do not match the manifest ({problem})")
         write_json_atomic(job.tmp / MANIFEST, manifest)
         for r in range(self.world_size):
             (job.tmp / part_name(r)).unlink()

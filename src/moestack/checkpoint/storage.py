@@ -313,13 +313,13 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{_rel(path)}: not a moestack manifest (missing {missing})")
     if manifest["format"] != FORMAT:
         raise CheckpointError(f"{_rel(path)}: format {manifest['format']!r}, expected {FORMAT!r}")
-    problem = _structure_problem(manifest)
+    problem = structure_problem(manifest)
     if problem:
         raise CheckpointError(f"{_rel(path)}: damaged manifest ({problem})")
     return manifest
 
 
-def _structure_problem(m: dict[str, Any]) -> str | None:
+def structure_problem(m: dict[str, Any]) -> str | None:
     """The first field of a parsed manifest with the wrong type or shape (None when it is well formed)."""
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
@@ -340,6 +340,21 @@ def _structure_problem(m: dict[str, Any]) -> str | None:
         return "pec lacks selected, num_experts or state"
     if not isinstance(experts, dict) or not all(isinstance(v, dict) and is_int(v.get("layer")) for v in experts.values()):
         return "experts is not an object of {layer, ...} records"
+    E = pec["num_experts"]
+    if E < 1 or not all(isinstance(row, list) and all(is_int(e) and 0 <= e < E for e in row) for row in pec["selected"]):
+        return f"pec.selected is not a list of expert ids in [0, {E}) per MoE layer"
+    L, state = len(pec["selected"]), pec["state"]
+    if state.get("shape") != [L, E]:
+        return f"pec.state.shape is {state.get('shape')!r}, expected [{L}, {E}]"
+    for key in ("processed", "lost", "copy_step", "copy_processed", "copy_lost"):
+        rows = state.get(key)
+        if not (isinstance(rows, list) and len(rows) == L
+                and all(isinstance(r, list) and len(r) == E and all(is_int(v) for v in r) for r in rows)):
+            return f"pec.state.{key} is not {L} x {E} integers"
+    for name, info in experts.items():
+        if not (info.get("num_experts") == E and isinstance(info.get("shape"), list)
+                and all(is_int(d) and d >= 0 for d in info["shape"]) and info.get("dtype") in _ST_DTYPES):
+            return f"experts[{name!r}] lacks a valid num_experts ({E}), shape or dtype"
     held = {key for rec in m["files"].values() for key in rec["tensors"]}
     for name, info in experts.items():  # every expert the manifest says it holds is in some file
         layer = info["layer"]
