@@ -216,3 +216,51 @@ def test_compiled_training_gives_the_eager_losses(tmp_path):
     assert sorted(got) == [1, 2]
     for step in got:
         assert got[step] == pytest.approx(want[step], abs=1e-4), step
+
+
+def test_ctrl_c_stops_at_a_step_with_a_full_checkpoint_and_resume_continues(tmp_path):
+    import signal
+    import time
+
+    from moestack.checkpoint.storage import list_committed
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "moestack.cli", "train", *TINY, "--steps", "100000", "--train.eval_every", "0",
+           "--ckpt-every", "100000", "--run-dir", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and len(losses(run) if (run / "metrics.jsonl").exists() else {}) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "continue with: moestack train --run-dir" in err
+    steps = [s for s, _ in list_committed(run / "ckpt")]
+    assert len(steps) == 1 and steps[0] >= 3  # the checkpoint taken at the step where it stopped
+    assert main(["train", "--run-dir", str(run), "--resume", "--steps", str(steps[0] + 2)]) == 0
+    assert max(losses(run)) == steps[0] + 2
+
+
+def test_resume_of_a_run_already_at_its_steps_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "4", "--train.eval_every", "0", "--run-dir", str(run)]) == 0
+    saved = (run / "config.toml").read_text()
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run), "--resume", "--steps", "3"]) == 2
+    assert "already at step 4; --steps is the total number of steps" in capsys.readouterr().err
+    assert (run / "config.toml").read_text() == saved
+
+
+def test_eval_defaults_to_the_validation_training_logged(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "3", "--train.eval_every", "0", "--run-dir", str(run)]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["val_loss"] for r in rows if "val_loss" in r][-1]
+    capsys.readouterr()
+    assert main(["eval", "--run-dir", str(run), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"val_loss {logged:.4f}" in out and "(2 batches)" in out
+    with pytest.raises(SystemExit):  # argparse refuses it before anything loads
+        main(["generate", "--run-dir", str(run), "--temperature", "-1"])
+    assert "must be a finite number >= 0, got -1" in capsys.readouterr().err

@@ -15,7 +15,7 @@ log = logging.getLogger("moestack")
 # Short flags of `train` and the config keys they set.
 TRAIN_SHORTCUTS = {
     "--run-dir": ("train.run_dir", "run folder (default runs/<timestamp>)"),
-    "--steps": ("train.steps", "optimizer steps"),
+    "--steps": ("train.steps", "total optimizer steps (with --resume: the step to reach, not steps to add)"),
     "--seed": ("train.seed", "random seed"),
     "--device": ("train.device", "auto (this rank's GPU if there is one) | cpu | cuda | cuda:N (one process)"),
     "--data": ("train.data", "a text file or folder (default: Python's standard library source)"),
@@ -26,6 +26,12 @@ TRAIN_SHORTCUTS = {
     "--placement": ("parallel.placement", "expert placement JSON from `moestack plan`"),
 }
 SECTION_ALIASES = {"checkpoint": ("ckpt",)}
+# Dotted overrides `train --help` lists by name (every other field is accepted and summed up in the epilog).
+SHOWN_FIELDS = {"model.arch": "top2 | shared_top1 | scmoe", "moe.num_experts": "experts per MoE layer",
+                "moe.top_k": "experts per token (top2 arch)", "train.lr": "peak learning rate"}
+OVERRIDES_EPILOG = ("Any config field can be set as --section.field V (sections: model, moe, train, parallel, "
+                    "checkpoint or ckpt; e.g. --model.d_model 256, --ckpt.pec-k 0); a run's config.toml lists them "
+                    "all and is a valid --config.")
 
 
 def add_config_flags(p: argparse.ArgumentParser, shortcuts: dict) -> None:
@@ -41,13 +47,21 @@ def add_config_flags(p: argparse.ArgumentParser, shortcuts: dict) -> None:
             if any(k == key for k, _ in shortcuts.values()):
                 continue
             group.add_argument(*_dotted_flags(key), dest=key, default=argparse.SUPPRESS, metavar="V",
-                               help=argparse.SUPPRESS)
+                               help=SHOWN_FIELDS.get(key, argparse.SUPPRESS))
 
 
 def _dotted_flags(key: str) -> list[str]:
     """--section.field spellings of a config key: with - or _ in the field, and the section's aliases."""
     section, name = key.split(".")
     return sorted({f"--{s}.{n}" for s in (section, *SECTION_ALIASES.get(section, ())) for n in (name, name.replace("_", "-"))})
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
@@ -66,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train an MoE LM. With no arguments: a small model on Python's standard library source, "
                                    "in about a minute on the CPU (on the GPU if there is one; --device cpu to stay on the CPU). "
                                    "Under torchrun: expert parallel over as many ranks of a node as divide the experts (or "
-                                   "the --placement file's GPU count), data parallel over the rest (--ep N / --dp N to choose).")
+                                   "the --placement file's GPU count), data parallel over the rest (--ep N / --dp N to choose).",
+                       epilog=OVERRIDES_EPILOG)
     add_config_flags(p, TRAIN_SHORTCUTS)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest good checkpoint, "
                    "with its config.toml (flags given now override it)")
@@ -75,14 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="a run folder written by `moestack train`")
     p.add_argument("--prompt", default="def ", help="text to continue")
     p.add_argument("--max-new-tokens", type=positive_int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a trained run")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--batches", type=positive_int, default=16, help="validation batches")
+    p.add_argument("--batches", type=positive_int, default=None,
+                   help="validation batches (default: the run's train.eval_batches, as training evaluated)")
     p.add_argument("--device", default="auto")
 
     add_drop_eval_args(p)  # --drop-rate R: evaluate with DualSparse dropping
@@ -103,8 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging() -> None:
+    """moestack's own messages on stderr (INFO on rank 0, warnings elsewhere); other libraries' loggers untouched."""
     rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="moestack: %(message)s")
+    if not any(getattr(h, "_moestack", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("moestack: %(message)s"))
+        handler._moestack = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, PlacementError, TraceError, CheckpointError) as err:
         print(f"moestack {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a path that cannot be created or written (a file where a folder goes, no space...)
+        print(f"moestack {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moestack {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def cmd_train(args) -> int:
@@ -143,7 +172,14 @@ def cmd_train(args) -> int:
         first, last = summary.get("first_val_loss"), summary.get("val_loss")
         if first is not None and last is not None:
             log.info("val loss %.4f -> %.4f after %d steps", first, last, summary["step"])
-        log.info("run folder: %s (config.toml, metrics.jsonl, loss.png, ckpt/)", summary["run_dir"])
+        elif last is not None:
+            log.info("val loss %.4f at step %d", last, summary["step"])
+        run_dir = Path(summary["run_dir"])
+        kept = [name for name in ("config.toml", "metrics.jsonl", "loss.png", "ckpt/") if (run_dir / name).exists()]
+        log.info("run folder: %s (%s)", run_dir, ", ".join(kept))
+        if summary.get("interrupted"):
+            log.info("interrupted at step %d; continue with: moestack train --run-dir %s --resume", summary["step"], run_dir)
+            return 130
     return 0
 
 
@@ -170,7 +206,7 @@ def cmd_eval(args) -> int:
 
     result = evaluate_run(args.run_dir, args.batches, args.device)
     if result is not None:
-        print(f"val_loss {result['val_loss']:.4f}  perplexity {result['perplexity']:.2f}")
+        print(f"val_loss {result['val_loss']:.4f}  perplexity {result['perplexity']:.2f}  ({result['batches']} batches)")
     return 0
 
 

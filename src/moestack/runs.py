@@ -110,7 +110,7 @@ def generate_text(run_dir, prompt: str, max_new_tokens: int, temperature: float,
 
 
 @torch.no_grad()
-def evaluate_run(run_dir, batches: int = 16, device: str = "auto"):
+def evaluate_run(run_dir, batches: int | None = None, device: str = "auto"):
     """Validation loss and perplexity over `batches` global batches of the run's validation split (rank 0)."""
     model, cfg, ctx = load_model(run_dir, device)
     try:
@@ -121,8 +121,10 @@ def evaluate_run(run_dir, batches: int = 16, device: str = "auto"):
 
 
 @torch.no_grad()
-def evaluate(model, cfg: Config, ctx: ParallelContext, batches: int) -> dict:
-    """Mean validation loss (over ranks) of `model` on the run's data."""
+def evaluate(model, cfg: Config, ctx: ParallelContext, batches: int | None = None) -> dict:
+    """Mean validation loss (over ranks) of `model` on the run's data, over `batches` global batches (default:
+    the run's train.eval_batches, so the figure is the one training logged for the same weights)."""
+    batches = batches or cfg.train.eval_batches
     corpus = Corpus.load(cfg.train.data, cfg.model.seq_len, cfg.train.data_max_mb)
     rows = ctx.batch_rows(cfg.train.batch_size)
     from tqdm import tqdm
@@ -136,7 +138,7 @@ def evaluate(model, cfg: Config, ctx: ParallelContext, batches: int) -> dict:
         dist.all_reduce(total, group=ctx.stats_group)
         total /= ctx.world
     loss = total.item() / batches
-    return {"val_loss": loss, "perplexity": math.exp(loss)}
+    return {"val_loss": loss, "perplexity": math.exp(loss), "batches": batches}
 
 
 @torch.no_grad()

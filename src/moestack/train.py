@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -13,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moestack.checkpoint import CheckpointError, CheckpointManager
 from moestack.checkpoint.storage import list_committed
@@ -93,12 +96,19 @@ class Trainer:
             raise ConfigError(f"{self.run_dir} already holds a run (config.toml); pass --resume to continue it, "
                               "or choose another --run-dir (a run's config.toml used as --config carries its run_dir)")
         self._barrier()
+        self._saved_config = path.read_text() if self.resuming and path.is_file() else None
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(to_toml(self.cfg))
             if not self.resuming:
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         self._barrier()
+
+    def restore_config(self) -> None:
+        """Put back the config.toml this resume replaced (the resume was refused)."""
+        if self.ctx.is_main and self._saved_config is not None:
+            (self.run_dir / "config.toml").write_text(self._saved_config)
+        self.ckpt.close()
 
     def _barrier(self) -> None:
         if self.ctx.distributed:
@@ -208,7 +218,7 @@ class Trainer:
         self.tokens_at_save = self.tokens_at_log = self.tokens_seen()
         if self.ctx.is_main:
             self.metrics.keep_until(self.step)  # steps after the checkpoint will be logged again
-            log.info("resuming at step %d: %s", self.step, report.summary())
+            log.info("resuming at step %d", self.step)
         return True
 
     def _init_optimizer_state(self) -> None:
@@ -223,18 +233,30 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
+        """Train to `train.steps`. In one process, Ctrl-C stops after the current step with a full checkpoint
+        (a second Ctrl-C aborts at once); summary["interrupted"] says so."""
+        with logging_redirect_tqdm(), _stop_on_interrupt(enabled=not self.ctx.distributed) as stop:
+            summary = self._run(stop)
+        return summary
+
+    def _run(self, stop: dict) -> dict:
         t, ctx = self.cfg.train, self.ctx
+        if not self.cfg.checkpoint.every and ctx.is_main:
+            log.warning("checkpoint.every = 0: this run keeps no checkpoint, so eval, generate, sparsify and "
+                        "--resume will have nothing to load")
         bar = tqdm(total=t.steps, initial=self.step, disable=not ctx.is_main, desc="train", unit="step")
         summary: dict = {}
         if self.step == 0:
             summary["first_val_loss"] = self.evaluate()
             self.metrics.write({"step": 0, "val_loss": summary["first_val_loss"]}) if ctx.is_main else None
         tic, tokens, loss = time.perf_counter(), 0, float("nan")
+        postfix: dict = {}
         while self.step < t.steps:
             loss, aux = self.train_step()
             tokens += t.batch_size * self.cfg.model.seq_len
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+            postfix["loss"] = f"{loss:.3f}"
+            bar.set_postfix(postfix)
             row = None
             if self.step % t.log_every == 0 or self.step == t.steps:
                 row = self._log_row(loss, aux, tokens / (time.perf_counter() - tic))
@@ -242,9 +264,16 @@ class Trainer:
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                 row = row or {"step": self.step, "loss": loss}
                 row["val_loss"] = summary["val_loss"] = self.evaluate()
+                postfix["val"] = f"{summary['val_loss']:.3f}"
+                bar.set_postfix(postfix)
             if row is not None and ctx.is_main:
                 self.metrics.write(row)
             every = self.cfg.checkpoint.every
+            if stop["asked"]:  # Ctrl-C: keep everything trained so far, then leave
+                summary["interrupted"] = True
+                if every:
+                    self.save_checkpoint(full=True)
+                break
             if every and (self.step % every == 0 or self.step == t.steps or self.ckpt.deferred is not None):
                 self.save_checkpoint(full=self.step == t.steps)  # the final model keeps every expert
         bar.close()
@@ -294,6 +323,29 @@ def autocast_for(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _stop_on_interrupt(enabled: bool):
+    """While active, the first SIGINT only sets stop["asked"] (the loop stops at a step boundary); a second
+    one raises KeyboardInterrupt. Off under torchrun (ranks could stop at different steps) and off the main
+    thread (signal handlers live there)."""
+    stop = {"asked": False}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_sigint(signum, frame):
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        log.warning("interrupted: stopping after this step with a full checkpoint (Ctrl-C again to abort at once)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train(cfg: Config, resume: bool = False) -> dict:
     """Train with `cfg` (under torchrun: expert parallel); returns a summary of the run."""
     ctx = init_parallel(cfg.parallel, cfg.train.device, cfg.moe.num_experts)
@@ -303,8 +355,13 @@ def train(cfg: Config, resume: bool = False) -> dict:
             log.info("%d ranks: expert parallel over %d, data parallel over %d", ctx.world, ctx.ep, ctx.dp)
         run_dir = Path(cfg.train.run_dir or default_run_dir())
         trainer = Trainer(cfg, ctx, run_dir, resuming=resume)
-        if resume and not trainer.resume() and ctx.is_main:
+        resumed = resume and trainer.resume()
+        if resume and not resumed and ctx.is_main:
             log.warning("--resume: no checkpoint in %s, starting from step 0", run_dir / "ckpt")
+        if resumed and trainer.step >= cfg.train.steps:
+            trainer.restore_config()
+            raise ConfigError(f"--resume: the run in {run_dir} is already at step {trainer.step}; --steps is the total "
+                              f"number of steps, so pass more than {trainer.step} to train further")
         summary = trainer.run()
         summary["run_dir"] = str(run_dir)
         trainer.ckpt.close()

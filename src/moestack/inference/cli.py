@@ -31,7 +31,8 @@ def add_sparsify_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="a run folder written by `moestack train`")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/sparse)")
     add_drop_eval_args(p, default_rate=0.25)
-    p.add_argument("--batches", type=positive_int, default=16, help="validation batches for the before/after loss")
+    p.add_argument("--batches", type=positive_int, default=None,
+                   help="validation batches for the before/after loss (default: the run's train.eval_batches)")
     p.add_argument("--device", default="auto")
     return p
 
@@ -90,11 +91,12 @@ def run_eval_with_drop(args) -> int:
     except ValueError as err:
         print(f"moestack eval: error: {err}", file=sys.stderr)
         return 2
-    print(f"val_loss {r['val_loss']:.4f}  perplexity {r['perplexity']:.2f}  drop_rate {r['drop_rate']:.3f}")
+    print(f"val_loss {r['val_loss']:.4f}  perplexity {r['perplexity']:.2f}  drop_rate {r['drop_rate']:.3f}  "
+          f"({r['batches']} batches)")
     return 0
 
 
-def evaluate_with_drop(run_dir, drop_rate: float, batches: int = 16, device: str = "auto", *, parts: int = 2,
+def evaluate_with_drop(run_dir, drop_rate: float, batches: int | None = None, device: str = "auto", *, parts: int = 2,
                        calib_batches: int = 8, method: str = "dualsparse") -> dict:
     """Val loss of the run's model sparsified at `drop_rate`: {val_loss, perplexity, drop_rate (achieved)}."""
     model, cfg, ctx = _load_single(run_dir, device)
@@ -104,7 +106,7 @@ def evaluate_with_drop(run_dir, drop_rate: float, batches: int = 16, device: str
 
 
 def sparsify_run(run_dir, drop_rate: float, out=None, *, parts: int = 2, calib_batches: int = 8,
-                 method: str = "dualsparse", batches: int = 16, device: str = "auto") -> dict:
+                 method: str = "dualsparse", batches: int | None = None, device: str = "auto") -> dict:
     """Sparsify a run, evaluate before and after, save model + report under `out`; returns the report."""
     model, cfg, ctx = _load_single(run_dir, device)
     before = _evaluate(model, cfg, ctx, batches, sparse=False)
@@ -114,7 +116,7 @@ def sparsify_run(run_dir, drop_rate: float, out=None, *, parts: int = 2, calib_b
     report = {
         "run_dir": str(run_dir), "out": str(out), "method": method, "parts": 1 if method == "naive" else parts,
         "drop_rate": drop_rate, "achieved_drop_rate": after["drop_rate"],
-        "calib_batches": calib_batches, "val_batches": batches,
+        "calib_batches": calib_batches, "val_batches": after["batches"],
         "val_loss_before": before["val_loss"], "val_loss_after": after["val_loss"],
         "val_loss_increase": after["val_loss"] / before["val_loss"] - 1,
         "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
@@ -145,7 +147,7 @@ def transform(model, cfg, device, method: str, drop_rate: float, parts: int, cal
     return model
 
 
-def _evaluate(model, cfg, ctx, batches: int, sparse: bool) -> dict:
+def _evaluate(model, cfg, ctx, batches: int | None, sparse: bool) -> dict:
     from moestack.runs import evaluate
 
     if sparse:
