@@ -33,6 +33,8 @@ def test_cli_overrides_beat_the_file(tmp_path):
         ("[checkpoint]\npec_policy = 'random'\n", "checkpoint.pec_policy"),
         ("[train\nsteps=1", "not valid TOML"),
         ("steps = 1\n", "must be a [section]"),
+        ("[train]\nsteps = \"20\"\n", "train.steps expects int, got the string '20'; write it without quotes"),
+        ("[moe]\nrenormalize = \"no\"\n", "moe.renormalize expects bool, got the string 'no'"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, needle):

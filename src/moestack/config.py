@@ -216,8 +216,11 @@ def section_fields(section: str) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in fields(cls)}
 
 
-def coerce(key: str, value: Any, typ: type) -> Any:
-    """Convert `value` (from TOML or a command line string) to the field type, or raise ConfigError."""
+def coerce(key: str, value: Any, typ: type, from_text: bool = True) -> Any:
+    """Convert `value` to the field type, or raise ConfigError. Strings are parsed only when they come from a
+    command line (`from_text`); a TOML file must give numbers and booleans as such."""
+    if isinstance(value, str) and typ is not str and not from_text:
+        raise ConfigError(f"{key} expects {typ.__name__}, got the string {value!r}; write it without quotes")
     if isinstance(value, str) and typ is not str:
         text = value.strip()
         if typ is bool:
@@ -242,8 +245,9 @@ def _field_type(section: str, name: str) -> type:
     return {"int": int, "float": float, "str": str, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
 
 
-def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """Return `cfg` with `{"section.field": value}` overrides applied (values coerced and checked)."""
+def apply_overrides(cfg: Config, overrides: dict[str, Any], from_text: bool = True) -> Config:
+    """Return `cfg` with `{"section.field": value}` overrides applied (values coerced and checked; strings
+    parsed as numbers or booleans only `from_text`, i.e. from a command line)."""
     sections: dict[str, dict[str, Any]] = {}
     for key, value in overrides.items():
         section, _, name = key.partition(".")
@@ -252,7 +256,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
         known = section_fields(section)
         if name not in known:
             raise ConfigError(f"unknown config key {key!r}; {section} keys are {', '.join(known)}")
-        sections.setdefault(section, {})[name] = coerce(key, value, _field_type(section, name))
+        sections.setdefault(section, {})[name] = coerce(key, value, _field_type(section, name), from_text)
     return replace(cfg, **{s: replace(getattr(cfg, s), **kv) for s, kv in sections.items()})
 
 
@@ -276,9 +280,14 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then the TOML file, then command-line overrides; validated."""
-    flat = load_toml(path) if path else {}
-    flat.update(overrides or {})
-    return apply_overrides(Config(), flat).validate()
+    cfg = Config()
+    if path:
+        values = load_toml(path)  # its errors name the file already
+        try:
+            cfg = apply_overrides(cfg, values, from_text=False)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    return apply_overrides(cfg, overrides or {}).validate()
 
 
 def to_toml(cfg: Config) -> str:
