@@ -46,7 +46,8 @@ def stdlib_files() -> list[Path]:
 def user_files(path: Path) -> list[Path]:
     """A user's text file, or the text files under a folder, in a stable order."""
     if not path.exists():
-        raise DataError(f"--data {path}: no such file or folder; pass a text file or a folder of text files")
+        raise DataError(f"data {path} (train.data, --data): no such file or folder; pass a text file or a folder of "
+                        "text files (a trained run reads the path its config.toml names: restore it there)")
     if path.is_file():
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)

@@ -60,7 +60,7 @@ def test_plan_errors_print_one_line_and_return_2(tmp_path, capsys):
         out = tmp_path / "p.json"
         assert run_plan(parse(["plan", *argv, "--out", str(out)])) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+        assert len(err) == 1 and err[0].startswith("moestack plan: error: ") and needle in err[0], err
         assert not out.exists()
     assert RoutingTrace.load(good).num_experts == 8
 

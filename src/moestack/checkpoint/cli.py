@@ -85,7 +85,9 @@ def _verify(root: Path) -> int:
     intact = not verifier.problems(newest) and _experts_ok(newest, committed, verifier)
     latest = read_latest(root)
     if (root / "latest").exists() and (latest is None or not (root / latest).is_dir()):
-        print(f"  BAD: {root / 'latest'} points to {latest!r}, which is not a checkpoint here")
+        text = (root / "latest").read_text(errors="replace").strip()[:80]
+        print(f"  BAD: {root / 'latest'} holds {text!r}, which names no checkpoint here (loading ignores it and "
+              "takes the newest committed checkpoint)")
     print(f"newest checkpoint {newest.name}: {'intact' if intact else 'NOT intact'}")
     return 0 if intact else 1
 

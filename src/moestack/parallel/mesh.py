@@ -64,7 +64,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but no CUDA device is available; use --device cpu")
+        raise ConfigError(f"device {name!r} (--device, train.device) but no CUDA device is available; use --device cpu")
     if name == "cuda":
         return torch.device(f"cuda:{local_rank}")
     if name.startswith("cuda:"):

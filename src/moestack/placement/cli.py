@@ -54,7 +54,7 @@ def run_plan(args: argparse.Namespace) -> int:
                                   max_imbalance=args.max_imbalance)
         placement.save(args.out)
     except (TraceError, PlacementError, PlanArgumentError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"moestack plan: error: {err}", file=sys.stderr)
         return 2
     rows = [(args.method, report, evaluate(placement, trace, args.comm_weight))]
     for method in METHODS[1:]:  # the baselines

@@ -211,4 +211,5 @@ def _check_model(name: str, L: int, E: int, G: int, want_L, want_E, want_G) -> N
     if want_E is not None and E != want_E:
         raise PlacementError(f"{name}: field 'expert_to_gpu' has {E} experts per layer but the model has {want_E}")
     if want_G is not None and G != want_G:
-        raise PlacementError(f"{name}: field 'num_gpus' is {G} but the run has {want_G} expert-parallel ranks")
+        hint = f"; start it under torchrun --nproc_per_node {G}" if want_G == 1 else ""
+        raise PlacementError(f"{name}: field 'num_gpus' is {G} but the run has {want_G} expert-parallel ranks{hint}")
