@@ -264,3 +264,11 @@ def test_eval_defaults_to_the_validation_training_logged(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse refuses it before anything loads
         main(["generate", "--run-dir", str(run), "--temperature", "-1"])
     assert "must be a finite number >= 0, got -1" in capsys.readouterr().err
+
+
+def test_a_mistyped_flag_gets_the_commands_usage_and_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--stepz", "10"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: moestack train" in err and "unrecognized arguments: --stepz 10 (did you mean --steps?)" in err

@@ -130,9 +130,23 @@ def setup_logging() -> None:
     log.propagate = False
 
 
+def _unknown_flags(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> None:
+    import difflib
+
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = subs.choices[command]
+    flags = [f for action in sub._actions for f in action.option_strings]
+    first = next((e.split("=")[0] for e in extra if e.startswith("--")), None)
+    close = difflib.get_close_matches(first, flags, n=1) if first else []
+    sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the command's own parser, with its usage and the closest flag
+        _unknown_flags(parser, args.command, extra)
     from moestack.checkpoint import CheckpointError
     from moestack.data import DataError
     from moestack.placement.placement import PlacementError
