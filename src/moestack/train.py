@@ -235,7 +235,7 @@ class Trainer:
     def run(self) -> dict:
         """Train to `train.steps`. In one process, Ctrl-C stops after the current step with a full checkpoint
         (a second Ctrl-C aborts at once); summary["interrupted"] says so."""
-        with logging_redirect_tqdm(), _stop_on_interrupt(enabled=not self.ctx.distributed) as stop:
+        with logging_redirect_tqdm(loggers=[log]), _stop_on_interrupt(enabled=not self.ctx.distributed) as stop:
             summary = self._run(stop)
         return summary
 
