@@ -154,10 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, PlacementError, TraceError, CheckpointError) as err:
-        print(f"moestack {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a path that cannot be created or written (a file where a folder goes, no space...)
+    # OSError: a path that cannot be created or written (a file where a folder goes, a full disk...)
+    except (ConfigError, DataError, PlacementError, TraceError, CheckpointError, OSError) as err:
         print(f"moestack {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from moestack.checkpoint import CheckpointError, CheckpointManager
 from moestack.config import Config, ConfigError, load_config
@@ -127,8 +128,6 @@ def evaluate(model, cfg: Config, ctx: ParallelContext, batches: int | None = Non
     batches = batches or cfg.train.eval_batches
     corpus = Corpus.load(cfg.train.data, cfg.model.seq_len, cfg.train.data_max_mb)
     rows = ctx.batch_rows(cfg.train.batch_size)
-    from tqdm import tqdm
-
     total = torch.zeros((), device=ctx.device)
     for i in tqdm(range(batches), desc="eval", unit="batch", leave=False, disable=not ctx.is_main):
         x, y = corpus.batch("val", i, cfg.train.batch_size, cfg.train.seed, rows)
@@ -144,14 +143,11 @@ def evaluate(model, cfg: Config, ctx: ParallelContext, batches: int | None = Non
 @torch.no_grad()
 def record_trace(run_dir, tokens: int, out: str, device: str = "auto", batch_size: int = 8):
     """Run the trained model on held-out tokens and save a routing trace (.npz) for `moestack plan`."""
-    from tqdm import tqdm
-
-    from moestack.placement.trace import TraceError, TraceRecorder
+    from moestack.placement.trace import TraceRecorder, check_trace_path
 
     if world_from_env()[1] > 1:
         raise ConfigError("moestack trace runs in one process; start it without torchrun")
-    if Path(out).is_dir():  # before the recording, not after it
-        raise TraceError(f"--out {out} is a folder; pass a file name for the trace, e.g. {Path(out) / 'trace.npz'}")
+    check_trace_path(out)  # before the recording, not after it
     model, cfg, ctx = load_model(run_dir, device)
     layers = model.moe_layers()
     recorder = TraceRecorder(len(layers), cfg.moe.num_experts, layers[0].router.top_k)

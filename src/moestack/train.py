@@ -72,7 +72,7 @@ class Trainer:
         self.forward = ep_parallel.parallelize(self.model, ctx, cfg.parallel.placement)
         if cfg.train.compile:
             # decide the expert GEMM path eagerly: a failing probe cannot be caught inside a traced graph
-            dtype = torch.bfloat16 if autocast_dtype(cfg, ctx.device) else torch.float32
+            dtype = autocast_dtype(cfg, ctx.device) or torch.float32
             for experts in self.model.modules():
                 if isinstance(experts, GroupedExperts):
                     experts.use_grouped_mm(torch.empty(0, experts.d_model, device=ctx.device, dtype=dtype))
@@ -96,7 +96,7 @@ class Trainer:
             raise ConfigError(f"{self.run_dir} already holds a run (config.toml); pass --resume to continue it, "
                               "or choose another --run-dir (a run's config.toml used as --config carries its run_dir)")
         self._barrier()
-        self._saved_config = path.read_text() if self.resuming and path.is_file() else None
+        self._saved_config = path.read_text() if ctx.is_main and self.resuming and path.is_file() else None
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(to_toml(self.cfg))

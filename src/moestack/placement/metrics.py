@@ -129,7 +129,7 @@ class PlacementMetrics:
     compute_ms: float
     comm_ms: float
     objective: float
-    ep_ms: float = 0.0  # `home_flow_time_s`: the same cost model under moestack's EP data flow
+    ep_ms: float  # `home_flow_time_s`: the same cost model under moestack's EP data flow
 
     @property
     def step_ms(self) -> float:

@@ -88,9 +88,7 @@ class RoutingTrace:
     def save(self, path: str | os.PathLike) -> None:
         """Validate and write the ``.npz`` atomically."""
         self.validate(str(path))
-        target = Path(path)
-        if target.is_dir():
-            raise TraceError(f"{target} is a folder; pass a file name for the trace, e.g. {target / 'trace.npz'}")
+        target = check_trace_path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".npz", dir=target.parent)
         try:
@@ -101,6 +99,14 @@ class RoutingTrace:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def check_trace_path(path: str | os.PathLike) -> Path:
+    """`path` as a Path if a trace can be written there (not a folder), else a TraceError."""
+    target = Path(path)
+    if target.is_dir():
+        raise TraceError(f"{target} is a folder; pass a file name for the trace, e.g. {target / 'trace.npz'}")
+    return target
 
 
 def _check_arrays(counts: np.ndarray, transitions: np.ndarray, name: str) -> None:
