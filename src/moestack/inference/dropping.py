@@ -204,6 +204,13 @@ class DualSparseDispatcher(nn.Module):
         """Sub-expert computations skipped since the last reset (reading it syncs with the device)."""
         return int(self._asked) - int(self._ran)
 
+    def fused_parts(self, routing: Routing):
+        """For `MoELayer.fused`: (P, parts each choice runs [T, k]), counted like a dispatch."""
+        j = self.parts_to_run(routing)
+        self.record(j.flatten())
+        self.last_counts = None  # the fused path does not sort rows by (parts, expert)
+        return self.parts, (None if self.drop_rate <= 0 else j)
+
     def dispatch(self, x: torch.Tensor, routing: Routing):
         """Rows in padded segments for `PartExperts`: [P, T*k, D], segment j - 1 holding the choices that
         run j parts, grouped by expert, then padding (a done handle). Choices with nothing to run get no row.

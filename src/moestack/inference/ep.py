@@ -30,6 +30,8 @@ from moestack.placement.placement import Placement
 class EPDualSparseDispatcher(DualSparseDispatcher):
     """DualSparse dropping over an `EPDispatcher` (`inner`, over the E experts)."""
 
+    fused_parts = None  # rows cross ranks: the single-process fused kernels do not apply
+
     def __init__(self, num_experts: int, parts: int, inner: EPDispatcher):
         super().__init__(num_experts, parts)
         self.inner = inner

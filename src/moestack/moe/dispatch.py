@@ -173,6 +173,11 @@ class LocalDispatcher:
         x_sorted = expand_rows(x, order, inverse, sent, k)  # [N, D]
         return Done(Dispatched(x_sorted, counts, order, T * k, weights, dropped, inverse=inverse, sent=sent))
 
+    def fused_parts(self, routing: Routing):
+        """For `MoELayer.fused`: (parts per expert, parts each choice runs or None for all); None when this
+        dispatcher's semantics (a capacity factor) need the sorted path."""
+        return None if self.capacity_factor > 0 else (1, None)
+
     def combine(self, y: torch.Tensor, d: Dispatched) -> Done:
         # y: [N, D] expert outputs in dispatch order
         if d.sent is None and fused_inference(y, d.weights):  # inference, dropless: one kernel reads each row once

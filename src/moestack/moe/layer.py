@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from moestack.moe.dispatch import LocalDispatcher
-from moestack.moe.experts import GroupedExperts, SwiGLU
+from moestack.moe.experts import GroupedExperts, SwiGLU, fused_inference
 from moestack.moe.router import Router, Routing
 
 
@@ -43,6 +43,10 @@ class MoELayer(nn.Module):
         # Under autocast, cast the rows to the autocast dtype before dispatch (see `dispatch`); models/hf.py
         # turns it off: Hugging Face's experts compute in their weights' dtype, autocast or not
         self.rows_in_autocast_dtype = True
+        # Small-batch path (moe/fused.py): forwards without gradients of at most this many token-choices run
+        # the fused Triton kernels where Triton runs and the dispatcher allows it; 0 = off (the serving
+        # engine turns it on for decode-sized batches)
+        self.fused_rows = 0
 
     def route(self, x: torch.Tensor) -> Routing:
         """Route [T, D] tokens and record the statistics."""
@@ -77,12 +81,37 @@ class MoELayer(nn.Module):
         y = self.experts(d.x, d.counts)
         return self.dispatcher.combine(y, d)
 
+    def fused(self, x: torch.Tensor, routing: Routing) -> torch.Tensor | None:
+        """The routed experts' output [T, D] through the fused small-batch kernels, or None where they do not
+        apply (off, too many rows, gradients wanted, no Triton, or a dispatcher without `fused_parts`)."""
+        rows = routing.expert_ids.numel()
+        plan = getattr(self.dispatcher, "fused_parts", None)
+        if not (self.fused_rows and rows <= self.fused_rows and plan is not None and fused_inference(x, routing.weights)):
+            return None
+        parts = plan(routing)
+        if parts is None:
+            return None
+        from moestack.moe.fused import fused_experts
+
+        P, parts_run = parts
+        kind = x.device.type
+        if self.rows_in_autocast_dtype and torch.is_autocast_enabled(kind):
+            x = x.to(torch.get_autocast_dtype(kind))
+        return fused_experts(x, routing.expert_ids, routing.weights, self.experts.w13, self.experts.w2, P, parts_run)
+
+    def routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The routed experts' weighted output for flat tokens x [T, D] (no shared experts): [T, D]."""
+        y = self.fused(x, routing)
+        if y is None:
+            y = self.compute(self.dispatch(x, routing)).wait()
+        return y
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [..., D] -> (y [..., D], aux loss scalar)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, D]
         routing = self.route(flat)
-        y = self.compute(self.dispatch(flat, routing)).wait()
+        y = self.routed(flat, routing)
         if self.shared is not None:
             y = y + self.shared(flat)
         return y.view(shape), routing.aux_loss + routing.z_loss

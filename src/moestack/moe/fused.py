@@ -1,0 +1,92 @@
+"""The small-batch expert path: gather, grouped expert GEMMs and weighted combine in two fused kernels.
+
+Decode steps route few tokens over many experts; the sort + permute + grouped GEMM + unpermute path spends
+more on its index kernels than on the weights it reads. `fused_experts` aligns the token-choices (or, for
+DualSparse, the kept (choice, part) entries) into BLOCK_M-row blocks per (sub-)expert with device ops only,
+then runs `fused_triton.moe_gemm` twice (gate/up, then down times the routing weight) around the SwiGLU
+activation and sums each token's entries. It reads each routed (sub-)expert's weights once per block of
+rows and never syncs with the host, so decode CUDA graphs capture it. `MoELayer.fused_rows` turns it on
+(the serving engine sets it); the dispatcher seam says which parts run (`fused_parts`).
+Notation: T = tokens, k = choices per token, P = parts per expert, R = T * k * P entries, S = E * P.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moestack.moe.experts import swiglu
+from moestack.moe.router import count_ids
+
+BLOCK_M = 16
+
+
+@dataclass
+class AlignPlan:
+    """Entries sorted by (sub-)expert in blocks of block_m rows, padded with the sentinel num_valid."""
+
+    sorted_ids: torch.Tensor  # [num_blocks * block_m] int32 entry ids
+    block_sub: torch.Tensor  # [num_blocks] int32 (sub-)expert of each block
+    total: torch.Tensor  # [1] int32 padded rows in use (blocks at or past it do nothing)
+    num_valid: int  # R: entry ids are 0..R-1
+    num_blocks: int
+    parts: int
+    block_m: int
+
+
+def align(sub_ids: torch.Tensor, num_subs: int, parts: int, block_m: int = BLOCK_M) -> AlignPlan:
+    """Plan for entries whose (sub-)expert is sub_ids [R] (num_subs for an entry not to run). No host sync."""
+    R, S, dev = sub_ids.numel(), num_subs, sub_ids.device
+    counts = count_ids(sub_ids, S + 1)[:S]  # [S]
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(sub_ids, stable=True)  # entries not to run sort last
+    s = sub_ids[order]
+    runs = s < S
+    s = s.clamp(max=S - 1)
+    cap = -(-(R + min(S, R) * (block_m - 1)) // block_m) * block_m  # the most padded rows any routing needs
+    dest = torch.where(runs, torch.arange(R, device=dev) - start[s] + pad_end[s] - padded[s], cap)
+    sorted_ids = torch.full((cap + 1,), R, dtype=torch.int32, device=dev).scatter_(0, dest, order.to(torch.int32))
+    num_blocks = cap // block_m
+    first_rows = torch.arange(num_blocks, device=dev) * block_m
+    block_sub = torch.searchsorted(pad_end, first_rows, right=True).clamp(max=S - 1).to(torch.int32)
+    return AlignPlan(sorted_ids[:cap], block_sub, pad_end[-1:].to(torch.int32), R, num_blocks, parts, block_m)
+
+
+def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                  w2: torch.Tensor, parts: int = 1, parts_run: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over the first parts_run[t, k] parts: [T, D].
+
+    x [T, D]; expert_ids, weights [T, k]; w13 [E, D, 2F] (per part (gate, up) columns when parts > 1, the
+    `partition.to_parts` layout) and w2 [E, F, D]; parts_run [T, k] in 0..P or None for all parts.
+    """
+    from moestack.moe.fused_triton import moe_gemm
+
+    T, k = expert_ids.shape
+    E, D, two_f = w13.shape
+    f = two_f // 2 // parts
+    S = E * parts
+    flat = expert_ids.flatten()
+    if parts == 1 and parts_run is None:
+        sub = flat
+    else:
+        p = torch.arange(parts, device=x.device)
+        sub = flat.unsqueeze(1) * parts + p  # [T*k, P]
+        if parts_run is not None:
+            sub = torch.where(p < parts_run.reshape(-1, 1), sub, torch.full_like(sub, S))
+        sub = sub.flatten()
+    plan = align(sub, S, parts)
+    R = sub.numel()
+    x = x.contiguous()
+    w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
+    h = x.new_empty(R, 2 * f)
+    moe_gemm(x, w13, h, plan, n=2 * f, k=D, a_div=k * parts, stride_bp=2 * f * w13.stride(2),
+             stride_bk=w13.stride(1), stride_bn=w13.stride(2))
+    act = swiglu(h)  # [R, f]; rows of entries that do not run hold garbage and are never read
+    dropping = parts_run is not None
+    out = (x.new_zeros if dropping else x.new_empty)(R, D)
+    moe_gemm(act, w2, out, plan, n=D, k=f, a_div=1, stride_bp=f * w2.stride(1), stride_bk=w2.stride(1),
+             stride_bn=w2.stride(2), weights=weights.reshape(-1).float().contiguous(), w_div=parts)
+    return out.view(T, k * parts, D).sum(dim=1)

@@ -1,0 +1,67 @@
+"""The fused MoE GEMM: token gather in the prologue, routing weight in the epilogue (Triton, inference).
+
+One kernel runs every expert's GEMM over blocks of BLOCK_M expert-sorted rows, the shape of vLLM's and
+SGLang's fused_moe: row r of a block is an *entry* id, each block belongs to one (sub-)expert, and the A
+rows are read straight from the token matrix (`entry // a_div`), so no permuted copy of the tokens exists.
+The output row of an entry is written at the entry's own index (choice order), optionally times its
+routing weight, so the combine is a sum over each token's entries. A (sub-)expert is any slice of the
+stacked weights: `sub // parts * stride_be + sub % parts * stride_bp` (DualSparse's parts of an expert).
+Padding rows carry the sentinel `num_valid`; blocks past the device-side padded total return at once, so
+the grid is a static upper bound and nothing syncs with the host (CUDA-graph safe).
+Notation: R = entries, S = (sub-)experts, K = reduction size, N = output width.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_sub_ptr, total_ptr,
+              N, K, num_valid, stride_am, stride_be, stride_bp, stride_bk, stride_bn, stride_cm,
+              A_DIV: tl.constexpr, W_DIV: tl.constexpr, PARTS: tl.constexpr, MUL_W: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    total = tl.load(total_ptr)
+    if pid_m * BLOCK_M < total:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        entry = tl.load(sorted_ptr + rows).to(tl.int64)  # [BLOCK_M]; num_valid marks padding
+        valid = entry < num_valid
+        sub = tl.load(block_sub_ptr + pid_m).to(tl.int64)
+        b_base = b_ptr + (sub // PARTS) * stride_be + (sub % PARTS) * stride_bp
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ncheck = cols < N
+        a_rows = a_ptr + (entry // A_DIV) * stride_am
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kcheck = ks < K
+            a = tl.load(a_rows[:, None] + ks[None, :], mask=valid[:, None] & kcheck[None, :], other=0.0)
+            b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                        mask=kcheck[:, None] & ncheck[None, :], other=0.0)
+            acc += tl.dot(a, b)
+        if MUL_W:
+            w = tl.load(w_ptr + entry // W_DIV, mask=valid, other=0.0).to(tl.float32)
+            acc = acc * w[:, None]
+        tl.store(c_ptr + entry[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=valid[:, None] & ncheck[None, :])
+
+
+def _blocks(n: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) for a GEMM of output width n: large tiles on a GPU, small ones in the interpreter."""
+    return (64, 64) if n >= 64 else (16, 16)
+
+
+def moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plan, *, n: int, k: int, a_div: int,
+             stride_bp: int, stride_bk: int, stride_bn: int, weights: torch.Tensor | None = None, w_div: int = 1) -> None:
+    """out[entry] = a[entry // a_div] @ B_sub(entry) (times weights[entry // w_div]) for every valid entry."""
+    block_n, block_k = _blocks(n)
+    grid = (plan.num_blocks, triton.cdiv(n, block_n))
+    w = weights if weights is not None else out
+    _moe_gemm[grid](a, b, out, w, plan.sorted_ids, plan.block_sub, plan.total, n, k, plan.num_valid,
+                    a.stride(0), b.stride(0), stride_bp, stride_bk, stride_bn, out.stride(0),
+                    A_DIV=a_div, W_DIV=w_div, PARTS=plan.parts, MUL_W=weights is not None,
+                    BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k)

@@ -1,0 +1,76 @@
+"""Attention over the paged KV cache: write the new keys/values into their slots, then attend.
+
+Two paths read the same cache:
+- `attend_ref` (any batch: prefill chunks, decodes, prefix-cached prompts; CPU and GPU): gathers each
+  sequence's keys and values from its blocks into a padded [B, L, Hkv, hd] tensor and runs
+  `F.scaled_dot_product_attention` with a causal-by-position mask. The readable reference.
+- `attend_decode` (one new token per sequence; CUDA graphs): `attention_triton.paged_decode` reads the
+  blocks in place through the block table, never materialising a copy; lengths come from the device.
+The cache of one layer is k, v: [num_blocks + 1, block_size, Hkv, hd]; the last block is a scratch block
+that padding rows of a captured batch write into and read from.
+Notation: T = new tokens in the step, B = sequences, H / Hkv = query / key-value heads, hd = head size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttnMeta:
+    """Where a step's new tokens go in the cache and what each attends to."""
+
+    slots: torch.Tensor  # [T] int64 cache slot (block * block_size + offset) of each new token
+    # reference path
+    q_seq: torch.Tensor | None = None  # [T] sequence of each new token
+    q_row: torch.Tensor | None = None  # [T] its row among its sequence's new tokens
+    key_slots: torch.Tensor | None = None  # [B, L] cache slot of each key position (padding: slot 0)
+    mask: torch.Tensor | None = None  # [B, 1, Q, L] bool: query row may attend to key position
+    # decode path
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
+    context_lens: torch.Tensor | None = None  # [B] int32 keys per sequence, the new one included
+    valid: torch.Tensor | None = None  # [T] 1 for real tokens, 0 for padding rows of a captured batch
+
+    @property
+    def decode(self) -> bool:
+        return self.block_tables is not None
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
+    """Store the new keys/values k, v [T, Hkv, hd] at their cache slots."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def attend_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    """q [T, H, hd] -> [T, H, hd]: SDPA over each sequence's cached keys, masked by position."""
+    B, Q = meta.mask.shape[0], meta.mask.shape[2]
+    T, H, hd = q.shape
+    q_pad = q.new_zeros(B, Q, H, hd)
+    q_pad[meta.q_seq, meta.q_row] = q
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])  # [slots, Hkv, hd]
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    k = flat_k[meta.key_slots].to(q.dtype)  # [B, L, Hkv, hd]
+    v = flat_v[meta.key_slots].to(q.dtype)
+    out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=meta.mask, enable_gqa=k.shape[2] != H)  # [B, H, Q, hd]
+    return out.transpose(1, 2)[meta.q_seq, meta.q_row]
+
+
+def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    """q [B, H, hd] (one new token per sequence) -> [B, H, hd] through the Triton paged kernel."""
+    from moestack.serve.attention_triton import paged_decode
+
+    return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens)
+
+
+def attend_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int) -> torch.Tensor:
+    """No cache (calibration, whole sequences): q [B*S, H, hd], k/v [B*S, Hkv, hd] -> causal SDPA [B*S, H, hd]."""
+    T, H, hd = q.shape
+    S = T // batch
+    qb, kb, vb = (t.view(batch, S, t.shape[1], hd).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=kb.shape[1] != H)
+    return out.transpose(1, 2).reshape(T, H, hd)

@@ -1,0 +1,69 @@
+"""Paged decode attention as one Triton kernel: each program is one (sequence, KV head) pair.
+
+The program loads its G = H / Hkv query heads once, walks the sequence's keys BLOCK_N positions at a time
+through the block table (any block size: each position looks up its own block), and keeps an online
+softmax (running max and sum) in fp32, as FlashAttention does; the key count comes from the device, so a
+CUDA graph captured once serves every context length. Eager reference: `attention.attend_ref`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_decode(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, scale,
+                  stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ob, stride_oh,
+                  G: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
+    n_keys = tl.load(lens_ptr + b)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    gm = g < G
+    dm = d < HD
+    heads = kvh * G + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gm[:, None] & dm[None, :],
+                other=0.0)  # [BLOCK_G, BLOCK_D]
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for start in range(0, n_keys, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        pm = pos < n_keys
+        page = tl.load(bt_ptr + b * stride_bt + pos // PAGE, mask=pm, other=0).to(tl.int64)
+        rows = page * stride_kb + (pos % PAGE) * stride_ks + kvh * stride_kh  # [BLOCK_N]
+        k = tl.load(k_ptr + rows[:, None] + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [BLOCK_G, BLOCK_N]
+        s = tl.where(pm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + rows[:, None] + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=gm[:, None] & dm[None, :])
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor) -> torch.Tensor:
+    """q [B, H, hd]; k/v cache [blocks, page, Hkv, hd]; block_tables [B, max_blocks]; context_lens [B] -> [B, H, hd]."""
+    B, H, hd = q.shape
+    _, page, Hkv, _ = k_cache.shape
+    if k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("paged_decode needs contiguous head rows and one layout for keys and values")
+    q = q.contiguous().to(k_cache.dtype)
+    out = torch.empty_like(q)
+    G = H // Hkv
+    _paged_decode[(B, Hkv)](q, k_cache, v_cache, block_tables, context_lens, out, hd ** -0.5,
+                            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                            block_tables.stride(0), out.stride(0), out.stride(1),
+                            G=G, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)),
+                            BLOCK_D=max(16, triton.next_power_of_2(hd)), BLOCK_N=max(16, min(64, page)), PAGE=page)
+    return out

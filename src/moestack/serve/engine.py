@@ -1,0 +1,309 @@
+"""The engine: requests in, tokens out. `LLM` is the offline API; `add_request` / `step` / `abort` drive it
+online (serve/server.py runs `step` in a loop for HTTP clients).
+
+    llm = LLM("runs/2026-12-02_10-00-00")            # a moestack run, or a Hugging Face checkpoint folder
+    out = llm.generate(["def ", "class "], SamplingParams(max_tokens=32, temperature=0))
+    print(out[0].text)
+
+Each step: the scheduler picks the batch (continuous batching, chunked prefill, preemption), the runner
+runs it over the paged KV cache and samples, and the engine appends tokens, detokenizes, checks stop
+conditions and frees finished requests' blocks. `expert_loads()` gives the last step's tokens per expert
+per MoE layer (what load-aware methods read).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from moestack.serve import loader
+from moestack.serve.kv_cache import BlockManager
+from moestack.serve.params import Completion, RequestOutput, SamplingParams
+from moestack.serve.runner import ModelRunner
+from moestack.serve.scheduler import Scheduler
+from moestack.serve.sequence import Sequence, Status
+
+log = logging.getLogger("moestack")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started (the HTTP server's /metrics reads them)."""
+
+    steps: int = 0
+    decode_steps: int = 0
+    graph_steps: int = 0
+    prompt_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    generated_tokens: int = 0
+    finished: int = 0
+    last_batch: int = 0  # sequences in the last step
+    max_batch: int = 0
+
+
+class LLM:
+    """Serve one model: `generate` offline, or `add_request` + `step` from a serving loop."""
+
+    def __init__(self, model, *, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, block_size: int = 16, num_blocks: int | None = None,
+                 gpu_memory_utilization: float = 0.85, prefix_caching: bool = True, cuda_graphs: bool = True,
+                 max_model_len: int | None = None, drop_rate: float | None = None, parts: int = 2,
+                 calib_batches: int = 8, fused_rows: int = 1024, tokenizer=None):
+        dev = _device(device)
+        served = model if isinstance(model, loader.Served) else loader.load(model, dev, _dtype(dtype, dev))
+        if tokenizer is not None:
+            served.tokenizer = tokenizer
+        self.served, self.model, self.tokenizer = served, served.model, served.tokenizer
+        spec = self.model.spec
+        self.max_model_len = min(max_model_len or spec.max_len, spec.max_len)
+        if drop_rate is not None:
+            self._sparsify(drop_rate, parts, calib_batches)
+        if num_blocks is None:
+            num_blocks = self._num_blocks(gpu_memory_utilization, block_size, max_num_seqs)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
+        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                                  max_model_len=self.max_model_len, cuda_graphs=cuda_graphs, fused_rows=fused_rows)
+        self.eos = set(spec.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        self.requests: dict[str, Sequence] = {}
+        self.generators: dict[str, torch.Generator] = {}
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        log.info("engine: %s (%s) on %s, %d KV blocks of %d tokens, max_model_len %d", served.name, served.kind,
+                 self.runner.device, num_blocks, block_size, self.max_model_len)
+
+    # -- set-up -------------------------------------------------------------------------------------------
+    def _sparsify(self, drop_rate: float, parts: int, batches: int) -> None:
+        from moestack.inference.dualsparse import sparsify
+
+        seq = min(self.max_model_len, 256)
+        sparsify(self.model, self.served.calib_tokens(batches, seq), drop_rate, parts)
+        log.info("DualSparse: %d parts per expert, drop rate %.2f", parts, drop_rate)
+
+    def _num_blocks(self, utilization: float, block_size: int, max_num_seqs: int) -> int:
+        per_block = ModelRunner.kv_bytes_per_block(self.model, block_size)
+        if self.model.embed.weight.device.type == "cuda":
+            torch.cuda.synchronize()
+            free, total = torch.cuda.mem_get_info()
+            used = total - free
+            budget = utilization * total - used - 2 * (1 << 30)  # 2 GiB left for activations and graphs
+            if budget < per_block:
+                raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free); lower the model "
+                                 "size or raise gpu_memory_utilization")
+            return int(budget // per_block)
+        # CPU: room for every sequence at full length, capped at 1 GiB
+        want = max_num_seqs * -(-self.max_model_len // block_size)
+        return max(1, min(want, (1 << 30) // per_block))
+
+    # -- requests -----------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt) -> tuple[list[int], str | None]:
+        """(token ids, text or None) of a prompt given as a string or a list of token ids."""
+        if isinstance(prompt, str):
+            ids, text = self.tokenizer.encode(prompt), prompt
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids, text = list(prompt), None
+        else:
+            raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        return ids, text
+
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        """ValueError unless the engine can run this prompt."""
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        V = self.model.spec.vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {V})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
+                             f"(max_model_len), which leaves no room to generate: shorten the prompt")
+        need = -(-(len(ids) + 1) // self.blocks.block_size)
+        if need > self.blocks.num_blocks:
+            raise ValueError(f"the prompt needs {need} KV blocks and the cache has {self.blocks.num_blocks}; give the "
+                             "engine more KV memory (num_blocks, gpu_memory_utilization) or shorten the prompt")
+
+    def add_request(self, prompt, params: SamplingParams | dict | None = None, request_id: str | None = None) -> str:
+        """Queue a prompt (string or token ids); returns its request id. Bad input: ValueError, nothing queued."""
+        params = _params(params)
+        ids, text = self.encode_prompt(prompt)
+        self.check_prompt(ids, params)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        seq = Sequence(rid, ids, params, text, arrival=self.stats.steps)
+        self.requests[rid] = seq
+        if params.seed is not None:
+            g = torch.Generator(device=self.runner.device)
+            g.manual_seed(params.seed)
+            self.generators[rid] = g
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks; False if it is not known (already finished)."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        seq.finish_reason = "abort"
+        self.scheduler.finish(seq)
+        self.generators.pop(request_id, None)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- stepping -----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one step; what each request in it produced (requests still prefilling produce nothing)."""
+        batch, stuck = self.scheduler.schedule()
+        outputs = [self._finish(seq, "length") for seq in stuck]
+        if not batch:
+            return outputs
+        sample_for = [seq for seq, n in batch if seq.num_computed + n == len(seq)]
+        gens = [self.generators.get(seq.request_id) for seq in sample_for]
+        tokens = self.runner.run(batch, sample_for, gens)
+        st = self.stats
+        st.steps += 1
+        st.last_batch = len(batch)
+        st.max_batch = max(st.max_batch, len(batch))
+        if all(n == 1 for _, n in batch):
+            st.decode_steps += 1
+            st.graph_steps += bool(self.runner.graphs)
+        for seq, n in batch:
+            if seq.num_computed < seq.num_prompt:
+                st.prompt_tokens += min(n, seq.num_prompt - seq.num_computed)
+            seq.num_computed += n
+            self.blocks.register_computed(seq)
+        for seq, token in zip(sample_for, tokens):
+            if seq.num_output == 0 and seq.num_preempted == 0:
+                st.cached_tokens += seq.num_cached
+            seq.append(token)
+            st.generated_tokens += 1
+            outputs.append(self._after_token(seq, token))
+        return outputs
+
+    def _after_token(self, seq: Sequence, token: int) -> RequestOutput:
+        p = seq.params
+        text = self.tokenizer.decode(seq.output_ids)
+        reason = None
+        if not p.ignore_eos and token in self.eos:
+            reason = "stop"
+        if p.stop:
+            hit = _first_stop(text, p.stop, max(0, len(seq.text) - max(map(len, p.stop))))
+            if hit is not None:
+                text, reason = text[:hit], "stop"
+        if reason is None and (seq.num_output >= p.max_tokens or len(seq) >= self.max_model_len):
+            reason = "length"
+        seq.text = text
+        if reason is not None:
+            return self._finish(seq, reason)
+        return self._delta(seq, finished=False)
+
+    def _delta(self, seq: Sequence, finished: bool) -> RequestOutput:
+        text = seq.text
+        if not finished:  # hold back a partial UTF-8 character and what could still become a stop string
+            hold = max((len(s) - 1 for s in seq.params.stop), default=0)
+            end = len(text) - hold
+            while end > seq.sent_text and text[end - 1] == "\ufffd":
+                end -= 1
+            end = max(end, seq.sent_text)
+        else:
+            end = len(text)
+        new_text, seq.sent_text = text[seq.sent_text:end], end
+        new_tokens, seq.sent_tokens = seq.output_ids[seq.sent_tokens:], seq.num_output
+        return RequestOutput(seq.request_id, new_tokens, new_text, finished, seq.finish_reason,
+                             self._completion(seq) if finished else None)
+
+    def _finish(self, seq: Sequence, reason: str) -> RequestOutput:
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)
+        self.requests.pop(seq.request_id, None)
+        self.generators.pop(seq.request_id, None)
+        self.stats.finished += 1
+        return self._delta(seq, finished=True)
+
+    def _completion(self, seq: Sequence) -> Completion:
+        return Completion(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt], seq.text, seq.output_ids,
+                          seq.finish_reason or "length", seq.num_cached)
+
+    # -- offline ------------------------------------------------------------------------------------------
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | dict | None = None,
+                 use_tqdm: bool = True) -> list[Completion]:
+        """Completions of `prompts` (strings or token-id lists), in their order. Every prompt is checked first:
+        a bad one is a ValueError naming it, before any work starts."""
+        if isinstance(prompts, (str, tuple)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams; give one, or one per prompt")
+        plist = [_params(p) for p in plist]
+        for i, (prompt, p) in enumerate(zip(prompts, plist)):
+            try:
+                self.check_prompt(self.encode_prompt(prompt)[0], p)
+            except ValueError as err:
+                raise ValueError(f"prompt {i}: {err}") from None
+        rids = [self.add_request(prompt, p) for prompt, p in zip(prompts, plist)]
+        done: dict[str, Completion] = {}
+        wanted = set(rids)
+        with tqdm(total=len(rids), desc="generate", unit="req", disable=not use_tqdm, leave=False) as bar:
+            while len(done) < len(rids):
+                for out in self.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out.completion
+                        bar.update(1)
+                if not self.has_unfinished() and len(done) < len(rids):
+                    raise RuntimeError("the engine stopped with requests unfinished")
+        return [done[r] for r in rids]
+
+    def expert_loads(self):
+        """Tokens routed to each expert in the last step, per MoE layer: a numpy array [L_moe, E] (or None)."""
+        loads = self.runner.last_loads
+        return None if loads is None else loads.cpu().numpy()
+
+    def check_blocks(self) -> None:
+        """Raise if a KV block leaked (see kv_cache.BlockManager.check)."""
+        self.blocks.check()
+
+
+def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _params(p) -> SamplingParams:
+    if p is None:
+        return SamplingParams()
+    if isinstance(p, dict):
+        return SamplingParams.from_dict(p)
+    if not isinstance(p, SamplingParams):
+        raise ValueError(f"sampling parameters must be a SamplingParams or a dict, got {type(p).__name__}")
+    return p
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device here; use --device cpu")
+    return device
+
+
+def _dtype(dtype: str, device: str) -> torch.dtype | None:
+    if dtype == "auto":
+        return None if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]

@@ -1,0 +1,220 @@
+"""The model the engine runs: a decoder of moestack modules over a paged KV cache.
+
+One class serves moestack runs (`top2`, `shared_top1`, `scmoe`) and the Hugging Face MoE families
+(serve/loader.py maps their weights in by name, as vLLM does): GQA attention with a fused qkv projection,
+optional qkv bias, per-head or whole-projection q/k RMSNorm, RoPE from precomputed tables, and FFNs that
+are moestack `MoELayer`s (so DualSparse, traces and load statistics work as on the training model) or
+dense SwiGLUs. Module names match `models.transformer.MoETransformer`, so a run's state_dict loads as is.
+Tokens are flat: a step is T new tokens of B sequences; `forward(idx)` runs whole sequences without a
+cache (calibration, tests).
+Notation: T = tokens, D = d_model, H / Hkv = query / key-value heads, hd = head size, E = experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from moestack.models.transformer import RMSNorm
+from moestack.moe.dispatch import Done
+from moestack.moe.experts import SwiGLU
+from moestack.moe.layer import MoELayer
+from moestack.serve.attention import AttnMeta, attend_decode, attend_dense, attend_ref, write_kv
+
+QK_NORMS = ("none", "head", "full")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of a servable model (what loader.py reads from a run's config or an HF config.json)."""
+
+    family: str  # moestack | mixtral | qwen2_moe | qwen3_moe | olmoe
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    max_len: int  # positions with RoPE tables (the longest sequence served)
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: str = "none"  # none | head (Qwen3: RMSNorm over each head) | full (OLMoE: over the whole projection)
+    clip_qkv: float | None = None
+    tie_embeddings: bool = False
+    scmoe: bool = False  # ScMoE blocks (moestack arch scmoe)
+    scmoe_position: str = "prev_attn"
+    eos_token_ids: tuple[int, ...] = field(default=())
+
+
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, hd] by per-token tables cos/sin [T, hd/2] (halves layout, as Llama/HF)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+class PagedAttention(nn.Module):
+    """GQA self-attention writing to and reading from one layer's paged KV cache."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        H, Hkv, hd, D = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
+        self.n_heads, self.n_kv_heads, self.head_dim = H, Hkv, hd
+        self.qkv = nn.Linear(D, (H + 2 * Hkv) * hd, bias=spec.qkv_bias)  # rows: q, then k, then v
+        self.out = nn.Linear(H * hd, D, bias=spec.out_bias)
+        self.qk_norm, self.clip = spec.qk_norm, spec.clip_qkv
+        if spec.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(hd, spec.norm_eps), RMSNorm(hd, spec.norm_eps)
+        elif spec.qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(H * hd, spec.norm_eps), RMSNorm(Hkv * hd, spec.norm_eps)
+
+    def forward(self, x, cos, sin, kv, meta) -> torch.Tensor:
+        # x: [T, D]; cos/sin: [T, hd/2]; kv: (k_cache, v_cache) or None (meta = the batch size, whole sequences)
+        T = x.shape[0]
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q, k, v = q.reshape(T, H, hd), k.reshape(T, Hkv, hd), v.reshape(T, Hkv, hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
+        if kv is None:
+            o = attend_dense(q, k, v, meta)
+        else:
+            write_kv(kv[0], kv[1], k, v, meta.slots)
+            o = attend_decode(q, *kv, meta) if meta.decode else attend_ref(q, *kv, meta)
+        return self.out(o.reshape(T, H * hd))
+
+
+def ffn_out(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A block's FFN on flat tokens [T, D]: an MoELayer (routed + shared experts) or a dense SwiGLU."""
+    if isinstance(ffn, MoELayer):
+        return ffn(x)[0]
+    return ffn(x)
+
+
+class ServeBlock(nn.Module):
+    """Pre-norm block: h + attn(norm1(h)), then + ffn(norm2(.))."""
+
+    def __init__(self, spec: ModelSpec, ffn: nn.Module):
+        super().__init__()
+        self.norm1, self.attn = RMSNorm(spec.d_model, spec.norm_eps), PagedAttention(spec)
+        self.norm2, self.ffn = RMSNorm(spec.d_model, spec.norm_eps), ffn
+
+    def forward(self, h, cos, sin, kv, meta):
+        h = h + self.attn(self.norm1(h), cos, sin, kv, meta)
+        return h + ffn_out(self.ffn, self.norm2(h))
+
+
+class ServeScMoEBlock(nn.Module):
+    """ScMoE block (models/transformer.py's ScMoEBlock over the paged cache): shared expert on this block's
+    state, top-1 MoE on the shortcut state; driven in phases by `ServeModel._scmoe`."""
+
+    def __init__(self, spec: ModelSpec, shared: SwiGLU, moe: MoELayer):
+        super().__init__()
+        d = spec.d_model
+        self.norm1, self.attn = RMSNorm(d, spec.norm_eps), PagedAttention(spec)
+        self.norm2, self.shared = RMSNorm(d, spec.norm_eps), shared
+        self.norm_moe, self.moe = RMSNorm(d, spec.norm_eps), moe
+
+    def start_moe(self, src: torch.Tensor):
+        """Route the shortcut state [T, D] and start its experts: a handle whose wait() gives [T, D]."""
+        flat = self.norm_moe(src)
+        routing = self.moe.route(flat)
+        fused = self.moe.fused(flat, routing)
+        if fused is not None:
+            return Done(fused)
+        return _Compute(self.moe, self.moe.dispatch(flat, routing))
+
+
+class _Compute:
+    """Run an MoE layer's experts on a dispatch handle when waited on, then wait for the combine."""
+
+    def __init__(self, moe: MoELayer, handle):
+        self.moe, self.handle, self.combined = moe, handle, None
+
+    def launch(self):
+        if self.combined is None:
+            self.combined = self.moe.compute(self.handle)
+        return self
+
+    def wait(self):
+        return self.launch().combined.wait()
+
+
+class ServeModel(nn.Module):
+    """Embedding, blocks, final norm and LM head over a paged KV cache; see the module docstring."""
+
+    def __init__(self, spec: ModelSpec, blocks: list[nn.Module], inv_freq: torch.Tensor, rope_scale: float = 1.0):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.d_model)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(spec.d_model, spec.norm_eps)
+        self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        if spec.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        angles = torch.outer(torch.arange(spec.max_len, dtype=torch.float32, device="cpu"), inv_freq.float().cpu())  # [S, hd/2]
+        self.register_buffer("rope_cos", angles.cos() * rope_scale, persistent=False)
+        self.register_buffer("rope_sin", angles.sin() * rope_scale, persistent=False)
+        self._moe_layers = [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def moe_layers(self) -> list[MoELayer]:
+        return list(self._moe_layers)
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, kv_caches, meta) -> torch.Tensor:
+        """Final hidden states [T, D] of a step's new tokens [T] at `positions` [T] (kv_caches per block, or
+        None with meta = batch size for whole causal sequences)."""
+        h = self.embed(tokens)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        caches = kv_caches if kv_caches is not None else [None] * len(self.blocks)
+        if self.spec.scmoe:
+            return self._scmoe(h, cos, sin, caches, meta)
+        for block, kv in zip(self.blocks, caches):
+            h = block(h, cos, sin, kv, meta)
+        return h
+
+    def _scmoe(self, h, cos, sin, caches, meta):
+        """The ScMoE schedule of models/transformer.py: each MoE starts as soon as its input exists."""
+        blocks, from_input = self.blocks, self.spec.scmoe_position == "block_input"
+        pending = None
+        for i, (blk, kv) in enumerate(zip(blocks, caches)):
+            if from_input:
+                pending = blk.start_moe(h)
+            a = h + blk.attn(blk.norm1(h), cos, sin, kv, meta)
+            if pending is None:
+                pending = blk.start_moe(a)
+            nxt = blocks[i + 1].start_moe(a) if not from_input and i + 1 < len(blocks) else None
+            if isinstance(pending, _Compute):
+                pending.launch()  # experts, then the combine is in flight ...
+            s = blk.shared(blk.norm2(a))  # ... while the shared expert computes
+            h = a + s + pending.wait()
+            pending = nxt
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[N, D] -> [N, V] in fp32."""
+        return self.lm_head(self.norm(h)).float()
+
+    def expert_loads(self, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Token-choices per expert in the last step, per MoE layer: [L_moe, E] int64 (padding rows excluded)."""
+        rows = []
+        for layer in self._moe_layers:
+            ids = layer.last_routing.expert_ids  # [T, k]
+            ones = torch.ones_like(ids) if valid is None else valid.to(ids.dtype).unsqueeze(1).expand_as(ids)
+            rows.append(torch.zeros(layer.num_experts, dtype=torch.int64, device=ids.device)
+                        .scatter_add_(0, ids.flatten(), ones.flatten()))
+        return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.int64)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Whole sequences without a cache: idx [B, S] -> logits [B, S, V] (calibration and tests)."""
+        B, S = idx.shape
+        positions = torch.arange(S, device=idx.device).repeat(B)
+        h = self.hidden(idx.reshape(-1), positions, None, B)
+        return self.logits(h).view(B, S, -1)

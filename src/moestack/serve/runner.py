@@ -1,0 +1,181 @@
+"""ModelRunner: owns the KV cache, turns a scheduled batch into model inputs, runs the step, samples.
+
+Steps that hold a prefill chunk run eagerly through the reference attention (`attention.attend_ref`).
+Steps of decodes only run, on CUDA, as CUDA graphs captured once per batch size of a ladder (1, 2, 4, 8,
+16, 24, 32, ...): the batch is padded to the next captured size, padding rows write to and read from the
+scratch block, and everything in the step (Triton paged attention, routing, the fused small-batch MoE
+kernels, LM head) replays without a host sync. The one sync per step is reading the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from moestack.moe.experts import triton_runs
+from moestack.serve.attention import AttnMeta
+from moestack.serve.model import ServeModel
+from moestack.serve.sampling import sample
+from moestack.serve.sequence import Sequence
+
+log = logging.getLogger("moestack")
+
+
+def graph_sizes(max_num_seqs: int) -> list[int]:
+    """The decode batch sizes captured as CUDA graphs: 1, 2, 4, 8, then every 8 up to max_num_seqs."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs] + list(range(8, max_num_seqs + 1, 8))
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sorted(set(sizes))
+
+
+class ModelRunner:
+    """Runs one engine step of a ServeModel over its paged KV cache."""
+
+    def __init__(self, model: ServeModel, *, num_blocks: int, block_size: int, max_num_seqs: int,
+                 max_model_len: int, cuda_graphs: bool, fused_rows: int):
+        self.model = model
+        self.device = model.embed.weight.device
+        self.dtype = model.embed.weight.dtype
+        spec = model.spec
+        self.block_size, self.num_blocks, self.max_model_len = block_size, num_blocks, max_model_len
+        self.max_blocks = -(-max_model_len // block_size)
+        self.scratch = num_blocks  # the extra block padding rows use
+        shape = (num_blocks + 1, block_size, spec.n_kv_heads, spec.head_dim)
+        self.kv = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                    torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in model.blocks]
+        for layer in model.moe_layers():
+            layer.fused_rows = fused_rows
+            layer.router.aux_loss_coef = layer.router.z_loss_coef = 0.0  # no training losses while serving
+        probe = torch.empty(0, device=self.device)
+        self.triton_decode = triton_runs(probe) and self.device.type == "cuda"
+        self.graphs: dict[int, tuple] = {}
+        self.last_loads: torch.Tensor | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.capture(max_num_seqs)
+
+    @staticmethod
+    def kv_bytes_per_block(model: ServeModel, block_size: int) -> int:
+        s = model.spec
+        return 2 * len(model.blocks) * block_size * s.n_kv_heads * s.head_dim * model.embed.weight.element_size()
+
+    # -- inputs -------------------------------------------------------------------------------------------
+    def _slots(self, seq: Sequence, start: int, n: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+
+    def prepare(self, batch: list[tuple[Sequence, int]]):
+        """(tokens [T], positions [T], AttnMeta, rows [N] of the tokens whose logits are sampled)."""
+        tokens, positions, slots, q_seq, q_row, last = [], [], [], [], [], []
+        ctx, qlen = [], []
+        for b, (seq, n) in enumerate(batch):
+            start = seq.num_computed
+            tokens += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            slots += self._slots(seq, start, n)
+            q_seq += [b] * n
+            q_row += range(n)
+            ctx.append(start + n)
+            qlen.append(n)
+            if start + n == len(seq):
+                last.append(len(tokens) - 1)
+        dev = self.device
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        B, Q, L = len(batch), max(qlen), max(ctx)
+        tables = torch.full((B, -(-L // self.block_size)), self.scratch, dtype=torch.long)
+        for b, (seq, _) in enumerate(batch):
+            tables[b, :len(seq.block_table)] = torch.tensor(seq.block_table[:tables.shape[1]])
+        tables = tables.to(dev)
+        if all(n == 1 for n in qlen) and self.triton_decode:
+            meta = AttnMeta(slots=as_t(slots), block_tables=tables.to(torch.int32),
+                            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev))
+            return as_t(tokens), as_t(positions), meta, as_t(last)
+        pos = torch.arange(L, device=dev)
+        key_slots = tables.gather(1, (pos // self.block_size).expand(B, L)) * self.block_size + pos % self.block_size
+        ctx_t, qlen_t = as_t(ctx), as_t(qlen)
+        rows = torch.arange(Q, device=dev)
+        q_abs = torch.where(rows < qlen_t[:, None], ctx_t[:, None] - qlen_t[:, None] + rows, 0)  # [B, Q]
+        mask = (pos[None, None, :] <= q_abs[:, :, None]) & (pos[None, None, :] < ctx_t[:, None, None])
+        meta = AttnMeta(slots=as_t(slots), q_seq=as_t(q_seq), q_row=as_t(q_row), key_slots=key_slots,
+                        mask=mask.unsqueeze(1))
+        return as_t(tokens), as_t(positions), meta, as_t(last)
+
+    # -- the step -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: list[tuple[Sequence, int]], sample_for: list[Sequence],
+            generators: list[torch.Generator | None]) -> list[int]:
+        """Run the step; the sampled token of each sequence in `sample_for` (those whose last token ran)."""
+        decode = all(n == 1 for _, n in batch)
+        graph = self._graph_for(len(batch)) if decode else None
+        if graph is not None:
+            logits, loads = self._replay(graph, batch)
+            logits = logits[: len(batch)]
+        else:
+            tokens, positions, meta, last = self.prepare(batch)
+            h = self.model.hidden(tokens, positions, self.kv, meta)
+            logits = self.model.logits(h.index_select(0, last))
+            loads = self.model.expert_loads()
+        self.last_loads = loads
+        if not sample_for:
+            return []
+        return sample(logits, [s.params for s in sample_for], generators).tolist()
+
+    # -- CUDA graphs --------------------------------------------------------------------------------------
+    def _graph_for(self, n: int):
+        for size in sorted(self.graphs):
+            if size >= n:
+                return size
+        return None
+
+    def capture(self, max_num_seqs: int) -> None:
+        """Capture the decode step for each size of `graph_sizes(max_num_seqs)`."""
+        dev, m = self.device, max_num_seqs
+        self.g_tokens = torch.zeros(m, dtype=torch.long, device=dev)
+        self.g_positions = torch.zeros(m, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((m,), self.scratch * self.block_size, dtype=torch.long, device=dev)
+        self.g_tables = torch.full((m, self.max_blocks), self.scratch, dtype=torch.int32, device=dev)
+        self.g_lens = torch.ones(m, dtype=torch.int32, device=dev)
+        self.g_valid = torch.zeros(m, dtype=torch.long, device=dev)
+        pool = None
+        for size in reversed(graph_sizes(m)):
+            meta = AttnMeta(slots=self.g_slots[:size], block_tables=self.g_tables[:size],
+                            context_lens=self.g_lens[:size], valid=self.g_valid[:size])
+
+            def step():
+                h = self.model.hidden(self.g_tokens[:size], self.g_positions[:size], self.kv, meta)
+                return self.model.logits(h), self.model.expert_loads(self.g_valid[:size])
+
+            with torch.inference_mode():
+                step()  # warm-up: Triton compiles, allocations settle
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits, loads = step()
+            pool = graph.pool()
+            self.graphs[size] = (graph, logits, loads)
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
+
+    def _replay(self, size: int, batch: list[tuple[Sequence, int]]):
+        graph, logits, loads = self.graphs[size]
+        n = len(batch)
+        tokens = [seq.token_ids[seq.num_computed] for seq, _ in batch]
+        positions = [seq.num_computed for seq, _ in batch]
+        slots = [self._slots(seq, seq.num_computed, 1)[0] for seq, _ in batch]
+        tables = torch.full((size, self.max_blocks), self.scratch, dtype=torch.int32)
+        for b, (seq, _) in enumerate(batch):
+            tables[b, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        pad = size - n
+        host = torch.tensor([tokens + [0] * pad, positions + [0] * pad,
+                             slots + [self.scratch * self.block_size] * pad,
+                             [p + 1 for p in positions] + [1] * pad, [1] * n + [0] * pad], dtype=torch.long)
+        host = host.to(self.device, non_blocking=True)
+        self.g_tokens[:size].copy_(host[0])
+        self.g_positions[:size].copy_(host[1])
+        self.g_slots[:size].copy_(host[2])
+        self.g_lens[:size].copy_(host[3])
+        self.g_valid[:size].copy_(host[4])
+        self.g_tables[:size].copy_(tables.to(self.device, non_blocking=True))
+        graph.replay()
+        return logits, loads
