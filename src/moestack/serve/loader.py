@@ -41,7 +41,7 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         if self.hf is None:
-            return bytes(int(t) for t in ids).decode("utf-8", errors="replace")
+            return bytes(int(t) for t in ids if 0 <= t < 256).decode("utf-8", errors="replace")  # ids past 255: special
         return self.hf.decode(ids, skip_special_tokens=True)
 
     @property

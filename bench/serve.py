@@ -1,0 +1,300 @@
+"""The serving engine against Hugging Face `generate` on the same model, in the same run.
+
+    python bench/serve.py                                  # OLMoE, Qwen3-30B-A3B, Mixtral shapes, 4 layers, GPU
+    python bench/serve.py --models olmoe --layers 16       # every layer of OLMoE-1B-7B
+    python bench/serve.py --quick                          # tiny shapes: a CPU smoke run
+    python bench/serve.py --drop-rates 0.25                # + DualSparse at 25% drop against no dropping
+
+Models are built from their real configs (per-layer shapes, GQA, q/k norms, experts) with random weights and
+`--layers` decoder layers. For each model and batch size B: B prompts of --prompt-len random tokens,
+--new-tokens greedy tokens each (eos ignored), all submitted at once.
+- engine: prefill tok/s (prompt tokens / time of the steps that prefill), decode tok/s (tokens / time of
+  the all-decode steps), time to first token and inter-token latency p50/p99 per request;
+- HF: `generate` with grouped_mm experts and SDPA attention on the same weights: prefill tok/s from a
+  1-token generate, decode tok/s from (N-token generate - 1-token generate);
+- roofline: the HBM bound of a decode step, bytes / 4.8 TB/s, where bytes = the dense weights (attention,
+  norms, routers, shared experts, LM head), the weights of the experts the step's tokens were routed to
+  (distinct experts per layer, read from the engine's expert loads of every decode step) and the KV
+  cache attended (context tokens x layers x 2 x kv heads x head size); `roofline%` = measured decode tok/s
+  over the bound's tok/s.
+A mixed workload (--mixed N requests, prompt and output lengths uniform in ranges, --mixed-batch running at
+once) gives offline throughput against HF generate over the same requests in left-padded batches.
+JSON lines in $OUT/serve.jsonl (device runs) or bench/results/serve.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import device_name, print_table, sync, write_results  # noqa: E402
+
+from moestack.serve import LLM, SamplingParams  # noqa: E402
+from moestack.serve import loader  # noqa: E402
+
+HBM_BYTES_PER_S = 4.8e12  # H200
+
+CONFIGS = {  # the published configs' per-layer shapes (num_hidden_layers set by --layers)
+    "olmoe": ("OlmoeConfig", dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_attention_heads=16,
+                                  num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
+                                  rope_theta=10000.0, max_position_embeddings=4096, rms_norm_eps=1e-5)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                         moe_intermediate_size=768, num_attention_heads=32, num_key_value_heads=4,
+                                         head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                                         rope_theta=1e6, max_position_embeddings=40960, rms_norm_eps=1e-6)),
+    "mixtral": ("MixtralConfig", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                      num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                                      num_experts_per_tok=2, rope_theta=1e6, max_position_embeddings=32768,
+                                      rms_norm_eps=1e-5)),
+    "tiny": ("Qwen3MoeConfig", dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=16,
+                                    num_experts_per_tok=4, norm_topk_prob=True, max_position_embeddings=1024)),
+}
+
+
+def hf_model(name: str, layers: int, device: str, dtype: torch.dtype):
+    import transformers
+
+    cls, kw = CONFIGS[name]
+    cfg = getattr(transformers, cls)(**kw, num_hidden_layers=layers)
+    if device == "cuda":
+        cfg._experts_implementation = "grouped_mm"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    with torch.no_grad():  # routers of random Qwen/OLMoE models start at zero: give them real routing
+        for n, p in model.named_parameters():
+            if n.endswith("gate.weight"):
+                p.normal_(0, 0.02)
+    return model
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+# -- the engine -----------------------------------------------------------------------------------------
+def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: list[int]) -> dict:
+    """Submit every prompt at once, step to the end; per-step and per-request times."""
+    t0 = time.perf_counter()
+    rids = [llm.add_request(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))
+            for p, m in zip(prompts, max_tokens)]
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    itl: list[float] = []
+    prefill_s = decode_s = 0.0
+    prefill_tokens = decode_tokens = 0
+    active: list[int] = []
+    ctx_tokens: list[int] = []
+    while llm.has_unfinished():
+        running = list(llm.scheduler.running)
+        computed0 = llm.stats.prompt_tokens
+        decode0 = llm.stats.decode_steps
+        ctx = sum(len(s) for s in running)
+        s0 = time.perf_counter()
+        outs = llm.step()
+        now = time.perf_counter()
+        if llm.stats.decode_steps > decode0:
+            decode_s += now - s0
+            decode_tokens += len(outs)
+            loads = llm.expert_loads()
+            if loads is not None and loads.size:
+                active.append(int((loads > 0).sum()))
+            ctx_tokens.append(ctx)
+        else:
+            prefill_s += now - s0
+            prefill_tokens += llm.stats.prompt_tokens - computed0
+        for o in outs:
+            if o.new_token_ids:
+                if o.request_id not in first:
+                    first[o.request_id] = now - t0
+                else:
+                    itl.append(now - last[o.request_id])
+                last[o.request_id] = now
+    total = time.perf_counter() - t0
+    llm.check_blocks()
+    ttft = [first[r] for r in rids]
+    return dict(total_s=total, prefill_tok_s=prefill_tokens / prefill_s if prefill_s else None,
+                decode_tok_s=decode_tokens / decode_s if decode_s else None,
+                out_tok_s=sum(max_tokens) / total, ttft_p50_ms=1e3 * pct(ttft, 0.5),
+                itl_p50_ms=1e3 * pct(itl, 0.5) if itl else None, itl_p99_ms=1e3 * pct(itl, 0.99) if itl else None,
+                active_experts=statistics.mean(active) if active else None,
+                ctx_tokens=statistics.mean(ctx_tokens) if ctx_tokens else None)
+
+
+def roofline_tok_s(model, batch: int, active_experts: float, ctx_tokens: float) -> float:
+    """Decode tok/s at the HBM bound for a step of `batch` tokens (see the module docstring)."""
+    experts = [m for m in model.moe_layers()]
+    expert_params = {id(p) for layer in experts for p in layer.experts.parameters()}
+    elt = model.embed.weight.element_size()
+    dense = sum(p.numel() for p in model.parameters() if id(p) not in expert_params and p is not model.embed.weight)
+    if model.spec.tie_embeddings:
+        dense += model.embed.weight.numel()  # the LM head reads the (tied) table
+    per_expert = sum(sum(p.numel() for p in layer.experts.parameters()) / layer.num_experts for layer in experts) / max(len(experts), 1)
+    s = model.spec
+    kv = ctx_tokens * s.n_layers * 2 * s.n_kv_heads * s.head_dim
+    bytes_ = elt * (dense + active_experts * per_expert + kv) + batch * s.d_model * elt
+    return batch / (bytes_ / HBM_BYTES_PER_S)
+
+
+# -- Hugging Face generate ------------------------------------------------------------------------------
+@torch.inference_mode()
+def hf_generate(hf, x: torch.Tensor, n: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    return hf.generate(x, attention_mask=mask if mask is not None else torch.ones_like(x), max_new_tokens=n,
+                       min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+def time_hf(hf, x: torch.Tensor, n: int, device: str, reps: int = 2) -> float:
+    hf_generate(hf, x, n)
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        hf_generate(hf, x, n)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def hf_fixed(hf, prompts: list[list[int]], n: int, device: str) -> dict:
+    x = torch.tensor(prompts, device=device)
+    t1 = time_hf(hf, x, 1, device)
+    tn = time_hf(hf, x, n, device)
+    B, P = x.shape
+    return dict(hf_prefill_tok_s=B * P / t1, hf_decode_tok_s=B * (n - 1) / max(tn - t1, 1e-9), hf_total_s=tn)
+
+
+def hf_mixed(hf, prompts: list[list[int]], max_tokens: list[int], batch: int, device: str) -> float:
+    """Seconds for HF generate over the requests in left-padded batches of `batch`, each batch run to its longest."""
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        ps, ms = prompts[i:i + batch], max_tokens[i:i + batch]
+        L = max(map(len, ps))
+        x = torch.tensor([[0] * (L - len(p)) + p for p in ps], device=device)
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in ps], device=device)
+        hf_generate(hf, x, max(ms), mask)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+# -- driver ---------------------------------------------------------------------------------------------
+def engine_for(hf, args, device, dtype, batch: int, drop_rate=None) -> LLM:
+    model = loader.build_hf(hf.config, hf.state_dict(), device, dtype, max_len=args.max_model_len)
+    vocab = hf.config.vocab_size
+    gen = torch.Generator().manual_seed(7)
+
+    def calib(batches, seq):
+        return [torch.randint(0, vocab, (4, seq), generator=gen).to(device) for _ in range(batches)]
+
+    served = loader.Served(model, loader.Tokenizer(), f"{hf.config.model_type} (random weights)",
+                           hf.config.model_type, calib)
+    llm = LLM(served, max_num_seqs=batch, max_num_batched_tokens=max(2048, args.prompt_len * min(batch, 16)),
+              cuda_graphs=not args.no_graphs, drop_rate=drop_rate, gpu_memory_utilization=0.6,
+              num_blocks=args.num_blocks)
+    warm = [[1, 2, 3, 4]] * min(batch, 2)
+    llm.generate(warm, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
+    return llm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="olmoe,qwen3_moe,mixtral")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--drop-rates", default="", help="DualSparse drop rates to run beside no dropping, e.g. 0.25")
+    ap.add_argument("--drop-batches", default="8,64", help="batch sizes of the DualSparse rows")
+    ap.add_argument("--mixed", type=int, default=128, help="requests of the mixed workload (0: skip)")
+    ap.add_argument("--mixed-batch", type=int, default=64)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--num-blocks", type=int, default=None)
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    ap.add_argument("--quick", action="store_true", help="tiny model, small batches: a CPU smoke run")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.quick:
+        args.models, args.batches, args.prompt_len, args.new_tokens = "tiny", "1,4", 16, 8
+        args.mixed, args.mixed_batch, args.drop_batches = 8, 4, "4"
+    batches = [int(b) for b in args.batches.split(",")]
+    rates = [float(r) for r in args.drop_rates.split(",") if r]
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name in args.models.split(","):
+        hf = hf_model(name, args.layers, device, dtype)
+        vocab = hf.config.vocab_size
+        for B in batches:
+            prompts = torch.randint(0, vocab, (B, args.prompt_len), generator=gen).tolist()
+            llm = engine_for(hf, args, device, dtype, B)
+            eng = run_engine(llm, prompts, [args.new_tokens] * B)
+            row = dict(bench="fixed", model=name, layers=args.layers, batch=B, prompt=args.prompt_len,
+                       new=args.new_tokens, device=device_name(device), drop_rate=None, **eng)
+            roof = roofline_tok_s(llm.model, B, eng["active_experts"] or 0, eng["ctx_tokens"] or 0)
+            row["roofline_tok_s"] = roof
+            row["roofline_pct"] = 100 * eng["decode_tok_s"] / roof if eng["decode_tok_s"] else None
+            del llm
+            gc.collect()
+            if not args.no_hf:
+                row.update(hf_fixed(hf, prompts, args.new_tokens, device))
+                row["decode_x_hf"] = row["decode_tok_s"] / row["hf_decode_tok_s"]
+                row["prefill_x_hf"] = row["prefill_tok_s"] / row["hf_prefill_tok_s"]
+            rows.append(row)
+            print_table([row], ["model", "batch", "prefill_tok_s", "decode_tok_s", "hf_prefill_tok_s", "hf_decode_tok_s",
+                                "decode_x_hf", "prefill_x_hf", "roofline_pct", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms"])
+        for B in [int(b) for b in args.drop_batches.split(",")] if rates else []:
+            prompts = torch.randint(0, vocab, (B, args.prompt_len), generator=gen).tolist()
+            for rate in [None] + rates:
+                llm = engine_for(hf, args, device, dtype, B, drop_rate=rate)
+                eng = run_engine(llm, prompts, [args.new_tokens] * B)
+                rows.append(dict(bench="dualsparse", model=name, layers=args.layers, batch=B, prompt=args.prompt_len,
+                                 new=args.new_tokens, device=device_name(device), drop_rate=rate, **eng))
+                del llm
+                gc.collect()
+            base = rows[-1 - len(rates)]
+            for r in rows[-len(rates):]:
+                r["total_x_nodrop"] = base["total_s"] / r["total_s"]
+                r["decode_x_nodrop"] = r["decode_tok_s"] / base["decode_tok_s"]
+            print_table(rows[-1 - len(rates):], ["model", "batch", "drop_rate", "total_s", "decode_tok_s", "prefill_tok_s",
+                                                 "total_x_nodrop", "decode_x_nodrop"])
+        if args.mixed:
+            lo, hi = max(4, args.prompt_len // 4), args.prompt_len * 2
+            plens = torch.randint(lo, hi + 1, (args.mixed,), generator=gen).tolist()
+            outs = torch.randint(max(2, args.new_tokens // 4), args.new_tokens * 2 + 1, (args.mixed,), generator=gen).tolist()
+            prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in plens]
+            llm = engine_for(hf, args, device, dtype, args.mixed_batch)
+            eng = run_engine(llm, prompts, outs)
+            del llm
+            gc.collect()
+            row = dict(bench="mixed", model=name, layers=args.layers, batch=args.mixed_batch, requests=args.mixed,
+                       prompt=f"{lo}-{hi}", new=f"{max(2, args.new_tokens // 4)}-{args.new_tokens * 2}",
+                       device=device_name(device), out_tokens=sum(outs), **eng)
+            if not args.no_hf:
+                hf_mixed(hf, prompts[: args.mixed_batch], outs[: args.mixed_batch], args.mixed_batch, device)  # warm-up
+                t = hf_mixed(hf, prompts, outs, args.mixed_batch, device)
+                row.update(hf_total_s=t, hf_out_tok_s=sum(outs) / t, throughput_x_hf=eng["out_tok_s"] * t / sum(outs))
+            rows.append(row)
+            print_table([row], ["model", "requests", "batch", "total_s", "out_tok_s", "hf_out_tok_s", "throughput_x_hf",
+                                "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms"])
+        del hf
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    path = write_results("serve", rows)
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

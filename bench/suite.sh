@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Every GPU measurement of docs/BENCHMARKS.md, in named groups that one device call can run together:
+#   bash bench/suite.sh tests serve            # run the groups in order; results (logs, JSON lines) in $OUT
+#   bash bench/suite.sh --list                 # the groups and what each runs
+# Results go to $OUT (device runs) or bench/results, each group's log as $OUT/<group>.log; the docs name the
+# group that made each figure. A group that fails is reported and the next one still runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-bench/results}; mkdir -p "$OUT"
+py() { python3 "$@" 2>&1 | grep -v '^{'; }  # JSON result lines go to the .jsonl files, not the log
+
+declare -A HELP=(
+  [tests]="the gpu- and triton-marked tests (fast paths against the eager references, on the GPU)"
+  [layer]="bench/moe_layer.py: MoE layer fwd+bwd against HF grouped_mm and the dense ceiling"
+  [dualsparse]="bench/dualsparse.py --study speed: layer time vs drop rate, eager and CUDA graphs"
+  [combine]="bench/combine.py: the weighted combine kernels"
+  [swiglu]="bench/swiglu.py: the SwiGLU row kernels"
+  [train]="bench/train_step.py --compile: the training step, bf16 autocast, fp32 vs bf16 rows, compiled"
+  [checkpoint]="bench/checkpoint.py: save cost of torch.save / moestack full / PEC, then the training loop with a checkpoint every 50 steps"
+  [disk]="dd: the disk's write bandwidth (the checkpoint figures' reference)"
+  [serve]="bench/serve.py: engine vs HF generate at OLMoE / Qwen3-30B-A3B / Mixtral shapes, 4 layers, batch 1/8/64, mixed workload"
+  [serve_full]="bench/serve.py --models olmoe --layers 16: every layer of OLMoE-1B-7B"
+  [serve_dualsparse]="bench/serve.py --drop-rates 0.25: DualSparse at 25% drop against no dropping, end to end in the engine"
+  [serve_http]="bench/serve_http.py: the HTTP server at 1/8/32 clients against the offline engine"
+)
+
+run_group() {
+  case "$1" in
+  tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" tests 2>&1 | tail -15 ;;
+  layer) timeout 240 py bench/moe_layer.py --reps 10 --skip-loop ;;
+  dualsparse) timeout 300 py bench/dualsparse.py --study speed --reps 10 ;;
+  combine) timeout 150 py bench/combine.py --reps 20 ;;
+  swiglu) timeout 60 py bench/swiglu.py ;;
+  train) timeout 240 py bench/train_step.py --reps 10 --compile ;;
+  checkpoint)
+    timeout 560 py bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp \
+      --methods torch_save,moestack_full,moestack_pec --train-steps 250 --every 50 --when-busy defer ;;
+  disk)
+    df -h /tmp | tail -1
+    dd if=/dev/zero of=/tmp/dd.bin bs=64M count=64 oflag=direct conv=fsync 2>&1 | tail -1; rm -f /tmp/dd.bin ;;
+  serve) timeout 420 py bench/serve.py --mixed 128 ;;
+  serve_full) timeout 300 py bench/serve.py --models olmoe --layers 16 --batches 8,64 --mixed 0 ;;
+  serve_dualsparse) timeout 300 py bench/serve.py --batches 8 --mixed 0 --no-hf --drop-rates 0.25 --drop-batches 8,64 ;;
+  serve_http) timeout 300 py bench/serve_http.py ;;
+  esac
+}
+
+if [ $# -eq 0 ] || [ "$1" = "--list" ]; then
+  for g in tests layer dualsparse combine swiglu train checkpoint disk serve serve_full serve_dualsparse serve_http; do
+    printf '  %-17s %s\n' "$g" "${HELP[$g]}"
+  done
+  [ $# -eq 0 ] && { echo "usage: bash bench/suite.sh GROUP..." >&2; exit 2; }
+  exit 0
+fi
+for g in "$@"; do
+  [ -n "${HELP[$g]:-}" ] || { echo "unknown group '$g'; bash bench/suite.sh --list names them" >&2; exit 2; }
+done
+{ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  date -u +%FT%TZ; } | tee "$OUT/gpu.txt"
+status=0
+for g in "$@"; do
+  echo "=== $g ($(date -u +%FT%TZ)): ${HELP[$g]:-?}"
+  start=$(date +%s)
+  run_group "$g" 2>&1 | tee "$OUT/$g.log"
+  rc=${PIPESTATUS[0]}
+  echo "=== $g: exit $rc, $(( $(date +%s) - start )) s"
+  [ "$rc" -ne 0 ] && status=1
+done
+exit $status
