@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -188,6 +189,33 @@ def hf_mixed(hf, prompts: list[list[int]], max_tokens: list[int], batch: int, de
     return time.perf_counter() - t0
 
 
+def profile(llm: LLM, prompts, max_tokens, path: Path) -> None:
+    """torch.profiler over the workload (after a warm run): the kernel table, by device time, in `path`."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    for suffix, outs in (("prefill", [1] * len(prompts)), ("all", max_tokens)):
+        run_engine(llm, prompts, outs)
+        llm.blocks.reset_prefix_cache()
+        with prof(activities=acts) as p:
+            run_engine(llm, prompts, outs)
+        llm.blocks.reset_prefix_cache()
+        out = path.with_name(f"{path.stem}_{suffix}.txt")
+        out.write_text(p.key_averages().table(sort_by=key, row_limit=45))
+        print(f"profile: {out}")
+
+
+def free(llm: LLM) -> None:
+    """Give the engine's KV cache and graphs back before the next engine is built."""
+    llm.runner.graphs.clear()
+    llm.runner.kv.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 # -- driver ---------------------------------------------------------------------------------------------
 def engine_for(hf, args, device, dtype, batch: int, drop_rate=None) -> LLM:
     model = loader.build_hf(hf.config, hf.state_dict(), device, dtype, max_len=args.max_model_len)
@@ -199,12 +227,16 @@ def engine_for(hf, args, device, dtype, batch: int, drop_rate=None) -> LLM:
 
     served = loader.Served(model, loader.Tokenizer(), f"{hf.config.model_type} (random weights)",
                            hf.config.model_type, calib)
-    llm = LLM(served, max_num_seqs=batch, max_num_batched_tokens=max(2048, args.prompt_len * min(batch, 16)),
-              cuda_graphs=not args.no_graphs, drop_rate=drop_rate, gpu_memory_utilization=0.6,
-              num_blocks=args.num_blocks)
-    warm = [[1, 2, 3, 4]] * min(batch, 2)
-    llm.generate(warm, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
-    return llm
+    blocks = args.num_blocks or batch * -(-(2 * args.prompt_len + 2 * args.new_tokens) // 16) + 64
+    return LLM(served, max_num_seqs=batch, max_num_batched_tokens=args.max_batched_tokens,
+               cuda_graphs=not args.no_graphs, drop_rate=drop_rate, num_blocks=blocks, fused_rows=args.fused_rows)
+
+
+def timed_engine(llm: LLM, prompts, max_tokens) -> dict:
+    """run_engine on the workload twice (the first run compiles kernels and warms caches); the second's figures."""
+    run_engine(llm, prompts, max_tokens)
+    llm.blocks.reset_prefix_cache()  # the timed run computes every prompt again
+    return run_engine(llm, prompts, max_tokens)
 
 
 def main() -> None:
@@ -219,8 +251,11 @@ def main() -> None:
     ap.add_argument("--mixed", type=int, default=128, help="requests of the mixed workload (0: skip)")
     ap.add_argument("--mixed-batch", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=1024)
-    ap.add_argument("--num-blocks", type=int, default=None)
+    ap.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: what the workload needs)")
+    ap.add_argument("--max-batched-tokens", type=int, default=8192, help="the engine's token budget per step")
+    ap.add_argument("--fused-rows", type=int, default=1024, help="token-choices up to which the fused MoE kernels run")
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also write a torch.profiler kernel table per model and batch")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     ap.add_argument("--quick", action="store_true", help="tiny model, small batches: a CPU smoke run")
     args = ap.parse_args()
@@ -239,14 +274,16 @@ def main() -> None:
         for B in batches:
             prompts = torch.randint(0, vocab, (B, args.prompt_len), generator=gen).tolist()
             llm = engine_for(hf, args, device, dtype, B)
-            eng = run_engine(llm, prompts, [args.new_tokens] * B)
+            eng = timed_engine(llm, prompts, [args.new_tokens] * B)
             row = dict(bench="fixed", model=name, layers=args.layers, batch=B, prompt=args.prompt_len,
                        new=args.new_tokens, device=device_name(device), drop_rate=None, **eng)
+            if args.profile:
+                out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+                profile(llm, prompts, [args.new_tokens] * B, out / f"serve_profile_{name}_b{B}.txt")
             roof = roofline_tok_s(llm.model, B, eng["active_experts"] or 0, eng["ctx_tokens"] or 0)
             row["roofline_tok_s"] = roof
             row["roofline_pct"] = 100 * eng["decode_tok_s"] / roof if eng["decode_tok_s"] else None
-            del llm
-            gc.collect()
+            free(llm)
             if not args.no_hf:
                 row.update(hf_fixed(hf, prompts, args.new_tokens, device))
                 row["decode_x_hf"] = row["decode_tok_s"] / row["hf_decode_tok_s"]
@@ -258,11 +295,10 @@ def main() -> None:
             prompts = torch.randint(0, vocab, (B, args.prompt_len), generator=gen).tolist()
             for rate in [None] + rates:
                 llm = engine_for(hf, args, device, dtype, B, drop_rate=rate)
-                eng = run_engine(llm, prompts, [args.new_tokens] * B)
+                eng = timed_engine(llm, prompts, [args.new_tokens] * B)
                 rows.append(dict(bench="dualsparse", model=name, layers=args.layers, batch=B, prompt=args.prompt_len,
                                  new=args.new_tokens, device=device_name(device), drop_rate=rate, **eng))
-                del llm
-                gc.collect()
+                free(llm)
             base = rows[-1 - len(rates)]
             for r in rows[-len(rates):]:
                 r["total_x_nodrop"] = base["total_s"] / r["total_s"]
@@ -275,9 +311,8 @@ def main() -> None:
             outs = torch.randint(max(2, args.new_tokens // 4), args.new_tokens * 2 + 1, (args.mixed,), generator=gen).tolist()
             prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in plens]
             llm = engine_for(hf, args, device, dtype, args.mixed_batch)
-            eng = run_engine(llm, prompts, outs)
-            del llm
-            gc.collect()
+            eng = timed_engine(llm, prompts, outs)
+            free(llm)
             row = dict(bench="mixed", model=name, layers=args.layers, batch=args.mixed_batch, requests=args.mixed,
                        prompt=f"{lo}-{hi}", new=f"{max(2, args.new_tokens // 4)}-{args.new_tokens * 2}",
                        device=device_name(device), out_tokens=sum(outs), **eng)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from moestack.moe.experts import swiglu
-from moestack.moe.router import count_ids
 
 BLOCK_M = 16
 
@@ -36,23 +35,25 @@ class AlignPlan:
 
 
 def align(sub_ids: torch.Tensor, num_subs: int, parts: int, block_m: int = BLOCK_M) -> AlignPlan:
-    """Plan for entries whose (sub-)expert is sub_ids [R] (num_subs for an entry not to run). No host sync."""
+    """Plan for entries whose (sub-)expert is sub_ids [R] (num_subs for an entry not to run). No host sync,
+    and no sort: an entry's rank among its (sub-)expert's entries is a column of the running count of a
+    one-hot [R, S] (a few microseconds where a radix sort of a decode batch costs tens)."""
     R, S, dev = sub_ids.numel(), num_subs, sub_ids.device
-    counts = count_ids(sub_ids, S + 1)[:S]  # [S]
+    onehot = sub_ids.unsqueeze(1) == torch.arange(S, device=dev, dtype=sub_ids.dtype)  # entries not to run: no column
+    running = onehot.to(torch.int32).cumsum(0, dtype=torch.int32)  # [R, S]
+    counts = running[-1]  # [S]
     padded = (counts + block_m - 1) // block_m * block_m
-    pad_end = torch.cumsum(padded, 0)
-    start = torch.cumsum(counts, 0) - counts
-    order = torch.argsort(sub_ids, stable=True)  # entries not to run sort last
-    s = sub_ids[order]
-    runs = s < S
-    s = s.clamp(max=S - 1)
+    pad_end = torch.cumsum(padded, 0, dtype=torch.int32)
+    s = sub_ids.clamp(max=S - 1)
+    rank = running.gather(1, s.unsqueeze(1)).squeeze(1) - 1  # [R]
     cap = -(-(R + min(S, R) * (block_m - 1)) // block_m) * block_m  # the most padded rows any routing needs
-    dest = torch.where(runs, torch.arange(R, device=dev) - start[s] + pad_end[s] - padded[s], cap)
-    sorted_ids = torch.full((cap + 1,), R, dtype=torch.int32, device=dev).scatter_(0, dest, order.to(torch.int32))
+    dest = torch.where(sub_ids < S, (pad_end - padded)[s] + rank, cap).long()
+    ids = torch.arange(R, device=dev, dtype=torch.int32)
+    sorted_ids = torch.full((cap + 1,), R, dtype=torch.int32, device=dev).scatter_(0, dest, ids)
     num_blocks = cap // block_m
-    first_rows = torch.arange(num_blocks, device=dev) * block_m
+    first_rows = torch.arange(num_blocks, device=dev, dtype=torch.int32) * block_m
     block_sub = torch.searchsorted(pad_end, first_rows, right=True).clamp(max=S - 1).to(torch.int32)
-    return AlignPlan(sorted_ids[:cap], block_sub, pad_end[-1:].to(torch.int32), R, num_blocks, parts, block_m)
+    return AlignPlan(sorted_ids[:cap], block_sub, pad_end[-1:], R, num_blocks, parts, block_m)
 
 
 def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,

@@ -22,7 +22,7 @@ import triton.language as tl
 def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_sub_ptr, total_ptr,
               N, K, num_valid, stride_am, stride_be, stride_bp, stride_bk, stride_bn, stride_cm,
               A_DIV: tl.constexpr, W_DIV: tl.constexpr, PARTS: tl.constexpr, MUL_W: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     total = tl.load(total_ptr)
@@ -42,12 +42,18 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_sub_ptr, total_ptr,
             a = tl.load(a_rows[:, None] + ks[None, :], mask=valid[:, None] & kcheck[None, :], other=0.0)
             b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                         mask=kcheck[:, None] & ncheck[None, :], other=0.0)
-            acc += tl.dot(a, b)
+            acc += tl.dot(a, b, input_precision=PREC)
         if MUL_W:
             w = tl.load(w_ptr + entry // W_DIV, mask=valid, other=0.0).to(tl.float32)
             acc = acc * w[:, None]
         tl.store(c_ptr + entry[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
                  mask=valid[:, None] & ncheck[None, :])
+
+
+def precision(x: torch.Tensor) -> str:
+    """tl.dot's input precision: fp32 inputs multiply in full fp32 ("ieee", as torch's matmul does by
+    default), so the fused paths match the eager ones; bf16/fp16 use the tensor cores as they are."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def _blocks(n: int) -> tuple[int, int]:
@@ -64,4 +70,4 @@ def moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plan, *, n: in
     _moe_gemm[grid](a, b, out, w, plan.sorted_ids, plan.block_sub, plan.total, n, k, plan.num_valid,
                     a.stride(0), b.stride(0), stride_bp, stride_bk, stride_bn, out.stride(0),
                     A_DIV=a_div, W_DIV=w_div, PARTS=plan.parts, MUL_W=weights is not None,
-                    BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                    BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, PREC=precision(a))

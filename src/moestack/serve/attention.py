@@ -4,6 +4,9 @@ Two paths read the same cache:
 - `attend_ref` (any batch: prefill chunks, decodes, prefix-cached prompts; CPU and GPU): gathers each
   sequence's keys and values from its blocks into a padded [B, L, Hkv, hd] tensor and runs
   `F.scaled_dot_product_attention` with a causal-by-position mask. The readable reference.
+- `attend_fresh` (every sequence of the step starts at position 0: a batch of new prompts): pads the step's
+  own queries, keys and values to [B, Q] and runs causal SDPA (flash attention on the GPU); nothing is read
+  back from the cache. Padding sits after each sequence's tokens, so the causal mask hides it.
 - `attend_decode` (one new token per sequence; CUDA graphs): `attention_triton.paged_decode` reads the
   blocks in place through the block table, never materialising a copy; lengths come from the device.
 The cache of one layer is k, v: [num_blocks + 1, block_size, Hkv, hd]; the last block is a scratch block
@@ -29,6 +32,9 @@ class AttnMeta:
     q_row: torch.Tensor | None = None  # [T] its row among its sequence's new tokens
     key_slots: torch.Tensor | None = None  # [B, L] cache slot of each key position (padding: slot 0)
     mask: torch.Tensor | None = None  # [B, 1, Q, L] bool: query row may attend to key position
+    fresh: bool = False  # every sequence starts at position 0 (attend_fresh; key_slots and mask unused)
+    batch: int = 0  # B and Q of the padded layout (fresh path)
+    max_q: int = 0
     # decode path
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
     context_lens: torch.Tensor | None = None  # [B] int32 keys per sequence, the new one included
@@ -57,6 +63,18 @@ def attend_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
     v = flat_v[meta.key_slots].to(q.dtype)
     out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=meta.mask, enable_gqa=k.shape[2] != H)  # [B, H, Q, hd]
+    return out.transpose(1, 2)[meta.q_seq, meta.q_row]
+
+
+def attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    """q [T, H, hd], k/v [T, Hkv, hd] of sequences that start at position 0 -> causal SDPA [T, H, hd]."""
+    B, Q = meta.batch, meta.max_q
+    pads = []
+    for t in (q, k, v):
+        pad = t.new_zeros(B, Q, *t.shape[1:])
+        pad[meta.q_seq, meta.q_row] = t
+        pads.append(pad.transpose(1, 2))
+    out = F.scaled_dot_product_attention(*pads, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])  # [B, H, Q, hd]
     return out.transpose(1, 2)[meta.q_seq, meta.q_row]
 
 

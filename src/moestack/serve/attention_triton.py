@@ -1,7 +1,7 @@
 """Paged decode attention as one Triton kernel: each program is one (sequence, KV head) pair.
 
 The program loads its G = H / Hkv query heads once, walks the sequence's keys BLOCK_N positions at a time
-through the block table (any block size: each position looks up its own block), and keeps an online
+through the block table (any block size: each of the BLOCK_N positions looks up its own block), and keeps an online
 softmax (running max and sum) in fp32, as FlashAttention does; the key count comes from the device, so a
 CUDA graph captured once serves every context length. Eager reference: `attention.attend_ref`.
 """
@@ -12,12 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
+from moestack.moe.fused_triton import precision
+
 
 @triton.jit
 def _paged_decode(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, scale,
                   stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ob, stride_oh,
                   G: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
     n_keys = tl.load(lens_ptr + b)
@@ -37,14 +39,14 @@ def _paged_decode(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, scale,
         page = tl.load(bt_ptr + b * stride_bt + pos // PAGE, mask=pm, other=0).to(tl.int64)
         rows = page * stride_kb + (pos % PAGE) * stride_ks + kvh * stride_kh  # [BLOCK_N]
         k = tl.load(k_ptr + rows[:, None] + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [BLOCK_G, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(pm[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + rows[:, None] + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
@@ -65,5 +67,5 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                             block_tables.stride(0), out.stride(0), out.stride(1),
                             G=G, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)),
-                            BLOCK_D=max(16, triton.next_power_of_2(hd)), BLOCK_N=max(16, min(64, page)), PAGE=page)
+                            BLOCK_D=max(16, triton.next_power_of_2(hd)), BLOCK_N=64, PAGE=page, PREC=precision(q))
     return out

@@ -50,7 +50,7 @@ class LLM:
     """Serve one model: `generate` offline, or `add_request` + `step` from a serving loop."""
 
     def __init__(self, model, *, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, block_size: int = 16, num_blocks: int | None = None,
+                 max_num_batched_tokens: int = 8192, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.85, prefix_caching: bool = True, cuda_graphs: bool = True,
                  max_model_len: int | None = None, drop_rate: float | None = None, parts: int = 2,
                  calib_batches: int = 8, fused_rows: int = 1024, tokenizer=None):
@@ -197,7 +197,9 @@ class LLM:
 
     def _after_token(self, seq: Sequence, token: int) -> RequestOutput:
         p = seq.params
-        text = self.tokenizer.decode(seq.output_ids)
+        new, *offsets = self.tokenizer.decode_new(seq.output_ids, *seq.detok)
+        seq.detok = tuple(offsets)
+        text = seq.text + new
         reason = None
         if not p.ignore_eos and token in self.eos:
             reason = "stop"

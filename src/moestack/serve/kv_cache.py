@@ -74,6 +74,17 @@ class BlockManager:
                 self.hash_to_block.setdefault(h, block)
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cache entry of a free block (blocks in use keep theirs); returns how many were dropped."""
+        dropped = 0
+        for b in self.free:
+            if self.block_hash[b] is not None:
+                if self.hash_to_block.get(self.block_hash[b]) == b:
+                    del self.hash_to_block[self.block_hash[b]]
+                self.block_hash[b] = self.block_tokens[b] = None
+                dropped += 1
+        return dropped
+
     # -- allocation ---------------------------------------------------------------------------------------
     def _take_free(self) -> int:
         block, _ = self.free.popitem(last=False)

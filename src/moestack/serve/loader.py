@@ -44,6 +44,16 @@ class Tokenizer:
             return bytes(int(t) for t in ids if 0 <= t < 256).decode("utf-8", errors="replace")  # ids past 255: special
         return self.hf.decode(ids, skip_special_tokens=True)
 
+    def decode_new(self, ids: list[int], prefix: int, read: int) -> tuple[str, int, int]:
+        """Incremental detokenization (vLLM's scheme): the text the tokens from `read` on add, decoding only
+        the window from `prefix`; returns (new text, prefix, read) for the next call. Text that ends in an
+        incomplete character is held back until its last byte arrives."""
+        before = self.decode(ids[prefix:read])
+        text = self.decode(ids[prefix:])
+        if len(text) > len(before) and not text.endswith("\ufffd"):
+            return text[len(before):], read, len(ids)
+        return "", prefix, read
+
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         if self.hf is None or self.hf.eos_token_id is None:

@@ -21,7 +21,7 @@ from moestack.models.transformer import RMSNorm
 from moestack.moe.dispatch import Done
 from moestack.moe.experts import SwiGLU
 from moestack.moe.layer import MoELayer
-from moestack.serve.attention import AttnMeta, attend_decode, attend_dense, attend_ref, write_kv
+from moestack.serve.attention import AttnMeta, attend_decode, attend_dense, attend_fresh, attend_ref, write_kv
 
 QK_NORMS = ("none", "head", "full")
 
@@ -88,7 +88,12 @@ class PagedAttention(nn.Module):
             o = attend_dense(q, k, v, meta)
         else:
             write_kv(kv[0], kv[1], k, v, meta.slots)
-            o = attend_decode(q, *kv, meta) if meta.decode else attend_ref(q, *kv, meta)
+            if meta.decode:
+                o = attend_decode(q, *kv, meta)
+            elif meta.fresh:
+                o = attend_fresh(q, k, v, meta)
+            else:
+                o = attend_ref(q, *kv, meta)
         return self.out(o.reshape(T, H * hd))
 
 

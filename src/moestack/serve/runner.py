@@ -24,7 +24,7 @@ log = logging.getLogger("moestack")
 
 def graph_sizes(max_num_seqs: int) -> list[int]:
     """The decode batch sizes captured as CUDA graphs: 1, 2, 4, 8, then every 8 up to max_num_seqs."""
-    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs] + list(range(8, max_num_seqs + 1, 8))
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs] + list(range(16, max_num_seqs + 1, 8))
     if sizes[-1] != max_num_seqs:
         sizes.append(max_num_seqs)
     return sorted(set(sizes))
@@ -83,6 +83,9 @@ class ModelRunner:
         dev = self.device
         as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
         B, Q, L = len(batch), max(qlen), max(ctx)
+        if all(c == n for c, n in zip(ctx, qlen)):  # new prompts only: attend to the step's own keys
+            meta = AttnMeta(slots=as_t(slots), q_seq=as_t(q_seq), q_row=as_t(q_row), fresh=True, batch=B, max_q=Q)
+            return as_t(tokens), as_t(positions), meta, as_t(last)
         tables = torch.full((B, -(-L // self.block_size)), self.scratch, dtype=torch.long)
         for b, (seq, _) in enumerate(batch):
             tables[b, :len(seq.block_table)] = torch.tensor(seq.block_table[:tables.shape[1]])
@@ -163,9 +166,11 @@ class ModelRunner:
         tokens = [seq.token_ids[seq.num_computed] for seq, _ in batch]
         positions = [seq.num_computed for seq, _ in batch]
         slots = [self._slots(seq, seq.num_computed, 1)[0] for seq, _ in batch]
-        tables = torch.full((size, self.max_blocks), self.scratch, dtype=torch.int32)
-        for b, (seq, _) in enumerate(batch):
-            tables[b, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        # only the columns this batch uses: the kernel reads a row's table up to its context length, so what
+        # stays in the other columns (and in the padding rows, whose length is 1 on the scratch block) is never read
+        width = max(len(seq.block_table) for seq, _ in batch)
+        tables = torch.tensor([seq.block_table + [self.scratch] * (width - len(seq.block_table)) for seq, _ in batch],
+                              dtype=torch.int32)
         pad = size - n
         host = torch.tensor([tokens + [0] * pad, positions + [0] * pad,
                              slots + [self.scratch * self.block_size] * pad,
@@ -176,6 +181,7 @@ class ModelRunner:
         self.g_slots[:size].copy_(host[2])
         self.g_lens[:size].copy_(host[3])
         self.g_valid[:size].copy_(host[4])
-        self.g_tables[:size].copy_(tables.to(self.device, non_blocking=True))
+        self.g_tables[:n, :width].copy_(tables.to(self.device, non_blocking=True))
+        self.g_tables[n:size, 0] = self.scratch
         graph.replay()
         return logits, loads
