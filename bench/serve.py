@@ -155,16 +155,17 @@ def hf_generate(hf, x: torch.Tensor, n: int, mask: torch.Tensor | None = None) -
                        min_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
-def time_hf(hf, x: torch.Tensor, n: int, device: str, reps: int = 2) -> float:
+def time_hf(hf, x: torch.Tensor, n: int, device: str, reps: int = 3) -> float:
+    """Median seconds of an n-token HF generate, after a warm-up call."""
     hf_generate(hf, x, n)
-    best = float("inf")
+    times = []
     for _ in range(reps):
         sync(device)
         t0 = time.perf_counter()
         hf_generate(hf, x, n)
         sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def hf_fixed(hf, prompts: list[list[int]], n: int, device: str) -> dict:

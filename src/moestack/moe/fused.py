@@ -56,6 +56,15 @@ def align(sub_ids: torch.Tensor, num_subs: int, parts: int, block_m: int = BLOCK
     return AlignPlan(sorted_ids[:cap], block_sub, pad_end[-1:], R, num_blocks, parts, block_m)
 
 
+ALIGN = [align]  # [0] is what fused_experts calls: align, or its compiled form (compile_align)
+
+
+def compile_align() -> None:
+    """Use torch.compile's fusion of `align` (about 20 small ops into a few kernels; CUDA decode steps)."""
+    if ALIGN[0] is align:
+        ALIGN[0] = torch.compile(align, dynamic=True)
+
+
 def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                   w2: torch.Tensor, parts: int = 1, parts_run: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over the first parts_run[t, k] parts: [T, D].
@@ -78,7 +87,7 @@ def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
         if parts_run is not None:
             sub = torch.where(p < parts_run.reshape(-1, 1), sub, torch.full_like(sub, S))
         sub = sub.flatten()
-    plan = align(sub, S, parts)
+    plan = ALIGN[0](sub, S, parts)
     R = sub.numel()
     x = x.contiguous()
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)

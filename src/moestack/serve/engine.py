@@ -53,7 +53,7 @@ class LLM:
                  max_num_batched_tokens: int = 8192, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.85, prefix_caching: bool = True, cuda_graphs: bool = True,
                  max_model_len: int | None = None, drop_rate: float | None = None, parts: int = 2,
-                 calib_batches: int = 8, fused_rows: int = 1024, tokenizer=None):
+                 calib_batches: int = 8, fused_rows: int = 1024, compile: bool = True, tokenizer=None):
         dev = _device(device)
         served = model if isinstance(model, loader.Served) else loader.load(model, dev, _dtype(dtype, dev))
         if tokenizer is not None:
@@ -68,7 +68,8 @@ class LLM:
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
-                                  max_model_len=self.max_model_len, cuda_graphs=cuda_graphs, fused_rows=fused_rows)
+                                  max_model_len=self.max_model_len, cuda_graphs=cuda_graphs, fused_rows=fused_rows,
+                                  compile=compile)
         self.eos = set(spec.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self.generators: dict[str, torch.Generator] = {}

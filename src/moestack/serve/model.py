@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from moestack.models.transformer import RMSNorm
 from moestack.moe.dispatch import Done
@@ -56,6 +57,36 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
+def post_qkv(qkv: torch.Tensor, cos, sin, H: int, Hkv: int, hd: int, qk_norm: str, norms, clip):
+    """The fused qkv projection's output [T, (H + 2 Hkv) hd] -> q [T, H, hd], k, v [T, Hkv, hd]: split, q/k
+    RMSNorm (whole projection or per head), clipping, RoPE. Elementwise only: on the GPU the runner compiles it
+    into a few fused kernels (`compile_elementwise`)."""
+    T = qkv.shape[0]
+    q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+    if qk_norm == "full":
+        q, k = F.rms_norm(q, (H * hd,), norms[0], norms[2]), F.rms_norm(k, (Hkv * hd,), norms[1], norms[2])
+    if clip is not None:
+        q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
+    q, k, v = q.reshape(T, H, hd), k.reshape(T, Hkv, hd), v.reshape(T, Hkv, hd)
+    if qk_norm == "head":
+        q, k = F.rms_norm(q, (hd,), norms[0], norms[2]), F.rms_norm(k, (hd,), norms[1], norms[2])
+    return rope_rotate(q, cos, sin), rope_rotate(k, cos, sin), v
+
+
+POST_QKV = [post_qkv]  # [0] is what PagedAttention calls: post_qkv, or its compiled form
+
+
+def compile_elementwise() -> None:
+    """Compile the serving step's elementwise chains (q/k norm + RoPE, the fused-MoE alignment) with
+    torch.compile, so a decode step launches a few fused kernels where eager runs dozens (the runner calls
+    this on CUDA before capturing graphs; the eager functions stay the reference on CPU)."""
+    from moestack.moe import fused
+
+    if POST_QKV[0] is post_qkv:
+        POST_QKV[0] = torch.compile(post_qkv, dynamic=True, fullgraph=True)
+    fused.compile_align()
+
+
 class PagedAttention(nn.Module):
     """GQA self-attention writing to and reading from one layer's paged KV cache."""
 
@@ -75,15 +106,8 @@ class PagedAttention(nn.Module):
         # x: [T, D]; cos/sin: [T, hd/2]; kv: (k_cache, v_cache) or None (meta = the batch size, whole sequences)
         T = x.shape[0]
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.clip is not None:
-            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
-        q, k, v = q.reshape(T, H, hd), k.reshape(T, Hkv, hd), v.reshape(T, Hkv, hd)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
+        qn = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm != "none" else None
+        q, k, v = POST_QKV[0](self.qkv(x), cos, sin, H, Hkv, hd, self.qk_norm, qn, self.clip)
         if kv is None:
             o = attend_dense(q, k, v, meta)
         else:
@@ -209,13 +233,15 @@ class ServeModel(nn.Module):
 
     def expert_loads(self, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Token-choices per expert in the last step, per MoE layer: [L_moe, E] int64 (padding rows excluded)."""
-        rows = []
-        for layer in self._moe_layers:
-            ids = layer.last_routing.expert_ids  # [T, k]
-            ones = torch.ones_like(ids) if valid is None else valid.to(ids.dtype).unsqueeze(1).expand_as(ids)
-            rows.append(torch.zeros(layer.num_experts, dtype=torch.int64, device=ids.device)
-                        .scatter_add_(0, ids.flatten(), ones.flatten()))
-        return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.int64)
+        layers = self._moe_layers
+        if not layers:
+            return torch.zeros(0, 0, dtype=torch.int64)
+        E = max(layer.num_experts for layer in layers)
+        ids = torch.stack([layer.last_routing.expert_ids for layer in layers])  # [L, T, k]: one scatter for all
+        ids = ids + torch.arange(len(layers), device=ids.device).view(-1, 1, 1) * E
+        ones = torch.ones_like(ids) if valid is None else valid.to(ids.dtype).view(1, -1, 1).expand_as(ids)
+        loads = torch.zeros(len(layers) * E, dtype=torch.int64, device=ids.device)
+        return loads.scatter_add_(0, ids.flatten(), ones.flatten()).view(len(layers), E)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Whole sequences without a cache: idx [B, S] -> logits [B, S, V] (calibration and tests)."""

@@ -15,7 +15,7 @@ import torch
 
 from moestack.moe.experts import triton_runs
 from moestack.serve.attention import AttnMeta
-from moestack.serve.model import ServeModel
+from moestack.serve.model import ServeModel, compile_elementwise
 from moestack.serve.sampling import sample
 from moestack.serve.sequence import Sequence
 
@@ -34,7 +34,7 @@ class ModelRunner:
     """Runs one engine step of a ServeModel over its paged KV cache."""
 
     def __init__(self, model: ServeModel, *, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, cuda_graphs: bool, fused_rows: int):
+                 max_model_len: int, cuda_graphs: bool, fused_rows: int, compile: bool = True):
         self.model = model
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype
@@ -52,6 +52,10 @@ class ModelRunner:
         self.triton_decode = triton_runs(probe) and self.device.type == "cuda"
         self.graphs: dict[int, tuple] = {}
         self.last_loads: torch.Tensor | None = None
+        if compile and self.device.type == "cuda":
+            compile_elementwise()
+            for layer in model.moe_layers():  # routers: softmax, top-k and renormalisation fused
+                layer.router.compile(dynamic=True)
         if cuda_graphs and self.device.type == "cuda":
             self.capture(max_num_seqs)
 
