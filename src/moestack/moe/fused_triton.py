@@ -20,7 +20,7 @@ import triton.language as tl
 
 @triton.jit
 def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_sub_ptr, total_ptr,
-              N, K, num_valid, stride_am, stride_be, stride_bp, stride_bk, stride_bn, stride_cm,
+              N, K, num_valid, stride_am, stride_be, stride_bp, stride_bk, stride_bn, stride_cm, R_BUCKET,
               A_DIV: tl.constexpr, W_DIV: tl.constexpr, PARTS: tl.constexpr, MUL_W: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -56,18 +56,26 @@ def precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _blocks(n: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) for a GEMM of output width n: large tiles on a GPU, small ones in the interpreter."""
-    return (64, 64) if n >= 64 else (16, 16)
+# Decode-sized GEMMs read each routed expert's weights once and are memory-bound: the best tile depends on
+# the shape and on how many rows each expert gets, so on a GPU the kernel is autotuned per (N, K, rows
+# bucket) among these (the first call of each bucket measures them; CUDA-graph warm-up runs it).
+TUNE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                for bn, bk, w, st in ((64, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3),
+                                      (128, 128, 8, 4), (256, 64, 8, 3), (32, 128, 4, 4), (64, 256, 4, 3))]
+_moe_gemm_tuned = triton.autotune(TUNE_CONFIGS, key=["N", "K", "R_BUCKET"], warmup=5, rep=20)(_moe_gemm)
 
 
 def moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plan, *, n: int, k: int, a_div: int,
              stride_bp: int, stride_bk: int, stride_bn: int, weights: torch.Tensor | None = None, w_div: int = 1) -> None:
     """out[entry] = a[entry // a_div] @ B_sub(entry) (times weights[entry // w_div]) for every valid entry."""
-    block_n, block_k = _blocks(n)
-    grid = (plan.num_blocks, triton.cdiv(n, block_n))
     w = weights if weights is not None else out
-    _moe_gemm[grid](a, b, out, w, plan.sorted_ids, plan.block_sub, plan.total, n, k, plan.num_valid,
-                    a.stride(0), b.stride(0), stride_bp, stride_bk, stride_bn, out.stride(0),
-                    A_DIV=a_div, W_DIV=w_div, PARTS=plan.parts, MUL_W=weights is not None,
-                    BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, PREC=precision(a))
+    args = (a, b, out, w, plan.sorted_ids, plan.block_sub, plan.total, n, k, plan.num_valid,
+            a.stride(0), b.stride(0), stride_bp, stride_bk, stride_bn, out.stride(0),
+            min(triton.next_power_of_2(plan.num_valid), 4096))
+    flags = dict(A_DIV=a_div, W_DIV=w_div, PARTS=plan.parts, MUL_W=weights is not None, BLOCK_M=plan.block_m,
+                 PREC=precision(a))
+    if a.is_cuda:
+        _moe_gemm_tuned[lambda meta: (plan.num_blocks, triton.cdiv(n, meta["BLOCK_N"]))](*args, **flags)
+    else:  # Triton's interpreter (CPU tests): one small tile
+        block = 64 if n >= 64 else 16
+        _moe_gemm[(plan.num_blocks, triton.cdiv(n, block))](*args, **flags, BLOCK_N=block, BLOCK_K=min(block, 32))

@@ -53,7 +53,8 @@ class LLM:
                  max_num_batched_tokens: int = 8192, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.85, prefix_caching: bool = True, cuda_graphs: bool = True,
                  max_model_len: int | None = None, drop_rate: float | None = None, parts: int = 2,
-                 calib_batches: int = 8, fused_rows: int = 1024, compile: bool = True, tokenizer=None):
+                 calib_batches: int = 8, fused_rows: int = 1024, compile: bool = True, pipeline: bool | None = None,
+                 tokenizer=None):
         dev = _device(device)
         served = model if isinstance(model, loader.Served) else loader.load(model, dev, _dtype(dtype, dev))
         if tokenizer is not None:
@@ -75,6 +76,8 @@ class LLM:
         self.generators: dict[str, torch.Generator] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
+        self.pipeline = self.runner.device.type == "cuda" and bool(self.runner.graphs) if pipeline is None else pipeline
+        self._pending = None  # a step queued ahead by pipelining (see `step`)
         log.info("engine: %s (%s) on %s, %d KV blocks of %d tokens, max_model_len %d", served.name, served.kind,
                  self.runner.device, num_blocks, block_size, self.max_model_len)
 
@@ -156,7 +159,7 @@ class LLM:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._pending is not None
 
     @property
     def num_running(self) -> int:
@@ -168,14 +171,53 @@ class LLM:
 
     # -- stepping -----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one step; what each request in it produced (requests still prefilling produce nothing)."""
-        batch, stuck = self.scheduler.schedule()
-        outputs = [self._finish(seq, "length") for seq in stuck]
-        if not batch:
-            return outputs
-        sample_for = [seq for seq, n in batch if seq.num_computed + n == len(seq)]
-        gens = [self.generators.get(seq.request_id) for seq in sample_for]
-        tokens = self.runner.run(batch, sample_for, gens)
+        """Run one step; what each request in it produced (requests still prefilling produce nothing).
+
+        Pipelining (on with CUDA graphs): when a step is all decodes and nothing waits to be admitted, the next
+        decode step is queued on the device, fed with this step's sampled tokens still on the device, before
+        this step's tokens are read back and detokenized; the host's bookkeeping then overlaps the device's
+        work. The next call completes that step. A sequence that finished meanwhile (a stop string, eos,
+        abort) has its extra token dropped, so outputs are those of the plain loop."""
+        outputs: list[RequestOutput] = []
+        if self._pending is not None:
+            launched, self._pending = self._pending, None
+        else:
+            batch, stuck = self.scheduler.schedule()
+            outputs = [self._finish(seq, "length") for seq in stuck]
+            if not batch:
+                return outputs
+            sample_for = [seq for seq, n in batch if seq.num_computed + n == len(seq)]
+            launched = self.runner.launch(batch, sample_for, [self.generators.get(s.request_id) for s in sample_for])
+        nxt = self._launch_ahead(launched) if self.pipeline else None
+        outputs += self._complete(launched)
+        if nxt is not None and not any(seq.status is Status.RUNNING for seq, _ in nxt.batch):
+            nxt.result()  # everything in it finished meanwhile: let it end, keep nothing
+            nxt = None
+        self._pending = nxt
+        return outputs
+
+    def _launch_ahead(self, launched):
+        """Queue the decode step after `launched` (see `step`), or None where it does not apply."""
+        batch = launched.batch
+        if self.scheduler.waiting or launched.tokens is None or any(n != 1 for _, n in batch):
+            return None
+        alive = [i for i, (seq, _) in enumerate(batch) if seq.status is Status.RUNNING]
+        if not alive or (self.runner.graphs and self.runner._graph_for(len(alive)) is None):
+            return None
+        seqs = [batch[i][0] for i in alive]
+        need = sum(self.blocks.blocks_needed(seq, len(seq) + 1, []) for seq in seqs)
+        if need > self.blocks.num_free or any(len(seq) + 1 > self.max_model_len for seq in seqs):
+            return None
+        for seq in seqs:
+            self.blocks.grow(seq, len(seq) + 1)
+        tokens = launched.tokens if len(alive) == len(batch) else launched.tokens[torch.tensor(alive, device=launched.tokens.device)]
+        return self.runner.launch([(seq, 1) for seq in seqs], seqs, [self.generators.get(s.request_id) for s in seqs],
+                                  ahead=tokens)
+
+    def _complete(self, launched) -> list[RequestOutput]:
+        """Read a launched step's tokens back and advance its (still running) sequences."""
+        tokens = launched.result()
+        batch = launched.batch
         st = self.stats
         st.steps += 1
         st.last_batch = len(batch)
@@ -183,12 +225,18 @@ class LLM:
         if all(n == 1 for _, n in batch):
             st.decode_steps += 1
             st.graph_steps += bool(self.runner.graphs)
+        sampled = iter(tokens)
+        outputs = []
         for seq, n in batch:
+            token = next(sampled) if seq.num_computed + n >= len(seq) else None
+            if seq.status is not Status.RUNNING:
+                continue  # finished or aborted after this step was queued
             if seq.num_computed < seq.num_prompt:
                 st.prompt_tokens += min(n, seq.num_prompt - seq.num_computed)
             seq.num_computed += n
             self.blocks.register_computed(seq)
-        for seq, token in zip(sample_for, tokens):
+            if token is None:
+                continue
             if seq.num_output == 0 and seq.num_preempted == 0:
                 st.cached_tokens += seq.num_cached
             seq.append(token)
@@ -198,7 +246,7 @@ class LLM:
 
     def _after_token(self, seq: Sequence, token: int) -> RequestOutput:
         p = seq.params
-        new, *offsets = self.tokenizer.decode_new(seq.output_ids, *seq.detok)
+        new, *offsets = self.tokenizer.decode_new(seq.token_ids, *seq.detok)
         seq.detok = tuple(offsets)
         text = seq.text + new
         reason = None
@@ -226,7 +274,7 @@ class LLM:
         else:
             end = len(text)
         new_text, seq.sent_text = text[seq.sent_text:end], end
-        new_tokens, seq.sent_tokens = seq.output_ids[seq.sent_tokens:], seq.num_output
+        new_tokens, seq.sent_tokens = seq.token_ids[seq.num_prompt + seq.sent_tokens:], seq.num_output
         return RequestOutput(seq.request_id, new_tokens, new_text, finished, seq.finish_reason,
                              self._completion(seq) if finished else None)
 

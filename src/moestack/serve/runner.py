@@ -69,20 +69,21 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, start + n)]
 
-    def prepare(self, batch: list[tuple[Sequence, int]]):
-        """(tokens [T], positions [T], AttnMeta, rows [N] of the tokens whose logits are sampled)."""
+    def prepare(self, batch: list[tuple[Sequence, int]], ahead: int = 0):
+        """(tokens [T], positions [T], AttnMeta, rows [N] of the tokens whose logits are sampled). ahead = 1: a
+        decode step one position past num_computed (its tokens come from the device; see `launch`)."""
         tokens, positions, slots, q_seq, q_row, last = [], [], [], [], [], []
         ctx, qlen = [], []
         for b, (seq, n) in enumerate(batch):
-            start = seq.num_computed
-            tokens += seq.token_ids[start:start + n]
+            start = seq.num_computed + ahead
+            tokens += seq.token_ids[start:start + n] if not ahead else [0]
             positions += range(start, start + n)
             slots += self._slots(seq, start, n)
             q_seq += [b] * n
             q_row += range(n)
             ctx.append(start + n)
             qlen.append(n)
-            if start + n == len(seq):
+            if start + n >= len(seq):
                 last.append(len(tokens) - 1)
         dev = self.device
         as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
@@ -113,20 +114,32 @@ class ModelRunner:
     def run(self, batch: list[tuple[Sequence, int]], sample_for: list[Sequence],
             generators: list[torch.Generator | None]) -> list[int]:
         """Run the step; the sampled token of each sequence in `sample_for` (those whose last token ran)."""
+        return self.launch(batch, sample_for, generators).result()
+
+    @torch.inference_mode()
+    def launch(self, batch: list[tuple[Sequence, int]], sample_for: list[Sequence],
+               generators: list[torch.Generator | None], ahead: torch.Tensor | None = None) -> "Launched":
+        """Queue the step on the device and return at once; `.result()` waits for its sampled tokens.
+
+        ahead: a decode step one token past what the host knows (the engine's pipelining): every sequence
+        runs position num_computed + 1 and its input token is ahead[i], a device tensor (the previous
+        step's sampled token, not yet read back)."""
         decode = all(n == 1 for _, n in batch)
         graph = self._graph_for(len(batch)) if decode else None
         if graph is not None:
-            logits, loads = self._replay(graph, batch)
+            logits, loads = self._replay(graph, batch, ahead)
             logits = logits[: len(batch)]
         else:
-            tokens, positions, meta, last = self.prepare(batch)
+            tokens, positions, meta, last = self.prepare(batch, 0 if ahead is None else 1)
+            if ahead is not None:
+                tokens = ahead
             h = self.model.hidden(tokens, positions, self.kv, meta)
             logits = self.model.logits(h.index_select(0, last))
             loads = self.model.expert_loads()
         self.last_loads = loads
         if not sample_for:
-            return []
-        return sample(logits, [s.params for s in sample_for], generators).tolist()
+            return Launched(batch, None)
+        return Launched(batch, sample(logits, [s.params for s in sample_for], generators))
 
     # -- CUDA graphs --------------------------------------------------------------------------------------
     def _graph_for(self, n: int):
@@ -164,12 +177,13 @@ class ModelRunner:
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
 
-    def _replay(self, size: int, batch: list[tuple[Sequence, int]]):
+    def _replay(self, size: int, batch: list[tuple[Sequence, int]], ahead: torch.Tensor | None = None):
         graph, logits, loads = self.graphs[size]
         n = len(batch)
-        tokens = [seq.token_ids[seq.num_computed] for seq, _ in batch]
-        positions = [seq.num_computed for seq, _ in batch]
-        slots = [self._slots(seq, seq.num_computed, 1)[0] for seq, _ in batch]
+        step = 0 if ahead is None else 1
+        tokens = [0] * n if step else [seq.token_ids[seq.num_computed] for seq, _ in batch]
+        positions = [seq.num_computed + step for seq, _ in batch]
+        slots = [self._slots(seq, p, 1)[0] for (seq, _), p in zip(batch, positions)]
         # only the columns this batch uses: the kernel reads a row's table up to its context length, so what
         # stays in the other columns (and in the padding rows, whose length is 1 on the scratch block) is never read
         width = max(len(seq.block_table) for seq, _ in batch)
@@ -187,5 +201,29 @@ class ModelRunner:
         self.g_valid[:size].copy_(host[4])
         self.g_tables[:n, :width].copy_(tables.to(self.device, non_blocking=True))
         self.g_tables[n:size, 0] = self.scratch
+        if ahead is not None:
+            self.g_tokens[:n].copy_(ahead)
         graph.replay()
         return logits, loads
+
+
+class Launched:
+    """A step queued on the device: its batch and sampled tokens, copied back to pinned host memory
+    without blocking, so the host can queue the next step before reading these."""
+
+    def __init__(self, batch: list[tuple[Sequence, int]], tokens: torch.Tensor | None):
+        self.batch, self.tokens, self.event = batch, tokens, None
+        self.host = tokens
+        if tokens is not None and tokens.is_cuda:
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def result(self) -> list[int]:
+        """The sampled tokens (waits for the step)."""
+        if self.host is None:
+            return []
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()

@@ -28,7 +28,7 @@ class Sequence:
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.text = ""  # detokenized output so far (up to a stop string)
-        self.detok = (0, 0)  # (prefix, read) offsets into output_ids of the incremental detokenizer
+        self.detok = (self.num_prompt, self.num_prompt)  # (prefix, read) into token_ids: the detokenizer's window
         self.sent_text = 0  # characters of `text` already handed out as deltas
         self.sent_tokens = 0  # output tokens already handed out
         self.num_preempted = 0
