@@ -108,9 +108,9 @@ def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: list[int]) -> dic
         if llm.stats.decode_steps > decode0:
             decode_s += now - s0
             decode_tokens += len(outs)
-            loads = llm.expert_loads()
-            if loads is not None and loads.size:
-                active.append(int((loads > 0).sum()))
+            loads = llm.runner.last_loads  # the latest queued step's, on the device: reading it back would sync
+            if loads is not None and loads.numel():
+                active.append((loads > 0).sum())
             ctx_tokens.append(ctx)
         else:
             prefill_s += now - s0
@@ -125,11 +125,14 @@ def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: list[int]) -> dic
     total = time.perf_counter() - t0
     llm.check_blocks()
     ttft = [first[r] for r in rids]
+    after_first = sum(max_tokens) - len(prompts)
     return dict(total_s=total, prefill_tok_s=prefill_tokens / prefill_s if prefill_s else None,
                 decode_tok_s=decode_tokens / decode_s if decode_s else None,
-                out_tok_s=sum(max_tokens) / total, ttft_p50_ms=1e3 * pct(ttft, 0.5),
+                out_tok_s=sum(max_tokens) / total,
+                steady_tok_s=after_first / (total - max(ttft)) if total > max(ttft) else None,  # cross-check of decode_tok_s
+                ttft_p50_ms=1e3 * pct(ttft, 0.5),
                 itl_p50_ms=1e3 * pct(itl, 0.5) if itl else None, itl_p99_ms=1e3 * pct(itl, 0.99) if itl else None,
-                active_experts=statistics.mean(active) if active else None,
+                active_experts=torch.stack(active).float().mean().item() if active else None,
                 ctx_tokens=statistics.mean(ctx_tokens) if ctx_tokens else None)
 
 

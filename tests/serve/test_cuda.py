@@ -25,7 +25,7 @@ def served(family: str, dtype=torch.float32) -> loader.Served:
 def test_graph_decode_matches_hf_generate(family):
     s, hf = served(family)
     hf = hf.cuda()
-    llm = LLM(s, device="cuda", num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=16)
+    llm = LLM(s, device="cuda", num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=16)
     assert llm.runner.graphs and llm.runner.triton_decode
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
     for p, o in zip(PROMPTS, outs):

@@ -56,7 +56,7 @@ def align(sub_ids: torch.Tensor, num_subs: int, parts: int, block_m: int = BLOCK
     return AlignPlan(sorted_ids[:cap], block_sub, pad_end[-1:], R, num_blocks, parts, block_m)
 
 
-ALIGN = [align]  # [0] is what fused_experts calls: align, or its compiled form (compile_align)
+ALIGN = [align]  # [0] is what fused_experts calls on CUDA: align, or its compiled form (compile_align)
 
 
 def compile_align() -> None:
@@ -87,7 +87,7 @@ def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
         if parts_run is not None:
             sub = torch.where(p < parts_run.reshape(-1, 1), sub, torch.full_like(sub, S))
         sub = sub.flatten()
-    plan = ALIGN[0](sub, S, parts)
+    plan = (ALIGN[0] if x.is_cuda else align)(sub, S, parts)
     R = sub.numel()
     x = x.contiguous()
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)

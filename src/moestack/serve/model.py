@@ -73,7 +73,7 @@ def post_qkv(qkv: torch.Tensor, cos, sin, H: int, Hkv: int, hd: int, qk_norm: st
     return rope_rotate(q, cos, sin), rope_rotate(k, cos, sin), v
 
 
-POST_QKV = [post_qkv]  # [0] is what PagedAttention calls: post_qkv, or its compiled form
+POST_QKV = [post_qkv]  # [0] is what PagedAttention calls on CUDA: post_qkv, or its compiled form
 
 
 def compile_elementwise() -> None:
@@ -107,7 +107,8 @@ class PagedAttention(nn.Module):
         T = x.shape[0]
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qn = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm != "none" else None
-        q, k, v = POST_QKV[0](self.qkv(x), cos, sin, H, Hkv, hd, self.qk_norm, qn, self.clip)
+        post = POST_QKV[0] if x.is_cuda else post_qkv
+        q, k, v = post(self.qkv(x), cos, sin, H, Hkv, hd, self.qk_norm, qn, self.clip)
         if kv is None:
             o = attend_dense(q, k, v, meta)
         else:
