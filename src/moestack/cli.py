@@ -86,14 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest good checkpoint, "
                    "with its config.toml (flags given now override it)")
 
-    p = sub.add_parser("generate", help="sample text from a trained run")
-    p.add_argument("--run-dir", required=True, help="a run folder written by `moestack train`")
+    p = sub.add_parser("generate", help="continue a prompt with a trained run or a Hugging Face MoE checkpoint",
+                       description="Continue --prompt through the serving engine (paged KV cache, CUDA graphs on a GPU). "
+                                   "Under torchrun with several ranks, a run's expert-parallel model generates instead.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a run folder written by `moestack train`, or a Hugging Face checkpoint folder "
+                     "(config.json + safetensors + tokenizer)")
+    src.add_argument("--run-dir", help="a run folder (the same as --model RUN_DIR)")
     p.add_argument("--prompt", default="def ", help="text to continue")
     p.add_argument("--max-new-tokens", type=positive_int, default=200)
     p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--drop-rate", type=non_negative_float, default=None,
+                   help="DualSparse: partition the experts and drop this share of expert computation")
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a trained run")
     p.add_argument("--run-dir", required=True)
@@ -196,11 +203,24 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from moestack.runs import generate_text
+    path = args.model or args.run_dir
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: the run's expert-parallel model
+        from moestack.runs import generate_text
 
-    text = generate_text(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.device)
-    if text is not None:
-        print(text)
+        if args.drop_rate is not None:
+            print("moestack generate: error: --drop-rate runs in the single-process engine; leave out torchrun",
+                  file=sys.stderr)
+            return 2
+        text = generate_text(path, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.device)
+        if text is not None:
+            print(text)
+        return 0
+    from moestack.serve import LLM, SamplingParams
+
+    llm = LLM(path, device=args.device, drop_rate=args.drop_rate, max_num_seqs=1)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    out = llm.generate([args.prompt], params, use_tqdm=False)[0]
+    print(args.prompt + out.text)
     return 0
 
 
