@@ -217,9 +217,14 @@ def cmd_generate(args) -> int:
         return 0
     from moestack.serve import LLM, SamplingParams
 
-    llm = LLM(path, device=args.device, drop_rate=args.drop_rate, max_num_seqs=1)
-    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    out = llm.generate([args.prompt], params, use_tqdm=False)[0]
+    try:  # the engine's errors for a bad model folder or prompt are ValueErrors that say what to do
+        llm = LLM(path, device=args.device, drop_rate=args.drop_rate, max_num_seqs=1)
+        params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                seed=args.seed)
+        out = llm.generate([args.prompt], params, use_tqdm=False)[0]
+    except ValueError as err:
+        print(f"moestack generate: error: {err}", file=sys.stderr)
+        return 2
     print(args.prompt + out.text)
     return 0
 
