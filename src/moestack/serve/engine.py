@@ -326,7 +326,7 @@ class LLM:
 
     def check_blocks(self) -> None:
         """Raise if a KV block leaked (see kv_cache.BlockManager.check)."""
-        self.blocks.check()
+        self.blocks.check(list(self.scheduler.running) + list(self.scheduler.waiting))
 
 
 def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:

@@ -131,8 +131,17 @@ class BlockManager:
         seq.block_table = []
         seq.num_hashed_blocks = 0
 
-    def check(self) -> None:
-        """Raise if a block is lost (neither referenced nor free) or double-booked."""
+    def check(self, seqs=None) -> None:
+        """Raise if a block is lost (neither referenced nor free) or double-booked; given the live sequences,
+        also if a block's reference count is not the number of their block tables holding it (a leak)."""
+        if seqs is not None:
+            held = [0] * self.num_blocks
+            for seq in seqs:
+                for b in seq.block_table:
+                    held[b] += 1
+            for b in range(self.num_blocks):
+                if held[b] != self.ref_count[b]:
+                    raise AssertionError(f"KV block {b}: ref_count {self.ref_count[b]} but {held[b]} live sequences hold it")
         for b in range(self.num_blocks):
             in_free = b in self.free
             if in_free == (self.ref_count[b] > 0) or self.ref_count[b] < 0:
