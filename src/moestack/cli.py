@@ -1,4 +1,4 @@
-"""`moestack train | generate | eval | trace | plan | sparsify | ckpt`: the command line."""
+"""`moestack train | generate | serve | eval | trace | plan | sparsify | ckpt`: the command line."""
 
 from __future__ import annotations
 
@@ -101,6 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--drop-rate", type=non_negative_float, default=None,
                    help="DualSparse: partition the experts and drop this share of expert computation")
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on a run or a Hugging Face MoE checkpoint",
+                       description="Serve --model over HTTP: POST /v1/completions and /v1/chat/completions (streamed "
+                                   "or not), GET /v1/models, /health, /metrics. Needs the serve extra: "
+                                   "pip install 'moestack[serve]'. SIGTERM drains the requests in flight, then exits.")
+    p.add_argument("--model", required=True, help="a run folder written by `moestack train`, or a Hugging Face "
+                   "checkpoint folder (config.json + safetensors + tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("MOESTACK_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every /v1 route (default: $MOESTACK_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the folder name)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=64, help="most requests in one engine step")
+    p.add_argument("--max-queue", type=positive_int, default=256,
+                   help="most requests waiting for a batch slot; more get 429")
+    p.add_argument("--max-model-len", type=positive_int, default=None, help="context length (default: the model's)")
+    p.add_argument("--num-blocks", type=positive_int, default=None,
+                   help="KV-cache blocks (default: sized from free GPU memory, or room for every sequence on the CPU)")
+    p.add_argument("--drop-rate", type=non_negative_float, default=None,
+                   help="DualSparse: partition the experts and drop this share of expert computation")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, fp32 on the CPU), bfloat16, float16, float32")
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a trained run")
     p.add_argument("--run-dir", required=True)
@@ -229,6 +251,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from moestack.serve.server import serve
+    except ImportError as err:
+        print(f"moestack serve: error: the HTTP server needs the serve extra ({err.name} is missing): "
+              "pip install 'moestack[serve]'", file=sys.stderr)
+        return 2
+    from moestack.serve import LLM
+
+    try:
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                  max_model_len=args.max_model_len, num_blocks=args.num_blocks, drop_rate=args.drop_rate)
+    except ValueError as err:
+        print(f"moestack serve: error: {err}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    serve(llm, name, args.host, args.port, args.api_key, args.max_queue)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from moestack.inference.cli import DROP_DEFAULTS, run_eval_with_drop
 
@@ -273,7 +315,7 @@ def cmd_ckpt(args) -> int:
     return run_ckpt(args)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "trace": cmd_trace, "plan": cmd_plan,
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "serve": cmd_serve, "eval": cmd_eval, "trace": cmd_trace, "plan": cmd_plan,
             "ckpt": cmd_ckpt, "sparsify": cmd_sparsify}
 
 if __name__ == "__main__":
