@@ -336,3 +336,20 @@ def test_the_core_imports_without_the_serve_extra(model_dir):
     code = BLOCK + f"import sys; from moestack.cli import main; sys.exit(main(['serve', '--model', {model_dir!r}]))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 2 and "pip install 'moestack[serve]'" in done.stderr
+
+
+def test_bench_serve_http_quick(tmp_path):
+    """bench/serve_http.py end to end on the CPU: offline and HTTP rows for each client count."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    done = subprocess.run([sys.executable, "bench/serve_http.py", "--quick", "--clients", "1,4", "--device", "cpu"],
+                          cwd=root, env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "serve_http.jsonl").read_text().splitlines()]
+    assert sorted((r["side"], r["clients"]) for r in rows) == [("http", 1), ("http", 4), ("offline", 1), ("offline", 4)]
+    assert all(r["requests"] == 2 * r["clients"] and r["req_s"] > 0 and r["ttft_p50_ms"] > 0 for r in rows)
