@@ -6,9 +6,9 @@
 # group that made each figure. A group that fails is reported and the next one still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}; mkdir -p "$OUT"
-py() { python3 "$@" 2>&1 | grep -v '^{'; }  # JSON result lines go to the .jsonl files, not the log
+py() { local t=$1; shift; timeout "$t" python3 "$@" 2>&1 | grep -v '^{'; }  # py SECONDS SCRIPT ARGS: JSON lines go to the .jsonl files
 
 declare -A HELP=(
   [tests]="the gpu- and triton-marked tests (fast paths against the eager references, on the GPU)"
@@ -27,22 +27,22 @@ declare -A HELP=(
 
 run_group() {
   case "$1" in
-  tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" tests 2>&1 | tail -15 ;;
-  layer) timeout 240 py bench/moe_layer.py --reps 10 --skip-loop ;;
-  dualsparse) timeout 300 py bench/dualsparse.py --study speed --reps 10 ;;
-  combine) timeout 150 py bench/combine.py --reps 20 ;;
-  swiglu) timeout 60 py bench/swiglu.py ;;
-  train) timeout 240 py bench/train_step.py --reps 10 --compile ;;
+  tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" --tb=short -rfE tests 2>&1 | grep -v Warning ;;
+  layer) py 240 bench/moe_layer.py --reps 10 --skip-loop ;;
+  dualsparse) py 300 bench/dualsparse.py --study speed --reps 10 ;;
+  combine) py 150 bench/combine.py --reps 20 ;;
+  swiglu) py 60 bench/swiglu.py ;;
+  train) py 240 bench/train_step.py --reps 10 --compile ;;
   checkpoint)
-    timeout 560 py bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp \
+    py 560 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp \
       --methods torch_save,moestack_full,moestack_pec --train-steps 250 --every 50 --when-busy defer ;;
   disk)
     df -h /tmp | tail -1
     dd if=/dev/zero of=/tmp/dd.bin bs=64M count=64 oflag=direct conv=fsync 2>&1 | tail -1; rm -f /tmp/dd.bin ;;
-  serve) timeout 420 py bench/serve.py --mixed 128 ;;
-  serve_full) timeout 300 py bench/serve.py --models olmoe --layers 16 --batches 8,64 --mixed 0 ;;
-  serve_dualsparse) timeout 300 py bench/serve.py --batches 8 --mixed 0 --no-hf --drop-rates 0.25 --drop-batches 8,64 ;;
-  serve_http) timeout 300 py bench/serve_http.py ;;
+  serve) py 420 bench/serve.py --mixed 128 ;;
+  serve_full) py 300 bench/serve.py --models olmoe --layers 16 --batches 8,64 --mixed 0 ;;
+  serve_dualsparse) py 300 bench/serve.py --batches 8 --mixed 0 --no-hf --drop-rates 0.25 --drop-batches 8,64 ;;
+  serve_http) py 300 bench/serve_http.py ;;
   esac
 }
 
