@@ -63,9 +63,10 @@ def test_engine_with_the_fused_kernels_equals_the_eager_engine(triton_device, tm
     hf_folder(tmp_path, "qwen3_moe")
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     prompts = [[2, 3, 4, 5], [9, 8, 7, 6, 5, 4, 3], [11] * 6]
-    eager = LLM(str(tmp_path), device=triton_device, dtype="float32", block_size=4, fused_rows=0, cuda_graphs=False)
+    eager = LLM(str(tmp_path), device=triton_device, dtype="float32", block_size=4, num_blocks=64, fused_rows=0,
+                cuda_graphs=False)
     ref = eager.generate(prompts, params, use_tqdm=False)
-    fast = LLM(str(tmp_path), device=triton_device, dtype="float32", block_size=4, fused_rows=1024)
+    fast = LLM(str(tmp_path), device=triton_device, dtype="float32", block_size=4, num_blocks=64, fused_rows=1024)
     calls = []
     real = fast.model.moe_layers()[0].fused
 

@@ -82,8 +82,12 @@ def compile_elementwise() -> None:
     this on CUDA before capturing graphs; the eager functions stay the reference on CPU)."""
     from moestack.moe import fused
 
+    # One graph per (model shape, dtype, batch 1 or more): a process that serves several models in turn (tests,
+    # benches) would pass dynamo's default limit of 8 per function; past the limit, dynamo runs the eager
+    # function (no fullgraph), so a limit reached costs speed, never an error. vLLM raises the limit likewise.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if POST_QKV[0] is post_qkv:
-        POST_QKV[0] = torch.compile(post_qkv, dynamic=True, fullgraph=True)
+        POST_QKV[0] = torch.compile(post_qkv, dynamic=True)
     fused.compile_align()
 
 
