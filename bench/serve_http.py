@@ -11,7 +11,7 @@ its next request when the last one ended.
 - http: a live `moestack serve` process on 127.0.0.1 with the same engine settings, C asyncio clients
   streaming `POST /v1/completions` (token-id prompts, SSE) through httpx.
 Per row: requests/s, output tok/s, time to first token and end-to-end latency p50/p99 (the HTTP ones as the
-client sees them), and http/offline ratios. Each side is warmed up with one pass at the largest C first
+client sees them), and http/offline ratios. Each side is warmed up first with one request per client at every C
 (kernel compiles, CUDA graph captures). JSON lines in $OUT/serve_http.jsonl or bench/results/serve_http.jsonl.
 """
 
@@ -150,9 +150,10 @@ def main() -> None:
             return torch.randint(2, vocab, (n, args.prompt_len), generator=gen).tolist()
 
         loads = {c: workload(c) for c in levels}
-        warm = workload(top)
+        warm = {c: workload(c)[:c] for c in levels}  # one request per client at each level: compiles and graphs
         rows = []
-        offline(llm, warm, top, args.new_tokens)
+        for c in levels:
+            offline(llm, warm[c], c, args.new_tokens)
         for c in levels:
             llm.blocks.reset_prefix_cache()
             rows.append(offline(llm, loads[c], c, args.new_tokens))
@@ -161,7 +162,8 @@ def main() -> None:
         del llm
 
         with ServerProcess(model, *cli, "--served-model-name", "bench") as srv:
-            asyncio.run(http(srv.base_url, "bench", warm, top, args.new_tokens))
+            for c in levels:
+                asyncio.run(http(srv.base_url, "bench", warm[c], c, args.new_tokens))
             for c in levels:
                 rows.append(asyncio.run(http(srv.base_url, "bench", loads[c], c, args.new_tokens)))
             health = srv.health()
