@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import sys
 import threading
 import time
 import uuid
@@ -31,7 +29,6 @@ from moestack.serve.protocol import ApiError, ChatRequest, CompletionRequest
 from moestack.serve.worker import EngineWorker, Job
 
 log = logging.getLogger("moestack")
-SWITCH_INTERVAL_S = float(os.environ.get("MOESTACK_SWITCH_INTERVAL", "0.0002"))
 
 
 def error_response(err: ApiError) -> JSONResponse:
@@ -260,9 +257,6 @@ class DrainingServer(uvicorn.Server):
 def serve(llm: LLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_queue: int = 256) -> None:
     """Serve `llm` until SIGTERM/SIGINT (blocking)."""
-    # The engine thread and the event loop share the GIL: a thread that wants it waits up to the switch
-    # interval (5 ms by default, longer than a decode step) before the holder is asked to let go.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = create_app(llm, model_name, api_key, max_queue)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
     log.warning("serving %s on http://%s:%d/v1 (OpenAI API)", model_name, host, port)
