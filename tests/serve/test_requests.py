@@ -126,3 +126,61 @@ def test_context_limit_finishes_with_length(llm):
     out = llm.generate([list(range(2, 42))], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
                        use_tqdm=False)[0]
     assert out.finish_reason == "length" and len(out.prompt_token_ids) + len(out.token_ids) == 48
+
+
+def _dense_logits(llm, prompt: list[int], out: list[int]):
+    import torch
+
+    with torch.inference_mode():
+        seq = torch.tensor([prompt + out])
+        return llm.model(seq)[0, len(prompt) - 1:-1].float()  # the logits each generated token came from
+
+
+@pytest.mark.parametrize("presence, frequency", [(0.0, 1.5), (1.0, 0.0), (-0.5, 0.8)])
+def test_penalties_follow_the_openai_rule(llm, presence, frequency):
+    """Each greedy token is the argmax of logit - frequency x count - presence x [count > 0] over the tokens
+    generated before it (checked against the dense forward of the whole sequence), and penalties change
+    the output of a prompt that repeats itself without them."""
+    import torch
+
+    prompt = llm.encode_prompt("abcabcabc")[0]
+    plain = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, presence_penalty=presence,
+                            frequency_penalty=frequency)
+    got = llm.generate([prompt], params, use_tqdm=False)[0].token_ids
+    logits = _dense_logits(llm, prompt, got)
+    for t, tok in enumerate(got):
+        counts = torch.bincount(torch.tensor(got[:t], dtype=torch.long), minlength=logits.shape[1]).float()
+        adjusted = logits[t] - frequency * counts - presence * (counts > 0).float()
+        assert adjusted[tok] >= adjusted.max() - 1e-4, t
+    assert got != plain.token_ids
+    llm.check_blocks()
+
+
+def test_logprobs_are_the_models_log_softmax(llm):
+    import torch
+
+    prompts = [llm.encode_prompt(p)[0] for p in ("def f(x):", "x = 1")]
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3),
+              SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True, logprobs=0)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)[0].logprobs is None
+    for p, o, sp in zip(prompts, outs, params):
+        assert [lp.token_id for lp in o.logprobs] == o.token_ids
+        ref = _dense_logits(llm, p, o.token_ids).log_softmax(-1)
+        for t, lp in enumerate(o.logprobs):
+            assert abs(lp.logprob - ref[t, lp.token_id].item()) < 1e-4
+            assert len(lp.top) == sp.logprobs
+            top = ref[t].topk(sp.logprobs)
+            assert [i for i, _ in lp.top] == top.indices.tolist()
+            assert all(abs(v - w) < 1e-4 for (_, v), w in zip(lp.top, top.values.tolist()))
+        if sp.greedy:
+            assert all(lp.top[0][0] == lp.token_id for lp in o.logprobs)
+
+
+@pytest.mark.parametrize("fields, match", [(dict(presence_penalty=2.5), "presence_penalty"),
+                                           (dict(frequency_penalty="x"), "frequency_penalty"),
+                                           (dict(logprobs=21), "logprobs"), (dict(logprobs=True), "logprobs")])
+def test_penalty_and_logprob_validation(fields, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**fields)

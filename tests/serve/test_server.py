@@ -175,15 +175,23 @@ def test_32_concurrent_streams(server, offline):
     client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=300)
     start = threading.Barrier(32)
 
+    finished = {}
+
     def one(i):
         start.wait()
+        time.sleep(0.002 * i)  # arrive in index order
         chunks = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i], temperature=0,
                                            stream=True, extra_body={"ignore_eos": True})
-        return "".join(c.choices[0].text for c in chunks if c.choices)
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        finished[i] = time.perf_counter()
+        return text
 
     with ThreadPoolExecutor(32) as pool:
         got = list(pool.map(one, range(32)))
     assert got == ref
+    order = sorted(finished, key=finished.get)
+    assert order != sorted(order)  # lengths differ, so requests finish out of arrival order
+    assert order.index(lengths.index(min(lengths))) < order.index(lengths.index(max(lengths)))
     h = wait_idle(server)
     assert h["max_batch"] > 1
     assert metric(server, "moestack:request_success_total", finished_reason="length") - ok_before == 32
@@ -203,8 +211,11 @@ BAD = [  # (route, body or raw text, status, param/code fragment in the error)
     ("/completions", {"prompt": "x", "n": 0}, 400, "n"),
     ("/completions", {"prompt": 5}, 400, "prompt"),
     ("/completions", {}, 400, "prompt"),
-    ("/completions", {"prompt": "x", "max_tokenz": 4}, 400, "unknown field 'max_tokenz'"),
-    ("/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
+    ("/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias is not supported"),
+    ("/completions", {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    ("/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
+     "top_logprobs needs logprobs"),
     ("/completions", {"prompt": "x", "echo": True}, 400, "echo is not supported"),
     ("/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
     ("/completions", {"prompt": "x", "max_tokens": MAX_LEN}, 400, "context_length_exceeded"),
@@ -241,9 +252,42 @@ def test_the_openai_client_sees_4xx_as_its_exceptions(client):
     assert err.value.code == "context_length_exceeded" and err.value.param == "max_tokens"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="other", prompt="x")
-    with pytest.raises(openai.BadRequestError, match="unknown field"):
-        client.completions.create(model="tiny", prompt="x", extra_body={"beam_width": 2})
     still_serves(client)
+
+
+def test_fields_outside_the_api_are_ignored_with_a_warning(server, client):
+    """As vLLM does (SERVING.md): a field the OpenAI API does not have changes nothing and is logged once."""
+    kw = dict(model="tiny", prompt="def f(x):", max_tokens=8, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    assert client.completions.create(**kw, extra_body={"beam_width": 2}).choices[0].text == plain
+    _wait_for(lambda: "ignoring request fields outside the OpenAI API: beam_width" in server.log())
+
+
+def test_penalties_and_logprobs_match_the_offline_engine(client, offline):
+    kw = dict(max_tokens=12, temperature=0, presence_penalty=0.5, frequency_penalty=1.0)
+    want = offline.generate(["abcabc"], greedy(12, ignore_eos=True, logprobs=2, presence_penalty=0.5,
+                                                frequency_penalty=1.0), use_tqdm=False)[0]
+    out = client.completions.create(model="tiny", prompt="abcabc", logprobs=2, extra_body={"ignore_eos": True}, **kw)
+    c = out.choices[0]
+    assert c.text == want.text
+    assert c.logprobs.token_logprobs == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-5)
+    assert c.logprobs.tokens == [offline.tokenizer.decode([t]) for t in want.token_ids]
+    assert [len(t) for t in c.logprobs.top_logprobs] == [2] * 12 and c.logprobs.text_offset[0] == 0
+    chunks = list(client.completions.create(model="tiny", prompt="abcabc", logprobs=2, stream=True,
+                                            extra_body={"ignore_eos": True}, **kw))
+    streamed = [x for ch in chunks if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(c.logprobs.token_logprobs, abs=1e-6)
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, logprobs=True, top_logprobs=3,
+                                          extra_body={"ignore_eos": True}, **kw).choices[0]
+    ids = offline.tokenizer.chat_prompt(messages)
+    ref = offline.generate([ids], greedy(12, ignore_eos=True, logprobs=3, presence_penalty=0.5, frequency_penalty=1.0),
+                           use_tqdm=False)[0]
+    assert chat.message.content == ref.text
+    assert [e.logprob for e in chat.logprobs.content] == pytest.approx([lp.logprob for lp in ref.logprobs], abs=1e-5)
+    for e, lp in zip(chat.logprobs.content, ref.logprobs):  # top: the raw model's (penalties come after)
+        assert [t.token for t in e.top_logprobs] == [offline.tokenizer.decode([i]) for i, _ in lp.top]
+        assert e.bytes == list(e.token.encode())
 
 
 def test_api_key_is_enforced_on_every_v1_route(server):

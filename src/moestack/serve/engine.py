@@ -201,6 +201,8 @@ class LLM:
         batch = launched.batch
         if self.scheduler.waiting or launched.tokens is None or any(n != 1 for _, n in batch):
             return None
+        if any(seq.params.penalized or seq.params.logprobs is not None for seq, _ in batch):
+            return None  # penalties need the tokens on the host; logprobs are read back with them
         alive = [i for i, (seq, _) in enumerate(batch) if seq.status is Status.RUNNING]
         if not alive or (self.runner.graphs and self.runner._graph_for(len(alive)) is None):
             return None
@@ -225,10 +227,14 @@ class LLM:
         if all(n == 1 for _, n in batch):
             st.decode_steps += 1
             st.graph_steps += bool(self.runner.graphs)
-        sampled = iter(tokens)
+        logprobs = launched.token_logprobs()
+        row = -1
         outputs = []
         for seq, n in batch:
-            token = next(sampled) if seq.num_computed + n >= len(seq) else None
+            token = None
+            if seq.num_computed + n >= len(seq):
+                row += 1
+                token = tokens[row]
             if seq.status is not Status.RUNNING:
                 continue  # finished or aborted after this step was queued
             if seq.num_computed < seq.num_prompt:
@@ -240,6 +246,8 @@ class LLM:
             if seq.num_output == 0 and seq.num_preempted == 0:
                 st.cached_tokens += seq.num_cached
             seq.append(token)
+            if seq.logprobs is not None:
+                seq.logprobs.append(logprobs[row])
             st.generated_tokens += 1
             outputs.append(self._after_token(seq, token))
         return outputs
@@ -274,9 +282,11 @@ class LLM:
         else:
             end = len(text)
         new_text, seq.sent_text = text[seq.sent_text:end], end
-        new_tokens, seq.sent_tokens = seq.token_ids[seq.num_prompt + seq.sent_tokens:], seq.num_output
+        sent, seq.sent_tokens = seq.sent_tokens, seq.num_output
+        new_tokens = seq.token_ids[seq.num_prompt + sent:]
+        new_lps = None if seq.logprobs is None else seq.logprobs[sent:]
         return RequestOutput(seq.request_id, new_tokens, new_text, finished, seq.finish_reason,
-                             self._completion(seq) if finished else None)
+                             self._completion(seq) if finished else None, new_logprobs=new_lps)
 
     def _finish(self, seq: Sequence, reason: str) -> RequestOutput:
         seq.finish_reason = reason
@@ -288,7 +298,8 @@ class LLM:
 
     def _completion(self, seq: Sequence) -> Completion:
         return Completion(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt], seq.text, seq.output_ids,
-                          seq.finish_reason or "length", seq.num_cached)
+                          seq.finish_reason or "length", seq.num_cached,
+                          None if seq.logprobs is None else list(seq.logprobs))
 
     # -- offline ------------------------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | dict | None = None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+MAX_LOGPROBS = 20  # the OpenAI API's limit on top_logprobs
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -17,6 +19,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: times the number of times the token was generated
+    logprobs: int | None = None  # None: none; N >= 0: each token's log-probability and the N most likely
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -40,6 +45,14 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"SamplingParams.ignore_eos must be true or false, got {self.ignore_eos!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite(value) or not -2 <= value <= 2:
+                raise ValueError(f"SamplingParams.{name} must be a number in [-2, 2], got {value!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"SamplingParams.logprobs must be None or an integer in [0, {MAX_LOGPROBS}], "
+                             f"got {self.logprobs!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "SamplingParams":
@@ -53,6 +66,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 def _finite(x) -> bool:
@@ -70,6 +87,17 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    logprobs: list["TokenLogprob"] | None = None  # one per token of token_ids when SamplingParams.logprobs is set
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature, penalties and filters, as
+    vLLM reports it) and the `top` most likely tokens with theirs (id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -82,4 +110,5 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None
     completion: Completion | None = None  # set when finished
+    new_logprobs: list[TokenLogprob] | None = None  # for new_token_ids, when the request asked for logprobs
     extra: dict = field(default_factory=dict)

@@ -1,18 +1,21 @@
 """The OpenAI API's request bodies (pydantic) and the error body, read the way vLLM's server reads them.
 
 Standard fields are typed (strictly: "1" is not a number). A standard field moestack does not support, set
-to something other than its default, is a 400 naming it; so is a field outside the OpenAI API (a typo must
-not be silently ignored), except vLLM's extensions that the engine has (`top_k`, `ignore_eos`). Nothing
-here touches the engine: the engine thread encodes prompts (serve/worker.py).
+to something other than its default, is a 400 naming it. Fields outside the OpenAI API are ignored with one
+logged warning per request, as vLLM does (docs: SERVING.md), except vLLM's extensions that the engine has
+(`top_k`, `ignore_eos`). Nothing here touches the engine: the engine thread encodes prompts (serve/worker.py).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moestack.serve.params import SamplingParams
+from moestack.serve.params import MAX_LOGPROBS, SamplingParams
+
+log = logging.getLogger("moestack")
 
 ERROR_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
                500: "server_error", 503: "server_error"}
@@ -38,8 +41,8 @@ class StreamOptions(BaseModel):
 class _Request(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-    UNSUPPORTED: ClassVar[dict] = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": (None, {})}
+    model_config = ConfigDict(extra="allow", strict=True)
+    UNSUPPORTED: ClassVar[dict] = {"logit_bias": (None, {})}
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -51,14 +54,15 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     logit_bias: Any = None
     top_k: int = Field(default=0, ge=0)  # vLLM's extensions, outside the OpenAI API
     ignore_eos: bool = False
 
     def check(self) -> None:
-        """ApiError for an unsupported field set to a value other than its default."""
+        """ApiError for an unsupported field set to a value other than its default; a warning for fields outside
+        the API."""
         for name, defaults in self.UNSUPPORTED.items():
             value = getattr(self, name)
             if not any(value == d and type(value) is type(d) for d in defaults):
@@ -66,6 +70,10 @@ class _Request(BaseModel):
                                     f"{defaults[0]!r})", name, "unsupported_parameter")
         if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop_list):
             raise ApiError(400, "stop: give a non-empty string or a list of non-empty strings", "stop")
+        _ = self.num_logprobs  # its own 400s (chat: top_logprobs without logprobs)
+        ignored = sorted(self.model_extra or {})
+        if ignored:
+            log.warning("ignoring request fields outside the OpenAI API: %s", ", ".join(ignored))
 
     @property
     def stop_list(self) -> list[str]:
@@ -93,20 +101,29 @@ class _Request(BaseModel):
         seed = None if self.seed is None else self.seed + index
         return SamplingParams(max_tokens=wanted or self.default_tokens(room), temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k, stop=tuple(self.stop_list), seed=seed,
-                              ignore_eos=self.ignore_eos)
+                              ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty, logprobs=self.num_logprobs)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """How many top logprobs per token the request wants (None: no logprobs)."""
+        return None
 
 
 class CompletionRequest(_Request):
     """POST /v1/completions."""
 
-    UNSUPPORTED: ClassVar[dict] = {**_Request.UNSUPPORTED, "echo": (False,), "suffix": (None, ""), "best_of": (None, 1),
-                   "logprobs": (None,)}
+    UNSUPPORTED: ClassVar[dict] = {**_Request.UNSUPPORTED, "echo": (False,), "suffix": (None, ""), "best_of": (None, 1)}
 
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def default_tokens(self, room: int) -> int:
         return min(16, room)  # the OpenAI API's default for completions
@@ -122,7 +139,7 @@ class CompletionRequest(_Request):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict] | None = None
@@ -144,7 +161,7 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Request):
     """POST /v1/chat/completions."""
 
-    UNSUPPORTED: ClassVar[dict] = {**_Request.UNSUPPORTED, "logprobs": (None, False), "top_logprobs": (None, 0),
+    UNSUPPORTED: ClassVar[dict] = {**_Request.UNSUPPORTED,
                    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
                    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
                    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
@@ -153,7 +170,13 @@ class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
     tools: Any = None
     functions: Any = None
     tool_choice: Any = None

@@ -16,7 +16,8 @@ import torch
 from moestack.moe.experts import triton_runs
 from moestack.serve.attention import AttnMeta
 from moestack.serve.model import ServeModel, compile_elementwise
-from moestack.serve.sampling import sample
+from moestack.serve.params import SamplingParams, TokenLogprob
+from moestack.serve.sampling import Logprobs, sample
 from moestack.serve.sequence import Sequence
 
 log = logging.getLogger("moestack")
@@ -139,7 +140,10 @@ class ModelRunner:
         self.last_loads = loads
         if not sample_for:
             return Launched(batch, None)
-        return Launched(batch, sample(logits, [s.params for s in sample_for], generators))
+        params = [s.params for s in sample_for]
+        outputs = [s.output_ids for s in sample_for] if any(p.penalized for p in params) else None
+        tokens, logprobs = sample(logits, params, generators, outputs)
+        return Launched(batch, tokens, logprobs, params)
 
     # -- CUDA graphs --------------------------------------------------------------------------------------
     def _graph_for(self, n: int):
@@ -211,8 +215,9 @@ class Launched:
     """A step queued on the device: its batch and sampled tokens, copied back to pinned host memory
     without blocking, so the host can queue the next step before reading these."""
 
-    def __init__(self, batch: list[tuple[Sequence, int]], tokens: torch.Tensor | None):
-        self.batch, self.tokens, self.event = batch, tokens, None
+    def __init__(self, batch: list[tuple[Sequence, int]], tokens: torch.Tensor | None, logprobs: Logprobs | None = None,
+                 params: list[SamplingParams] | None = None):
+        self.batch, self.tokens, self.event, self.logprobs, self.params = batch, tokens, None, logprobs, params
         self.host = tokens
         if tokens is not None and tokens.is_cuda:
             self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -227,3 +232,16 @@ class Launched:
         if self.event is not None:
             self.event.synchronize()
         return self.host.tolist()
+
+    def token_logprobs(self) -> dict[int, TokenLogprob]:
+        """Sample-row index -> the TokenLogprob of the rows that asked for logprobs (after `result`)."""
+        lp = self.logprobs
+        if lp is None:
+            return {}
+        chosen, values, ids = lp.chosen.tolist(), lp.top_values.tolist(), lp.top_ids.tolist()
+        toks = self.host.tolist()
+        out = {}
+        for j, row in enumerate(lp.rows):
+            k = self.params[row].logprobs
+            out[row] = TokenLogprob(toks[row], chosen[j], tuple(zip(ids[j][:k], values[j][:k])))
+        return out

@@ -32,6 +32,7 @@ class Sequence:
         self.sent_text = 0  # characters of `text` already handed out as deltas
         self.sent_tokens = 0  # output tokens already handed out
         self.num_preempted = 0
+        self.logprobs: list | None = [] if params.logprobs is not None else None  # TokenLogprob per output token
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -39,6 +39,27 @@ def _sse(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
+def chat_logprobs(entries: list[dict] | None) -> dict | None:
+    """The chat API's logprobs object for the tokens `entries` (EngineWorker._named)."""
+    if entries is None:
+        return None
+    return {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"],
+                         "top_logprobs": [{k: t[k] for k in ("token", "logprob", "bytes")} for t in e["top"]]}
+                        for e in entries]}
+
+
+def completion_logprobs(entries: list[dict] | None, offset: int = 0) -> dict | None:
+    """The completions API's (legacy) logprobs object; text offsets count from `offset` characters."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in entries], "text_offset": offsets}
+
+
 class Api:
     """The routes' logic, on one engine worker (kept apart from FastAPI's wiring in `create_app`)."""
 
@@ -103,12 +124,13 @@ class Api:
     async def whole(self, job: Job, req, prompt_tokens: int, chat: bool) -> JSONResponse:
         total = job.num_choices
         done: dict[int, object] = {}
+        lps: dict[int, list | None] = {}
         try:
             while len(done) < total:
                 kind, *rest = await job.outputs.get()
                 if kind == "error":
                     return error_response(rest[0])
-                index, out = rest
+                index, out, lps[index] = rest
                 done[index] = out.completion
         except BaseException:
             self.worker.abort(job)
@@ -118,8 +140,11 @@ class Api:
         choices = []
         for i in range(total):
             c = done[i]
-            body = {"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text}
-            choices.append({"index": i, **body, "finish_reason": c.finish_reason, "logprobs": None})
+            if chat:
+                body = {"message": {"role": "assistant", "content": c.text}, "logprobs": chat_logprobs(lps[i])}
+            else:
+                body = {"text": c.text, "logprobs": completion_logprobs(lps[i])}
+            choices.append({"index": i, **body, "finish_reason": c.finish_reason})
         completion = sum(len(c.token_ids) for c in done.values())
         return JSONResponse({"id": job.id, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": self.model_name, "choices": choices,
@@ -131,13 +156,16 @@ class Api:
         head = {"id": job.id, "object": kind, "created": int(time.time()), "model": self.model_name}
         total = job.num_choices
         pending, completion = set(range(total)), 0
+        offsets = [0] * total  # characters of logprob tokens sent per choice (completions' text_offset)
 
-        def chunk(i: int, text: str, reason: str | None, first: bool = False) -> str:
+        def chunk(i: int, text: str, reason: str | None, first: bool = False, lps: list | None = None) -> str:
             if chat:
                 delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+                choice = {"index": i, "delta": delta, "logprobs": chat_logprobs(lps), "finish_reason": reason}
             else:
-                choice = {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                choice = {"index": i, "text": text, "logprobs": completion_logprobs(lps, offsets[i]),
+                          "finish_reason": reason}
+                offsets[i] += sum(len(e["token"]) for e in lps or ())
             return _sse({**head, "choices": [choice]})
 
         try:
@@ -149,10 +177,10 @@ class Api:
                 if msg == "error":
                     yield _sse(rest[0].body())
                     break
-                index, out = rest
+                index, out, lps = rest
                 completion += len(out.new_token_ids)
-                if out.new_text or out.finished:
-                    yield chunk(index, out.new_text, out.finish_reason if out.finished else None)
+                if out.new_text or out.finished or lps:
+                    yield chunk(index, out.new_text, out.finish_reason if out.finished else None, lps=lps)
                 if out.finished:
                     pending.discard(index)
             if req.include_usage:

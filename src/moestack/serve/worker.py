@@ -31,7 +31,9 @@ class Job:
 
     `sampling(choice, prompt_len, max_model_len)` gives each choice's SamplingParams (or raises ApiError).
     The engine thread puts on `outputs`: ("accepted", [prompt tokens per prompt]) or ("error", ApiError),
-    then ("out", choice index, RequestOutput) for each delta (only the final ones unless `stream`)."""
+    then ("out", choice index, RequestOutput, logprobs) for each delta (only the final ones unless `stream`),
+    logprobs being the new tokens' (all the tokens' when not streaming) as `EngineWorker._named` gives them,
+    or None."""
 
     id: str
     prompts: list
@@ -210,7 +212,21 @@ class EngineWorker:
                 m.finished.labels(out.finish_reason or "length").inc()
                 m.e2e.observe(now - choice.job.arrival)
             if out.finished or choice.job.stream:
-                self._out.append((choice.job, ("out", choice.index, out)))
+                lps = out.new_logprobs if choice.job.stream else (out.completion.logprobs if out.completion else None)
+                self._out.append((choice.job, ("out", choice.index, out, self._named(lps))))
+
+    def _named(self, logprobs) -> list[dict] | None:
+        """TokenLogprobs with their tokens' text (the engine thread owns the tokenizer): dicts of token,
+        logprob, bytes (UTF-8) and top (a list of the same without top)."""
+        if logprobs is None:
+            return None
+        decode = self.llm.tokenizer.decode
+
+        def entry(tid: int, lp: float) -> dict:
+            text = decode([tid])
+            return {"token": text, "logprob": max(lp, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+        return [{**entry(t.token_id, t.logprob), "top": [entry(i, v) for i, v in t.top]} for t in logprobs]
 
     def _fail_all(self, err: Exception) -> None:
         error = ApiError(500, f"the engine failed on a step ({type(err).__name__}: {err}); the request was aborted",
