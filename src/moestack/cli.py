@@ -28,7 +28,8 @@ TRAIN_SHORTCUTS = {
 SECTION_ALIASES = {"checkpoint": ("ckpt",)}
 # Dotted overrides `train --help` lists by name (every other field is accepted and summed up in the epilog).
 SHOWN_FIELDS = {"model.arch": "top2 | shared_top1 | scmoe", "moe.num_experts": "experts per MoE layer",
-                "moe.top_k": "experts per token (top2 arch)", "train.lr": "peak learning rate"}
+                "moe.top_k": "experts per token (top2 arch)", "train.lr": "peak learning rate",
+                "parallel.mode": "ep | fssdp (Hecate: experts sharded once, hot ones copied per step)"}
 OVERRIDES_EPILOG = ("Any config field can be set as --section.field V (sections: model, moe, train, parallel, "
                     "checkpoint or ckpt; e.g. --model.d_model 256, --ckpt.pec-k 0); a run's config.toml lists them "
                     "all and is a valid --config.")

@@ -144,9 +144,23 @@ class ParallelConfig:
     # (the largest divisor of both; with dp given, world // dp), data parallel over the rest
     ep: int = 0
     dp: int = 0  # 0 = world // ep
-    placement: str = ""  # a moestack.placement/v1 JSON file; empty = contiguous
+    placement: str = ""  # a moestack.placement/v1 JSON file; empty = contiguous (FSSDP: its initial owners)
+    # "ep": each rank keeps E/ep experts and tokens travel to them; "fssdp": Hecate's fully sharded sparse
+    # data parallelism (parallel/fssdp.py): experts owned once, hot ones copied to other ranks each step
+    mode: str = "ep"
+    fssdp_budget: int = 2  # copies of other ranks' experts a rank may materialize per MoE layer and step
+    fssdp_window: int = 5  # steps of loads that predict the next step's (the paper's w)
+    fssdp_reshard_every: int = 100  # steps between re-sharding from the loads since the last (0 = never)
+    fssdp_rematerialize: bool = False  # Hecate-RM: drop the copies after forward, gather them again in backward
 
     def validate(self) -> None:
+        _choice("parallel.mode", self.mode, ("ep", "fssdp"))
+        if self.fssdp_budget < 0:
+            raise ConfigError(f"parallel.fssdp_budget must be >= 0 (0 = no copies), got {self.fssdp_budget}")
+        if self.fssdp_window < 1:
+            raise ConfigError(f"parallel.fssdp_window must be >= 1 step, got {self.fssdp_window}")
+        if self.fssdp_reshard_every < 0:
+            raise ConfigError(f"parallel.fssdp_reshard_every must be >= 0 (0 = never), got {self.fssdp_reshard_every}")
         if self.ep < 0:
             raise ConfigError(f"parallel.ep must be >= 0 (0 = as many expert-parallel ranks as fit), got {self.ep}")
         if self.dp < 0:
@@ -174,12 +188,18 @@ class Config:
                 getattr(self, section).validate()
             except ValueError as err:
                 raise ConfigError(str(err)) from None
-        if self.parallel.ep and self.moe.num_experts % self.parallel.ep:
+        if self.parallel.mode == "ep" and self.parallel.ep and self.moe.num_experts % self.parallel.ep:
             raise ConfigError(
                 f"parallel.ep={self.parallel.ep} does not divide moe.num_experts={self.moe.num_experts}; "
-                "choose ep among the divisors of num_experts"
+                "choose ep among the divisors of num_experts, or --parallel.mode fssdp (any number of ranks)"
             )
         check_capacity(self, self.parallel.ep)
+        if self.parallel.mode == "fssdp" and self.train.compile:
+            raise ConfigError("train.compile is not supported with parallel.mode=fssdp (its per-step plans change "
+                              "the expert shapes); drop --compile or use --parallel.mode ep")
+        if self.parallel.mode == "fssdp" and self.moe.capacity_factor > 0:
+            raise ConfigError("moe.capacity_factor > 0 is not supported with parallel.mode=fssdp (its dispatcher is "
+                              "dropless); set moe.capacity_factor = 0")
         if self.checkpoint.pec_k > self.moe.num_experts:
             raise ConfigError(
                 f"checkpoint.pec_k={self.checkpoint.pec_k} exceeds moe.num_experts={self.moe.num_experts}; "

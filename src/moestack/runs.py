@@ -15,7 +15,7 @@ from moestack.checkpoint import CheckpointError, CheckpointManager
 from moestack.config import Config, ConfigError, load_config
 from moestack.data import ByteTokenizer, Corpus
 from moestack.models.transformer import MoETransformer
-from moestack.parallel import ep as ep_parallel
+from moestack.parallel.apply import parallelize
 from moestack.parallel.mesh import ParallelContext, init_parallel, shutdown, world_from_env
 from moestack.placement.placement import Placement
 from moestack.train import autocast_for
@@ -64,7 +64,7 @@ def load_model(run_dir: str | Path, device: str = "auto", placement: str | None 
     ctx = init_parallel(cfg.parallel, cfg.train.device, cfg.moe.num_experts)
     try:
         model = MoETransformer(cfg).to(ctx.device)
-        ep_parallel.parallelize(model, ctx, cfg.parallel.placement, for_training=False)
+        parallelize(model, ctx, cfg.parallel, for_training=False)
         mgr = CheckpointManager(Path(run_dir), cfg.checkpoint, group=ctx.grad_group)
         # load() is collective: it plans on rank 0 and raises the same CheckpointError on every rank
         wanted = {f"model.{n}": shard for n, shard in _expert_layout(model).items()}

@@ -25,6 +25,7 @@ from moestack.metrics import MetricsLog, load_balance, plot_run
 from moestack.models.transformer import MoETransformer
 from moestack.moe.experts import GroupedExperts
 from moestack.parallel import ep as ep_parallel
+from moestack.parallel.apply import parallelize, sharding_of
 from moestack.parallel.mesh import ParallelContext, init_parallel, shutdown
 from moestack.state import flatten_state, restore_state
 
@@ -69,7 +70,9 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         torch.manual_seed(cfg.train.seed)
         self.model = MoETransformer(cfg).to(ctx.device)
-        self.forward = ep_parallel.parallelize(self.model, ctx, cfg.parallel.placement)
+        self.forward = parallelize(self.model, ctx, cfg.parallel)
+        self.sharding = sharding_of(self.model)  # the FSSDP driver, or None
+        self.sharding_row: dict = {}
         if cfg.train.compile:
             # decide the expert GEMM path eagerly: a failing probe cannot be caught inside a traced graph
             dtype = autocast_dtype(cfg, ctx.device) or torch.float32
@@ -144,6 +147,8 @@ class Trainer:
         x, y = self.corpus.batch("train", self.step, self.cfg.train.batch_size, self.cfg.train.seed, self.rows)
         x, y = x.to(self.ctx.device), y.to(self.ctx.device)
         self.model.train()
+        if self.sharding is not None:  # re-shard when due, and plan this step's expert copies
+            self.sharding.prepare(self.step, self.opt)
         with self.autocast:
             _, loss, aux = self.forward(x, y)
         (loss + aux).backward()
@@ -158,6 +163,8 @@ class Trainer:
         self.sched.step()
         if self.cfg.moe.bias_balancing:
             self.update_router_bias()
+        if self.sharding is not None:
+            self.sharding_row = self.sharding.record()
         self.step += 1
         return self.mean(loss), self.mean(aux)
 
@@ -294,6 +301,7 @@ class Trainer:
         }
         if self.cfg.moe.capacity_factor > 0:  # never under EP (refused); under data parallelism: rank 0's tokens
             row["dropped"] = [m.dropped for m in self.model.moe_layers()]
+        row.update(self.sharding_row)  # FSSDP: bytes materialized, gathered and reduced in the last step
         return row
 
 
@@ -352,7 +360,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     try:
         check_capacity(cfg, ctx.ep)
         if ctx.is_main and ctx.distributed:
-            log.info("%d ranks: expert parallel over %d, data parallel over %d", ctx.world, ctx.ep, ctx.dp)
+            mode = "expert parallel" if cfg.parallel.mode == "ep" else "experts fully sharded (FSSDP)"
+            log.info("%d ranks: %s over %d, data parallel over %d", ctx.world, mode, ctx.ep, ctx.dp)
         run_dir = Path(cfg.train.run_dir or default_run_dir())
         trainer = Trainer(cfg, ctx, run_dir, resuming=resume)
         resumed = resume and trainer.resume()

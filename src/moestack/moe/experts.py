@@ -132,7 +132,11 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # x: [N, D] rows grouped by expert; counts: [E] rows per expert
-        w13, w2 = self.w13.to(x.dtype), self.w2.to(x.dtype)
+        return self.run(x, counts, self.w13, self.w2)
+
+    def run(self, x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        """The experts w13 [E, D, 2F], w2 [E, F, D] (this module's, or copies FSSDP materialized) on x."""
+        w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
         if self.use_grouped_mm(x):
             offsets = torch.cumsum(counts, 0).to(torch.int32)
             h = grouped_mm(x, w13, offsets)  # [N, 2F]

@@ -96,28 +96,41 @@ class EPDispatcher:
     """Sends each token-choice to the rank that owns its expert and brings the outputs back.
 
     Same interface as `LocalDispatcher`: dispatch/combine return handles, so ScMoE can overlap them.
+    Rank g holds `slots[g]` experts (E/G each under EP; any number under FSSDP, parallel/fssdp.py, which
+    also overrides `destinations` to send a choice to one of its expert's replicas).
     """
 
     def __init__(self, group, expert_rank: list[int], expert_slot: list[int], local_experts: int):
         self.group = group
         self.ranks = dist.get_world_size(group)
-        self.local_experts = local_experts
-        self.dest = torch.tensor([r * local_experts + s for r, s in zip(expert_rank, expert_slot)])  # [E]
+        self.me = dist.get_rank(group)
+        dest = torch.tensor([r * local_experts + s for r, s in zip(expert_rank, expert_slot)])  # [E]
+        self.set_slots([local_experts] * self.ranks, dest)
+
+    def set_slots(self, slots: list[int], dest: torch.Tensor) -> None:
+        """Rank g holds slots[g] experts; dest [E] is each expert's slot in the ranks' concatenated slots."""
+        self.slots = list(slots)
+        self.dest = dest
         self._dest_on: dict[torch.device, torch.Tensor] = {}
+
+    def destinations(self, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The slot (over all ranks' concatenated slots) each token-choice goes to: [T, k]."""
+        if expert_ids.device not in self._dest_on:
+            self._dest_on[expert_ids.device] = self.dest.to(expert_ids.device)
+        return self._dest_on[expert_ids.device][expert_ids]
 
     def dispatch(self, x: torch.Tensor, routing: Routing) -> A2AHandle:
         T, k = routing.expert_ids.shape
-        G, El = self.ranks, self.local_experts
-        if x.device not in self._dest_on:
-            self._dest_on[x.device] = self.dest.to(x.device)
-        dest = self._dest_on[x.device][routing.expert_ids]  # [T, k] rank * E_l + slot
-        order, send = sort_by_expert(dest, G * El)  # order [T*k]; send [G*E_l]
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)  # rows per (source rank, local slot)
-        send_cpu, recv_cpu = send.view(G, El).cpu(), recv.view(G, El).cpu()
-        in_splits, out_splits = send_cpu.sum(1).tolist(), recv_cpu.sum(1).tolist()
+        G, mine = self.ranks, self.slots[self.me]
+        dest = self.destinations(routing.expert_ids)  # [T, k]
+        order, send = sort_by_expert(dest, sum(self.slots))  # order [T*k]; send [S] rows per slot of every rank
+        recv = send.new_empty(G * mine)
+        dist.all_to_all_single(recv, send, [mine] * G, self.slots, group=self.group)  # rows per (source, my slot)
+        send_cpu, recv_cpu = send.cpu(), recv.view(G, mine).cpu()
+        in_splits = [int(part.sum()) for part in send_cpu.split(self.slots)]
+        out_splits = recv_cpu.sum(1).tolist()
         # rows arrive grouped by (source rank, slot): regroup them by slot for the grouped GEMM
-        slot_of_row = torch.repeat_interleave(torch.arange(El).repeat(G), recv_cpu.flatten()).to(x.device)
+        slot_of_row = torch.repeat_interleave(torch.arange(mine).repeat(G), recv_cpu.flatten()).to(x.device)
         regroup = torch.argsort(slot_of_row, stable=True)
         ungroup, _ = inverse_order(regroup, regroup.numel())
         counts = recv_cpu.sum(0).to(x.device)
@@ -238,8 +251,12 @@ def parallelize(model: nn.Module, ctx: ParallelContext, placement_path: str = ""
         return model
     placement = load_placement(placement_path, len(model.moe_layers()), model.cfg.moe.num_experts, ctx.ep)
     apply_expert_parallel(model, ctx, placement)
-    if not for_training:
-        return model
+    return wrap_dense(model, ctx) if for_training else model
+
+
+def wrap_dense(model: nn.Module, ctx: ParallelContext) -> nn.Module:
+    """DDP over the whole world for the non-expert parameters (experts are sharded: their gradients are
+    `finish_gradients`'s)."""
     ignore = [n for n, _ in expert_params(model)] + [n for n, _ in model.named_buffers() if n.endswith("tokens_seen")]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     return DistributedDataParallel(

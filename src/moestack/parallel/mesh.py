@@ -89,6 +89,10 @@ def resolve_sizes(cfg: ParallelConfig, world: int, num_experts: int = 0) -> tupl
     number that divides the world, num_experts and the ranks of one node (torchrun's LOCAL_WORLD_SIZE), so
     every rank holds experts where it can and the all-to-all stays inside a node. dp covers the rest.
     """
+    if cfg.mode == "fssdp" and cfg.ep == 0:  # FSSDP shards whole experts over any number of ranks
+        if cfg.dp and world % cfg.dp:
+            raise ConfigError(f"--dp {cfg.dp} does not divide the world size {world}; launch a multiple of {cfg.dp} ranks")
+        cfg = replace(cfg, ep=world // (cfg.dp or 1))
     if cfg.ep == 0 and world == 1:
         cfg = replace(cfg, ep=1)  # one process: nothing to split
     if cfg.ep == 0 and cfg.placement:
