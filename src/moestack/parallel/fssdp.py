@@ -347,17 +347,28 @@ class FSSDP:
             ids = keep + recv_ids
             new_ids = sorted(ids)
             pool = _take(torch.cat([_take(rows, [slot[e] for e in keep]), received]), [ids.index(e) for e in new_ids])
-            offset = 0
+            offset, new_params, new_state = 0, [], {}
             for t_idx, t in enumerate(parts):
                 width = _width(t)
                 value = pool[:, offset: offset + width].reshape(len(new_ids), *t.shape[1:]).to(t.dtype)
                 offset += width
                 if t_idx < len(params):
-                    params[t_idx].data = value
+                    new_params.append(nn.Parameter(value))
                 else:
                     m, p = moments[(t_idx - len(params)) // len(params)], params[(t_idx - len(params)) % len(params)]
-                    optimizer.state[p][m] = value
+                    new_state.setdefault(p, {})[m] = value
+            # new Parameter objects (autograd keeps a parameter's shape), swapped into the optimizer too
+            for name, old, new in zip(("w13", "w2"), params, new_params):
+                setattr(ex, name, new)
+                if optimizer is not None:
+                    for group in optimizer.param_groups:
+                        group["params"] = [new if q is old else q for q in group["params"]]
+                    state = optimizer.state.pop(old, {})
+                    state.update(new_state.get(old, {}))
+                    if state:
+                        optimizer.state[new] = state
             ex.global_ids, ex.num_experts = new_ids, len(new_ids)
+            ex.send_idx = ex.send_idx.new_zeros(0)
         self.owner = new_owner
         self.reshards += 1
         return True
@@ -399,7 +410,9 @@ def initial_owners(placement_path: str, num_layers: int, num_experts: int, ranks
     if placement.num_gpus != ranks:
         raise ConfigError(f"{placement_path} places experts on {placement.num_gpus} GPUs but FSSDP shards over "
                           f"{ranks} ranks; make a placement for {ranks} (moestack plan --gpus {ranks})")
-    placement.allow_uneven = True
+    from dataclasses import replace
+
+    placement = replace(placement, allow_uneven=True)  # FSSDP owners need not be even
     placement.validate(num_layers=num_layers, num_experts=num_experts, num_gpus=ranks)
     return placement.to_array()
 
