@@ -23,6 +23,7 @@ declare -A HELP=(
   [serve_full]="bench/serve.py --models olmoe --layers 16: every layer of OLMoE-1B-7B"
   [serve_dualsparse]="bench/serve.py --drop-rates 0.25: DualSparse at 25% drop against no dropping, end to end in the engine"
   [serve_http]="bench/serve_http.py: the HTTP server at 1/8/32 clients against the offline engine"
+  [fssdp]="bench/fssdp_sim.py: EP vs FSSDP vs FSSDP-RM step-time model at 8-64 GPUs, GEMM and attention times measured here"
 )
 
 run_group() {
@@ -32,6 +33,9 @@ run_group() {
   dualsparse) py 300 bench/dualsparse.py --study speed --reps 10 ;;
   combine) py 150 bench/combine.py --reps 20 ;;
   swiglu) py 60 bench/swiglu.py ;;
+  fssdp)
+    timeout 300 python3 bench/fssdp_sim.py --trace bench/results/trace_default_run.npz --steps 20 > "$OUT/fssdp_sim.out" 2>&1
+    grep -v '^{' "$OUT/fssdp_sim.out"; grep '^{' "$OUT/fssdp_sim.out" > "$OUT/fssdp_sim.jsonl" ;;
   train) py 240 bench/train_step.py --reps 10 --compile ;;
   checkpoint)
     py 560 bench/checkpoint.py --params 1.05e9 --reps 1 --dir /tmp \

@@ -69,8 +69,8 @@ def materialize(loads: np.ndarray, owner: np.ndarray, devices: int, budget: int)
     """Extra copies per device for one layer: replicas[d] = experts (not owned by d) d materializes.
 
     Greedy on the predicted loads [E]: take the most loaded device and its largest share of one expert, give
-    that expert a copy on the least loaded device with budget left that lacks it, while that lowers the
-    maximum; at most `budget` copies per device. Ties break by the lower index, so every rank agrees.
+    that expert a copy on the least loaded device with budget left that lacks it, while the copy leaves
+    that device under the old maximum; at most `budget` copies per device. Ties break by the lower index, so every rank agrees.
     """
     loads = np.asarray(loads, dtype=np.float64)
     owner = np.asarray(owner, dtype=np.int64)
@@ -92,7 +92,9 @@ def materialize(loads: np.ndarray, owner: np.ndarray, devices: int, budget: int)
             for d in holders[e]:
                 trial[d] -= loads[e] / n - loads[e] / (n + 1)
             trial[target] += loads[e] / (n + 1)
-            if trial.max() < dev.max() - 1e-9:
+            # the hot device sheds load and the target stays under the old maximum: the maximum falls, or
+            # fewer devices share it (plateaus of equal maxima are left one device at a time)
+            if trial[hot] < dev[hot] - 1e-9 and trial[target] < dev.max() - 1e-9:
                 best = (e, target, trial)
                 break
         if best is None:
