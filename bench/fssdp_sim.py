@@ -91,8 +91,11 @@ def measure(shape: tuple, tokens: int, device: torch.device, dtype: torch.dtype,
 
 
 def gemm_time(m: dict, rows: np.ndarray) -> np.ndarray:
-    """Forward seconds of one expert at `rows` rows (linear interpolation on the measured ladder; 0 rows: 0)."""
-    t = np.interp(rows, m["ladder"], m["gemm_s"])
+    """Forward seconds of one expert at `rows` rows: linear interpolation on the measured ladder, beyond its
+    top at the top's seconds per row (the GEMM is compute-bound there); 0 rows: 0."""
+    rows = np.asarray(rows, dtype=np.float64)
+    top, t_top = m["ladder"][-1], m["gemm_s"][-1]
+    t = np.where(rows <= top, np.interp(rows, m["ladder"], m["gemm_s"]), t_top * rows / top)
     return np.where(rows > 0, t, 0.0)
 
 
