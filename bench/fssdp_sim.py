@@ -14,8 +14,8 @@ the heterogeneous plan, copies from `materialize` with the paper's overlap budge
 t = T_attn x bandwidth / expert bytes (capped by --max-copies), both from parallel/fssdp_plan.py.
 Memory per GPU: expert parameters + fp32 master + AdamW moments (16 bytes / parameter) for owned experts, plus
 bf16 copies (all layers' until backward; RM: one layer's at a time).
-Link bandwidths are inputs (--links): the default figures are the briefing's NVLink all-to-all bus
-bandwidth and the NCCL_P2P_DISABLE inter-node-like figure for 2 H200s, not measured here (one GPU).
+Link bandwidths are inputs (--links): all-to-all bus bandwidth measured on two H200s on 2026-11-23 at
+256 MiB (../shared/SERVING.md): NVLink 282 GB/s, NCCL_P2P_DISABLE=1 (inter-node-like) 24 GB/s.
 """
 
 from __future__ import annotations
