@@ -38,7 +38,7 @@ def test_ilp_finds_brute_force_optimum_on_small_instances(shape, seed, comm_weig
     L, E, k, G = shape
     trace = synthetic_trace(L, E, k, num_tokens=64, seed=seed)
     best = brute_force(trace, G, comm_weight)
-    placement, report = solve_ilp(trace, G, comm_weight=comm_weight, time_limit=20, joint=True)
+    placement, report = solve_ilp(trace, G, comm_weight=comm_weight, time_limit=20, joint=True, balance_tolerance=None)
     assert report.mode == "joint" and report.status == "optimal"
     assert objective(placement, trace, comm_weight) == pytest.approx(best, abs=1e-9)
     assert report.objective == pytest.approx(best, abs=1e-9)
@@ -117,3 +117,21 @@ def test_gpus_that_do_not_divide_experts_are_a_clear_error():
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="unknown placement method 'best'"):
         solve(synthetic_trace(2, 4, 1, num_tokens=16), 2, "best")
+
+
+def test_default_ilp_balances_first_within_the_tolerance_then_cuts_transitions():
+    """MoETuner's ILP 1: every layer within 0.02 max/mean of balanced packing (greedy LPT), and fewer
+    cross-gpu transitions than that packing; without the cap the weighted objective may trade balance away."""
+    from moestack.placement.metrics import evaluate
+    from moestack.placement.placement import Placement
+
+    trace = synthetic_trace(6, 16, 2, num_tokens=2048, skew=1.0, seed=3)
+    G = 4
+    greedy = baselines.greedy(trace, G).to_array()
+    placement, _ = solve_ilp(trace, G, time_limit=5, comm_weight=3.0)
+    ratios = load_ratios(placement.to_array(), trace.counts, G)
+    assert np.all(ratios <= load_ratios(greedy, trace.counts, G) + 0.02 + 1e-9)
+    share = evaluate(placement, trace, 3.0).cross_fraction
+    assert share < evaluate(Placement.from_array(greedy, G), trace, 3.0).cross_fraction
+    free, _ = solve_ilp(trace, G, time_limit=5, comm_weight=3.0, balance_tolerance=None)
+    assert objective(free, trace, 3.0) <= objective(placement, trace, 3.0) + 1e-9

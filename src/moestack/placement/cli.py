@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .metrics import PlacementMetrics, PlanReport, evaluate
 from .placement import PlacementError
-from .plan import METHODS, solve
+from .plan import BALANCE_TOLERANCE, METHODS, solve
 from .trace import RoutingTrace, TraceError
 
 
@@ -38,10 +38,19 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                    "tokens home every layer)")
     p.add_argument("--mip-gap", type=float, default=1e-3, help="relative MIP gap for HiGHS (default: 1e-3)")
     p.add_argument("--max-imbalance", type=float, default=None,
-                   help="optional hard cap on each layer's max/mean gpu load, e.g. 1.05 (ILP only)")
+                   help="optional hard cap on each layer's max/mean gpu load, e.g. 1.05 (ILP only; "
+                   "replaces --balance-tolerance)")
+    p.add_argument("--balance-tolerance", type=float, default=BALANCE_TOLERANCE,
+                   help="ILP: each layer's max/mean load within this of balanced packing's (greedy LPT), then "
+                   f"fewest cross-gpu transitions (MoETuner's balance first; default {BALANCE_TOLERANCE}; "
+                   "inf = no cap, the weighted objective alone)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline and the ILP's search order")
     p.set_defaults(func=run_plan)
     return p
+
+
+def _tolerance(args: argparse.Namespace) -> float | None:
+    return None if args.balance_tolerance == float("inf") else args.balance_tolerance
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -51,7 +60,7 @@ def run_plan(args: argparse.Namespace) -> int:
         trace = RoutingTrace.load(args.trace)
         placement, report = solve(trace, args.gpus, args.method, time_limit=args.time_limit,
                                   comm_weight=args.comm_weight, mip_gap=args.mip_gap, seed=args.seed,
-                                  max_imbalance=args.max_imbalance)
+                                  max_imbalance=args.max_imbalance, balance_tolerance=_tolerance(args))
         placement.save(args.out)
     except (TraceError, PlacementError, PlanArgumentError, OSError) as err:
         print(f"moestack plan: error: {err}", file=sys.stderr)
@@ -89,6 +98,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise PlanArgumentError(f"--comm-weight must be >= 0, got {args.comm_weight}")
     if not 0 <= args.mip_gap < 1:
         raise PlanArgumentError(f"--mip-gap must be in [0, 1), got {args.mip_gap}")
+    if not args.balance_tolerance >= 0:
+        raise PlanArgumentError(f"--balance-tolerance must be >= 0 (a max/mean slack; inf = no cap), got {args.balance_tolerance}")
     if args.max_imbalance is not None and args.max_imbalance < 1:
         raise PlanArgumentError(f"--max-imbalance must be >= 1 (a max/mean load ratio), got {args.max_imbalance}")
     if Path(args.out).is_dir():

@@ -45,17 +45,19 @@ class Problem:
 
     @classmethod
     def build(cls, trace: RoutingTrace, num_gpus: int, comm_weight: float,
-              max_imbalance: float | None = None) -> Problem:
-        """Normalise ``trace`` for ``num_gpus`` gpus; ``max_imbalance`` becomes the per-layer cap."""
+              max_imbalance: float | None = None, balance_tolerance: float | None = None) -> Problem:
+        """Normalise ``trace`` for ``num_gpus`` gpus. The per-layer load cap: ``max_imbalance`` (max/mean) if
+        given, else balanced packing's max/mean + ``balance_tolerance`` (MoETuner's ILP 1: balance first),
+        else none."""
         counts = trace.counts.astype(np.float64)
         mean = counts.sum(axis=1, keepdims=True) / num_gpus  # [L, 1]
         tot = trace.transitions.sum(axis=(1, 2)).astype(np.float64)[:, None, None]  # [L-1, 1, 1]
         load = counts / np.where(mean > 0, mean, 1.0)
         frac = trace.transitions / np.where(tot > 0, tot, 1.0)
         cap = np.full(len(load), np.inf)
-        if max_imbalance is not None:  # never below what balanced packing reaches, so always feasible
-            packed = baselines.greedy(trace, num_gpus).to_array()
-            cap = np.maximum(max_imbalance, load_ratios(packed, trace.counts, num_gpus) + 1e-9)
+        if max_imbalance is not None or balance_tolerance is not None:  # never below balanced packing: feasible
+            packed = load_ratios(baselines.greedy(trace, num_gpus).to_array(), trace.counts, num_gpus) + 1e-9
+            cap = np.maximum(max_imbalance, packed) if max_imbalance is not None else packed + balance_tolerance
         return cls(load, frac, trace, num_gpus, comm_weight, cap)
 
     def ratio(self, row: np.ndarray, layer: int) -> float:

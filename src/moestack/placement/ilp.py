@@ -34,6 +34,9 @@ JOINT_MAX_VARS = 6000  # x + y variables up to which "auto" tries one joint MILP
 JOINT_DECOMPOSED_SHARE = 0.3  # of the time limit for the decomposed pass when a joint MILP follows
 FULL_LAYER_MAX_VARS = 128  # E * G up to which a layer is one block MILP; above, gpu-pair blocks
 MAX_ROUNDS = 4  # rounds of gpu-pair block MILPs per layer visit
+# Default per-layer load slack over balanced packing (max/mean); the issue's "LPT + 0.02" reading of the
+# paper's ILP 1 (balance within a tolerance of the best balance, then minimise transitions)
+BALANCE_TOLERANCE = 0.02
 
 
 class _Clock:
@@ -200,17 +203,21 @@ def solve_ilp(
     max_imbalance: float | None = None,
     joint: bool | None = None,
     sweeps: int = 2,
+    balance_tolerance: float | None = BALANCE_TOLERANCE,
 ) -> tuple[Placement, PlanReport]:
     """Place experts by MILP: decomposed chain + refinement always, one joint MILP when small enough.
 
-    ``max_imbalance``: optional hard cap on each layer's max/mean gpu load (raised per layer to what
-    balanced packing reaches where the cap is out of reach). ``joint``: True forces the joint MILP,
+    Balance first, as MoETuner's ILP 1 does: each layer's max/mean gpu load stays within
+    ``balance_tolerance`` of what balanced packing (greedy LPT) reaches, and cross-gpu transitions are
+    minimised under that cap (None: no cap, the weighted objective alone). ``max_imbalance``: an absolute
+    cap on each layer's max/mean instead (raised per layer to what balanced packing reaches where the cap is
+    out of reach). ``joint``: True forces the joint MILP,
     False skips it, None (auto) runs it when it has at most `JOINT_MAX_VARS` x and y variables.
     ``time_limit`` (s) bounds the whole solve; ``seed`` fixes the order of the gpu-pair sub-MILPs.
     """
     start = time.perf_counter()
     baselines.contiguous(trace, num_gpus)  # raises a clear error when G does not divide E
-    problem = Problem.build(trace, num_gpus, comm_weight, max_imbalance)
+    problem = Problem.build(trace, num_gpus, comm_weight, max_imbalance, balance_tolerance)
     warm_name, best, best_obj = _warm_start(problem, seed)
     report = PlanReport("ilp", best_obj, 0.0, mode="decomposed", warm_start=warm_name, warm_objective=best_obj)
     stats = {"subproblems": 0, "sweeps": 0}
