@@ -24,6 +24,7 @@ Notation: G = ranks of the sharding group, E = experts per layer, P = numbers in
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from moestack.config import ConfigError, ParallelConfig
 from moestack.moe.experts import GroupedExperts
 from moestack.moe.layer import MoELayer
 from moestack.parallel.ep import EPDispatcher, all_to_all_async, global_stats
-from moestack.parallel.fssdp_plan import balance, device_loads, heterogeneous_sharding, holders_of, materialize
+from moestack.parallel.fssdp_plan import balance, device_loads, heterogeneous_sharding, materialize
 from moestack.parallel.mesh import ParallelContext
 from moestack.placement.placement import Placement
 
@@ -117,22 +118,15 @@ class ShardedExperts(GroupedExperts):
     # ---- the step's plan --------------------------------------------------------------------------
     def set_plan(self, owner: np.ndarray, replicas: list[list[int]]) -> None:
         """Copies for this step: replicas[g] = experts rank g materializes (none of its own)."""
-        self.replica_ids: list[int] = []
-        self.in_splits: list[int] = []
-        self.out_splits: list[int] = []
-        send: list[int] = []
+        sent: list[int] = []
+        self.replica_ids, self.in_splits, self.out_splits = [], [], []
         if any(len(r) for r in replicas):  # the plan is the same on every rank: all skip, or none
             me, G = dist.get_rank(self.group), dist.get_world_size(self.group)
-            slot = {e: i for i, e in enumerate(self.global_ids)}
-            for d in range(G):
-                to_d = sorted(e for e in replicas[d] if owner[e] == me) if d != me else []
-                send += [slot[e] for e in to_d]
-                self.in_splits.append(len(to_d))
-            for o in range(G):
-                from_o = sorted(e for e in replicas[me] if owner[e] == o)
-                self.replica_ids += from_o
-                self.out_splits.append(len(from_o))
-        self.send_idx = torch.tensor(send, dtype=torch.long, device=self.w13.device)
+            sent, self.in_splits, self.replica_ids, self.out_splits = _exchange(
+                G, me, lambda d: [e for e in replicas[d] if owner[e] == me],
+                lambda o: [e for e in replicas[me] if owner[e] == o])
+        slot = {e: i for i, e in enumerate(self.global_ids)}
+        self.send_idx = torch.tensor([slot[e] for e in sent], dtype=torch.long, device=self.w13.device)
         self._pending = None
 
     @property
@@ -332,17 +326,12 @@ class FSSDP:
             parts = params + [optimizer.state[p][m] for m in moments for p in params]
             rows = torch.cat([_rows(t).float() for t in parts], 1)
             slot = {e: i for i, e in enumerate(ex.global_ids)}
-            send, in_splits, out_splits, recv_ids = [], [], [], []
-            for d in range(G):
-                to_d = sorted(e for e in ex.global_ids if new_owner[l, e] == d) if d != me else []
-                send += [slot[e] for e in to_d]
-                in_splits.append(len(to_d))
-            for o in range(G):
-                from_o = sorted(e for e in range(self.num_experts) if self.owner[l, e] == o and new_owner[l, e] == me) if o != me else []
-                recv_ids += from_o
-                out_splits.append(len(from_o))
+            sent, in_splits, recv_ids, out_splits = _exchange(
+                G, me, lambda d: [e for e in ex.global_ids if new_owner[l, e] == d],
+                lambda o: [e for e in range(self.num_experts) if self.owner[l, e] == o and new_owner[l, e] == me])
             received = rows.new_empty(sum(out_splits), rows.shape[1])
-            dist.all_to_all_single(received, _take(rows, send), out_splits, in_splits, group=self.ctx.ep_group)
+            dist.all_to_all_single(received, _take(rows, [slot[e] for e in sent]), out_splits, in_splits,
+                                   group=self.ctx.ep_group)
             keep = [e for e in ex.global_ids if new_owner[l, e] == me]
             ids = keep + recv_ids
             new_ids = sorted(ids)
@@ -372,6 +361,20 @@ class FSSDP:
         self.owner = new_owner
         self.reshards += 1
         return True
+
+
+def _exchange(ranks: int, me: int, to, frm) -> tuple[list[int], list[int], list[int], list[int]]:
+    """One all-to-all of whole experts: (ids sent, in_splits, ids received, out_splits). to(d) / frm(o) list
+    the expert ids this rank sends to rank d / receives from rank o (nothing to or from itself); ascending
+    ids on both sides, so what a rank sends is in the order its peer expects."""
+    sent, in_splits, received, out_splits = [], [], [], []
+    for g in range(ranks):
+        out, inc = (sorted(to(g)), sorted(frm(g))) if g != me else ([], [])
+        sent += out
+        received += inc
+        in_splits.append(len(out))
+        out_splits.append(len(inc))
+    return sent, in_splits, received, out_splits
 
 
 def _width(t: torch.Tensor) -> int:
@@ -410,8 +413,6 @@ def initial_owners(placement_path: str, num_layers: int, num_experts: int, ranks
     if placement.num_gpus != ranks:
         raise ConfigError(f"{placement_path} places experts on {placement.num_gpus} GPUs but FSSDP shards over "
                           f"{ranks} ranks; make a placement for {ranks} (moestack plan --gpus {ranks})")
-    from dataclasses import replace
-
     placement = replace(placement, allow_uneven=True)  # FSSDP owners need not be even
     placement.validate(num_layers=num_layers, num_experts=num_experts, num_gpus=ranks)
     return placement.to_array()
@@ -424,4 +425,4 @@ def apply_fssdp(model: nn.Module, ctx: ParallelContext, cfg: ParallelConfig) -> 
     return FSSDP(model, ctx, cfg, owner)
 
 
-__all__ = ["FSSDP", "FSSDPDispatcher", "ShardedExperts", "apply_fssdp", "holders_of", "initial_owners"]
+__all__ = ["FSSDP", "FSSDPDispatcher", "ShardedExperts", "apply_fssdp", "initial_owners"]
