@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIN)
 	$(PY) -m pip install -q --disable-pip-version-check $(TRITON_PIN)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,hf,plot,serve]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,hf,plot,serve,vision]'
 	touch $@
 
 setup: $(VENV)/.installed

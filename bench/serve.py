@@ -211,6 +211,21 @@ def profile(llm: LLM, prompts, max_tokens, path: Path) -> None:
         print(f"profile: {out}")
 
 
+def profile_hf(hf, prompts, path: Path) -> None:
+    """torch.profiler over HF's prefill (a 1-token generate, after a warm one): its kernel table in `path`."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    x = torch.tensor(prompts, device=hf.device)
+    hf_generate(hf, x, 1)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with prof(activities=acts) as p:
+        hf_generate(hf, x, 1)
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    path.write_text(p.key_averages().table(sort_by=key, row_limit=45))
+    print(f"profile: {path}")
+
+
 def free(llm: LLM) -> None:
     """Give the engine's KV cache and graphs back before the next engine is built."""
     llm.runner.graphs.clear()
@@ -284,6 +299,8 @@ def main() -> None:
             if args.profile:
                 out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
                 profile(llm, prompts, [args.new_tokens] * B, out / f"serve_profile_{name}_b{B}.txt")
+                if not args.no_hf:
+                    profile_hf(hf, prompts, out / f"serve_profile_hf_{name}_b{B}_prefill.txt")
             roof = roofline_tok_s(llm.model, B, eng["active_experts"] or 0, eng["ctx_tokens"] or 0)
             row["roofline_tok_s"] = roof
             row["roofline_pct"] = 100 * eng["decode_tok_s"] / roof if eng["decode_tok_s"] else None

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--drop-rate", type=non_negative_float, default=None,
                    help="DualSparse: partition the experts and drop this share of expert computation")
+    p.add_argument("--realb", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
+                   help="ReaLB: run overloaded, vision-dominated EP ranks' experts in FP8; optional KEY=VALUE,... "
+                        "(load_ratio, modality, min_tokens, precision, ranks, everywhere; see docs/methods/realb.md)")
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on a run or a Hugging Face MoE checkpoint",
                        description="Serve --model over HTTP: POST /v1/completions and /v1/chat/completions (streamed "
@@ -122,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV-cache blocks (default: sized from free GPU memory, or room for every sequence on the CPU)")
     p.add_argument("--drop-rate", type=non_negative_float, default=None,
                    help="DualSparse: partition the experts and drop this share of expert computation")
+    p.add_argument("--realb", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
+                   help="ReaLB: run overloaded, vision-dominated EP ranks' experts in FP8; optional KEY=VALUE,... "
+                        "(load_ratio, modality, min_tokens, precision, ranks, everywhere; see docs/methods/realb.md)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, fp32 on the CPU), bfloat16, float16, float32")
 
@@ -230,8 +236,8 @@ def cmd_generate(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: the run's expert-parallel model
         from moestack.runs import generate_text
 
-        if args.drop_rate is not None:
-            print("moestack generate: error: --drop-rate runs in the single-process engine; leave out torchrun",
+        if args.drop_rate is not None or args.realb is not None:
+            print("moestack generate: error: --drop-rate and --realb run in the single-process engine; leave out torchrun",
                   file=sys.stderr)
             return 2
         text = generate_text(path, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.device)
@@ -241,7 +247,7 @@ def cmd_generate(args) -> int:
     from moestack.serve import LLM, SamplingParams
 
     try:  # the engine's errors for a bad model folder or prompt are ValueErrors that say what to do
-        llm = LLM(path, device=args.device, drop_rate=args.drop_rate, max_num_seqs=1)
+        llm = LLM(path, device=args.device, drop_rate=args.drop_rate, max_num_seqs=1, realb=_realb(args))
         params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 seed=args.seed)
         out = llm.generate([args.prompt], params, use_tqdm=False)[0]
@@ -250,6 +256,15 @@ def cmd_generate(args) -> int:
         return 2
     print(args.prompt + out.text)
     return 0
+
+
+def _realb(args):
+    """The RealbConfig `--realb` asks for, or None (ValueError on a bad spec)."""
+    if args.realb is None:
+        return None
+    from moestack.inference.realb import parse_realb
+
+    return parse_realb(args.realb)
 
 
 def cmd_serve(args) -> int:
@@ -263,7 +278,8 @@ def cmd_serve(args) -> int:
 
     try:
         llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                  max_model_len=args.max_model_len, num_blocks=args.num_blocks, drop_rate=args.drop_rate)
+                  max_model_len=args.max_model_len, num_blocks=args.num_blocks, drop_rate=args.drop_rate,
+                  realb=_realb(args))
     except ValueError as err:
         print(f"moestack serve: error: {err}", file=sys.stderr)
         return 2

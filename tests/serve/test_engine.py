@@ -93,3 +93,22 @@ def test_dualsparse_in_the_engine(tmp_path):
     outs = dropping.generate(PROMPTS[:3], GREEDY, use_tqdm=False)
     assert all(len(o.token_ids) == 10 and all(0 <= t < 64 for t in o.token_ids) for o in outs)
     dropping.check_blocks()
+
+
+def test_realb_in_the_engine(tmp_path):
+    """--realb: with the default thresholds text prompts stay BF16 (the greedy output is HF's); with the
+    thresholds down, simulated ranks run FP8 and the engine counts the layer forwards it lowered."""
+    from moestack.inference.realb import RealbConfig
+
+    model = hf_folder(tmp_path, "qwen3_moe")
+    refs = [hf_greedy(model, p, 10) for p in PROMPTS[:3]]
+    off = LLM(str(tmp_path), device="cpu", block_size=4, realb=RealbConfig(ranks=2, min_tokens=1))
+    assert [o.token_ids for o in off.generate(PROMPTS[:3], GREEDY, use_tqdm=False)] == refs
+    assert off.stats.realb_layers > 0 and off.stats.realb_low_layers == 0  # decided, and text stays BF16
+    low = LLM(str(tmp_path), device="cpu", block_size=4,
+              realb=RealbConfig(ranks=2, modality=0.0, load_ratio=1.0, min_tokens=1))
+    outs = low.generate(PROMPTS[:3], GREEDY, use_tqdm=False)
+    assert all(len(o.token_ids) == 10 for o in outs)
+    assert 0 < low.stats.realb_low_layers <= low.stats.realb_layers
+    with pytest.raises(ValueError, match="do not combine"):
+        LLM(str(tmp_path), device="cpu", drop_rate=0.25, realb=RealbConfig())

@@ -156,7 +156,11 @@ class MoETransformer(nn.Module):
         return [mod for mod in self.modules() if isinstance(mod, MoELayer)]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        h = self.embed(idx)  # [B, S, D]
+        return self.forward_embeds(self.embed(idx), targets)
+
+    def forward_embeds(self, h: torch.Tensor, targets: torch.Tensor | None = None):
+        """The blocks and head on input embeddings h [B, S, D] (models/vlm.py puts image tokens there);
+        targets of -100 are ignored."""
         cos, sin = self.rope_cos, self.rope_sin
         if self.cfg.model.arch == "scmoe":
             h, aux = self._scmoe_blocks(h, cos, sin)

@@ -44,6 +44,8 @@ class EngineStats:
     finished: int = 0
     last_batch: int = 0  # sequences in the last step
     max_batch: int = 0
+    realb_layers: int = 0  # ReaLB: MoE layer forwards it decided on (batches of >= min_tokens)
+    realb_low_layers: int = 0  # ... of which some EP rank ran low precision
 
 
 class LLM:
@@ -54,7 +56,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.85, prefix_caching: bool = True, cuda_graphs: bool = True,
                  max_model_len: int | None = None, drop_rate: float | None = None, parts: int = 2,
                  calib_batches: int = 8, fused_rows: int = 1024, compile: bool = True, pipeline: bool | None = None,
-                 tokenizer=None):
+                 tokenizer=None, realb=None):
         dev = _device(device)
         served = model if isinstance(model, loader.Served) else loader.load(model, dev, _dtype(dtype, dev))
         if tokenizer is not None:
@@ -62,8 +64,16 @@ class LLM:
         self.served, self.model, self.tokenizer = served, served.model, served.tokenizer
         spec = self.model.spec
         self.max_model_len = min(max_model_len or spec.max_len, spec.max_len)
+        if drop_rate is not None and realb is not None:
+            raise ValueError("ReaLB and DualSparse dropping do not combine (both replace the experts); pick one")
         if drop_rate is not None:
             self._sparsify(drop_rate, parts, calib_batches)
+        self.realb = None
+        if realb is not None:  # a RealbConfig (inference/realb.py); the decisions land in `stats`
+            from moestack.inference.realb import apply_realb
+
+            self.realb = apply_realb(self.model, realb)
+            log.info("ReaLB: %s", realb)
         if num_blocks is None:
             num_blocks = self._num_blocks(gpu_memory_utilization, block_size, max_num_seqs)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
@@ -190,11 +200,22 @@ class LLM:
             launched = self.runner.launch(batch, sample_for, [self.generators.get(s.request_id) for s in sample_for])
         nxt = self._launch_ahead(launched) if self.pipeline else None
         outputs += self._complete(launched)
+        if self.realb is not None:
+            self._count_realb()
         if nxt is not None and not any(seq.status is Status.RUNNING for seq, _ in nxt.batch):
             nxt.result()  # everything in it finished meanwhile: let it end, keep nothing
             nxt = None
         self._pending = nxt
         return outputs
+
+    def _count_realb(self) -> None:
+        decisions = self.realb.take_decisions()
+        low = [d for d in decisions if d["low_ranks"]]
+        self.stats.realb_layers += len(decisions)
+        self.stats.realb_low_layers += len(low)
+        for d in low:
+            log.info("ReaLB: layer %d, %d tokens, rank loads %s: ranks %s in %s", d["layer"], d["tokens"], d["loads"],
+                     d["low_ranks"], self.realb.cfg.precision)
 
     def _launch_ahead(self, launched):
         """Queue the decode step after `launched` (see `step`), or None where it does not apply."""

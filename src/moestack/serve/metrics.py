@@ -27,6 +27,10 @@ class Metrics:
             "kv_blocks_total": ("KV blocks in the cache", lambda s: s.kv_total),
             "batch_size_max": ("largest batch an engine step has run", lambda s: s.max_batch),
             "num_preemptions": ("requests preempted (recomputed later) since start", lambda s: s.preemptions),
+            "realb_layer_forwards": ("ReaLB: MoE layer forwards it decided on (batches of >= min_tokens)",
+                                     lambda s: s.realb_layers),
+            "realb_low_precision_layer_forwards": ("ReaLB: layer forwards where some EP rank ran low precision",
+                                                   lambda s: s.realb_low_layers),
         }
         for name, (doc, read) in gauges.items():
             Gauge(f"moestack:{name}", doc, registry=r).set_function(lambda read=read: read(snapshot()))

@@ -63,6 +63,8 @@ class Snapshot:
     max_batch: int = 0
     preemptions: int = 0
     finished: int = 0
+    realb_layers: int = 0
+    realb_low_layers: int = 0
 
     def as_dict(self) -> dict:
         return {"requests_running": self.running, "requests_waiting": self.waiting, "kv_blocks_free": self.kv_free,
@@ -246,7 +248,8 @@ class EngineWorker:
         idle = not llm.has_unfinished()
         self.snapshot = Snapshot(llm.num_running, llm.num_waiting, b.num_free, b.num_blocks, b.usage(),
                                  b.num_cached_free if idle else None, llm.stats.max_batch,
-                                 llm.scheduler.num_preemptions, llm.stats.finished)
+                                 llm.scheduler.num_preemptions, llm.stats.finished, llm.stats.realb_layers,
+                                 llm.stats.realb_low_layers)
 
     def _flush(self) -> None:
         """Hand this iteration's messages to the event loop in one call."""

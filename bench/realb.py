@@ -1,0 +1,358 @@
+"""ReaLB on a multimodal MoE: accuracy of the trained digits VLM (CPU) and MoE-layer speed (one H200).
+
+    python3 bench/realb.py --study accuracy          # CPU, ~10 min: trains (or reuses) two VLMs, writes traces
+    python3 bench/realb.py --study speed             # GPU: per-rank GEMMs at Qwen3-VL-30B-A3B / Mixtral shapes
+
+accuracy: trains the digits vision-language MoE (models/vlm.py) with Qwen3-VL-30B-A3B's routing (128
+experts, top-8) and with Mixtral's (8, top-2), caches them under runs/realb_vlm/, and on held-out data
+reports, per simulated EP size, the rank max/mean load of vision-only, mixed and text-only prefill batches,
+then caption loss and digit accuracy for BF16 (the model's own precision), ReaLB with FP8, ReaLB with
+FP4 numerics, FP8 everywhere and FP4 everywhere. It writes the routing of those batches at 8k and 16k
+tokens (per layer: rows and vision rows per expert) to bench/results/realb_traces.npz.
+speed: for each traced batch, layer and EP rank (contiguous placement), times that rank's real rows
+through the bf16 grouped GEMM path, the FP8 path (row quantization + `torch._scaled_grouped_mm`) and the
+weight conversion (the Triton kernel), at the real per-layer shapes from the transformers configs. Layer
+time = slowest rank + conversion not hidden under its dispatch (the rank's received bf16 bytes over
+--link-gbps). Baselines in the same run: BF16 everywhere, FP8 everywhere, EPLB-style redundant experts
+(one extra copy per rank of the hottest experts, from the other batches' loads, and from this batch's:
+"oracle"). "bound" is ReaLB with a free conversion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import device_name, print_table, time_fn, write_results  # noqa: E402
+from moestack.inference.realb import RealbConfig, apply_realb, choose_ranks, set_modality, summarize  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACES = ROOT / "bench" / "results" / "realb_traces.npz"
+# trained routing config -> (experts, top_k, d_model, d_ff); the speed shapes they stand for (transformers)
+MODELS = {"qwen3vl": (128, 8, 128, 48), "mixtral": (8, 2, 128, 448)}
+LINK_GBPS = 282.0  # all-to-all bus bandwidth, two H200s over NVLink, 2026-11-23 (../shared/SERVING.md)
+
+
+# ---- accuracy (CPU) ----------------------------------------------------------------------------------
+def trained(name: str, steps: int, retrain: bool, cache: Path):
+    from safetensors.torch import load_model, save_model
+
+    from moestack.models.vlm import VisionLanguageMoE, train_vlm, vlm_config
+
+    cfg = vlm_config(*MODELS[name])
+    path = cache / f"{name}-{steps}.safetensors"
+    if path.is_file() and not retrain:
+        model = VisionLanguageMoE(cfg)
+        load_model(model, str(path))
+        info = json.loads(path.with_suffix(".json").read_text())
+        return model.eval(), info
+    res = train_vlm(cfg, DATA, steps=steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(res.model, str(path))
+    info = {"steps": steps, "seconds": round(res.seconds, 1), "final_loss": res.history[-1]["loss"]}
+    path.with_suffix(".json").write_text(json.dumps(info))
+    return res.model, info
+
+
+def eval_batches(kind: str, n: int, batches: int) -> list[dict]:
+    """Held-out prefill batches of n sequences: vision (images only), mixed (half and half), text."""
+    gen = torch.Generator().manual_seed(1)
+    val = DATA.split["val"]
+    out = []
+    for b in range(batches):
+        if kind == "vision":
+            ids = val[(torch.arange(n) + b * n) % len(val)]
+            out.append(DATA.image_batch(ids))
+        elif kind == "mixed":
+            out.append(DATA.batch("val", n // 2, n - n // 2, gen))
+        else:
+            out.append(DATA.text_batch("val", n, gen))
+    return out
+
+
+def run_eval(model, batches, cfg: RealbConfig | None) -> dict:
+    from moestack.models.vlm import evaluate, vision_mask
+
+    state = None
+    if cfg is not None:
+        state = apply_realb(model, cfg)
+    rows = []
+    for b in batches:
+        rows.append(evaluate(model, b, (lambda bb: set_modality(model, vision_mask(bb))) if state else None))
+    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    if state is not None:
+        out.update(summarize(state.take_decisions()))
+        remove_realb(model)
+    return out
+
+
+def remove_realb(model) -> None:
+    from moestack.moe.experts import GroupedExperts
+
+    for layer in model.moe_layers():
+        ex = layer.experts
+        plain = GroupedExperts.__new__(GroupedExperts)
+        torch.nn.Module.__init__(plain)
+        plain.num_experts, plain.d_model, plain.d_ff, plain.impl = ex.num_experts, ex.d_model, ex.d_ff, ex.impl
+        plain.w13, plain.w2, plain.global_ids, plain._grouped_ok = ex.w13, ex.w2, ex.global_ids, ex._grouped_ok
+        layer.experts, layer.dispatcher = plain, layer.dispatcher.inner
+    del model.realb
+
+
+def skew(model, batches, G: int) -> dict:
+    """Rank max/mean load per layer (mean and max over layers and batches) and the hottest rank's vision share."""
+    cfg = RealbConfig(ranks=G, min_tokens=10**9)  # decisions are recorded, nothing goes low
+    state = apply_realb(model, cfg)
+    from moestack.models.vlm import vision_mask
+
+    for b in batches:
+        set_modality(model, vision_mask(b))
+        with torch.no_grad():
+            model(b["idx"], None, b["pixels"], b["is_image"])
+    ds = state.take_decisions()
+    remove_realb(model)
+    mm = [max(d["loads"]) / (sum(d["loads"]) / G) for d in ds]
+    hot = [d["vision"][int(np.argmax(d["loads"]))] / max(d["loads"]) for d in ds]
+    return {"max_mean": float(np.mean(mm)), "max_mean_worst": float(np.max(mm)), "hot_vision": float(np.mean(hot))}
+
+
+def traces(model, name: str, store: dict, sizes: list[int]) -> None:
+    """Per layer rows / vision rows per expert for vision, mixed and text batches of ~8k and ~16k tokens."""
+    from moestack.models.vlm import vision_mask
+
+    S = DATA.seq_len
+    for kind in ("vision", "mixed", "text"):
+        for tokens in sizes:
+            b = eval_batches(kind, tokens // S, 1)[0]
+            mask = vision_mask(b).reshape(-1)
+            with torch.no_grad():
+                model(b["idx"], None, b["pixels"], b["is_image"])
+            counts, vision = [], []
+            for layer in model.moe_layers():
+                ids = layer.last_routing.expert_ids
+                E = layer.num_experts
+                counts.append(torch.bincount(ids.flatten(), minlength=E))
+                vision.append(torch.bincount(ids[mask].flatten(), minlength=E))
+            key = f"{name}/{kind}/{tokens}"
+            store[key + "/counts"] = torch.stack(counts).numpy()
+            store[key + "/vision"] = torch.stack(vision).numpy()
+            store[key + "/tokens"] = np.array(mask.numel())
+
+
+def study_accuracy(args) -> None:
+    global DATA
+    from moestack.models.vlm import DigitsData
+
+    DATA = DigitsData()
+    rows, store = [], {}
+    for name in args.models:
+        model, info = trained(name, args.train_steps, args.retrain, Path(args.cache_dir))
+        print(f"{name}: trained {info}")
+        n = args.eval_tokens // DATA.seq_len
+        kinds = {k: eval_batches(k, n, args.eval_batches) for k in ("vision", "mixed", "text")}
+        for G in args.ep:
+            for kind, batches in kinds.items():
+                s = skew(model, batches, G)
+                rows.append({"model": name, "ep": G, "batch": kind, "variant": "skew", **s})
+            base = {k: run_eval(model, b, None) for k, b in kinds.items()}
+            variants = {"bf16": None,
+                        "realb-fp8": RealbConfig(ranks=G, load_ratio=args.load_ratio),
+                        "realb-fp4": RealbConfig(ranks=G, load_ratio=args.load_ratio, precision="fp4"),
+                        "fp8-everywhere": RealbConfig(ranks=G, everywhere=True),
+                        "fp4-everywhere": RealbConfig(ranks=G, everywhere=True, precision="fp4")}
+            for vname, cfg in variants.items():
+                for kind, batches in kinds.items():
+                    r = base[kind] if cfg is None else run_eval(model, batches, cfg)
+                    row = {"model": name, "ep": G, "batch": kind, "variant": vname, **r}
+                    for k in ("caption_loss", "text_loss", "accuracy"):
+                        if k in r and base[kind][k]:
+                            row[f"{k}_change"] = r[k] / base[kind][k] - 1
+                    rows.append(row)
+        traces(model, name, store, args.trace_tokens)
+    print_table([r for r in rows if r["variant"] == "skew"], ["model", "ep", "batch", "max_mean", "max_mean_worst",
+                                                             "hot_vision"])
+    print()
+    print_table([r for r in rows if r["variant"] != "skew"],
+                ["model", "ep", "batch", "variant", "caption_loss", "caption_loss_change", "accuracy",
+                 "text_loss", "text_loss_change", "realb_low_layers", "realb_layers"])
+    Path(args.traces).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.traces, **store)
+    print(f"traces -> {args.traces}")
+    write_results("realb_accuracy", rows)
+
+
+# ---- speed (GPU) -------------------------------------------------------------------------------------
+def speed_shapes(scale: int) -> dict:
+    """Per-layer expert shapes (d_model, d_ff, experts, top_k) from the transformers configs."""
+    from transformers import MixtralConfig, Qwen3VLMoeConfig
+
+    q = Qwen3VLMoeConfig(text_config={"hidden_size": 2048, "moe_intermediate_size": 768, "num_experts": 128,
+                                      "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_attention_heads": 32,
+                                      "num_key_value_heads": 4, "head_dim": 128}).text_config
+    m = MixtralConfig()  # the defaults are Mixtral-8x7B's
+    return {"qwen3vl": (q.hidden_size // scale, q.moe_intermediate_size // scale, q.num_experts, q.num_experts_per_tok),
+            "mixtral": (m.hidden_size // scale, m.intermediate_size // scale, m.num_local_experts,
+                        m.num_experts_per_tok)}
+
+
+class RankTimer:
+    """Times one EP rank's expert work at a shape: bf16 GEMMs, FP8 GEMMs, and the weight conversion."""
+
+    def __init__(self, D: int, F: int, max_experts: int, max_rows: int, device, reps: int):
+        from moestack.moe.experts import GroupedExperts
+
+        self.device, self.reps = device, reps
+        dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.ex = GroupedExperts(max_experts, D, F).to(device, dt)
+        self.x = torch.randn(max_rows, D, device=device, dtype=dt)
+        self.dt = dt
+        self.cache: dict = {}
+
+    def times(self, counts: list[int]) -> dict:
+        from moestack.inference.lowp import fp8_grouped_mm, quantize_fp8
+        from moestack.moe.experts import swiglu
+
+        key = tuple(counts)
+        if key in self.cache:
+            return self.cache[key]
+        E, N = len(counts), sum(counts)
+        if N == 0:
+            return {"bf16": 0.0, "fp8": 0.0, "conv": 0.0}
+        c = torch.tensor(counts, device=self.device)
+        x = self.x[:N]
+        w13, w2 = self.ex.w13[:E].detach(), self.ex.w2[:E].detach()
+        q13, s13 = quantize_fp8(w13, -2, transpose=True)
+        q2, s2 = quantize_fp8(w2, -2, transpose=True)
+
+        def bf16():
+            return self.ex.run(x, c, w13, w2)
+
+        def fp8():
+            h = fp8_grouped_mm(x, q13, s13, c, self.dt)
+            return fp8_grouped_mm(swiglu(h).contiguous(), q2, s2, c, self.dt)
+
+        def conv():
+            quantize_fp8(w13, -2, out=q13, scale=s13, transpose=True)
+            quantize_fp8(w2, -2, out=q2, scale=s2, transpose=True)
+
+        out = {k: time_fn(f, self.device, reps=self.reps) for k, f in (("bf16", bf16), ("fp8", fp8), ("conv", conv))}
+        self.cache[key] = out
+        return out
+
+
+def eplb_loads(counts: np.ndarray, history: np.ndarray, G: int) -> list[list[float]]:
+    """Rows per slot per rank with one redundant copy per rank of the hottest experts by `history` [E]: each
+    copy goes to the rank with the least history load that lacks it, and an expert's rows split evenly."""
+    E = counts.size
+    per = E // G
+    slots = [list(range(g * per, (g + 1) * per)) for g in range(G)]
+    load = np.array([history[s].sum() for s in slots], dtype=float)
+    replicas = {e: 1 for e in range(E)}
+    for e in np.argsort(-history)[:G]:
+        cand = [g for g in range(G) if e not in slots[g] and len(slots[g]) == per]
+        if not cand:
+            continue
+        g = min(cand, key=lambda r: load[r])
+        slots[g].append(int(e))
+        replicas[int(e)] += 1
+        load[g] += history[e] / replicas[int(e)]
+    return [[counts[e] / replicas[e] for e in s] for s in slots]
+
+
+def study_speed(args) -> None:
+    device = torch.device(args.device)
+    data = np.load(args.traces)
+    shapes = speed_shapes(args.scale)
+    rows = []
+    for name in args.models:
+        D, F, E, k = shapes[name]
+        keys = sorted({k_.rsplit("/", 1)[0] for k_ in data.files if k_.startswith(name + "/")})
+        max_rows = max(int(data[k_ + "/counts"].sum(1).max()) for k_ in keys)
+        timer = RankTimer(D, F, E // min(args.ep) + 1, max_rows, device, args.reps)
+        for G in args.ep:
+            for key in keys:
+                counts, vision = data[key + "/counts"], data[key + "/vision"]
+                tokens = int(data[key + "/tokens"])
+                others = [k_ for k_ in keys if k_ != key and k_.split("/")[1] == key.split("/")[1]]
+                history = sum(data[k_ + "/counts"] for k_ in others) if others else counts
+                per = E // G
+                for layer in range(counts.shape[0]):
+                    c = counts[layer]
+                    loads = torch.tensor(c.reshape(G, per).sum(1))
+                    vis = torch.tensor(vision[layer].reshape(G, per).sum(1))
+                    t = [timer.times(c[g * per:(g + 1) * per].tolist()) for g in range(G)]
+                    dispatch = [float(loads[g]) * D * 2 / (args.link_gbps * 1e9) for g in range(G)]
+
+                    def layer_time(low, conv=True):
+                        return max((t[g]["fp8"] + (max(0.0, t[g]["conv"] - dispatch[g]) if conv else 0.0))
+                                   if low[g] else t[g]["bf16"] for g in range(G))
+
+                    bf16 = layer_time([False] * G)
+                    row = {"model": name, "ep": G, "batch": key.split("/", 1)[1], "layer": layer, "tokens": tokens,
+                           "max_mean": float(loads.max() / loads.float().mean()), "bf16_ms": bf16 * 1e3,
+                           "fp8_all_x": bf16 / layer_time([True] * G)}
+                    for ratio in args.ratios:
+                        low = choose_ranks(loads, vis, tokens, RealbConfig(load_ratio=ratio)).tolist()
+                        row[f"realb{ratio}_x"] = bf16 / layer_time(low)
+                        row[f"realb{ratio}_low"] = sum(low)
+                        row[f"bound{ratio}_x"] = bf16 / layer_time(low, conv=False)
+                    for label, hist in (("eplb", history[layer]), ("eplb_oracle", c)):
+                        sl = eplb_loads(c, hist, G)
+                        te = [timer.times([int(round(v)) for v in s])["bf16"] for s in sl]
+                        row[f"{label}_x"] = bf16 / max(te)
+                    rows.append(row)
+    for r in rows:
+        r["device"] = device_name(device)
+    # per batch: geometric mean over layers
+    agg = {}
+    for r in rows:
+        agg.setdefault((r["model"], r["ep"], r["batch"]), []).append(r)
+    table = []
+    for (m, G, b), rs in agg.items():
+        line = {"model": m, "ep": G, "batch": b, "max_mean": float(np.mean([r["max_mean"] for r in rs])),
+                "bf16_ms": float(np.sum([r["bf16_ms"] for r in rs]))}
+        for col in [c for c in rs[0] if c.endswith("_x") or c.endswith("_low")]:
+            vals = [r[col] for r in rs]
+            line[col] = float(np.exp(np.mean(np.log(vals)))) if col.endswith("_x") else float(np.mean(vals))
+        table.append(line)
+    cols = ["model", "ep", "batch", "max_mean", "bf16_ms", "fp8_all_x", "eplb_x", "eplb_oracle_x"]
+    for ratio in args.ratios:
+        cols += [f"realb{ratio}_x", f"bound{ratio}_x", f"realb{ratio}_low"]
+    print(f"device: {device_name(device)}; per batch: layer-time speed-up over BF16 everywhere, geometric mean "
+          f"over the {counts.shape[0]} layers; bf16_ms summed over them")
+    print_table(table, cols)
+    write_results("realb_speed", [{"summary": True, **t} for t in table] + rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--study", choices=["accuracy", "speed"], required=True)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--ep", nargs="+", type=int, default=[4, 8])
+    ap.add_argument("--traces", default=str(TRACES))
+    ap.add_argument("--train-steps", type=int, default=400)
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--eval-batches", type=int, default=3)
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="tokens per evaluation batch")
+    ap.add_argument("--trace-tokens", nargs="+", type=int, default=[8192, 16384], help="traced batch sizes")
+    ap.add_argument("--cache-dir", default=str(ROOT / "runs" / "realb_vlm"), help="where trained VLMs are kept")
+    ap.add_argument("--load-ratio", type=float, default=RealbConfig.load_ratio)
+    ap.add_argument("--ratios", nargs="+", type=float, default=[1.0, 1.15, 1.3, 1.5])
+    ap.add_argument("--link-gbps", type=float, default=LINK_GBPS)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--scale", type=int, default=1, help="divide the speed shapes' dims (CPU smoke runs)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    study_accuracy(args) if args.study == "accuracy" else study_speed(args)
+
+
+if __name__ == "__main__":
+    main()

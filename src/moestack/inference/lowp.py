@@ -1,0 +1,108 @@
+"""Low-precision expert GEMMs for ReaLB: FP8 (e4m3, per-row / per-column scales) and FP4 (e2m1) numerics.
+
+FP8 W8A8: activations get one scale per row, weights one per output column (over the reduction dim),
+the layout `torch._scaled_grouped_mm` takes on Hopper (H100/H200 FP8 tensor cores). Elsewhere (CPU, older
+GPUs) `fp8_grouped_mm` computes the same numbers by dequantizing the fp8 values to fp32 and multiplying
+there: slowly, but what the tests compare against.
+FP4 W4A4 (NVFP4 numerics): e2m1 values {0, 0.5, 1, 1.5, 2, 3, 4, 6} with one e4m3 scale per 16 elements
+along the reduction dim and one fp32 scale per tensor. H200 has no FP4 tensor cores, so FP4 is emulated
+(quantize, dequantize, multiply in the compute dtype): it measures accuracy, never speed.
+Notation: N rows, K reduction dim, M output dim, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moestack.moe.experts import grouped_mm, loop_mm, triton_runs
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+FP4_BLOCK = 16
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def quantize_fp8(x: torch.Tensor, dim: int, out: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                 transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 e4m3 values of x with one fp32 scale per vector along `dim` (the reduction dim): x ~ q * scale.
+
+    x: [..., K, M] with dim=-2 (weights: a scale per output column, [..., M]) or [N, K] with dim=-1
+    (activations: a scale per row, [N]). transpose=True writes q as [..., M, K] (weights, for the
+    column-major operand `torch._scaled_grouped_mm` wants). `out` / `scale` are reused buffers (ReaLB's
+    per-layer conversion buffer); on CUDA one Triton kernel reads x and writes both (inference/lowp_triton.py).
+    """
+    if triton_runs(x) and x.is_cuda and x.dim() in (2, 3):
+        from moestack.inference.lowp_triton import quantize_fp8_triton
+
+        return quantize_fp8_triton(x, dim, out, scale, transpose)
+    amax = x.detach().abs().amax(dim=dim, keepdim=True).float()
+    s = amax.clamp(min=1e-12) / FP8_MAX
+    q = (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    s = s.squeeze(dim)
+    if transpose:
+        q = q.transpose(-2, -1)
+    if out is not None:
+        q = out.copy_(q)
+    if scale is not None:
+        s = scale.copy_(s)
+    return q.contiguous() if out is None else q, s
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """fp32 values of q (fp8) times its scales (scale has q's shape without `dim`)."""
+    return q.float() * scale.unsqueeze(dim)
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """Whether `torch._scaled_grouped_mm` runs here: CUDA with compute capability 9.x (Hopper)."""
+    return device.type == "cuda" and hasattr(torch, "_scaled_grouped_mm") and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def fp8_grouped_mm(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, counts: torch.Tensor,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """Rows x [N, K] (grouped by expert, counts [E]) times fp8 experts wq [E, M, K] (scales [E, M]): [N, M].
+
+    The rows are quantized here (one scale per row). On Hopper one `torch._scaled_grouped_mm`; elsewhere
+    the same fp8 values dequantized and multiplied in fp32.
+    """
+    xq, x_scale = quantize_fp8(x, dim=-1)
+    if fp8_supported(x.device):
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        y = torch._scaled_grouped_mm(xq, wq.transpose(-2, -1), x_scale, w_scale, offs=offsets,
+                                     out_dtype=torch.bfloat16)  # the output dtype the kernels take
+        return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
+    xd = dequantize_fp8(xq, x_scale, -1)  # [N, K] fp32
+    wd = dequantize_fp8(wq, w_scale, -1).transpose(-2, -1)  # [E, K, M] fp32
+    return _mm(xd, wd, counts).to(out_dtype)
+
+
+def fake_fp4(x: torch.Tensor, dim: int = -1, block: int = FP4_BLOCK) -> torch.Tensor:
+    """x rounded to NVFP4 numerics and back (same shape and dtype): e2m1 values, an e4m3 scale per `block`
+    elements along `dim`, one fp32 scale for the tensor (so the block scales fit e4m3's range)."""
+    xt = x.float().movedim(dim, -1)
+    K = xt.shape[-1]
+    if K % block:
+        raise ValueError(f"fake_fp4: the reduction dim has {K} elements, not a multiple of the block size {block}; "
+                         "pick a model whose expert sizes are multiples of 16")
+    blocks = xt.reshape(*xt.shape[:-1], K // block, block)
+    amax = blocks.abs().amax(-1, keepdim=True)  # [..., K/16, 1]
+    g = (amax.amax().clamp(min=1e-12) / (FP4_MAX * FP8_MAX))  # tensor scale: block scales <= 448
+    s = (amax / FP4_MAX / g).to(FP8).float() * g  # e4m3 block scales, as NVFP4 stores them
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    v = (blocks / s).clamp(-FP4_MAX, FP4_MAX)
+    grid = torch.tensor(_E2M1, device=x.device)
+    idx = torch.bucketize(v.abs().contiguous(), (grid[1:] + grid[:-1]) / 2)  # nearest e2m1 magnitude (ties go up)
+    q = grid[idx] * v.sign()
+    return (q * s).reshape(xt.shape).movedim(-1, dim).to(x.dtype)
+
+
+def fp4_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """W4A4 emulated: rows x [N, K] and experts w [E, K, M] both rounded to NVFP4 along K, then multiplied."""
+    return _mm(fake_fp4(x, -1), fake_fp4(w, -2), counts)
+
+
+def _mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda and x.dtype == torch.bfloat16:
+        return grouped_mm(x, w.contiguous(), torch.cumsum(counts, 0).to(torch.int32))
+    return loop_mm(x, w, counts.tolist())

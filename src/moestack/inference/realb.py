@@ -1,0 +1,321 @@
+"""ReaLB: per EP rank and layer, run an overloaded, vision-dominated rank's experts in lower precision.
+
+In multimodal prefill the vision tokens crowd onto some experts, so under expert parallelism a few ranks
+get far more rows than the mean and the layer waits for them. ReaLB (arXiv 2604.19503) makes those
+ranks faster instead of moving work: per layer, from the per-rank token counts the dispatch exchanges
+anyway (and the share of vision tokens in them), it picks the ranks that are
+- overloaded: load >= `load_ratio` x the mean rank load,
+- vision-dominated: at least `modality` of their rows are vision tokens (text-heavy ranks stay BF16),
+- in a large batch: at least `min_tokens` tokens in the layer's forward (decode and small batches: off),
+and converts their experts' BF16 weights to FP8 on the fly (FP4 numerics emulated for accuracy) into one
+conversion buffer shared by all layers, on a side stream while the dispatch is in flight, then runs FP8
+grouped GEMMs with per-row / per-column scales (inference/lowp.py). No redundant experts, no copy of the
+model: memory grows by one layer's (one rank's) fp8 experts.
+
+Wiring (the experts seam of DESIGN.md): `apply_realb(model, cfg)` wraps each MoE layer's dispatcher in
+`RealbDispatcher` (the decision and the conversion start at dispatch) and makes its experts
+`RealbExperts` (the GEMMs), both sharing one `RealbState`. Under EP (`parallel/ep.py`'s EPDispatcher inside)
+each rank decides for itself from loads all-reduced over the EP group; on one process `cfg.ranks` simulated
+ranks (contiguous expert blocks) stand in, which is how the accuracy of the policy is measured.
+The model marks its vision tokens with `set_modality(model, mask)` before a forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from moestack.inference.lowp import fp4_grouped_mm, fp8_grouped_mm, quantize_fp8
+from moestack.moe.experts import GroupedExperts
+from moestack.moe.layer import MoELayer
+from moestack.moe.router import Routing, count_ids
+
+PRECISIONS = ("fp8", "fp4")
+
+
+@dataclass
+class RealbConfig:
+    """ReaLB's thresholds. Defaults: modality 0.7 and min_tokens 2048 as the paper recommends; load_ratio
+    from bench/realb.py on the H200 (docs/methods/realb.md)."""
+
+    load_ratio: float = 1.15  # a rank is overloaded at load >= load_ratio x mean rank load
+    modality: float = 0.7  # ... and low precision only if >= this share of its rows are vision tokens
+    min_tokens: int = 2048  # off below this many tokens in a layer's forward
+    precision: str = "fp8"  # fp8 (Hopper tensor cores) | fp4 (NVFP4 numerics, emulated: accuracy only)
+    ranks: int = 0  # one process: simulated EP ranks (contiguous expert blocks); 0 = the EP group's size
+    everywhere: bool = False  # every rank low, always (the FP8 / FP4-everywhere baselines)
+
+    def __post_init__(self):
+        if not self.load_ratio >= 1.0:
+            raise ValueError(f"realb load_ratio={self.load_ratio}: must be >= 1 (a rank's load over the mean rank "
+                             "load); 1.15 is the default")
+        if not 0.0 <= self.modality <= 1.0:
+            raise ValueError(f"realb modality={self.modality}: must be a share of vision tokens in [0, 1]; 0.7 is "
+                             "the default (0 ignores modality)")
+        if not (isinstance(self.min_tokens, int) and self.min_tokens >= 0):
+            raise ValueError(f"realb min_tokens={self.min_tokens!r}: must be an int >= 0 (tokens per forward "
+                             "below which ReaLB is off); 2048 is the default")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"realb precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if not (isinstance(self.ranks, int) and self.ranks >= 0):
+            raise ValueError(f"realb ranks={self.ranks!r}: must be an int >= 0 (0 = the EP group's size)")
+
+
+def choose_ranks(loads: torch.Tensor, vision: torch.Tensor, tokens: int, cfg: RealbConfig) -> torch.Tensor:
+    """Which ranks run low precision: bool [G] from rows per rank loads [G] and their vision rows [G]."""
+    if cfg.everywhere:
+        return torch.ones_like(loads, dtype=torch.bool)
+    if tokens < cfg.min_tokens or loads.numel() < 2:
+        return torch.zeros_like(loads, dtype=torch.bool)
+    loads = loads.float()
+    mean = loads.mean()
+    share = vision.float() / loads.clamp(min=1)
+    return (loads >= cfg.load_ratio * mean) & (loads > mean) & (share >= cfg.modality)
+
+
+class ConversionBuffer:
+    """One set of fp8 weights and scales reused by every layer of one shape (the paper's 'no extra memory'
+    beyond one layer's conversion): grows only when a layer needs more experts than it holds."""
+
+    def __init__(self):
+        self.tensors: dict[tuple, dict[str, torch.Tensor]] = {}
+        self.allocations = 0  # how often memory was allocated (tests: no growth over layers and steps)
+
+    def get(self, experts: int, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Buffers for `experts` experts shaped like w13 [*, D, 2F] and w2 [*, F, D]: q13 [n, 2F, D], s13 [n, 2F],
+        q2 [n, D, F], s2 [n, D] (first n = experts)."""
+        key = (w13.shape[1:], w2.shape[1:], w13.device)
+        have = self.tensors.get(key)
+        if have is None or have["q13"].shape[0] < experts:
+            D, F2 = w13.shape[1:]
+            F, _ = w2.shape[1:]
+            dev = w13.device
+            have = {"q13": torch.empty(experts, F2, D, device=dev, dtype=torch.float8_e4m3fn),
+                    "s13": torch.empty(experts, F2, device=dev), "q2": torch.empty(experts, D, F, device=dev,
+                    dtype=torch.float8_e4m3fn), "s2": torch.empty(experts, D, device=dev)}
+            self.tensors[key] = have
+            self.allocations += 1
+        return {k: v[:experts] for k, v in have.items()}
+
+
+class RealbState:
+    """What a model's ReaLB layers share: config, conversion buffer, side stream, modality, decisions."""
+
+    def __init__(self, cfg: RealbConfig):
+        self.cfg = cfg
+        self.buffer = ConversionBuffer()
+        self.modality: torch.Tensor | None = None  # [T] bool, True = vision token (None: all text)
+        self.decisions: list[dict] = []  # per layer forward: loads, vision shares, ranks chosen
+        self.stream = None  # CUDA side stream for the conversion, made on first use
+        self.done = None  # event: this layer's conversion finished
+        self.free = None  # event: the previous GEMM finished reading the buffer
+        self.enabled = True
+
+    def take_decisions(self) -> list[dict]:
+        """The decisions since the last call (metrics read and clear them)."""
+        out, self.decisions = self.decisions, []
+        return out
+
+
+class RealbDispatcher:
+    """Wraps a layer's dispatcher: decides the precision of this layer's local experts and starts their
+    conversion before handing the rows to the inner dispatcher (whose all-to-all then hides it)."""
+
+    def __init__(self, inner, experts: "RealbExperts", state: RealbState, layer_idx: int):
+        self.inner, self.experts, self.state, self.layer_idx = inner, experts, state, layer_idx
+
+    def __getattr__(self, name):  # everything else (num_experts, group, slots, ...) is the inner dispatcher's
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def fused_parts(self, routing: Routing):
+        """The fused small-batch kernels are bf16 only: they take batches ReaLB leaves alone."""
+        plan = getattr(self.inner, "fused_parts", None)
+        if plan is None or (self.state.enabled and routing.expert_ids.shape[0] >= self.state.cfg.min_tokens):
+            return None
+        return plan(routing)
+
+    def dispatch(self, x: torch.Tensor, routing: Routing):
+        st = self.state
+        small = getattr(self.inner, "group", None) is None and routing.expert_ids.shape[0] < st.cfg.min_tokens
+        # one process and a small batch (decode, CUDA graphs): off without looking (no host sync); under EP
+        # every rank takes part in the decision's all-reduce
+        self.experts.low = self.decide(routing) if st.enabled and not small else None
+        if self.experts.low is not None and bool(self.experts.low.any()):
+            self.experts.convert(self.state)
+        return self.inner.dispatch(x, routing)
+
+    def combine(self, y: torch.Tensor, d):
+        return self.inner.combine(y, d)
+
+    def decide(self, routing: Routing) -> torch.Tensor:
+        """bool [E_local]: which local experts run low precision in this forward."""
+        cfg, st = self.state.cfg, self.state
+        E = routing.counts.numel()
+        T, k = routing.expert_ids.shape
+        mod = st.modality
+        if mod is not None and mod.numel() != T:
+            raise ValueError(f"ReaLB: the modality mask has {mod.numel()} entries but the layer routes {T} tokens; "
+                             "call set_modality(model, mask) with one bool per token of this forward")
+        vis_ids = routing.expert_ids[mod] if mod is not None else routing.expert_ids[:0]
+        counts = torch.stack([routing.counts, count_ids(vis_ids.flatten(), E)])  # [2, E]
+        tokens = torch.tensor([T], device=counts.device)
+        group = getattr(self.inner, "group", None)
+        if group is not None:  # EP: every rank sees the global loads (one all-reduce of 2E + 1 numbers)
+            both = torch.cat([counts.flatten(), tokens])
+            dist.all_reduce(both, group=group)
+            counts, tokens = both[:-1].view(2, E), both[-1:]
+        rank_of = self.rank_of_expert(E, counts.device)  # [E]
+        G = int(rank_of.max()) + 1
+        per_rank = torch.zeros(2, G, dtype=counts.dtype, device=counts.device).index_add_(1, rank_of, counts)
+        ranks = choose_ranks(per_rank[0], per_rank[1], int(tokens), cfg)  # [G]
+        low_global = ranks[rank_of]  # [E]
+        st.decisions.append({"layer": self.layer_idx, "loads": per_rank[0].tolist(),
+                             "vision": per_rank[1].tolist(), "tokens": int(tokens),
+                             "low_ranks": ranks.nonzero().flatten().tolist()})
+        ids = torch.tensor(self.experts.global_ids, device=counts.device)
+        return low_global[ids]
+
+    def rank_of_expert(self, E: int, device) -> torch.Tensor:
+        if getattr(self.inner, "group", None) is not None:  # EP: from the dispatcher's slots
+            bounds = torch.tensor(self.inner.slots, device=device).cumsum(0)
+            return torch.bucketize(self.inner.dest.to(device), bounds, right=True)
+        G = self.state.cfg.ranks or 1
+        if E % G:
+            raise ValueError(f"ReaLB: ranks={G} simulated EP ranks do not divide the {E} experts; pick a divisor of {E}")
+        return torch.arange(E, device=device) // (E // G)
+
+
+class RealbExperts(GroupedExperts):
+    """GroupedExperts whose experts marked `low` (by RealbDispatcher) run FP8 (or emulated FP4) GEMMs."""
+
+    def __init__(self, experts: GroupedExperts, state: RealbState):
+        nn.Module.__init__(self)
+        self.num_experts, self.d_model, self.d_ff, self.impl = (experts.num_experts, experts.d_model, experts.d_ff,
+                                                                experts.impl)
+        self.w13, self.w2 = experts.w13, experts.w2  # the same Parameters: state-dict keys do not change
+        self.global_ids = experts.global_ids
+        self._grouped_ok = experts._grouped_ok
+        self.state = state
+        self.low: torch.Tensor | None = None  # [E_local] bool, set per forward by the dispatcher
+        self.converted: dict[str, torch.Tensor] | None = None
+
+    def convert(self, st: RealbState) -> None:
+        """Quantize the low experts' weights into the shared buffer (FP8), on a side stream on CUDA."""
+        if st.cfg.precision != "fp8":
+            return  # FP4 is emulated inside the GEMM
+        idx = self.low.nonzero().flatten()
+        w13, w2 = self.w13.detach(), self.w2.detach()
+        if idx.numel() < self.w13.shape[0]:
+            w13, w2 = w13[idx], w2[idx]
+        buf = st.buffer.get(idx.numel(), self.w13, self.w2)
+        if w13.is_cuda:
+            if st.stream is None:
+                st.stream = torch.cuda.Stream(w13.device)
+            st.stream.wait_stream(torch.cuda.current_stream(w13.device))  # weights ready, buffer free
+            with torch.cuda.stream(st.stream):
+                self._quantize(w13, w2, buf)
+                st.done = torch.cuda.Event()
+                st.done.record(st.stream)
+        else:
+            self._quantize(w13, w2, buf)
+        self.converted = buf
+
+    @staticmethod
+    def _quantize(w13, w2, buf):
+        quantize_fp8(w13, dim=-2, out=buf["q13"], scale=buf["s13"], transpose=True)
+        quantize_fp8(w2, dim=-2, out=buf["q2"], scale=buf["s2"], transpose=True)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        low = self.low
+        self.low = None
+        if low is None or not bool(low.any()):
+            return super().forward(x, counts)
+        if bool(low.all()):  # an EP rank: all its experts share one precision
+            return self._low(x, counts, low)
+        # simulated ranks on one process: low experts' rows first, then the rest, then back in place
+        eid = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)  # [N]
+        order = torch.argsort((~low[eid]).to(torch.int64) * counts.numel() + eid, stable=True)
+        xs = x[order]
+        n_low = int(counts[low].sum())
+        y_low = self._low(xs[:n_low], counts[low], low)
+        y_high = self.run(xs[n_low:], counts.masked_fill(low, 0), self.w13, self.w2)  # low experts: empty groups
+        return y_high.new_empty(x.shape[0], y_high.shape[1]).index_copy_(
+            0, order, torch.cat([y_low.to(y_high.dtype), y_high]))
+
+    def _low(self, x: torch.Tensor, counts: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        from moestack.moe.experts import swiglu
+
+        st = self.state
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        if st.cfg.precision == "fp4":
+            w13, w2 = (self.w13, self.w2) if bool(low.all()) else (self.w13[low], self.w2[low])
+            h = fp4_grouped_mm(x.to(dtype), w13.to(dtype), counts)
+            return fp4_grouped_mm(swiglu(h).contiguous(), w2.to(dtype), counts)
+        buf = self.converted
+        if x.is_cuda and st.done is not None:
+            torch.cuda.current_stream(x.device).wait_event(st.done)
+        h = fp8_grouped_mm(x, buf["q13"], buf["s13"], counts, dtype)
+        y = fp8_grouped_mm(swiglu(h).contiguous(), buf["q2"], buf["s2"], counts, dtype)
+        if x.is_cuda:  # the next layer's conversion writes the buffer only after these GEMMs read it
+            st.stream.wait_stream(torch.cuda.current_stream(x.device))
+        return y
+
+
+def apply_realb(model: nn.Module, cfg: RealbConfig | None = None) -> RealbState:
+    """Install ReaLB on every MoE layer of model (moestack or a serving model); returns the shared state."""
+    cfg = cfg or RealbConfig()
+    state = RealbState(cfg)
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if not layers:
+        raise ValueError("apply_realb: the model has no MoE layers")
+    for i, layer in enumerate(layers):
+        if isinstance(layer.dispatcher, RealbDispatcher):
+            raise ValueError("apply_realb: ReaLB is already installed on this model")
+        if type(layer.experts) is not GroupedExperts:
+            raise ValueError(f"apply_realb: layer {i} has {type(layer.experts).__name__} experts; ReaLB runs on "
+                             "plain GroupedExperts (install it before DualSparse or FSSDP, not with them)")
+        layer.experts = RealbExperts(layer.experts, state)
+        layer.dispatcher = RealbDispatcher(layer.dispatcher, layer.experts, state, i)
+    model.realb = state
+    return state
+
+
+def set_modality(model: nn.Module, vision: torch.Tensor | None) -> None:
+    """Mark the vision tokens of the next forward: bool [B, S] or [T] (None: all text)."""
+    state = getattr(model, "realb", None)
+    if state is None:
+        raise ValueError("set_modality: ReaLB is not installed on this model (call apply_realb first)")
+    state.modality = None if vision is None else vision.reshape(-1).bool()
+
+
+def summarize(decisions: list[dict]) -> dict:
+    """Totals over decisions: layer forwards seen, forwards with a low rank, mean ranks lowered, max/mean."""
+    if not decisions:
+        return {"realb_layers": 0, "realb_low_layers": 0, "realb_low_ranks": 0.0, "realb_max_mean": 0.0}
+    low = [len(d["low_ranks"]) for d in decisions]
+    mm = [max(d["loads"]) / max(sum(d["loads"]) / len(d["loads"]), 1e-9) for d in decisions]
+    return {"realb_layers": len(decisions), "realb_low_layers": sum(1 for n in low if n),
+            "realb_low_ranks": sum(low) / len(low), "realb_max_mean": sum(mm) / len(mm)}
+
+
+def parse_realb(spec: str) -> RealbConfig:
+    """A RealbConfig from the command line's `--realb [KEY=VALUE,...]` ('' = the defaults)."""
+    fields = {f: type(v) for f, v in asdict(RealbConfig()).items()}
+    kwargs = {}
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise ValueError(f"--realb {spec!r}: expected KEY=VALUE pairs separated by commas with KEY one of "
+                             f"{', '.join(fields)} (e.g. --realb ranks=8,load_ratio=1.2)")
+        kind = fields[key]
+        try:
+            kwargs[key] = (value.strip().lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        except ValueError:
+            raise ValueError(f"--realb {key}={value!r}: not a valid {kind.__name__}") from None
+    return RealbConfig(**kwargs)

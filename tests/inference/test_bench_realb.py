@@ -1,0 +1,30 @@
+"""bench/realb.py end to end at tiny sizes on the CPU: train, evaluate, trace, then time the traced ranks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_realb_bench_runs_on_the_cpu(tmp_path):
+    env = {"OUT": str(tmp_path), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    traces = tmp_path / "traces.npz"
+    common = [sys.executable, "bench/realb.py", "--models", "mixtral", "--ep", "4", "--traces", str(traces)]
+    acc = subprocess.run(common + ["--study", "accuracy", "--train-steps", "3", "--eval-batches", "1",
+                                   "--eval-tokens", "704", "--trace-tokens", "704", "--cache-dir", str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert acc.returncode == 0, acc.stderr[-2000:]
+    assert "realb-fp8" in acc.stdout and "fp4-everywhere" in acc.stdout and traces.exists()
+    rows = [json.loads(line) for line in (tmp_path / "realb_accuracy.jsonl").read_text().splitlines()]
+    skew = {r["batch"]: r for r in rows if r["variant"] == "skew"}
+    assert set(skew) == {"vision", "mixed", "text"} and all(r["max_mean"] >= 1 for r in skew.values())
+    speed = subprocess.run(common + ["--study", "speed", "--scale", "64", "--reps", "1"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=400)
+    assert speed.returncode == 0, speed.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "realb_speed.jsonl").read_text().splitlines()]
+    summary = [r for r in rows if r.get("summary")]
+    assert {r["batch"] for r in summary} == {"vision/704", "mixed/704", "text/704"}
+    text = next(r for r in summary if r["batch"] == "text/704")
+    assert text["realb1.15_low"] == 0 and text["realb1.15_x"] == 1.0  # text batches: ReaLB stays off
