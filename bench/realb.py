@@ -13,7 +13,7 @@ speed: for each traced batch, layer and EP rank (contiguous placement), times th
 through the bf16 grouped GEMM path, the FP8 path (row quantization + `torch._scaled_grouped_mm`) and the
 weight conversion (the Triton kernel), at the real per-layer shapes from the transformers configs. Layer
 time = slowest rank + conversion not hidden under its dispatch (the rank's received bf16 bytes over
---link-gbps). Baselines in the same run: BF16 everywhere, FP8 everywhere, EPLB-style redundant experts
+--link-gbps; realb_slowlink_x: over --slow-link-gbps). Baselines in the same run: BF16 everywhere, FP8 everywhere, EPLB-style redundant experts
 (one extra copy per rank of the hottest experts, from the other batches' loads, and from this batch's:
 "oracle"). "bound" is ReaLB with a free conversion.
 """
@@ -109,7 +109,7 @@ def remove_realb(model) -> None:
 
 def skew(model, batches, G: int) -> dict:
     """Rank max/mean load per layer (mean and max over layers and batches) and the hottest rank's vision share."""
-    cfg = RealbConfig(ranks=G, min_tokens=10**9)  # decisions are recorded, nothing goes low
+    cfg = RealbConfig(ranks=G, load_ratio=1e9, min_tokens=0)  # decisions are recorded, nothing goes low
     state = apply_realb(model, cfg)
     from moestack.models.vlm import vision_mask
 
@@ -289,9 +289,8 @@ def study_speed(args) -> None:
                     loads = torch.tensor(c.reshape(G, per).sum(1))
                     vis = torch.tensor(vision[layer].reshape(G, per).sum(1))
                     t = [timer.times(c[g * per:(g + 1) * per].tolist()) for g in range(G)]
-                    dispatch = [float(loads[g]) * D * 2 / (args.link_gbps * 1e9) for g in range(G)]
-
-                    def layer_time(low, conv=True):
+                    def layer_time(low, conv=True, gbps=args.link_gbps):
+                        dispatch = [float(loads[g]) * D * 2 / (gbps * 1e9) for g in range(G)]  # bf16 rows in
                         return max((t[g]["fp8"] + (max(0.0, t[g]["conv"] - dispatch[g]) if conv else 0.0))
                                    if low[g] else t[g]["bf16"] for g in range(G))
 
@@ -304,6 +303,11 @@ def study_speed(args) -> None:
                         row[f"realb{ratio}_x"] = bf16 / layer_time(low)
                         row[f"realb{ratio}_low"] = sum(low)
                         row[f"bound{ratio}_x"] = bf16 / layer_time(low, conv=False)
+                        if ratio == args.load_ratio:
+                            row["realb_slowlink_x"] = bf16 / layer_time(low, gbps=args.slow_link_gbps)
+                    row["rank_bf16_ms"] = [t[g]["bf16"] * 1e3 for g in range(G)]
+                    row["rank_fp8_ms"] = [t[g]["fp8"] * 1e3 for g in range(G)]
+                    row["rank_conv_ms"] = [t[g]["conv"] * 1e3 for g in range(G)]
                     for label, hist in (("eplb", history[layer]), ("eplb_oracle", c)):
                         sl = eplb_loads(c, hist, G)
                         te = [timer.times([int(round(v)) for v in s])["bf16"] for s in sl]
@@ -319,11 +323,11 @@ def study_speed(args) -> None:
     for (m, G, b), rs in agg.items():
         line = {"model": m, "ep": G, "batch": b, "max_mean": float(np.mean([r["max_mean"] for r in rs])),
                 "bf16_ms": float(np.sum([r["bf16_ms"] for r in rs]))}
-        for col in [c for c in rs[0] if c.endswith("_x") or c.endswith("_low")]:
+        for col in [c for c in rs[0] if (c.endswith("_x") or c.endswith("_low")) and not isinstance(rs[0][c], list)]:
             vals = [r[col] for r in rs]
             line[col] = float(np.exp(np.mean(np.log(vals)))) if col.endswith("_x") else float(np.mean(vals))
         table.append(line)
-    cols = ["model", "ep", "batch", "max_mean", "bf16_ms", "fp8_all_x", "eplb_x", "eplb_oracle_x"]
+    cols = ["model", "ep", "batch", "max_mean", "bf16_ms", "fp8_all_x", "eplb_x", "eplb_oracle_x", "realb_slowlink_x"]
     for ratio in args.ratios:
         cols += [f"realb{ratio}_x", f"bound{ratio}_x", f"realb{ratio}_low"]
     print(f"device: {device_name(device)}; per batch: layer-time speed-up over BF16 everywhere, geometric mean "
@@ -347,6 +351,8 @@ def main() -> None:
     ap.add_argument("--load-ratio", type=float, default=RealbConfig.load_ratio)
     ap.add_argument("--ratios", nargs="+", type=float, default=[1.0, 1.15, 1.3, 1.5])
     ap.add_argument("--link-gbps", type=float, default=LINK_GBPS)
+    ap.add_argument("--slow-link-gbps", type=float, default=24.0, help="inter-node-like link (NCCL_P2P_DISABLE=1 on "
+                    "two H200s, 2026-11-23): realb_slowlink_x hides the conversion under that dispatch")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--scale", type=int, default=1, help="divide the speed shapes' dims (CPU smoke runs)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
