@@ -20,9 +20,9 @@ def test_data_and_model_shapes():
 def test_pixels_reach_the_model_and_training_learns():
     data = DigitsData()
     cfg = vlm_config(num_experts=4, top_k=2, d_model=32, d_ff=16, n_layers=2)
-    res = train_vlm(cfg, data, steps=40, batch=16, lr=5e-3, progress=False)
+    res = train_vlm(cfg, data, steps=60, batch=16, lr=1e-2, progress=False)
     first, last = res.history[0]["loss"], sum(h["loss"] for h in res.history[-5:]) / 5
-    assert last < 0.8 * first
+    assert last < 0.7 * first
     b = data.image_batch(data.split["val"][:8])
     out = evaluate(res.model, b)
     assert {"loss", "caption_loss", "accuracy"} <= set(out)
