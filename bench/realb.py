@@ -163,9 +163,12 @@ def study_accuracy(args) -> None:
                 s = skew(model, batches, G)
                 rows.append({"model": name, "ep": G, "batch": kind, "variant": "skew", **s})
             base = {k: run_eval(model, b, None) for k, b in kinds.items()}
+            # the rows rule is off here: the small model's ranks have few rows per expert, and what is measured
+            # is the precision's effect wherever the load and modality rules lower a rank
             variants = {"bf16": None,
-                        "realb-fp8": RealbConfig(ranks=G, load_ratio=args.load_ratio),
-                        "realb-fp4": RealbConfig(ranks=G, load_ratio=args.load_ratio, precision="fp4"),
+                        "realb-fp8": RealbConfig(ranks=G, load_ratio=args.load_ratio, min_expert_rows=0),
+                        "realb-fp4": RealbConfig(ranks=G, load_ratio=args.load_ratio, precision="fp4",
+                                                 min_expert_rows=0),
                         "fp8-everywhere": RealbConfig(ranks=G, everywhere=True),
                         "fp4-everywhere": RealbConfig(ranks=G, everywhere=True, precision="fp4")}
             for vname, cfg in variants.items():
@@ -268,6 +271,7 @@ def eplb_loads(counts: np.ndarray, history: np.ndarray, G: int) -> list[list[flo
 
 
 def study_speed(args) -> None:
+    """Measure every traced rank on this device, then evaluate the policies on those times."""
     device = torch.device(args.device)
     data = np.load(args.traces)
     shapes = speed_shapes(args.scale)
@@ -279,43 +283,54 @@ def study_speed(args) -> None:
         timer = RankTimer(D, F, E // min(args.ep) + 1, max_rows, device, args.reps)
         for G in args.ep:
             for key in keys:
-                counts, vision = data[key + "/counts"], data[key + "/vision"]
-                tokens = int(data[key + "/tokens"])
+                counts = data[key + "/counts"]
                 others = [k_ for k_ in keys if k_ != key and k_.split("/")[1] == key.split("/")[1]]
                 history = sum(data[k_ + "/counts"] for k_ in others) if others else counts
                 per = E // G
                 for layer in range(counts.shape[0]):
                     c = counts[layer]
-                    loads = torch.tensor(c.reshape(G, per).sum(1))
-                    vis = torch.tensor(vision[layer].reshape(G, per).sum(1))
                     t = [timer.times(c[g * per:(g + 1) * per].tolist()) for g in range(G)]
-                    def layer_time(low, conv=True, gbps=args.link_gbps):
-                        dispatch = [float(loads[g]) * D * 2 / (gbps * 1e9) for g in range(G)]  # bf16 rows in
-                        return max((t[g]["fp8"] + (max(0.0, t[g]["conv"] - dispatch[g]) if conv else 0.0))
-                                   if low[g] else t[g]["bf16"] for g in range(G))
-
-                    bf16 = layer_time([False] * G)
-                    row = {"model": name, "ep": G, "batch": key.split("/", 1)[1], "layer": layer, "tokens": tokens,
-                           "max_mean": float(loads.max() / loads.float().mean()), "bf16_ms": bf16 * 1e3,
-                           "fp8_all_x": bf16 / layer_time([True] * G)}
-                    for ratio in args.ratios:
-                        low = choose_ranks(loads, vis, tokens, RealbConfig(load_ratio=ratio)).tolist()
-                        row[f"realb{ratio}_x"] = bf16 / layer_time(low)
-                        row[f"realb{ratio}_low"] = sum(low)
-                        row[f"bound{ratio}_x"] = bf16 / layer_time(low, conv=False)
-                        if ratio == args.load_ratio:
-                            row["realb_slowlink_x"] = bf16 / layer_time(low, gbps=args.slow_link_gbps)
-                    row["rank_bf16_ms"] = [t[g]["bf16"] * 1e3 for g in range(G)]
-                    row["rank_fp8_ms"] = [t[g]["fp8"] * 1e3 for g in range(G)]
-                    row["rank_conv_ms"] = [t[g]["conv"] * 1e3 for g in range(G)]
+                    row = {"model": name, "ep": G, "batch": key.split("/", 1)[1], "layer": layer,
+                           "device": device_name(device), "rank_bf16_ms": [x["bf16"] * 1e3 for x in t],
+                           "rank_fp8_ms": [x["fp8"] * 1e3 for x in t], "rank_conv_ms": [x["conv"] * 1e3 for x in t]}
+                    bf16 = max(row["rank_bf16_ms"])
                     for label, hist in (("eplb", history[layer]), ("eplb_oracle", c)):
-                        sl = eplb_loads(c, hist, G)
-                        te = [timer.times([int(round(v)) for v in s])["bf16"] for s in sl]
+                        te = [timer.times([int(round(v)) for v in sl])["bf16"] * 1e3 for sl in eplb_loads(c, hist, G)]
                         row[f"{label}_x"] = bf16 / max(te)
                     rows.append(row)
-    for r in rows:
-        r["device"] = device_name(device)
-    # per batch: geometric mean over layers
+    evaluate_speed(rows, data, shapes, args)
+
+
+def evaluate_speed(rows: list[dict], data, shapes: dict, args, source: str = "") -> None:
+    """Layer times of each policy from measured per-rank times (rows) and the traces' loads and vision shares."""
+    default = RealbConfig(load_ratio=args.load_ratio)
+    policies = {"realb": default, "realb_any_rows": RealbConfig(load_ratio=args.load_ratio, min_expert_rows=0)}
+    policies.update({f"realb{r}": RealbConfig(load_ratio=r) for r in args.ratios if r != args.load_ratio})
+    for row in rows:
+        D, _, E, _ = shapes[row["model"]]
+        G = row["ep"]
+        key = f"{row['model']}/{row['batch']}"
+        c, v = data[key + "/counts"][row["layer"]], data[key + "/vision"][row["layer"]]
+        tokens = int(data[key + "/tokens"])
+        loads = torch.tensor(c.reshape(G, E // G).sum(1))
+        vis = torch.tensor(v.reshape(G, E // G).sum(1))
+        tb, tf, tc = row["rank_bf16_ms"], row["rank_fp8_ms"], row["rank_conv_ms"]
+
+        def layer_ms(low, conv=True, gbps=args.link_gbps):
+            dispatch = [float(loads[g]) * D * 2 / (gbps * 1e9) * 1e3 for g in range(G)]  # bf16 rows in, ms
+            return max((tf[g] + (max(0.0, tc[g] - dispatch[g]) if conv else 0.0)) if low[g] else tb[g]
+                       for g in range(G))
+
+        bf16 = layer_ms([False] * G)
+        row.update(tokens=tokens, max_mean=float(loads.max() / loads.float().mean()), bf16_ms=bf16,
+                   fp8_all_x=bf16 / layer_ms([True] * G))
+        for label, cfg in policies.items():
+            low = choose_ranks(loads, vis, tokens, cfg, E // G).tolist()
+            row[f"{label}_x"] = bf16 / layer_ms(low)
+            row[f"{label}_low"] = sum(low)
+            if label == "realb":
+                row["bound_x"] = bf16 / layer_ms(low, conv=False)
+                row["realb_slowlink_x"] = bf16 / layer_ms(low, gbps=args.slow_link_gbps)
     agg = {}
     for r in rows:
         agg.setdefault((r["model"], r["ep"], r["batch"]), []).append(r)
@@ -323,22 +338,33 @@ def study_speed(args) -> None:
     for (m, G, b), rs in agg.items():
         line = {"model": m, "ep": G, "batch": b, "max_mean": float(np.mean([r["max_mean"] for r in rs])),
                 "bf16_ms": float(np.sum([r["bf16_ms"] for r in rs]))}
-        for col in [c for c in rs[0] if (c.endswith("_x") or c.endswith("_low")) and not isinstance(rs[0][c], list)]:
+        for col in [c for c in rs[0] if c.endswith("_x") or c.endswith("_low")]:
             vals = [r[col] for r in rs]
             line[col] = float(np.exp(np.mean(np.log(vals)))) if col.endswith("_x") else float(np.mean(vals))
         table.append(line)
-    cols = ["model", "ep", "batch", "max_mean", "bf16_ms", "fp8_all_x", "eplb_x", "eplb_oracle_x", "realb_slowlink_x"]
-    for ratio in args.ratios:
-        cols += [f"realb{ratio}_x", f"bound{ratio}_x", f"realb{ratio}_low"]
-    print(f"device: {device_name(device)}; per batch: layer-time speed-up over BF16 everywhere, geometric mean "
-          f"over the {counts.shape[0]} layers; bf16_ms summed over them")
+    cols = ["model", "ep", "batch", "max_mean", "bf16_ms", "fp8_all_x", "eplb_x", "eplb_oracle_x", "realb_x",
+            "realb_low", "bound_x", "realb_slowlink_x", "realb_any_rows_x"]
+    cols += [f"realb{r}_x" for r in args.ratios if r != args.load_ratio]
+    print(f"device: {rows[0]['device']}{source}; per batch: layer-time speed-up over BF16 everywhere, geometric "
+          f"mean over the layers; bf16_ms summed over them; realb = {default}")
     print_table(table, cols)
-    write_results("realb_speed", [{"summary": True, **t} for t in table] + rows)
+    write_results("realb_speed", [{"summary": True, "source": source, **t} for t in table] + rows)
+
+
+def study_from(args) -> None:
+    """Re-evaluate the policies on per-rank times an earlier speed run measured (--from its jsonl)."""
+    rows = [json.loads(line) for line in Path(args.from_results).read_text().splitlines()]
+    rows = [r for r in rows if "rank_bf16_ms" in r and not r.get("summary") and r["model"] in args.models]
+    if not rows:
+        raise SystemExit(f"{args.from_results}: no per-rank rows of bench/realb.py --study speed")
+    evaluate_speed(rows, np.load(args.traces), speed_shapes(args.scale), args, source=f" (times from {args.from_results})")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--study", choices=["accuracy", "speed"], required=True)
+    ap.add_argument("--study", choices=["accuracy", "speed", "from"], required=True,
+                    help="from: re-evaluate the policies on the per-rank times in --from-results")
+    ap.add_argument("--from-results", default="", help="a realb_speed.jsonl written by --study speed")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--ep", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--traces", default=str(TRACES))
@@ -349,7 +375,7 @@ def main() -> None:
     ap.add_argument("--trace-tokens", nargs="+", type=int, default=[8192, 16384], help="traced batch sizes")
     ap.add_argument("--cache-dir", default=str(ROOT / "runs" / "realb_vlm"), help="where trained VLMs are kept")
     ap.add_argument("--load-ratio", type=float, default=RealbConfig.load_ratio)
-    ap.add_argument("--ratios", nargs="+", type=float, default=[1.0, 1.15, 1.3, 1.5])
+    ap.add_argument("--ratios", nargs="+", type=float, default=[1.0, 1.15, 1.3, 1.5], help="load_ratio sweep")
     ap.add_argument("--link-gbps", type=float, default=LINK_GBPS)
     ap.add_argument("--slow-link-gbps", type=float, default=24.0, help="inter-node-like link (NCCL_P2P_DISABLE=1 on "
                     "two H200s, 2026-11-23): realb_slowlink_x hides the conversion under that dispatch")
@@ -357,7 +383,7 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=1, help="divide the speed shapes' dims (CPU smoke runs)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    study_accuracy(args) if args.study == "accuracy" else study_speed(args)
+    {"accuracy": study_accuracy, "speed": study_speed, "from": study_from}[args.study](args)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ declare -A HELP=(
   [serve_full]="bench/serve.py --models olmoe --layers 16: every layer of OLMoE-1B-7B"
   [serve_dualsparse]="bench/serve.py --drop-rates 0.25: DualSparse at 25% drop against no dropping, end to end in the engine"
   [serve_http]="bench/serve_http.py: the HTTP server at 1/8/32 clients against the offline engine"
-  [realb]="bench/realb.py --study speed: ReaLB vs BF16 / FP8 everywhere / EPLB per EP rank at Qwen3-VL-30B-A3B and Mixtral shapes, traced VLM routing"
+  [realb]="bench/realb_kernels.py (the FP8 path piece by piece), then bench/realb.py --study speed: ReaLB vs BF16 / FP8 everywhere / EPLB per EP rank at Qwen3-VL-30B-A3B and Mixtral shapes, traced VLM routing"
   [fssdp]="bench/fssdp_sim.py: EP vs FSSDP vs FSSDP-RM step-time model at 8-64 GPUs, GEMM and attention times measured here"
 )
 
@@ -48,7 +48,7 @@ run_group() {
   serve_full) py 300 bench/serve.py --models olmoe --layers 16 --batches 8,64 --mixed 0 ;;
   serve_dualsparse) py 300 bench/serve.py --batches 8 --mixed 0 --no-hf --drop-rates 0.25 --drop-batches 8,64 ;;
   serve_http) py 300 bench/serve_http.py ;;
-  realb) py 420 bench/realb.py --study speed --reps 10 ;;
+  realb) py 60 bench/realb_kernels.py; py 420 bench/realb.py --study speed --reps 10 ;;
   esac
 }
 

@@ -15,12 +15,13 @@ from moestack.placement.placement import Placement
 from tests.dist import run_ranks
 from tests.inference.helpers import D, E, hidden_batches, moe_layer, tiny_model
 
-ON = dict(load_ratio=1.0, modality=0.0, min_tokens=0)  # thresholds that let any above-mean rank go low
+ON = dict(load_ratio=1.0, modality=0.0, min_tokens=0, min_expert_rows=0)  # any above-mean rank goes low
 
 
 @pytest.mark.parametrize("field,value,needle", [
     ("load_ratio", 0.9, "load_ratio"), ("modality", 1.5, "modality"), ("min_tokens", -1, "min_tokens"),
-    ("min_tokens", 2.5, "min_tokens"), ("precision", "int4", "precision"), ("ranks", -2, "ranks")])
+    ("min_tokens", 2.5, "min_tokens"), ("precision", "int4", "precision"), ("ranks", -2, "ranks"),
+    ("min_expert_rows", -1, "min_expert_rows")])
 def test_thresholds_are_validated(field, value, needle):
     with pytest.raises(ValueError, match=needle):
         RealbConfig(**{field: value})
@@ -28,8 +29,12 @@ def test_thresholds_are_validated(field, value, needle):
 
 def test_policy_picks_the_overloaded_vision_rank():
     loads = torch.tensor([100, 300, 100, 100])
-    cfg = RealbConfig(load_ratio=1.15, modality=0.7, min_tokens=2048)
+    cfg = RealbConfig(load_ratio=1.15, modality=0.7, min_tokens=2048, min_expert_rows=0)
     assert choose_ranks(loads, torch.tensor([10, 280, 90, 0]), 4096, cfg).tolist() == [False, True, False, False]
+    # too few rows per local expert for FP8 to pay: 300 rows over 2 experts < 2 x 200
+    rows_cfg = RealbConfig(load_ratio=1.15, min_tokens=2048, min_expert_rows=200)
+    assert not choose_ranks(loads, torch.tensor([10, 280, 90, 0]), 4096, rows_cfg, experts_per_rank=2).any()
+    assert choose_ranks(loads, torch.tensor([10, 280, 90, 0]), 4096, rows_cfg, experts_per_rank=1)[1]
     # the same load, but mostly text: stays BF16
     assert not choose_ranks(loads, torch.tensor([10, 150, 90, 0]), 4096, cfg).any()
     # a small batch: off

@@ -106,7 +106,7 @@ def test_realb_in_the_engine(tmp_path):
     assert [o.token_ids for o in off.generate(PROMPTS[:3], GREEDY, use_tqdm=False)] == refs
     assert off.stats.realb_layers > 0 and off.stats.realb_low_layers == 0  # decided, and text stays BF16
     low = LLM(str(tmp_path), device="cpu", block_size=4,
-              realb=RealbConfig(ranks=2, modality=0.0, load_ratio=1.0, min_tokens=1))
+              realb=RealbConfig(ranks=2, modality=0.0, load_ratio=1.0, min_tokens=1, min_expert_rows=0))
     outs = low.generate(PROMPTS[:3], GREEDY, use_tqdm=False)
     assert all(len(o.token_ids) == 10 for o in outs)
     assert 0 < low.stats.realb_low_layers <= low.stats.realb_layers

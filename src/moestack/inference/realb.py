@@ -7,6 +7,8 @@ anyway (and the share of vision tokens in them), it picks the ranks that are
 - overloaded: load >= `load_ratio` x the mean rank load,
 - vision-dominated: at least `modality` of their rows are vision tokens (text-heavy ranks stay BF16),
 - in a large batch: at least `min_tokens` tokens in the layer's forward (decode and small batches: off),
+- with big enough GEMMs: at least `min_expert_rows` rows per local expert (below that, quantizing the rows
+  costs more than FP8 saves: measured on the H200, docs/methods/realb.md),
 and converts their experts' BF16 weights to FP8 on the fly (FP4 numerics emulated for accuracy) into one
 conversion buffer shared by all layers, on a side stream while the dispatch is in flight, then runs FP8
 grouped GEMMs with per-row / per-column scales (inference/lowp.py). No redundant experts, no copy of the
@@ -45,6 +47,7 @@ class RealbConfig:
     modality: float = 0.7  # ... and low precision only if >= this share of its rows are vision tokens
     min_tokens: int = 2048  # off below this many tokens in a layer's forward
     precision: str = "fp8"  # fp8 (Hopper tensor cores) | fp4 (NVFP4 numerics, emulated: accuracy only)
+    min_expert_rows: int = 1024  # ... and only if the rank has at least this many rows per local expert
     ranks: int = 0  # one process: simulated EP ranks (contiguous expert blocks); 0 = the EP group's size
     everywhere: bool = False  # every rank low, always (the FP8 / FP4-everywhere baselines)
 
@@ -60,11 +63,15 @@ class RealbConfig:
                              "below which ReaLB is off); 2048 is the default")
         if self.precision not in PRECISIONS:
             raise ValueError(f"realb precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if not (isinstance(self.min_expert_rows, int) and self.min_expert_rows >= 0):
+            raise ValueError(f"realb min_expert_rows={self.min_expert_rows!r}: must be an int >= 0 (rows per local "
+                             "expert below which FP8 does not pay); 1024 is the default")
         if not (isinstance(self.ranks, int) and self.ranks >= 0):
             raise ValueError(f"realb ranks={self.ranks!r}: must be an int >= 0 (0 = the EP group's size)")
 
 
-def choose_ranks(loads: torch.Tensor, vision: torch.Tensor, tokens: int, cfg: RealbConfig) -> torch.Tensor:
+def choose_ranks(loads: torch.Tensor, vision: torch.Tensor, tokens: int, cfg: RealbConfig,
+                 experts_per_rank: int = 1) -> torch.Tensor:
     """Which ranks run low precision: bool [G] from rows per rank loads [G] and their vision rows [G]."""
     if cfg.everywhere:
         return torch.ones_like(loads, dtype=torch.bool)
@@ -73,7 +80,8 @@ def choose_ranks(loads: torch.Tensor, vision: torch.Tensor, tokens: int, cfg: Re
     loads = loads.float()
     mean = loads.mean()
     share = vision.float() / loads.clamp(min=1)
-    return (loads >= cfg.load_ratio * mean) & (loads > mean) & (share >= cfg.modality)
+    big = loads >= cfg.min_expert_rows * experts_per_rank  # small grouped GEMMs: FP8's row quantization costs more
+    return (loads >= cfg.load_ratio * mean) & (loads > mean) & (share >= cfg.modality) & big
 
 
 class ConversionBuffer:
@@ -172,7 +180,7 @@ class RealbDispatcher:
         rank_of = self.rank_of_expert(E, counts.device)  # [E]
         G = int(rank_of.max()) + 1
         per_rank = torch.zeros(2, G, dtype=counts.dtype, device=counts.device).index_add_(1, rank_of, counts)
-        ranks = choose_ranks(per_rank[0], per_rank[1], int(tokens), cfg)  # [G]
+        ranks = choose_ranks(per_rank[0], per_rank[1], int(tokens), cfg, E // G)  # [G]
         low_global = ranks[rank_of]  # [E]
         st.decisions.append({"layer": self.layer_idx, "loads": per_rank[0].tolist(),
                              "vision": per_rank[1].tolist(), "tokens": int(tokens),
