@@ -27,4 +27,13 @@ def test_realb_bench_runs_on_the_cpu(tmp_path):
     summary = [r for r in rows if r.get("summary")]
     assert {r["batch"] for r in summary} == {"vision/704", "mixed/704", "text/704"}
     text = next(r for r in summary if r["batch"] == "text/704")
-    assert text["realb1.15_low"] == 0 and text["realb1.15_x"] == 1.0  # text batches: ReaLB stays off
+    assert text["realb_low"] == 0 and text["realb_x"] == 1.0  # text batches: ReaLB stays off
+    # the policies re-evaluated on those measured times give the same table
+    again = subprocess.run(common + ["--study", "from", "--from-results", str(tmp_path / "realb_speed.jsonl"),
+                                     "--scale", "64"], cwd=ROOT, env={**env, "OUT": str(tmp_path / "again")},
+                           capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-2000:]
+    rows2 = [json.loads(line) for line in (tmp_path / "again" / "realb_speed.jsonl").read_text().splitlines()]
+    redo = {r["batch"]: r for r in rows2 if r.get("summary")}
+    for r in summary:
+        assert redo[r["batch"]]["realb_x"] == r["realb_x"] and redo[r["batch"]]["bf16_ms"] == r["bf16_ms"]
