@@ -107,6 +107,20 @@ class EPDispatcher:
         dest = torch.tensor([r * local_experts + s for r, s in zip(expert_rank, expert_slot)])  # [E]
         self.set_slots([local_experts] * self.ranks, dest)
 
+    def count_traffic(self, d_model: int) -> None:
+        """Count the bytes this rank sends to each rank (dispatch and combine rows of d_model values) in
+        `sent_bytes` [G] (the serving engine reads them; `reset_traffic` zeroes them)."""
+        self.d_model = d_model
+        self.sent_bytes = torch.zeros(self.ranks, dtype=torch.int64)
+
+    def reset_traffic(self) -> None:
+        if hasattr(self, "sent_bytes"):
+            self.sent_bytes.zero_()
+
+    def _count(self, splits: list[int], element_size: int) -> None:
+        if hasattr(self, "sent_bytes"):
+            self.sent_bytes += torch.tensor(splits, dtype=torch.int64) * (self.d_model * element_size)
+
     def set_slots(self, slots: list[int], dest: torch.Tensor) -> None:
         """Rank g holds slots[g] experts; dest [E] is each expert's slot in the ranks' concatenated slots."""
         self.slots = list(slots)
@@ -135,6 +149,7 @@ class EPDispatcher:
         ungroup, _ = inverse_order(regroup, regroup.numel())
         counts = recv_cpu.sum(0).to(x.device)
         inverse, _ = inverse_order(order, T * k)
+        self._count(in_splits, x.element_size())
 
         def finish(received: torch.Tensor) -> Dispatched:
             extra = {"in_splits": in_splits, "out_splits": out_splits, "regroup": regroup, "ungroup": ungroup}
@@ -146,6 +161,7 @@ class EPDispatcher:
     def combine(self, y: torch.Tensor, d: Dispatched) -> A2AHandle:
         e = d.extra
         back = gather_rows(y, e["ungroup"], e["regroup"])  # undo the regrouping: [N_recv, D]
+        self._count(e["out_splits"], y.element_size())
 
         def finish(returned: torch.Tensor) -> torch.Tensor:
             return unpermute(returned, d.order, d.weights, d.num_choices, d.inverse)

@@ -56,7 +56,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.85, prefix_caching: bool = True, cuda_graphs: bool = True,
                  max_model_len: int | None = None, drop_rate: float | None = None, parts: int = 2,
                  calib_batches: int = 8, fused_rows: int = 1024, compile: bool = True, pipeline: bool | None = None,
-                 tokenizer=None, realb=None):
+                 tokenizer=None, realb=None, parallel=None, placement=None):
         dev = _device(device)
         served = model if isinstance(model, loader.Served) else loader.load(model, dev, _dtype(dtype, dev))
         if tokenizer is not None:
@@ -64,6 +64,15 @@ class LLM:
         self.served, self.model, self.tokenizer = served, served.model, served.tokenizer
         spec = self.model.spec
         self.max_model_len = min(max_model_len or spec.max_len, spec.max_len)
+        self.ep = parallel if parallel is not None and parallel.ep > 1 else None  # a ParallelContext (torchrun)
+        self.dispatchers = []
+        if self.ep is not None:  # expert-parallel serving (serve/ep.py): this rank keeps its experts
+            from moestack.serve.ep import shard_for_serving
+
+            if drop_rate is not None:
+                raise ValueError("DualSparse dropping runs in the single-process engine; leave out torchrun or --drop-rate")
+            self.dispatchers = shard_for_serving(self.model, self.ep, placement)
+            cuda_graphs, pipeline = False, False  # every step is a collective all-to-all: eager, in lock-step
         if drop_rate is not None and realb is not None:
             raise ValueError("ReaLB and DualSparse dropping do not combine (both replace the experts); pick one")
         if drop_rate is not None:
@@ -195,6 +204,8 @@ class LLM:
             batch, stuck = self.scheduler.schedule()
             outputs = [self._finish(seq, "length") for seq in stuck]
             if not batch:
+                if self.ep is not None:  # the other ranks' forward waits on this rank's all-to-alls
+                    self.runner.idle()
                 return outputs
             sample_for = [seq for seq, n in batch if seq.num_computed + n == len(seq)]
             launched = self.runner.launch(batch, sample_for, [self.generators.get(s.request_id) for s in sample_for])
@@ -338,18 +349,50 @@ class LLM:
                 self.check_prompt(self.encode_prompt(prompt)[0], p)
             except ValueError as err:
                 raise ValueError(f"prompt {i}: {err}") from None
-        rids = [self.add_request(prompt, p) for prompt, p in zip(prompts, plist)]
+        ep = self.ep
+        mine = list(range(len(prompts)))[ep.ep_rank::ep.ep] if ep is not None else list(range(len(prompts)))
+        rids = [self.add_request(prompts[i], plist[i]) for i in mine]  # under EP: this rank's share
         done: dict[str, Completion] = {}
         wanted = set(rids)
-        with tqdm(total=len(rids), desc="generate", unit="req", disable=not use_tqdm, leave=False) as bar:
-            while len(done) < len(rids):
+        show = use_tqdm and (ep is None or ep.ep_rank == 0)
+        with tqdm(total=len(rids), desc="generate", unit="req", disable=not show, leave=False) as bar:
+            while self._keep_going(len(done) < len(rids)):
                 for out in self.step():
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out.completion
                         bar.update(1)
-                if not self.has_unfinished() and len(done) < len(rids):
+                if len(done) < len(rids) and not self.has_unfinished():
                     raise RuntimeError("the engine stopped with requests unfinished")
-        return [done[r] for r in rids]
+        if ep is None:
+            return [done[r] for r in rids]
+        from moestack.serve.ep import gather_objects
+
+        out: list[Completion | None] = [None] * len(prompts)
+        for r, part in enumerate(gather_objects([done[x] for x in rids], ep)):
+            for i, completion in zip(list(range(len(prompts)))[r::ep.ep], part):
+                out[i] = completion
+        return out
+
+    def _keep_going(self, local: bool) -> bool:
+        """Whether to run another step: this rank's work, or under EP any rank's (they step together)."""
+        if self.ep is None:
+            return local
+        from moestack.serve.ep import any_rank
+
+        return any_rank(local, self.ep)
+
+    def traffic(self, reset: bool = True):
+        """Under EP: bytes sent by each rank to each rank per MoE layer since the last reset, int64 [L, G, G]
+        (every rank gets the whole matrix; a collective, so every rank calls it); None in one process."""
+        if self.ep is None:
+            return None
+        from moestack.serve.ep import traffic
+
+        out = traffic(self.dispatchers, self.ep)
+        if reset:
+            for d in self.dispatchers:
+                d.reset_traffic()
+        return out
 
     def expert_loads(self):
         """Tokens routed to each expert in the last step, per MoE layer: a numpy array [L_moe, E] (or None)."""

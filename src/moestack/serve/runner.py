@@ -110,6 +110,15 @@ class ModelRunner:
                         mask=mask.unsqueeze(1))
         return as_t(tokens), as_t(positions), meta, as_t(last)
 
+    @torch.inference_mode()
+    def idle(self) -> None:
+        """A one-token forward into the scratch block, results dropped: an EP rank with no work of its own still
+        takes part in the step's all-to-alls (serve/ep.py)."""
+        dev = self.device
+        one = torch.zeros(1, dtype=torch.long, device=dev)
+        meta = AttnMeta(slots=one + self.scratch * self.block_size, q_seq=one, q_row=one, fresh=True, batch=1, max_q=1)
+        self.model.hidden(one, one, self.kv, meta)
+
     # -- the step -----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], sample_for: list[Sequence],

@@ -1,0 +1,69 @@
+"""Expert-parallel serving: data-parallel attention, expert-parallel MoE, engine loops in lock-step.
+
+Under torchrun every rank builds the same `LLM`; `shard_for_serving` keeps this rank's experts of every MoE
+layer (placement files as in training, `parallel/ep.py`) and gives each layer an `EPDispatcher`. Each rank
+owns its requests and their KV blocks (attention is data parallel); the MoE all-to-alls of one engine step
+are collectives over the EP group, so every rank runs exactly one model forward per step: a rank with no
+work runs an idle one-token forward on the scratch KV block (`ModelRunner.idle`), as vLLM's DP ranks run
+dummy batches. `LLM.generate` under EP serves prompts[r::G] on rank r and gathers the completions, so
+every rank returns the whole list in order. Only the home flow (each token's hidden state returns to its
+rank after every MoE layer) exists; token-follows-expert is issue 17's open part.
+The dispatchers count the bytes each rank sends to each rank (`traffic`), from the engine itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from moestack.parallel.ep import EPDispatcher, load_placement, shard_layer
+from moestack.parallel.mesh import ParallelContext
+from moestack.placement.placement import Placement
+
+
+def shard_for_serving(model, ctx: ParallelContext, placement: str | Placement | None = None) -> list[EPDispatcher]:
+    """Keep this rank's experts of each MoE layer of a ServeModel; returns the layers' dispatchers."""
+    layers = model.moe_layers()
+    if not layers:
+        raise ValueError("expert-parallel serving needs an MoE model; this one has no MoE layers")
+    E = layers[0].num_experts
+    if E % ctx.ep:
+        raise ValueError(f"{ctx.ep} EP ranks do not divide the model's {E} experts; run a world size that divides "
+                         f"{E} (torchrun --nproc_per_node N)")
+    if isinstance(placement, Placement):
+        plan = placement
+        plan.validate(num_layers=len(layers), num_experts=E, num_gpus=ctx.ep)
+    else:
+        plan = load_placement(placement or "", len(layers), E, ctx.ep)
+    out = []
+    for i, layer in enumerate(layers):
+        layer.dispatcher = shard_layer(layer, ctx, plan, i)
+        layer.dispatcher.count_traffic(layer.experts.d_model)
+        out.append(layer.dispatcher)
+    return out
+
+
+def any_rank(flag: bool, ctx: ParallelContext) -> bool:
+    """Whether flag holds on some rank of the EP group (one all-reduce)."""
+    t = torch.tensor([int(flag)], device=_comm_device(ctx))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.ep_group)
+    return bool(t.item())
+
+
+def gather_objects(obj, ctx: ParallelContext) -> list:
+    """obj from every rank of the EP group, in rank order."""
+    out = [None] * ctx.ep
+    dist.all_gather_object(out, obj, group=ctx.ep_group)
+    return out
+
+
+def traffic(dispatchers: list[EPDispatcher], ctx: ParallelContext) -> torch.Tensor:
+    """Bytes sent over the all-to-alls since the last reset: int64 [L, G, G], [layer, from, to] (every rank
+    gets the whole matrix; bytes a rank keeps for itself are on the diagonal)."""
+    mine = torch.stack([d.sent_bytes for d in dispatchers])  # [L, G] this rank -> each rank
+    rows = gather_objects(mine.cpu(), ctx)
+    return torch.stack(rows, dim=1)
+
+
+def _comm_device(ctx: ParallelContext) -> torch.device:
+    return ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
