@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -58,6 +59,10 @@ class LLM:
                  calib_batches: int = 8, fused_rows: int = 1024, compile: bool = True, pipeline: bool | None = None,
                  tokenizer=None, realb=None, parallel=None, placement=None):
         dev = _device(device)
+        if parallel is not None and parallel.ep > 1 and not isinstance(model, loader.Served) and (
+                Path(model) / "config.toml").is_file():
+            raise ValueError(f"{model}: expert-parallel serving takes Hugging Face checkpoint folders for now; serve a "
+                             "moestack run in one process (without torchrun)")
         served = model if isinstance(model, loader.Served) else loader.load(model, dev, _dtype(dtype, dev))
         if tokenizer is not None:
             served.tokenizer = tokenizer
@@ -71,6 +76,7 @@ class LLM:
 
             if drop_rate is not None:
                 raise ValueError("DualSparse dropping runs in the single-process engine; leave out torchrun or --drop-rate")
+
             self.dispatchers = shard_for_serving(self.model, self.ep, placement)
             cuda_graphs, pipeline = False, False  # every step is a collective all-to-all: eager, in lock-step
         if drop_rate is not None and realb is not None:
