@@ -266,7 +266,7 @@ def eplb_loads(counts: np.ndarray, history: np.ndarray, G: int) -> list[list[flo
         g = min(cand, key=lambda r: load[r])
         slots[g].append(int(e))
         replicas[int(e)] += 1
-        load[g] += history[e] / replicas[int(e)]
+        load = np.array([sum(history[x] / replicas[x] for x in s) for s in slots])  # every holder's share shrinks
     return [[counts[e] / replicas[e] for e in s] for s in slots]
 
 
@@ -317,7 +317,8 @@ def evaluate_speed(rows: list[dict], data, shapes: dict, args, source: str = "")
         tb, tf, tc = row["rank_bf16_ms"], row["rank_fp8_ms"], row["rank_conv_ms"]
 
         def layer_ms(low, conv=True, gbps=args.link_gbps):
-            dispatch = [float(loads[g]) * D * 2 / (gbps * 1e9) * 1e3 for g in range(G)]  # bf16 rows in, ms
+            # bf16 rows in over the link, ms: a rank's own rows (1/G of them, for evenly spread sources) stay home
+            dispatch = [float(loads[g]) * (G - 1) / G * D * 2 / (gbps * 1e9) * 1e3 for g in range(G)]
             return max((tf[g] + (max(0.0, tc[g] - dispatch[g]) if conv else 0.0)) if low[g] else tb[g]
                        for g in range(G))
 

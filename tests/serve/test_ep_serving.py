@@ -32,6 +32,8 @@ def _check(rank, world, path, refs, placement_rows):
     assert bytes_.shape == (LAYERS, world, world)
     assert torch.equal(bytes_, bytes_.transpose(1, 2))  # a -> b dispatch rows come back b -> a in the combine
     assert (bytes_.sum(0) > 0).all()
+    per_layer = bytes_.sum((1, 2))
+    assert (per_layer == per_layer[0]).all()  # every MoE layer moved the same tokens, so the same bytes
     assert llm.traffic().sum() == 0  # reset after reading
     # a request arriving later, on rank 0 only: the other ranks keep stepping (idle) in lock-step
     rid = llm.add_request(PROMPTS[0], _params(5))

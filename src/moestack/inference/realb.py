@@ -86,7 +86,7 @@ def choose_ranks(loads: torch.Tensor, vision: torch.Tensor, tokens: int, cfg: Re
 
 class ConversionBuffer:
     """One set of fp8 weights and scales reused by every layer of one shape (the paper's 'no extra memory'
-    beyond one layer's conversion): grows only when a layer needs more experts than it holds."""
+    beyond one layer's conversion): room for one rank's experts, allocated on first use."""
 
     def __init__(self):
         self.tensors: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -98,12 +98,13 @@ class ConversionBuffer:
         key = (w13.shape[1:], w2.shape[1:], w13.device)
         have = self.tensors.get(key)
         if have is None or have["q13"].shape[0] < experts:
+            n = max(experts, w13.shape[0])  # room for all of a rank's experts: allocated once
             D, F2 = w13.shape[1:]
             F, _ = w2.shape[1:]
             dev = w13.device
-            have = {"q13": torch.empty(experts, F2, D, device=dev, dtype=torch.float8_e4m3fn),
-                    "s13": torch.empty(experts, F2, device=dev), "q2": torch.empty(experts, D, F, device=dev,
-                    dtype=torch.float8_e4m3fn), "s2": torch.empty(experts, D, device=dev)}
+            have = {"q13": torch.empty(n, F2, D, device=dev, dtype=torch.float8_e4m3fn),
+                    "s13": torch.empty(n, F2, device=dev), "q2": torch.empty(n, D, F, device=dev,
+                    dtype=torch.float8_e4m3fn), "s2": torch.empty(n, D, device=dev)}
             self.tensors[key] = have
             self.allocations += 1
         return {k: v[:experts] for k, v in have.items()}
@@ -152,7 +153,8 @@ class RealbDispatcher:
         small = getattr(self.inner, "group", None) is None and routing.expert_ids.shape[0] < st.cfg.min_tokens
         # one process and a small batch (decode, CUDA graphs): off without looking (no host sync); under EP
         # every rank takes part in the decision's all-reduce
-        self.experts.low = self.decide(routing) if st.enabled and not small else None
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # graphs replay BF16 (no host syncs)
+        self.experts.low = self.decide(routing) if st.enabled and not small and not capturing else None
         if self.experts.low is not None and bool(self.experts.low.any()):
             self.experts.convert(self.state)
         return self.inner.dispatch(x, routing)
@@ -177,13 +179,16 @@ class RealbDispatcher:
             both = torch.cat([counts.flatten(), tokens])
             dist.all_reduce(both, group=group)
             counts, tokens = both[:-1].view(2, E), both[-1:]
+        n_tokens = int(tokens)
+        if n_tokens < cfg.min_tokens and not cfg.everywhere:  # off, and not a decision worth recording
+            return torch.zeros(len(self.experts.global_ids), dtype=torch.bool, device=counts.device)
         rank_of = self.rank_of_expert(E, counts.device)  # [E]
         G = int(rank_of.max()) + 1
         per_rank = torch.zeros(2, G, dtype=counts.dtype, device=counts.device).index_add_(1, rank_of, counts)
-        ranks = choose_ranks(per_rank[0], per_rank[1], int(tokens), cfg, E // G)  # [G]
+        ranks = choose_ranks(per_rank[0], per_rank[1], n_tokens, cfg, E // G)  # [G]
         low_global = ranks[rank_of]  # [E]
         st.decisions.append({"layer": self.layer_idx, "loads": per_rank[0].tolist(),
-                             "vision": per_rank[1].tolist(), "tokens": int(tokens),
+                             "vision": per_rank[1].tolist(), "tokens": n_tokens,
                              "low_ranks": ranks.nonzero().flatten().tolist()})
         ids = torch.tensor(self.experts.global_ids, device=counts.device)
         return low_global[ids]
@@ -217,21 +222,25 @@ class RealbExperts(GroupedExperts):
         if st.cfg.precision != "fp8":
             return  # FP4 is emulated inside the GEMM
         idx = self.low.nonzero().flatten()
-        w13, w2 = self.w13.detach(), self.w2.detach()
-        if idx.numel() < self.w13.shape[0]:
-            w13, w2 = w13[idx], w2[idx]
         buf = st.buffer.get(idx.numel(), self.w13, self.w2)
-        if w13.is_cuda:
+        if self.w13.is_cuda:
             if st.stream is None:
-                st.stream = torch.cuda.Stream(w13.device)
-            st.stream.wait_stream(torch.cuda.current_stream(w13.device))  # weights ready, buffer free
-            with torch.cuda.stream(st.stream):
-                self._quantize(w13, w2, buf)
+                st.stream = torch.cuda.Stream(self.w13.device)
+            st.stream.wait_stream(torch.cuda.current_stream(self.w13.device))  # weights ready, buffer free
+            idx.record_stream(st.stream)
+            with torch.cuda.stream(st.stream):  # the gathered copies live (and are freed) on the side stream
+                self._quantize(*self._chosen(idx), buf)
                 st.done = torch.cuda.Event()
                 st.done.record(st.stream)
         else:
-            self._quantize(w13, w2, buf)
+            self._quantize(*self._chosen(idx), buf)
         self.converted = buf
+
+    def _chosen(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w13, w2 = self.w13.detach(), self.w2.detach()
+        if idx.numel() < w13.shape[0]:
+            w13, w2 = w13[idx], w2[idx]
+        return w13, w2
 
     @staticmethod
     def _quantize(w13, w2, buf):
@@ -281,6 +290,12 @@ def apply_realb(model: nn.Module, cfg: RealbConfig | None = None) -> RealbState:
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     if not layers:
         raise ValueError("apply_realb: the model has no MoE layers")
+    cfg_model = getattr(getattr(model, "cfg", None), "model", None)
+    spec = getattr(model, "spec", None)
+    if getattr(cfg_model, "arch", None) == "scmoe" or getattr(spec, "scmoe", False):
+        raise ValueError("apply_realb: ScMoE models launch the next block's dispatch before this block's experts run, "
+                         "so the one conversion buffer would be overwritten before use; ReaLB runs on top2 / "
+                         "shared_top1 models and the Hugging Face families")
     for i, layer in enumerate(layers):
         if isinstance(layer.dispatcher, RealbDispatcher):
             raise ValueError("apply_realb: ReaLB is already installed on this model")

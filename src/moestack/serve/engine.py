@@ -89,8 +89,18 @@ class LLM:
 
             self.realb = apply_realb(self.model, realb)
             log.info("ReaLB: %s", realb)
+            if self.ep is None and realb.ranks < 2 and not realb.everywhere:
+                log.warning("ReaLB in one process without simulated ranks never lowers a rank: give ranks=G (the EP "
+                            "size to simulate) or run under torchrun")
+            if realb.modality > 0:
+                log.info("ReaLB: the engine's prompts are text, so no rank reaches modality=%.2f unless it is "
+                         "lowered (modality=0 lowers by load alone)", realb.modality)
         if num_blocks is None:
             num_blocks = self._num_blocks(gpu_memory_utilization, block_size, max_num_seqs)
+        if self.ep is not None:  # one size on every rank, so a prompt fits everywhere or nowhere
+            from moestack.serve.ep import min_over_ranks
+
+            num_blocks = min_over_ranks(num_blocks, self.ep)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
@@ -362,13 +372,13 @@ class LLM:
         wanted = set(rids)
         show = use_tqdm and (ep is None or ep.ep_rank == 0)
         with tqdm(total=len(rids), desc="generate", unit="req", disable=not show, leave=False) as bar:
-            while self._keep_going(len(done) < len(rids)):
+            stalled = False
+            while self._keep_going(len(done) < len(rids), stalled):
                 for out in self.step():
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out.completion
                         bar.update(1)
-                if len(done) < len(rids) and not self.has_unfinished():
-                    raise RuntimeError("the engine stopped with requests unfinished")
+                stalled = len(done) < len(rids) and not self.has_unfinished()
         if ep is None:
             return [done[r] for r in rids]
         from moestack.serve.ep import gather_objects
@@ -379,13 +389,16 @@ class LLM:
                 out[i] = completion
         return out
 
-    def _keep_going(self, local: bool) -> bool:
-        """Whether to run another step: this rank's work, or under EP any rank's (they step together)."""
-        if self.ep is None:
-            return local
-        from moestack.serve.ep import any_rank
+    def _keep_going(self, local: bool, stalled: bool = False) -> bool:
+        """Whether to run another step: this rank's work, or under EP any rank's (they step together). A rank
+        whose requests stopped unfinished (`stalled`) makes every rank raise, so none waits for it."""
+        if self.ep is not None:
+            from moestack.serve.ep import any_rank
 
-        return any_rank(local, self.ep)
+            local, stalled = any_rank([local, stalled], self.ep)
+        if stalled:
+            raise RuntimeError("the engine stopped with requests unfinished")
+        return local
 
     def traffic(self, reset: bool = True):
         """Under EP: bytes sent by each rank to each rank per MoE layer since the last reset, int64 [L, G, G]

@@ -43,11 +43,18 @@ def shard_for_serving(model, ctx: ParallelContext, placement: str | Placement | 
     return out
 
 
-def any_rank(flag: bool, ctx: ParallelContext) -> bool:
-    """Whether flag holds on some rank of the EP group (one all-reduce)."""
-    t = torch.tensor([int(flag)], device=_comm_device(ctx))
+def any_rank(flags: list[bool], ctx: ParallelContext) -> list[bool]:
+    """For each flag, whether it holds on some rank of the EP group (one all-reduce)."""
+    t = torch.tensor([int(f) for f in flags], device=_comm_device(ctx))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.ep_group)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
+
+
+def min_over_ranks(value: int, ctx: ParallelContext) -> int:
+    """The smallest of every rank's value."""
+    t = torch.tensor([value], device=_comm_device(ctx))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=ctx.ep_group)
+    return int(t.item())
 
 
 def gather_objects(obj, ctx: ParallelContext) -> list:
