@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DualSparse: partition the experts and drop this share of expert computation")
     p.add_argument("--realb", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
                    help="ReaLB: run overloaded, vision-dominated EP ranks' experts in FP8; optional KEY=VALUE,... "
-                        "(load_ratio, modality, min_tokens, precision, ranks, everywhere; see docs/methods/realb.md)")
+                        "(load_ratio, modality, min_tokens, min_expert_rows, precision, ranks, everywhere). In one "
+                        "process give ranks=G to simulate G EP ranks; text prompts stay BF16 unless modality=0 "
+                        "(docs/methods/realb.md)")
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on a run or a Hugging Face MoE checkpoint",
                        description="Serve --model over HTTP: POST /v1/completions and /v1/chat/completions (streamed "
@@ -127,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DualSparse: partition the experts and drop this share of expert computation")
     p.add_argument("--realb", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
                    help="ReaLB: run overloaded, vision-dominated EP ranks' experts in FP8; optional KEY=VALUE,... "
-                        "(load_ratio, modality, min_tokens, precision, ranks, everywhere; see docs/methods/realb.md)")
+                        "(load_ratio, modality, min_tokens, min_expert_rows, precision, ranks, everywhere). In one "
+                        "process give ranks=G to simulate G EP ranks; text prompts stay BF16 unless modality=0 "
+                        "(docs/methods/realb.md)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, fp32 on the CPU), bfloat16, float16, float32")
 
