@@ -75,3 +75,23 @@ def _bad_world(rank, world, path):
 def test_a_world_size_that_does_not_divide_the_experts_is_one_clear_error(tmp_path):
     hf_folder(tmp_path, "qwen3_moe", num_experts=6)
     run_ranks(_bad_world, 4, str(tmp_path))
+
+
+def test_moestack_generate_under_torchrun_on_a_hf_folder(tmp_path, capsys):
+    """`torchrun ... moestack generate --model HF_FOLDER` runs the EP engine; rank 0 prints what one process prints."""
+    import os
+    import subprocess
+    import sys
+
+    from moestack.cli import main
+
+    hf_folder(tmp_path, "qwen3_moe")
+    args = ["generate", "--model", str(tmp_path), "--prompt", "def f(x):", "--max-new-tokens", "8",
+            "--temperature", "0", "--device", "cpu"]
+    assert main(args) == 0
+    want = capsys.readouterr().out
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "moestack.cli",
+           *args]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == want and want.startswith("def f(x):")
