@@ -95,3 +95,11 @@ def test_moestack_generate_under_torchrun_on_a_hf_folder(tmp_path, capsys):
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == want and want.startswith("def f(x):")
+
+
+def test_run_folders_are_refused_under_ep_before_anything_loads(tmp_path):
+    from moestack.parallel.mesh import ParallelContext
+
+    (tmp_path / "config.toml").write_text("")  # a moestack run folder's marker
+    with pytest.raises(ValueError, match="Hugging Face checkpoint folders"):
+        LLM(str(tmp_path), device="cpu", parallel=ParallelContext(world=2, ep=2))
