@@ -302,6 +302,11 @@ def _realb(args):
 
 
 def cmd_serve(args) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("moestack serve: error: the HTTP server runs in one process for now (every torchrun rank would bind "
+              f"port {args.port}); run it without torchrun. Expert-parallel serving under torchrun is offline: "
+              "LLM(..., parallel=ctx) or moestack generate", file=sys.stderr)
+        return 2
     try:
         from moestack.serve.server import serve
     except ImportError as err:

@@ -103,3 +103,11 @@ def test_run_folders_are_refused_under_ep_before_anything_loads(tmp_path):
     (tmp_path / "config.toml").write_text("")  # a moestack run folder's marker
     with pytest.raises(ValueError, match="Hugging Face checkpoint folders"):
         LLM(str(tmp_path), device="cpu", parallel=ParallelContext(world=2, ep=2))
+
+
+def test_serve_under_torchrun_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    from moestack.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["serve", "--model", str(tmp_path)]) == 2
+    assert "runs in one process" in capsys.readouterr().err
