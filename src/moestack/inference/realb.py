@@ -119,8 +119,7 @@ class RealbState:
         self.modality: torch.Tensor | None = None  # [T] bool, True = vision token (None: all text)
         self.decisions: list[dict] = []  # per layer forward: loads, vision shares, ranks chosen
         self.stream = None  # CUDA side stream for the conversion, made on first use
-        self.done = None  # event: this layer's conversion finished
-        self.free = None  # event: the previous GEMM finished reading the buffer
+        self.done = None  # event: the latest conversion finished (the GEMMs wait on it)
         self.enabled = True
 
     def take_decisions(self) -> list[dict]:
