@@ -166,9 +166,30 @@ def test_conversion_buffer_is_reused_over_layers_and_steps():
     assert state.buffer.allocations == 1 and len(ptrs) == 1
 
 
-def test_scmoe_models_are_refused():
-    with pytest.raises(ValueError, match="ScMoE"):
-        apply_realb(tiny_model(**{"model.arch": "scmoe"}))
+def test_scmoe_layers_each_run_their_own_fp8_weights(monkeypatch):
+    """ScMoE starts block i+1's dispatch (and its conversion) before block i's experts run; with two buffers
+    each layer still runs its own weights: the model equals one whose every layer quantizes on the fly."""
+    import moestack.moe.experts as experts_mod
+    from moestack.inference.lowp import fp8_grouped_mm as mm8
+
+    idx = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    model = tiny_model(**{"model.arch": "scmoe", "model.n_layers": 3, "moe.num_experts": 4})
+    state = apply_realb(model, RealbConfig(everywhere=True, min_tokens=0))
+    with torch.no_grad():
+        got = model(idx)[0]
+    assert state.slots == 2 and state.buffer.allocations == 2
+
+    def on_the_fly(self, x, counts, w13, w2):  # FP8 of this layer's own weights, quantized right here
+        q13, s13 = quantize_fp8(w13.detach(), dim=-2, transpose=True)
+        q2, s2 = quantize_fp8(w2.detach(), dim=-2, transpose=True)
+        return mm8(experts_mod.swiglu(mm8(x, q13, s13, counts, torch.float32)).contiguous(), q2, s2, counts,
+                   torch.float32)
+
+    ref = tiny_model(**{"model.arch": "scmoe", "model.n_layers": 3, "moe.num_experts": 4})
+    monkeypatch.setattr(experts_mod.GroupedExperts, "run", on_the_fly)
+    with torch.no_grad():
+        want = ref(idx)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_modality_mask_and_double_install_are_clear_errors():

@@ -92,10 +92,10 @@ class ConversionBuffer:
         self.tensors: dict[tuple, dict[str, torch.Tensor]] = {}
         self.allocations = 0  # how often memory was allocated (tests: no growth over layers and steps)
 
-    def get(self, experts: int, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
+    def get(self, experts: int, w13: torch.Tensor, w2: torch.Tensor, slot: int = 0) -> dict[str, torch.Tensor]:
         """Buffers for `experts` experts shaped like w13 [*, D, 2F] and w2 [*, F, D]: q13 [n, 2F, D], s13 [n, 2F],
-        q2 [n, D, F], s2 [n, D] (first n = experts)."""
-        key = (w13.shape[1:], w2.shape[1:], w13.device)
+        q2 [n, D, F], s2 [n, D] (first n = experts). `slot`: ScMoE alternates two buffers (see apply_realb)."""
+        key = (w13.shape[1:], w2.shape[1:], w13.device, slot)
         have = self.tensors.get(key)
         if have is None or have["q13"].shape[0] < experts:
             n = max(experts, w13.shape[0])  # room for all of a rank's experts: allocated once
@@ -119,7 +119,7 @@ class RealbState:
         self.modality: torch.Tensor | None = None  # [T] bool, True = vision token (None: all text)
         self.decisions: list[dict] = []  # per layer forward: loads, vision shares, ranks chosen
         self.stream = None  # CUDA side stream for the conversion, made on first use
-        self.done = None  # event: the latest conversion finished (the GEMMs wait on it)
+        self.slots = 1  # conversion buffers: 1, or 2 for ScMoE (layer i uses buffer i % slots)
         self.enabled = True
 
     def take_decisions(self) -> list[dict]:
@@ -215,13 +215,15 @@ class RealbExperts(GroupedExperts):
         self.state = state
         self.low: torch.Tensor | None = None  # [E_local] bool, set per forward by the dispatcher
         self.converted: dict[str, torch.Tensor] | None = None
+        self.done = None  # CUDA event: the conversion into `converted` finished
+        self.layer_idx = 0  # which conversion buffer it uses (set by apply_realb)
 
     def convert(self, st: RealbState) -> None:
         """Quantize the low experts' weights into the shared buffer (FP8), on a side stream on CUDA."""
         if st.cfg.precision != "fp8":
             return  # FP4 is emulated inside the GEMM
         idx = self.low.nonzero().flatten()
-        buf = st.buffer.get(idx.numel(), self.w13, self.w2)
+        buf = st.buffer.get(idx.numel(), self.w13, self.w2, self.layer_idx % st.slots)
         if self.w13.is_cuda:
             if st.stream is None:
                 st.stream = torch.cuda.Stream(self.w13.device)
@@ -229,8 +231,8 @@ class RealbExperts(GroupedExperts):
             idx.record_stream(st.stream)
             with torch.cuda.stream(st.stream):  # the gathered copies live (and are freed) on the side stream
                 self._quantize(*self._chosen(idx), buf)
-                st.done = torch.cuda.Event()
-                st.done.record(st.stream)
+                self.done = torch.cuda.Event()  # this layer's conversion finished (its GEMMs wait on it)
+                self.done.record(st.stream)
         else:
             self._quantize(*self._chosen(idx), buf)
         self.converted = buf
@@ -273,8 +275,8 @@ class RealbExperts(GroupedExperts):
             h = fp4_grouped_mm(x.to(dtype), w13.to(dtype), counts)
             return fp4_grouped_mm(swiglu(h).contiguous(), w2.to(dtype), counts)
         buf = self.converted
-        if x.is_cuda and st.done is not None:
-            torch.cuda.current_stream(x.device).wait_event(st.done)
+        if x.is_cuda and self.done is not None:
+            torch.cuda.current_stream(x.device).wait_event(self.done)
         h = fp8_grouped_mm(x, buf["q13"], buf["s13"], counts, dtype)
         y = fp8_grouped_mm(swiglu(h).contiguous(), buf["q2"], buf["s2"], counts, dtype)
         if x.is_cuda:  # the next layer's conversion writes the buffer only after these GEMMs read it
@@ -292,9 +294,9 @@ def apply_realb(model: nn.Module, cfg: RealbConfig | None = None) -> RealbState:
     cfg_model = getattr(getattr(model, "cfg", None), "model", None)
     spec = getattr(model, "spec", None)
     if getattr(cfg_model, "arch", None) == "scmoe" or getattr(spec, "scmoe", False):
-        raise ValueError("apply_realb: ScMoE models launch the next block's dispatch before this block's experts run, "
-                         "so the one conversion buffer would be overwritten before use; ReaLB runs on top2 / "
-                         "shared_top1 models and the Hugging Face families")
+        # ScMoE launches block i+1's dispatch (and so its conversion) before block i's experts run: two buffers,
+        # alternating by layer, keep block i's weights until its GEMMs have read them
+        state.slots = 2
     for i, layer in enumerate(layers):
         if isinstance(layer.dispatcher, RealbDispatcher):
             raise ValueError("apply_realb: ReaLB is already installed on this model")
@@ -302,6 +304,7 @@ def apply_realb(model: nn.Module, cfg: RealbConfig | None = None) -> RealbState:
             raise ValueError(f"apply_realb: layer {i} has {type(layer.experts).__name__} experts; ReaLB runs on "
                              "plain GroupedExperts (install it before DualSparse or FSSDP, not with them)")
         layer.experts = RealbExperts(layer.experts, state)
+        layer.experts.layer_idx = i
         layer.dispatcher = RealbDispatcher(layer.dispatcher, layer.experts, state, i)
     model.realb = state
     return state
