@@ -26,6 +26,9 @@ def _check(rank, world, path, refs, placement_rows):
     placement = Placement(world, placement_rows) if placement_rows else None
     llm = LLM(path, device="cpu", block_size=4, parallel=ctx, placement=placement)
     assert llm.model.moe_layers()[0].experts.w13.shape[0] == E // world  # this rank keeps its experts only
+    forwarded = []  # tokens of every forward on this rank, idle ones included
+    hidden = llm.model.hidden
+    llm.model.hidden = lambda tokens, *a, **kw: (forwarded.append(tokens.numel()), hidden(tokens, *a, **kw))[1]
     outs = llm.generate(PROMPTS, [_params(n) for n in LENGTHS], use_tqdm=False)
     assert [o.token_ids for o in outs] == refs  # every rank returns the whole list, in order
     bytes_ = llm.traffic()
@@ -33,7 +36,11 @@ def _check(rank, world, path, refs, placement_rows):
     assert torch.equal(bytes_, bytes_.transpose(1, 2))  # a -> b dispatch rows come back b -> a in the combine
     assert (bytes_.sum(0) > 0).all()
     per_layer = bytes_.sum((1, 2))
-    assert (per_layer == per_layer[0]).all()  # every MoE layer moved the same tokens, so the same bytes
+    tokens = torch.tensor([sum(forwarded)])
+    torch.distributed.all_reduce(tokens, group=ctx.ep_group)
+    top_k, d_model, fp32 = 2, 32, 4
+    # every token-choice of every forward travels out (dispatch) and back (combine), to itself included
+    assert (per_layer == 2 * top_k * d_model * fp32 * tokens.item()).all()
     assert llm.traffic().sum() == 0  # reset after reading
     # a request arriving later, on rank 0 only: the other ranks keep stepping (idle) in lock-step
     rid = llm.add_request(PROMPTS[0], _params(5))
