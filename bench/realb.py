@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import device_name, print_table, time_fn, write_results  # noqa: E402
-from moestack.inference.realb import RealbConfig, apply_realb, choose_ranks, set_modality, summarize  # noqa: E402
+from moestack.inference.realb import (RealbConfig, apply_realb, choose_ranks, remove_realb,  # noqa: E402
+                                     set_modality, summarize)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT / "bench" / "results" / "realb_traces.npz"
@@ -92,19 +93,6 @@ def run_eval(model, batches, cfg: RealbConfig | None) -> dict:
         out.update(summarize(state.take_decisions()))
         remove_realb(model)
     return out
-
-
-def remove_realb(model) -> None:
-    from moestack.moe.experts import GroupedExperts
-
-    for layer in model.moe_layers():
-        ex = layer.experts
-        plain = GroupedExperts.__new__(GroupedExperts)
-        torch.nn.Module.__init__(plain)
-        plain.num_experts, plain.d_model, plain.d_ff, plain.impl = ex.num_experts, ex.d_model, ex.d_ff, ex.impl
-        plain.w13, plain.w2, plain.global_ids, plain._grouped_ok = ex.w13, ex.w2, ex.global_ids, ex._grouped_ok
-        layer.experts, layer.dispatcher = plain, layer.dispatcher.inner
-    del model.realb
 
 
 def skew(model, batches, G: int) -> dict:
@@ -220,8 +208,7 @@ class RankTimer:
         self.cache: dict = {}
 
     def times(self, counts: list[int]) -> dict:
-        from moestack.inference.lowp import fp8_grouped_mm, quantize_fp8
-        from moestack.moe.experts import swiglu
+        from moestack.inference.lowp import fp8_experts, quantize_fp8
 
         key = tuple(counts)
         if key in self.cache:
@@ -239,8 +226,7 @@ class RankTimer:
             return self.ex.run(x, c, w13, w2)
 
         def fp8():
-            h = fp8_grouped_mm(x, q13, s13, c, self.dt)
-            return fp8_grouped_mm(swiglu(h).contiguous(), q2, s2, c, self.dt)
+            return fp8_experts(x, c, q13, s13, q2, s2, self.dt)
 
         def conv():
             quantize_fp8(w13, -2, out=q13, scale=s13, transpose=True)

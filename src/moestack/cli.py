@@ -238,9 +238,9 @@ def cmd_train(args) -> int:
 def cmd_generate(args) -> int:
     path = args.model or args.run_dir
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and not (Path(path) / "config.toml").is_file():  # torchrun, a HF folder: the EP engine
-        return _generate_ep(args, path)
-    if distributed:  # torchrun: the run's expert-parallel model
+    from moestack.serve.loader import is_run
+
+    if distributed and is_run(path):  # torchrun, a run: its expert-parallel model
         from moestack.runs import generate_text
 
         if args.drop_rate is not None or args.realb is not None:
@@ -251,43 +251,33 @@ def cmd_generate(args) -> int:
         if text is not None:
             print(text)
         return 0
-    from moestack.serve import LLM, SamplingParams
-
-    try:  # the engine's errors for a bad model folder or prompt are ValueErrors that say what to do
-        llm = LLM(path, device=args.device, drop_rate=args.drop_rate, max_num_seqs=1, realb=_realb(args))
-        params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                seed=args.seed)
-        out = llm.generate([args.prompt], params, use_tqdm=False)[0]
-    except ValueError as err:
-        print(f"moestack generate: error: {err}", file=sys.stderr)
-        return 2
-    print(args.prompt + out.text)
-    return 0
-
-
-def _generate_ep(args, path) -> int:
-    """`moestack generate` under torchrun on a Hugging Face folder: expert-parallel serving (serve/ep.py);
-    rank 0 prints."""
+    if not distributed:
+        return _engine_generate(args, path)
+    # torchrun, a Hugging Face folder: expert-parallel serving (serve/ep.py); rank 0 prints
     from moestack.config import ParallelConfig
     from moestack.parallel.mesh import init_parallel, shutdown
-    from moestack.serve import LLM, SamplingParams
 
-    if args.drop_rate is not None:
-        print("moestack generate: error: --drop-rate runs in the single-process engine; leave out torchrun",
-              file=sys.stderr)
-        return 2
     ctx = init_parallel(ParallelConfig(ep=int(os.environ["WORLD_SIZE"])), args.device)
     try:
-        llm = LLM(path, device=str(ctx.device), parallel=ctx, max_num_seqs=1, realb=_realb(args))
+        return _engine_generate(args, path, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _engine_generate(args, path, ctx=None) -> int:
+    """Continue --prompt with the serving engine (expert parallel over ctx's ranks when given)."""
+    from moestack.serve import LLM, SamplingParams
+
+    try:  # the engine's errors for a bad model folder, prompt or flag combination say what to do
+        llm = LLM(path, device=str(ctx.device) if ctx else args.device, drop_rate=args.drop_rate, max_num_seqs=1,
+                  realb=_realb(args), parallel=ctx)
         params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 seed=args.seed)
         out = llm.generate([args.prompt], params, use_tqdm=False)[0]
     except ValueError as err:
         print(f"moestack generate: error: {err}", file=sys.stderr)
         return 2
-    finally:
-        shutdown(ctx)
-    if ctx.rank == 0:
+    if ctx is None or ctx.rank == 0:
         print(args.prompt + out.text)
     return 0
 

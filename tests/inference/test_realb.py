@@ -6,7 +6,7 @@ import torch
 
 from moestack.config import ParallelConfig
 from moestack.inference.lowp import FP8_MAX, dequantize_fp8, fake_fp4, fp8_grouped_mm, quantize_fp8
-from moestack.inference.realb import RealbConfig, apply_realb, choose_ranks, set_modality, summarize
+from moestack.inference.realb import RealbConfig, apply_realb, choose_ranks, remove_realb, set_modality, summarize
 from moestack.moe.experts import loop_mm
 from moestack.moe.layer import MoELayer
 from moestack.parallel.ep import shard_layer
@@ -206,6 +206,18 @@ def test_bad_modality_mask_and_double_install_are_clear_errors():
         _layer_out(l2, hidden_batches(1, tokens=64)[0])
     with pytest.raises(ValueError, match="not installed"):
         set_modality(moe_layer(), None)
+
+
+def test_remove_realb_restores_the_layers():
+    x = hidden_batches(1, tokens=64)[0]
+    layer = moe_layer()
+    want = _layer_out(layer, x)
+    experts, dispatcher = layer.experts, layer.dispatcher
+    apply_realb(layer, RealbConfig(ranks=4, **ON))
+    assert not torch.equal(_layer_out(layer, x, torch.ones(64, dtype=torch.bool)), want)
+    remove_realb(layer)
+    assert layer.experts is experts and layer.dispatcher is dispatcher and not hasattr(layer, "realb")
+    assert torch.equal(_layer_out(layer, x), want)
 
 
 T = 32

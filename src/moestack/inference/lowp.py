@@ -80,6 +80,16 @@ def fp8_grouped_mm(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, cou
     return _mm(xd, wd, counts).to(out_dtype)
 
 
+def fp8_experts(x: torch.Tensor, counts: torch.Tensor, q13: torch.Tensor, s13: torch.Tensor, q2: torch.Tensor,
+                s2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """SwiGLU experts in FP8: rows x [N, D] by expert (counts [E]) through q13 [E, 2F, D] and q2 [E, D, F]
+    (fp8, with their column scales s13 [E, 2F], s2 [E, D]): [N, D]."""
+    from moestack.moe.experts import swiglu
+
+    h = fp8_grouped_mm(x, q13, s13, counts, out_dtype)
+    return fp8_grouped_mm(swiglu(h).contiguous(), q2, s2, counts, out_dtype)
+
+
 def fake_fp4(x: torch.Tensor, dim: int = -1, block: int = FP4_BLOCK) -> torch.Tensor:
     """x rounded to NVFP4 numerics and back (same shape and dtype): e2m1 values, an e4m3 scale per `block`
     elements along `dim`, one fp32 scale for the tensor (so the block scales fit e4m3's range)."""

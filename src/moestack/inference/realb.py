@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moestack.inference.lowp import fp4_grouped_mm, fp8_grouped_mm, quantize_fp8
+from moestack.inference.lowp import fp4_grouped_mm, fp8_experts, quantize_fp8
 from moestack.moe.experts import GroupedExperts
 from moestack.moe.layer import MoELayer
 from moestack.moe.router import Routing, count_ids
@@ -119,8 +119,8 @@ class RealbState:
         self.modality: torch.Tensor | None = None  # [T] bool, True = vision token (None: all text)
         self.decisions: list[dict] = []  # per layer forward: loads, vision shares, ranks chosen
         self.stream = None  # CUDA side stream for the conversion, made on first use
+        self.installed: list[tuple] = []  # (layer, its own experts, its own dispatcher): what remove_realb restores
         self.slots = 1  # conversion buffers: 1, or 2 for ScMoE (layer i uses buffer i % slots)
-        self.enabled = True
 
     def take_decisions(self) -> list[dict]:
         """The decisions since the last call (metrics read and clear them)."""
@@ -143,7 +143,7 @@ class RealbDispatcher:
     def fused_parts(self, routing: Routing):
         """The fused small-batch kernels are bf16 only: they take batches ReaLB leaves alone."""
         plan = getattr(self.inner, "fused_parts", None)
-        if plan is None or (self.state.enabled and routing.expert_ids.shape[0] >= self.state.cfg.min_tokens):
+        if plan is None or routing.expert_ids.shape[0] >= self.state.cfg.min_tokens:
             return None
         return plan(routing)
 
@@ -153,7 +153,7 @@ class RealbDispatcher:
         # one process and a small batch (decode, CUDA graphs): off without looking (no host sync); under EP
         # every rank takes part in the decision's all-reduce
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # graphs replay BF16 (no host syncs)
-        self.experts.low = self.decide(routing) if st.enabled and not small and not capturing else None
+        self.experts.low = None if small or capturing else self.decide(routing)
         if self.experts.low is not None and bool(self.experts.low.any()):
             self.experts.convert(self.state)
         return self.inner.dispatch(x, routing)
@@ -277,8 +277,7 @@ class RealbExperts(GroupedExperts):
         buf = self.converted
         if x.is_cuda and self.done is not None:
             torch.cuda.current_stream(x.device).wait_event(self.done)
-        h = fp8_grouped_mm(x, buf["q13"], buf["s13"], counts, dtype)
-        y = fp8_grouped_mm(swiglu(h).contiguous(), buf["q2"], buf["s2"], counts, dtype)
+        y = fp8_experts(x, counts, buf["q13"], buf["s13"], buf["q2"], buf["s2"], dtype)
         if x.is_cuda:  # the next layer's conversion writes the buffer only after these GEMMs read it
             st.stream.wait_stream(torch.cuda.current_stream(x.device))
         return y
@@ -303,11 +302,22 @@ def apply_realb(model: nn.Module, cfg: RealbConfig | None = None) -> RealbState:
         if type(layer.experts) is not GroupedExperts:
             raise ValueError(f"apply_realb: layer {i} has {type(layer.experts).__name__} experts; ReaLB runs on "
                              "plain GroupedExperts (install it before DualSparse or FSSDP, not with them)")
+        state.installed.append((layer, layer.experts, layer.dispatcher))
         layer.experts = RealbExperts(layer.experts, state)
         layer.experts.layer_idx = i
         layer.dispatcher = RealbDispatcher(layer.dispatcher, layer.experts, state, i)
     model.realb = state
     return state
+
+
+def remove_realb(model: nn.Module) -> None:
+    """Undo apply_realb: every MoE layer gets its own experts and dispatcher back."""
+    state = getattr(model, "realb", None)
+    if state is None:
+        raise ValueError("remove_realb: ReaLB is not installed on this model")
+    for layer, experts, dispatcher in state.installed:
+        layer.experts, layer.dispatcher = experts, dispatcher
+    del model.realb
 
 
 def set_modality(model: nn.Module, vision: torch.Tensor | None) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -59,8 +58,7 @@ class LLM:
                  calib_batches: int = 8, fused_rows: int = 1024, compile: bool = True, pipeline: bool | None = None,
                  tokenizer=None, realb=None, parallel=None, placement=None):
         dev = _device(device)
-        if parallel is not None and parallel.ep > 1 and not isinstance(model, loader.Served) and (
-                Path(model) / "config.toml").is_file():
+        if parallel is not None and parallel.ep > 1 and not isinstance(model, loader.Served) and loader.is_run(model):
             raise ValueError(f"{model}: expert-parallel serving takes Hugging Face checkpoint folders for now; serve a "
                              "moestack run in one process (without torchrun)")
         served = model if isinstance(model, loader.Served) else loader.load(model, dev, _dtype(dtype, dev))
@@ -76,7 +74,6 @@ class LLM:
 
             if drop_rate is not None:
                 raise ValueError("DualSparse dropping runs in the single-process engine; leave out torchrun or --drop-rate")
-
             self.dispatchers = shard_for_serving(self.model, self.ep, placement)
             cuda_graphs, pipeline = False, False  # every step is a collective all-to-all: eager, in lock-step
         if drop_rate is not None and realb is not None:
@@ -366,8 +363,8 @@ class LLM:
             except ValueError as err:
                 raise ValueError(f"prompt {i}: {err}") from None
         ep = self.ep
-        mine = list(range(len(prompts)))[ep.ep_rank::ep.ep] if ep is not None else list(range(len(prompts)))
-        rids = [self.add_request(prompts[i], plist[i]) for i in mine]  # under EP: this rank's share
+        share = (lambda r: range(r, len(prompts), ep.ep)) if ep is not None else (lambda r: range(len(prompts)))
+        rids = [self.add_request(prompts[i], plist[i]) for i in share(ep.ep_rank if ep else 0)]  # under EP: mine
         done: dict[str, Completion] = {}
         wanted = set(rids)
         show = use_tqdm and (ep is None or ep.ep_rank == 0)
@@ -385,7 +382,7 @@ class LLM:
 
         out: list[Completion | None] = [None] * len(prompts)
         for r, part in enumerate(gather_objects([done[x] for x in rids], ep)):
-            for i, completion in zip(list(range(len(prompts)))[r::ep.ep], part):
+            for i, completion in zip(share(r), part):
                 out[i] = completion
         return out
 

@@ -83,10 +83,15 @@ class Served:
     calib_tokens: object  # callable(batches, seq) -> list of [B, S] token batches for DualSparse calibration
 
 
+def is_run(path: str | Path) -> bool:
+    """Whether path is a moestack run folder (it holds the run's config.toml)."""
+    return (Path(path) / "config.toml").is_file()
+
+
 def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> Served:
     """Load a run folder (config.toml) or a Hugging Face checkpoint folder (config.json) for serving."""
     p = Path(path)
-    if (p / "config.toml").is_file():
+    if is_run(p):
         return load_run(p, device, dtype)
     if (p / "config.json").is_file():
         return load_hf(p, device, dtype)
