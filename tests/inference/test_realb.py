@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from moestack.config import ParallelConfig
-from moestack.inference.lowp import FP8_MAX, dequantize_fp8, fake_fp4, fp8_grouped_mm, quantize_fp8
+from moestack.inference.lowp import (FP8_MAX, cast_fp8, dequantize_fp8, fake_fp4, fp8_experts, fp8_grouped_mm,
+                                    fp8_scales, quantize_fp8, swiglu_fp8)
 from moestack.inference.realb import RealbConfig, apply_realb, choose_ranks, remove_realb, set_modality, summarize
 from moestack.moe.experts import loop_mm
 from moestack.moe.layer import MoELayer
@@ -267,6 +268,113 @@ def test_triton_quantize_kernel_matches_torch(triton_device):
         assert same == 1.0 if dev == "cuda" else same > 0.95
 
 
+@pytest.mark.triton
+def test_fused_weight_kernel_handles_ragged_strips(triton_device):
+    """The one-kernel weight conversion (column abs-max, then the cast) at sizes that are not multiples of its
+    tiles, into reused buffers; its scales equal the CPU reference's bit for bit."""
+    from moestack.inference.lowp_triton import quantize_fp8_triton
+
+    torch.manual_seed(0)
+    w = torch.randn(2, 200, 40) * torch.logspace(-2, 1, 40)
+    q, s = quantize_fp8_triton(w.to(triton_device), -2, torch.empty(2, 40, 200, dtype=torch.float8_e4m3fn,
+                               device=triton_device), torch.empty(2, 40, device=triton_device), True)
+    qc, sc = quantize_fp8(w, dim=-2, transpose=True)
+    torch.testing.assert_close(s.cpu(), sc, rtol=0, atol=0)
+    assert q.shape == qc.shape and (q.cpu().float() == qc.float()).float().mean() > 0.95
+
+
+@pytest.mark.triton
+def test_cast_with_kept_scales_equals_quantize(triton_device):
+    """Converting with the weights' kept scales (ReaLB's conversion) writes what quantizing them afresh does."""
+    from moestack.inference.lowp_triton import cast_fp8_triton, quantize_fp8_triton
+
+    torch.manual_seed(0)
+    w = (torch.randn(3, 96, 80) * 0.05).to(triton_device)
+    q, s = quantize_fp8_triton(w, -2, None, None, True)
+    got = cast_fp8_triton(w, s, -2, torch.empty_like(q), True)
+    assert torch.equal(got.cpu().float(), q.cpu().float())
+    # and the CPU fallback, against the CPU quantize
+    qc, sc = quantize_fp8(w.cpu(), dim=-2, transpose=True)
+    torch.testing.assert_close(fp8_scales(w.cpu(), -2), sc, rtol=0, atol=0)
+    assert torch.equal(cast_fp8(w.cpu(), sc, -2, transpose=True).float(), qc.float())
+
+
+@pytest.mark.triton
+def test_swiglu_straight_to_fp8_equals_swiglu_then_quantize(triton_device):
+    from moestack.inference.lowp_triton import quantize_fp8_triton, swiglu_fp8_triton
+    from moestack.moe.swiglu_triton import swiglu_fwd
+
+    torch.manual_seed(0)
+    h = (torch.randn(37, 2 * 96) * 3).to(triton_device)
+    q, s = swiglu_fp8_triton(h)
+    want_q, want_s = quantize_fp8_triton(swiglu_fwd(h, 1), -1, None, None, False)
+    torch.testing.assert_close(s, want_s, rtol=0, atol=0)
+    assert q.shape == (37, 96) and torch.equal(q.cpu().float(), want_q.cpu().float())
+    # the CPU fallback is swiglu then quantize_fp8, the reference: the kernel is within fp8 rounding of it
+    ref_q, ref_s = swiglu_fp8(h.cpu())
+    torch.testing.assert_close(s.cpu(), ref_s, rtol=1e-6, atol=0)
+    assert (q.cpu().float() == ref_q.float()).float().mean() > 0.95
+
+
+def test_tokens_quantized_once_before_the_dispatch_change_nothing(monkeypatch):
+    """On one process the dispatcher quantizes each token once ([T, D], not one row per routed copy) and the
+    low experts gather their fp8 rows: the layer's output is bit-equal to quantizing the dispatched rows."""
+    import moestack.inference.realb as realb_mod
+
+    x = hidden_batches(1, tokens=64)[0]
+    vision = torch.ones(64, dtype=torch.bool)
+    shapes = []
+    real = realb_mod.quantize_fp8
+    monkeypatch.setattr(realb_mod, "quantize_fp8", lambda t, **kw: shapes.append(tuple(t.shape)) or real(t, **kw))
+    outs = []
+    for everywhere in (False, True):  # the mixed path (some ranks low) and every expert low
+        layer = _layer32()
+        apply_realb(layer, RealbConfig(ranks=4, everywhere=everywhere, **ON))
+        got = _layer_out(layer, x, vision)
+        monkeypatch.setattr(realb_mod._TokensFp8, "wait", lambda self: self.inner.wait())  # rows quantized later
+        layer2 = _layer32()
+        apply_realb(layer2, RealbConfig(ranks=4, everywhere=everywhere, **ON))
+        want = _layer_out(layer2, x, vision)
+        monkeypatch.undo()
+        monkeypatch.setattr(realb_mod, "quantize_fp8", lambda t, **kw: shapes.append(tuple(t.shape)) or real(t, **kw))
+        assert torch.equal(got, want)
+        outs.append(got)
+    assert shapes and all(sh == (64, D) for sh in shapes)  # tokens, never the 128 routed rows
+    assert not torch.equal(outs[0], outs[1])
+
+
+def test_fp8_experts_take_prequantized_rows():
+    torch.manual_seed(0)
+    counts = torch.tensor([5, 0, 11, 4])
+    x, w13, w2 = torch.randn(20, 32), torch.randn(4, 32, 48) * 0.2, torch.randn(4, 24, 32) * 0.2
+    q13, s13 = quantize_fp8(w13, dim=-2, transpose=True)
+    q2, s2 = quantize_fp8(w2, dim=-2, transpose=True)
+    want = fp8_experts(x, counts, q13, s13, q2, s2, torch.float32)
+    xq, xs = quantize_fp8(x, dim=-1)
+    assert torch.equal(fp8_experts(xq, counts, q13, s13, q2, s2, torch.float32, xs), want)
+    with pytest.raises(ValueError, match="row scales"):
+        fp8_grouped_mm(xq, q13, s13, counts, torch.float32)
+
+
+def test_weight_scales_are_kept_until_the_weights_change():
+    x, vision = hidden_batches(1, tokens=64)[0], torch.ones(64, dtype=torch.bool)
+    layer = _layer32()
+    apply_realb(layer, RealbConfig(ranks=4, everywhere=True, min_tokens=0))
+    first = _layer_out(layer, x, vision)
+    kept = layer.experts.scales
+    assert torch.equal(_layer_out(layer, x, vision), first) and layer.experts.scales is kept  # not recomputed
+    with torch.no_grad():
+        layer.experts.w13.mul_(2.0)  # an in-place update (load_state_dict copies in place too)
+    got = _layer_out(layer, x, vision)
+    assert layer.experts.scales is not kept
+    torch.testing.assert_close(layer.experts.scales["s13"], kept["s13"] * 2, rtol=0, atol=0)
+    fresh = _layer32()
+    with torch.no_grad():
+        fresh.experts.w13.mul_(2.0)
+    apply_realb(fresh, RealbConfig(ranks=4, everywhere=True, min_tokens=0))
+    assert torch.equal(got, _layer_out(fresh, x, vision))
+
+
 def test_command_line_spec():
     from moestack.inference.realb import parse_realb
 
@@ -328,3 +436,23 @@ def test_realb_layer_on_the_gpu_is_close_to_its_cpu_twin():
     assert 0 < len(state.take_decisions()[0]["low_ranks"]) < 4  # the mixed path: some ranks low, some not
     err = ((got.cpu() - want).norm() / want.norm()).item()
     assert err < 1e-2, f"relative error {err:.3e}"
+
+
+@pytest.mark.gpu
+def test_gpu_swiglu_fp8_and_kept_scale_cast_equal_their_references():
+    """On the H200: SwiGLU straight to fp8 equals the SwiGLU kernel then the row quantizer, bit for bit, and
+    the kept-scale weight cast equals quantizing afresh."""
+    _fp8_gpu()
+    from moestack.moe.swiglu_triton import swiglu_fwd
+
+    torch.manual_seed(0)
+    h = torch.randn(300, 2 * 768, device="cuda", dtype=torch.bfloat16) * 2
+    q, s = swiglu_fp8(h)
+    want_q, want_s = quantize_fp8(swiglu_fwd(h, 1), dim=-1)
+    assert torch.equal(s, want_s), "row scales differ"
+    same = (q.float() == want_q.float()).float().mean().item()
+    assert same == 1.0, f"{same:.6f} of the fp8 values agree"
+    w = torch.randn(4, 256, 384, device="cuda", dtype=torch.bfloat16) * 0.05
+    qw, sw = quantize_fp8(w, dim=-2, transpose=True)
+    assert torch.equal(fp8_scales(w, -2), sw), "kept scales differ from the kernel's"
+    assert torch.equal(cast_fp8(w, sw, -2, transpose=True).float(), qw.float())

@@ -54,20 +54,63 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Tens
     return q.float() * scale.unsqueeze(dim)
 
 
+def fp8_scales(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The fp32 scales `quantize_fp8` gives x along `dim` (abs-max / 448), without the fp8 values."""
+    amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=dim).float().clamp_(min=1e-12)
+    # divided by a tensor: on CUDA torch divides by a Python scalar as a product with its reciprocal, one ulp
+    # off the IEEE quotient the kernels and the CPU compute
+    return amax / torch.full_like(amax, FP8_MAX)
+
+
+def cast_fp8(x: torch.Tensor, scale: torch.Tensor, dim: int, out: torch.Tensor | None = None,
+             transpose: bool = False) -> torch.Tensor:
+    """The fp8 values `quantize_fp8` writes, for scales already known (scale has x's shape without `dim`).
+
+    ReaLB keeps its weights' scales (the weights do not change between forwards), so converting a rank's
+    experts is this one read of the bf16 weights and one write of fp8, on CUDA one Triton kernel.
+    """
+    if triton_runs(x) and x.is_cuda and x.dim() in (2, 3):
+        from moestack.inference.lowp_triton import cast_fp8_triton
+
+        return cast_fp8_triton(x, scale, dim, out, transpose)
+    q = (x.float() / scale.unsqueeze(dim)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    if transpose:
+        q = q.transpose(-2, -1)
+    return q.contiguous() if out is None else out.copy_(q)
+
+
+def swiglu_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 rows [N, F] and row scales [N] of swiglu(h) for h [N, 2F]: the down projection's quantized input.
+    On CUDA one Triton kernel (the activation itself is never written); elsewhere swiglu, then quantize_fp8."""
+    if triton_runs(h) and h.is_cuda and h.dim() == 2 and h.shape[1] <= 32768:
+        from moestack.inference.lowp_triton import swiglu_fp8_triton
+
+        return swiglu_fp8_triton(h)
+    from moestack.moe.experts import swiglu
+
+    return quantize_fp8(swiglu(h).contiguous(), dim=-1)
+
+
 def fp8_supported(device: torch.device) -> bool:
     """Whether `torch._scaled_grouped_mm` runs here: CUDA with compute capability 9.x (Hopper)."""
     return device.type == "cuda" and hasattr(torch, "_scaled_grouped_mm") and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def fp8_grouped_mm(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, counts: torch.Tensor,
-                   out_dtype: torch.dtype) -> torch.Tensor:
+                   out_dtype: torch.dtype, x_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Rows x [N, K] (grouped by expert, counts [E]) times fp8 experts wq [E, M, K] (scales [E, M]): [N, M].
 
-    The rows are quantized here (one scale per row). On Hopper one `torch._scaled_grouped_mm`; elsewhere
-    the same fp8 values dequantized and multiplied in fp32.
+    x is either in a float dtype, and then quantized here (one scale per row), or already fp8 with its row
+    scales x_scale [N] (quantized before the dispatch, or by `swiglu_fp8`). On Hopper one
+    `torch._scaled_grouped_mm`; elsewhere the same fp8 values dequantized and multiplied in fp32.
     """
-    xq, x_scale = quantize_fp8(x, dim=-1)
-    if fp8_supported(x.device):
+    if x.dtype == FP8:
+        xq = x
+        if x_scale is None:
+            raise ValueError("fp8_grouped_mm: fp8 rows need their row scales (x_scale)")
+    else:
+        xq, x_scale = quantize_fp8(x, dim=-1)
+    if fp8_supported(xq.device):
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         # fast accumulation (Hopper's FP8 tensor-core accumulator, as vLLM's FP8 GEMMs use): 1.43x / 1.69x
         # faster than without at Qwen3-VL / Mixtral rank shapes on an H200, and without it FP8 is slower
@@ -81,13 +124,13 @@ def fp8_grouped_mm(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, cou
 
 
 def fp8_experts(x: torch.Tensor, counts: torch.Tensor, q13: torch.Tensor, s13: torch.Tensor, q2: torch.Tensor,
-                s2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """SwiGLU experts in FP8: rows x [N, D] by expert (counts [E]) through q13 [E, 2F, D] and q2 [E, D, F]
-    (fp8, with their column scales s13 [E, 2F], s2 [E, D]): [N, D]."""
-    from moestack.moe.experts import swiglu
-
-    h = fp8_grouped_mm(x, q13, s13, counts, out_dtype)
-    return fp8_grouped_mm(swiglu(h).contiguous(), q2, s2, counts, out_dtype)
+                s2: torch.Tensor, out_dtype: torch.dtype, x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU experts in FP8: rows x [N, D] by expert (counts [E]; bf16, or fp8 with row scales x_scale [N])
+    through q13 [E, 2F, D] and q2 [E, D, F] (fp8, with their column scales s13 [E, 2F], s2 [E, D]): [N, D].
+    The activation goes from the first GEMM's output to fp8 in one step (`swiglu_fp8`)."""
+    h = fp8_grouped_mm(x, q13, s13, counts, out_dtype, x_scale)
+    a, a_scale = swiglu_fp8(h)
+    return fp8_grouped_mm(a, q2, s2, counts, out_dtype, a_scale)
 
 
 def fake_fp4(x: torch.Tensor, dim: int = -1, block: int = FP4_BLOCK) -> torch.Tensor:

@@ -4,9 +4,14 @@ Unfused PyTorch (abs, amax, divide, clamp, cast) costs 0.38 ms for one Qwen3-VL 
 more than the 0.29 ms bf16 GEMM it should speed up (METHODS.md, ReaLB); ReaLB only pays if the conversion
 runs at memory speed and hides under the dispatch.
 - Activations [N, K] (a scale per row): one program per row holds the row in registers, one read, one write.
-- Weights [B, K, M] (a scale per column, q written transposed [B, M, K]): the scales come from one
-  inf-norm reduction (`torch.linalg.vector_norm`, one read), then every [BK, BV] tile is scaled, cast and
-  stored by its own program (one more read). A two-pass kernel over K measured 0.67 TB/s here.
+- SwiGLU straight to fp8 (the down projection's input): one program per row reads gate and up, writes the
+  activation's fp8 values and its row scale; the bf16 activation never reaches memory.
+- Weights [B, K, M] (a scale per column, q written transposed [B, M, K]): one kernel, one program per strip
+  of BV columns, first the strip's column abs-max over K, then the scaled, cast, transposed stores (the
+  second read of a strip comes mostly from L2). With the scales known (ReaLB keeps them: the weights do not
+  change between forwards) only the cast runs: one read, one write, every [BK, BV] tile its own program.
+Scales are divided in IEEE fp32 in the kernels (`div_rn`): torch's CUDA division by a scalar multiplies by
+the reciprocal, one ulp off the CPU reference in half the columns (the H200 test, 2026-12-03).
 """
 
 from __future__ import annotations
@@ -31,6 +36,45 @@ def _quantize_rows(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constex
 
 
 @triton.jit
+def _swiglu_quantize_rows(h_ptr, q_ptr, s_ptr, F, stride_h, stride_q, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    cs = tl.arange(0, BLOCK)
+    m = cs < F
+    g = tl.load(h_ptr + r * stride_h + cs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(h_ptr + r * stride_h + F + cs, mask=m, other=0.0).to(tl.float32)
+    # rounded to h's dtype first, as `experts.swiglu` stores it: the fp8 values equal quantize(swiglu(h))
+    a = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty).to(tl.float32)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(a), axis=0), 1e-12), FP8_MAX)
+    tl.store(s_ptr + r, scale)
+    a = tl.minimum(tl.maximum(tl.math.div_rn(a, scale), -FP8_MAX), FP8_MAX)
+    tl.store(q_ptr + r * stride_q + cs, a.to(q_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _quantize_strips(x_ptr, q_ptr, s_ptr, V, K, stride_b, stride_v, stride_k, stride_qb, stride_qv, stride_qk,
+                     BV: tl.constexpr, BK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    vs = tl.program_id(1) * BV + tl.arange(0, BV)
+    mv = vs < V
+    base = x_ptr + b * stride_b + vs[None, :] * stride_v
+    amax = tl.zeros((BV,), dtype=tl.float32)
+    for k0 in range(0, K, BK):  # pass 1: the strip's column abs-max
+        ks = k0 + tl.arange(0, BK)
+        m = mv[None, :] & (ks[:, None] < K)
+        t = tl.load(base + ks[:, None] * stride_k, mask=m, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(t), axis=0))
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-12), FP8_MAX)
+    tl.store(s_ptr + b * V + vs, scale, mask=mv)
+    qbase = q_ptr + b * stride_qb + vs[None, :] * stride_qv
+    for k0 in range(0, K, BK):  # pass 2: the same strip again (from L2), scaled, cast, stored
+        ks = k0 + tl.arange(0, BK)
+        m = mv[None, :] & (ks[:, None] < K)
+        t = tl.load(base + ks[:, None] * stride_k, mask=m, other=0.0).to(tl.float32)
+        t = tl.minimum(tl.maximum(tl.math.div_rn(t, scale[None, :]), -FP8_MAX), FP8_MAX)
+        tl.store(qbase + ks[:, None] * stride_qk, t.to(q_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _quantize_tiles(x_ptr, q_ptr, s_ptr, V, K, stride_b, stride_v, stride_k, stride_qb, stride_qv, stride_qk,
                     BV: tl.constexpr, BK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -45,34 +89,66 @@ def _quantize_tiles(x_ptr, q_ptr, s_ptr, V, K, stride_b, stride_v, stride_k, str
              t.to(q_ptr.dtype.element_ty), mask=m)
 
 
-def quantize_fp8_triton(x: torch.Tensor, dim: int, out: torch.Tensor | None, scale: torch.Tensor | None,
-                        transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`lowp.quantize_fp8` on CUDA: same arguments, same results (round to nearest even, as `.to(fp8)`)."""
-    fp8 = torch.float8_e4m3fn
+def _row_warps(block: int) -> int:
+    return 4 if block <= 4096 else 8 if block <= 8192 else 16
+
+
+def _layout(x: torch.Tensor, dim: int, out: torch.Tensor | None, transpose: bool):
+    """x as [B, V, K]-strided (V: vectors that get a scale, K: the reduction dim) and q to write."""
     rows = dim in (-1, x.dim() - 1)
-    if x.dim() == 2 and rows and x.stride(1) == 1 and x.shape[1] <= 16384:
-        N, K = x.shape
-        q = out if out is not None else torch.empty(N, K, device=x.device, dtype=fp8)
-        s = scale if scale is not None else torch.empty(N, device=x.device, dtype=torch.float32)
-        if N:
-            block = triton.next_power_of_2(K)
-            _quantize_rows[(N,)](x, q, s, K, x.stride(0), q.stride(0), BLOCK=block,
-                                 num_warps=4 if block <= 4096 else 8 if block <= 8192 else 16)
-        return q, s
     x3 = x if x.dim() == 3 else x.unsqueeze(0)  # [B, K, M] (columns) or [1, N, K] (rows)
     B = x3.shape[0]
     if rows:
         V, K, sv, sk = x3.shape[1], x3.shape[2], x3.stride(1), x3.stride(2)
     else:
         K, V, sv, sk = x3.shape[1], x3.shape[2], x3.stride(2), x3.stride(1)
-    amax = torch.linalg.vector_norm(x3, ord=float("inf"), dim=2 if rows else 1).float()  # [B, V], one read
-    s3 = torch.div(amax.clamp_(min=1e-12), 448.0, out=scale.view(B, V) if scale is not None else None)
     qshape = (B, V, K) if (transpose or rows) else (B, K, V)  # transpose=True: [B, V, K] (weights)
-    q = out.view(qshape) if out is not None else torch.empty(qshape, device=x.device, dtype=fp8)
-    sqb, sqv, sqk = (q.stride(0), q.stride(1), q.stride(2)) if qshape == (B, V, K) else (q.stride(0), q.stride(2), q.stride(1))
-    BV, BK = 64, 64
-    grid = (B, triton.cdiv(V, BV), triton.cdiv(K, BK))
-    _quantize_tiles[grid](x3, q, s3, V, K, x3.stride(0), sv, sk, sqb, sqv, sqk, BV=BV, BK=BK)
+    q = out.view(qshape) if out is not None else torch.empty(qshape, device=x.device, dtype=torch.float8_e4m3fn)
+    qs = (q.stride(0), q.stride(1), q.stride(2)) if qshape == (B, V, K) else (q.stride(0), q.stride(2), q.stride(1))
+    return x3, q, B, V, K, (x3.stride(0), sv, sk), qs
+
+
+def quantize_fp8_triton(x: torch.Tensor, dim: int, out: torch.Tensor | None, scale: torch.Tensor | None,
+                        transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lowp.quantize_fp8` on CUDA: same arguments, same results (round to nearest even, as `.to(fp8)`)."""
+    rows = dim in (-1, x.dim() - 1)
+    if x.dim() == 2 and rows and x.stride(1) == 1 and x.shape[1] <= 16384:
+        N, K = x.shape
+        q = out if out is not None else torch.empty(N, K, device=x.device, dtype=torch.float8_e4m3fn)
+        s = scale if scale is not None else torch.empty(N, device=x.device, dtype=torch.float32)
+        if N:
+            block = triton.next_power_of_2(K)
+            _quantize_rows[(N,)](x, q, s, K, x.stride(0), q.stride(0), BLOCK=block, num_warps=_row_warps(block))
+        return q, s
+    x3, q, B, V, K, xs, qs = _layout(x, dim, out, transpose)
+    s3 = scale.view(B, V) if scale is not None else torch.empty(B, V, device=x.device, dtype=torch.float32)
+    if B and V:
+        BV, BK = 32, 128
+        _quantize_strips[(B, triton.cdiv(V, BV))](x3, q, s3, V, K, *xs, *qs, BV=BV, BK=BK, num_warps=8)
     if x.dim() == 2:
         return q.squeeze(0), s3.squeeze(0)
     return q, s3
+
+
+def cast_fp8_triton(x: torch.Tensor, scale: torch.Tensor, dim: int, out: torch.Tensor | None,
+                    transpose: bool) -> torch.Tensor:
+    """`lowp.cast_fp8` on CUDA: fp8 values of x for scales already known (one read of x, one write of q)."""
+    x3, q, B, V, K, xs, qs = _layout(x, dim, out, transpose)
+    if B and V and K:
+        BV, BK = 64, 64
+        _quantize_tiles[(B, triton.cdiv(V, BV), triton.cdiv(K, BK))](x3, q, scale.reshape(B, V), V, K, *xs, *qs,
+                                                                       BV=BV, BK=BK)
+    return q.squeeze(0) if x.dim() == 2 else q
+
+
+def swiglu_fp8_triton(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lowp.swiglu_fp8` on CUDA: fp8 rows [N, F] and row scales [N] of swiglu(h) for h [N, 2F]."""
+    if h.stride(1) != 1:
+        h = h.contiguous()
+    N, F = h.shape[0], h.shape[1] // 2
+    q = torch.empty(N, F, device=h.device, dtype=torch.float8_e4m3fn)
+    s = torch.empty(N, device=h.device, dtype=torch.float32)
+    if N and F:
+        block = triton.next_power_of_2(F)
+        _swiglu_quantize_rows[(N,)](h, q, s, F, h.stride(0), q.stride(0), BLOCK=block, num_warps=_row_warps(block))
+    return q, s

@@ -12,7 +12,10 @@ anyway (and the share of vision tokens in them), it picks the ranks that are
 and converts their experts' BF16 weights to FP8 on the fly (FP4 numerics emulated for accuracy) into one
 conversion buffer shared by all layers, on a side stream while the dispatch is in flight, then runs FP8
 grouped GEMMs with per-row / per-column scales (inference/lowp.py). No redundant experts, no copy of the
-model: memory grows by one layer's (one rank's) fp8 experts.
+model: memory grows by one layer's (one rank's) fp8 experts, plus each layer's weight scales (one fp32 per
+output column, 4 / d_in of the bf16 expert bytes), kept so that a conversion is one read and one write.
+The FP8 rows are quantized once per token, before the dispatch (on one process; under EP the low rank
+quantizes the rows it receives), and the down projection's input comes out of SwiGLU already in fp8.
 
 Wiring (the experts seam of DESIGN.md): `apply_realb(model, cfg)` wraps each MoE layer's dispatcher in
 `RealbDispatcher` (the decision and the conversion start at dispatch) and makes its experts
@@ -30,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moestack.inference.lowp import fp4_grouped_mm, fp8_experts, quantize_fp8
+from moestack.inference.lowp import cast_fp8, fp4_grouped_mm, fp8_experts, fp8_scales, quantize_fp8
 from moestack.moe.experts import GroupedExperts
 from moestack.moe.layer import MoELayer
 from moestack.moe.router import Routing, count_ids
@@ -154,9 +157,15 @@ class RealbDispatcher:
         # every rank takes part in the decision's all-reduce
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # graphs replay BF16 (no host syncs)
         self.experts.low = None if small or capturing else self.decide(routing)
-        if self.experts.low is not None and bool(self.experts.low.any()):
-            self.experts.convert(self.state)
-        return self.inner.dispatch(x, routing)
+        self.experts.rows8 = None
+        if self.experts.low is None or not bool(self.experts.low.any()):
+            return self.inner.dispatch(x, routing)
+        self.experts.convert(self.state)
+        handle = self.inner.dispatch(x, routing)
+        if st.cfg.precision != "fp8" or getattr(self.inner, "group", None) is not None:
+            return handle  # EP: the rows travel in bf16, the low rank quantizes what it receives
+        # one process: each token quantized once (not once per routed row); the experts gather their fp8 rows
+        return _TokensFp8(handle, self.experts, *quantize_fp8(x.detach(), dim=-1), routing.expert_ids.shape[1])
 
     def combine(self, y: torch.Tensor, d):
         return self.inner.combine(y, d)
@@ -202,6 +211,19 @@ class RealbDispatcher:
         return torch.arange(E, device=device) // (E // G)
 
 
+class _TokensFp8:
+    """A dispatch handle that also hands the experts each token's fp8 row and scale, and which token each
+    dispatched row is (the rows' order is only known once the dispatch is done)."""
+
+    def __init__(self, inner, experts: "RealbExperts", xq: torch.Tensor, scale: torch.Tensor, k: int):
+        self.inner, self.experts, self.xq, self.scale, self.k = inner, experts, xq, scale, k
+
+    def wait(self):
+        d = self.inner.wait()
+        self.experts.rows8 = (self.xq, self.scale, d.order[:d.x.shape[0]] // self.k)  # [T, D], [T], [N]
+        return d
+
+
 class RealbExperts(GroupedExperts):
     """GroupedExperts whose experts marked `low` (by RealbDispatcher) run FP8 (or emulated FP4) GEMMs."""
 
@@ -215,6 +237,8 @@ class RealbExperts(GroupedExperts):
         self.state = state
         self.low: torch.Tensor | None = None  # [E_local] bool, set per forward by the dispatcher
         self.converted: dict[str, torch.Tensor] | None = None
+        self.rows8: tuple | None = None  # (token fp8 rows [T, D], scales [T], token of each row [N]), or None
+        self.scales: dict | None = None  # the weights' fp8 column scales, kept while the weights are unchanged
         self.done = None  # CUDA event: the conversion into `converted` finished
         self.layer_idx = 0  # which conversion buffer it uses (set by apply_realb)
 
@@ -230,42 +254,54 @@ class RealbExperts(GroupedExperts):
             st.stream.wait_stream(torch.cuda.current_stream(self.w13.device))  # weights ready, buffer free
             idx.record_stream(st.stream)
             with torch.cuda.stream(st.stream):  # the gathered copies live (and are freed) on the side stream
-                self._quantize(*self._chosen(idx), buf)
+                self._quantize(idx, buf)
                 self.done = torch.cuda.Event()  # this layer's conversion finished (its GEMMs wait on it)
                 self.done.record(st.stream)
         else:
-            self._quantize(*self._chosen(idx), buf)
+            self._quantize(idx, buf)
         self.converted = buf
 
-    def _chosen(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def weight_scales(self) -> dict[str, torch.Tensor]:
+        """fp8 column scales of all local experts, s13 [E, 2F] and s2 [E, D]: computed on first use and again
+        only when the weights change (their version counters move: load_state_dict, an in-place update)."""
         w13, w2 = self.w13.detach(), self.w2.detach()
-        if idx.numel() < w13.shape[0]:
-            w13, w2 = w13[idx], w2[idx]
-        return w13, w2
+        key = (w13.data_ptr(), self.w13._version, w2.data_ptr(), self.w2._version)
+        if self.scales is None or self.scales["key"] != key:
+            self.scales = {"key": key, "s13": fp8_scales(w13, dim=-2), "s2": fp8_scales(w2, dim=-2)}
+        return self.scales
 
-    @staticmethod
-    def _quantize(w13, w2, buf):
-        quantize_fp8(w13, dim=-2, out=buf["q13"], scale=buf["s13"], transpose=True)
-        quantize_fp8(w2, dim=-2, out=buf["q2"], scale=buf["s2"], transpose=True)
+    def _quantize(self, idx: torch.Tensor, buf: dict[str, torch.Tensor]) -> None:
+        """The experts idx into buf: with the scales known, one cast kernel per weight (read bf16, write fp8)."""
+        sc = self.weight_scales()
+        w13, w2, s13, s2 = self.w13.detach(), self.w2.detach(), sc["s13"], sc["s2"]
+        if idx.numel() < w13.shape[0]:  # simulated ranks on one process: some of the experts
+            w13, w2, s13, s2 = w13[idx], w2[idx], s13[idx], s2[idx]
+        buf["s13"].copy_(s13)
+        buf["s2"].copy_(s2)
+        cast_fp8(w13, buf["s13"], dim=-2, out=buf["q13"], transpose=True)
+        cast_fp8(w2, buf["s2"], dim=-2, out=buf["q2"], transpose=True)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        low = self.low
-        self.low = None
+        low, rows8 = self.low, self.rows8
+        self.low = self.rows8 = None
         if low is None or not bool(low.any()):
             return super().forward(x, counts)
         if bool(low.all()):  # an EP rank: all its experts share one precision
-            return self._low(x, counts, low)
+            return self._low(x, counts, low, _pick(rows8, None))
         # simulated ranks on one process: low experts' rows first, then the rest, then back in place
         eid = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)  # [N]
         order = torch.argsort((~low[eid]).to(torch.int64) * counts.numel() + eid, stable=True)
         xs = x[order]
         n_low = int(counts[low].sum())
-        y_low = self._low(xs[:n_low], counts[low], low)
+        y_low = self._low(xs[:n_low], counts[low], low, _pick(rows8, order[:n_low]))
         y_high = self.run(xs[n_low:], counts.masked_fill(low, 0), self.w13, self.w2)  # low experts: empty groups
         return y_high.new_empty(x.shape[0], y_high.shape[1]).index_copy_(
             0, order, torch.cat([y_low.to(y_high.dtype), y_high]))
 
-    def _low(self, x: torch.Tensor, counts: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    def _low(self, x: torch.Tensor, counts: torch.Tensor, low: torch.Tensor,
+             rows8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The low experts on their rows x [n, D]; rows8: those rows in fp8 with their scales [n], when the
+        dispatcher quantized the tokens already, else None (the rows are quantized here)."""
         from moestack.moe.experts import swiglu
 
         st = self.state
@@ -277,10 +313,23 @@ class RealbExperts(GroupedExperts):
         buf = self.converted
         if x.is_cuda and self.done is not None:
             torch.cuda.current_stream(x.device).wait_event(self.done)
-        y = fp8_experts(x, counts, buf["q13"], buf["s13"], buf["q2"], buf["s2"], dtype)
+        x_scale = None
+        if rows8 is not None:  # the dispatcher's per-token fp8 rows: the same values quantizing x would give
+            x, x_scale = rows8
+        y = fp8_experts(x, counts, buf["q13"], buf["s13"], buf["q2"], buf["s2"], dtype, x_scale)
         if x.is_cuda:  # the next layer's conversion writes the buffer only after these GEMMs read it
             st.stream.wait_stream(torch.cuda.current_stream(x.device))
         return y
+
+
+def _pick(rows8: tuple | None, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """fp8 values and scales of the dispatched rows `rows` (None: all) from the per-token ones in rows8."""
+    if rows8 is None:
+        return None
+    xq, scale, tokens = rows8
+    if rows is not None:
+        tokens = tokens[rows]
+    return xq.index_select(0, tokens), scale.index_select(0, tokens)
 
 
 def apply_realb(model: nn.Module, cfg: RealbConfig | None = None) -> RealbState:
