@@ -10,10 +10,13 @@ then caption loss and digit accuracy for BF16 (the model's own precision), ReaLB
 FP4 numerics, FP8 everywhere and FP4 everywhere. It writes the routing of those batches at 8k and 16k
 tokens (per layer: rows and vision rows per expert) to bench/results/realb_traces.npz.
 speed: for each traced batch, layer and EP rank (contiguous placement), times that rank's real rows
-through the bf16 grouped GEMM path, the FP8 path (row quantization + `torch._scaled_grouped_mm`) and the
-weight conversion (the Triton kernel), at the real per-layer shapes from the transformers configs. Layer
+through the bf16 grouped GEMM path, the FP8 path (row quantization + `torch._scaled_grouped_mm`, SwiGLU
+straight to fp8, the second scaled GEMM; and the same with the rows already fp8) and the weight conversion
+(the cast kernel with kept scales), at the real per-layer shapes from the transformers configs. Layer
 time = slowest rank + conversion not hidden under its dispatch (the rank's received bf16 bytes over
---link-gbps; realb_slowlink_x: over --slow-link-gbps). Baselines in the same run: BF16 everywhere, FP8 everywhere, EPLB-style redundant experts
+--link-gbps; realb_slowlink_x: over --slow-link-gbps). realb_wire8_x: the tokens quantized once on each
+source rank before the dispatch (that time added), the low ranks' rows sent in fp8 (D + 4 bytes: a shorter
+window to hide the conversion in), and their FP8 experts on rows already fp8. Baselines in the same run: BF16 everywhere, FP8 everywhere, EPLB-style redundant experts
 (one extra copy per rank of the hottest experts, from the other batches' loads, and from this batch's:
 "oracle"). "bound" is ReaLB with a free conversion.
 """
@@ -208,19 +211,23 @@ class RankTimer:
         self.cache: dict = {}
 
     def times(self, counts: list[int]) -> dict:
-        from moestack.inference.lowp import fp8_experts, quantize_fp8
+        """Seconds for these rows per local expert: bf16 experts, FP8 experts with the rows quantized on the rank
+        (fp8) or arriving in fp8 (fp8_pre), and the conversion of the experts' weights with kept scales (conv)."""
+        from moestack.inference.lowp import cast_fp8, fp8_experts, fp8_scales, quantize_fp8
 
         key = tuple(counts)
         if key in self.cache:
             return self.cache[key]
         E, N = len(counts), sum(counts)
         if N == 0:
-            return {"bf16": 0.0, "fp8": 0.0, "conv": 0.0}
+            return {"bf16": 0.0, "fp8": 0.0, "fp8_pre": 0.0, "conv": 0.0}
         c = torch.tensor(counts, device=self.device)
         x = self.x[:N]
+        xq, xs = quantize_fp8(x, -1)
         w13, w2 = self.ex.w13[:E].detach(), self.ex.w2[:E].detach()
         q13, s13 = quantize_fp8(w13, -2, transpose=True)
         q2, s2 = quantize_fp8(w2, -2, transpose=True)
+        k13, k2 = fp8_scales(w13, -2), fp8_scales(w2, -2)  # kept from the first conversion, as ReaLB keeps them
 
         def bf16():
             return self.ex.run(x, c, w13, w2)
@@ -228,13 +235,27 @@ class RankTimer:
         def fp8():
             return fp8_experts(x, c, q13, s13, q2, s2, self.dt)
 
-        def conv():
-            quantize_fp8(w13, -2, out=q13, scale=s13, transpose=True)
-            quantize_fp8(w2, -2, out=q2, scale=s2, transpose=True)
+        def fp8_pre():
+            return fp8_experts(xq, c, q13, s13, q2, s2, self.dt, xs)
 
-        out = {k: time_fn(f, self.device, reps=self.reps) for k, f in (("bf16", bf16), ("fp8", fp8), ("conv", conv))}
+        def conv():
+            cast_fp8(w13, k13, -2, out=q13, transpose=True)
+            cast_fp8(w2, k2, -2, out=q2, transpose=True)
+
+        out = {k: time_fn(f, self.device, reps=self.reps)
+               for k, f in (("bf16", bf16), ("fp8", fp8), ("fp8_pre", fp8_pre), ("conv", conv))}
         self.cache[key] = out
         return out
+
+    def quantize_tokens(self, tokens: int) -> float:
+        """Seconds to quantize `tokens` token rows (a source rank's share, before an fp8 dispatch)."""
+        from moestack.inference.lowp import quantize_fp8
+
+        key = ("tokens", tokens)
+        if key not in self.cache:
+            x = self.x[:tokens]
+            self.cache[key] = time_fn(lambda: quantize_fp8(x, -1), self.device, reps=self.reps)
+        return self.cache[key]
 
 
 def eplb_loads(counts: np.ndarray, history: np.ndarray, G: int) -> list[list[float]]:
@@ -278,7 +299,9 @@ def study_speed(args) -> None:
                     t = [timer.times(c[g * per:(g + 1) * per].tolist()) for g in range(G)]
                     row = {"model": name, "ep": G, "batch": key.split("/", 1)[1], "layer": layer,
                            "device": device_name(device), "rank_bf16_ms": [x["bf16"] * 1e3 for x in t],
-                           "rank_fp8_ms": [x["fp8"] * 1e3 for x in t], "rank_conv_ms": [x["conv"] * 1e3 for x in t]}
+                           "rank_fp8_ms": [x["fp8"] * 1e3 for x in t], "rank_conv_ms": [x["conv"] * 1e3 for x in t],
+                           "rank_fp8pre_ms": [x["fp8_pre"] * 1e3 for x in t],
+                           "src_quant_ms": timer.quantize_tokens(-(-int(data[key + "/tokens"]) // G)) * 1e3}
                     bf16 = max(row["rank_bf16_ms"])
                     for label, hist in (("eplb", history[layer]), ("eplb_oracle", c)):
                         te = [timer.times([int(round(v)) for v in sl])["bf16"] * 1e3 for sl in eplb_loads(c, hist, G)]
@@ -301,12 +324,18 @@ def evaluate_speed(rows: list[dict], data, shapes: dict, args, source: str = "")
         loads = torch.tensor(c.reshape(G, E // G).sum(1))
         vis = torch.tensor(v.reshape(G, E // G).sum(1))
         tb, tf, tc = row["rank_bf16_ms"], row["rank_fp8_ms"], row["rank_conv_ms"]
+        tp, src = row.get("rank_fp8pre_ms"), row.get("src_quant_ms", 0.0)  # absent in runs before 2026-12-03 pm
 
-        def layer_ms(low, conv=True, gbps=args.link_gbps):
-            # bf16 rows in over the link, ms: a rank's own rows (1/G of them, for evenly spread sources) stay home
-            dispatch = [float(loads[g]) * (G - 1) / G * D * 2 / (gbps * 1e9) * 1e3 for g in range(G)]
-            return max((tf[g] + (max(0.0, tc[g] - dispatch[g]) if conv else 0.0)) if low[g] else tb[g]
-                       for g in range(G))
+        def layer_ms(low, conv=True, gbps=args.link_gbps, wire8=False):
+            # rows in over the link, ms: a rank's own rows (1/G of them, for evenly spread sources) stay home;
+            # bf16 rows (2 D bytes), or with wire8 the low ranks' rows in fp8 with their scale (D + 4 bytes), the
+            # tokens quantized once on every source rank first (src ms, before the dispatch: on the critical path)
+            width = [(D + 4) if (wire8 and low[g]) else 2 * D for g in range(G)]
+            dispatch = [float(loads[g]) * (G - 1) / G * width[g] / (gbps * 1e9) * 1e3 for g in range(G)]
+            fp8 = tp if wire8 else tf
+            t = max((fp8[g] + (max(0.0, tc[g] - dispatch[g]) if conv else 0.0)) if low[g] else tb[g]
+                    for g in range(G))
+            return t + (src if wire8 and any(low) else 0.0)
 
         bf16 = layer_ms([False] * G)
         row.update(tokens=tokens, max_mean=float(loads.max() / loads.float().mean()), bf16_ms=bf16,
@@ -318,6 +347,9 @@ def evaluate_speed(rows: list[dict], data, shapes: dict, args, source: str = "")
             if label == "realb":
                 row["bound_x"] = bf16 / layer_ms(low, conv=False)
                 row["realb_slowlink_x"] = bf16 / layer_ms(low, gbps=args.slow_link_gbps)
+                if tp is not None:  # rows quantized at the source and sent in fp8 (inference/realb.py: one process)
+                    row["realb_wire8_x"] = bf16 / layer_ms(low, wire8=True)
+                    row["realb_wire8_slowlink_x"] = bf16 / layer_ms(low, gbps=args.slow_link_gbps, wire8=True)
     agg = {}
     for r in rows:
         agg.setdefault((r["model"], r["ep"], r["batch"]), []).append(r)
@@ -330,7 +362,8 @@ def evaluate_speed(rows: list[dict], data, shapes: dict, args, source: str = "")
             line[col] = float(np.exp(np.mean(np.log(vals)))) if col.endswith("_x") else float(np.mean(vals))
         table.append(line)
     cols = ["model", "ep", "batch", "max_mean", "bf16_ms", "fp8_all_x", "eplb_x", "eplb_oracle_x", "realb_x",
-            "realb_low", "bound_x", "realb_slowlink_x", "realb_any_rows_x"]
+            "realb_low", "bound_x", "realb_slowlink_x", "realb_wire8_x", "realb_wire8_slowlink_x", "realb_any_rows_x"]
+    cols = [c for c in cols if c in table[0]]
     cols += [f"realb{r}_x" for r in args.ratios if r != args.load_ratio]
     print(f"device: {rows[0]['device']}{source}; per batch: layer-time speed-up over BF16 everywhere, geometric "
           f"mean over the layers; bf16_ms summed over them; realb = {default}")

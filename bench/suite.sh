@@ -48,7 +48,7 @@ run_group() {
   serve_full) py 300 bench/serve.py --models olmoe --layers 16 --batches 8,64 --mixed 0 ;;
   serve_dualsparse) py 300 bench/serve.py --batches 8 --mixed 0 --no-hf --drop-rates 0.25 --drop-batches 8,64 ;;
   serve_http) py 300 bench/serve_http.py ;;
-  realb) py 60 bench/realb_kernels.py; py 420 bench/realb.py --study speed --reps 10 ;;
+  realb) py 120 bench/realb_kernels.py; py 420 bench/realb.py --study speed --reps 10 ;;
   esac
 }
 
