@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a prompt with a trained run or a Hugging Face MoE checkpoint",
                        description="Continue --prompt through the serving engine (paged KV cache, CUDA graphs on a GPU). "
-                                   "Under torchrun with several ranks, a run's expert-parallel model generates instead.")
+                                   "Under torchrun with several ranks the engine serves expert parallel: each rank keeps "
+                                   "its experts (--placement), tokens move by all-to-all (--parallel.ep_flow).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a run folder written by `moestack train`, or a Hugging Face checkpoint folder "
                      "(config.json + safetensors + tokenizer)")
@@ -107,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(load_ratio, modality, min_tokens, min_expert_rows, precision, ranks, everywhere). In one "
                         "process give ranks=G to simulate G EP ranks; text prompts stay BF16 unless modality=0 "
                         "(docs/methods/realb.md)")
+    p.add_argument("--placement", default="", help="under torchrun: expert placement JSON from `moestack plan` "
+                   "(default: contiguous)")
+    p.add_argument("--parallel.ep_flow", dest="ep_flow", choices=("home", "follow"), default="home",
+                   help="under torchrun: home = each token returns to its rank after every MoE layer; follow = it stays "
+                        "on its first-choice expert's rank (KV cache replicated on every rank; docs/methods/moetuner.md)")
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on a run or a Hugging Face MoE checkpoint",
                        description="Serve --model over HTTP: POST /v1/completions and /v1/chat/completions (streamed "
@@ -237,23 +243,9 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     path = args.model or args.run_dir
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    from moestack.serve.loader import is_run
-
-    if distributed and is_run(path):  # torchrun, a run: its expert-parallel model
-        from moestack.runs import generate_text
-
-        if args.drop_rate is not None or args.realb is not None:
-            print("moestack generate: error: --drop-rate and --realb run in the single-process engine; leave out torchrun",
-                  file=sys.stderr)
-            return 2
-        text = generate_text(path, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.device)
-        if text is not None:
-            print(text)
-        return 0
-    if not distributed:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _engine_generate(args, path)
-    # torchrun, a Hugging Face folder: expert-parallel serving (serve/ep.py); rank 0 prints
+    # torchrun: expert-parallel serving (serve/ep.py); rank 0 prints
     from moestack.config import ParallelConfig
     from moestack.parallel.mesh import init_parallel, shutdown
 
@@ -270,7 +262,7 @@ def _engine_generate(args, path, ctx=None) -> int:
 
     try:  # the engine's errors for a bad model folder, prompt or flag combination say what to do
         llm = LLM(path, device=str(ctx.device) if ctx else args.device, drop_rate=args.drop_rate, max_num_seqs=1,
-                  realb=_realb(args), parallel=ctx)
+                  realb=_realb(args), parallel=ctx, placement=args.placement or None, ep_flow=args.ep_flow)
         params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 seed=args.seed)
         out = llm.generate([args.prompt], params, use_tqdm=False)[0]

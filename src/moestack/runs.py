@@ -13,10 +13,10 @@ from tqdm import tqdm
 
 from moestack.checkpoint import CheckpointError, CheckpointManager
 from moestack.config import Config, ConfigError, load_config
-from moestack.data import ByteTokenizer, Corpus
+from moestack.data import Corpus
 from moestack.models.transformer import MoETransformer
 from moestack.parallel.apply import parallelize
-from moestack.parallel.mesh import ParallelContext, init_parallel, shutdown, world_from_env
+from moestack.parallel.mesh import ParallelContext, init_parallel, pick_device, shutdown, world_from_env
 from moestack.placement.placement import Placement
 from moestack.train import autocast_for
 from moestack.state import expert_param_names
@@ -24,13 +24,14 @@ from moestack.state import expert_param_names
 log = logging.getLogger("moestack")
 
 
-def run_config(run_dir: str | Path, device: str = "auto", placement: str | None = None) -> Config:
-    """The run's config.toml, set up for inference on this launch (every rank expert parallel)."""
+def run_config(run_dir: str | Path, device: str = "auto", placement: str | None = None, local: bool = False) -> Config:
+    """The run's config.toml, set up for inference on this launch (every rank expert parallel; local: the whole
+    model in this process)."""
     path = Path(run_dir) / "config.toml"
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a moestack run folder (no config.toml); pass the --run-dir of a training run")
     cfg = load_config(path)
-    world = world_from_env()[1]
+    world = 1 if local else world_from_env()[1]
     if cfg.moe.num_experts % world:
         raise ConfigError(
             f"{world} ranks cannot share the run's {cfg.moe.num_experts} experts evenly; "
@@ -58,10 +59,14 @@ def _training_placement_for(path: str, world: int) -> str:
     return ""
 
 
-def load_model(run_dir: str | Path, device: str = "auto", placement: str | None = None):
-    """(model, cfg, ctx) with the newest good checkpoint's weights; under torchrun experts are sharded."""
-    cfg = run_config(run_dir, device, placement)
-    ctx = init_parallel(cfg.parallel, cfg.train.device, cfg.moe.num_experts)
+def load_model(run_dir: str | Path, device: str = "auto", placement: str | None = None, local: bool = False):
+    """(model, cfg, ctx) with the newest good checkpoint's weights; under torchrun experts are sharded, unless
+    `local` (every expert in this process, no collective: the serving engine shards a run itself)."""
+    cfg = run_config(run_dir, device, placement, local)
+    if local:
+        ctx = ParallelContext(device=pick_device(cfg.train.device))
+    else:
+        ctx = init_parallel(cfg.parallel, cfg.train.device, cfg.moe.num_experts)
     try:
         model = MoETransformer(cfg).to(ctx.device)
         parallelize(model, ctx, cfg.parallel, for_training=False)
@@ -81,33 +86,6 @@ def _expert_layout(model):
     from moestack.checkpoint import ExpertShard
 
     return {name: ExpertShard(layer, ids) for name, (layer, ids) in expert_param_names(model).items()}
-
-
-def _rank0_tokens(ctx: ParallelContext):
-    """Under EP every rank must feed the same tokens: rank 0's sample wins."""
-    if not ctx.distributed:
-        return None
-
-    def sync(t: torch.Tensor) -> torch.Tensor:
-        dist.broadcast(t, src=0, group=ctx.stats_group)
-        return t
-
-    return sync
-
-
-@torch.no_grad()
-def generate_text(run_dir, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int, device="auto"):
-    """Continue `prompt` with the run's model; the text on rank 0, None elsewhere."""
-    model, cfg, ctx = load_model(run_dir, device)
-    try:
-        tok = ByteTokenizer()
-        torch.manual_seed(seed)
-        idx = torch.tensor([tok.encode(prompt) or [10]], device=ctx.device)
-        with autocast_for(cfg, ctx.device):
-            out = model.generate(idx, max_new_tokens, temperature, top_k, sync=_rank0_tokens(ctx))
-        return tok.decode(out[0].tolist()) if ctx.is_main else None
-    finally:
-        shutdown(ctx)
 
 
 @torch.no_grad()

@@ -21,47 +21,74 @@ def _params(n):
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
-def _check(rank, world, path, refs, placement_rows):
+TOP_K, D_MODEL, FP32 = 2, 32, 4
+KV_ROW = 2 * 2 * 8 * FP32  # keys and values of one token in one block (tiny qwen3_moe: 2 kv heads of 8)
+META = 12  # follow flow: bytes of routing metadata per MoE row (serve/follow.py)
+
+
+def _check(rank, world, path, refs, placement_rows, flow):
     ctx = init_parallel(ParallelConfig(ep=world), "cpu")
     placement = Placement(world, placement_rows) if placement_rows else None
-    llm = LLM(path, device="cpu", block_size=4, parallel=ctx, placement=placement)
+    llm = LLM(path, device="cpu", block_size=4, parallel=ctx, placement=placement, ep_flow=flow)
     assert llm.model.moe_layers()[0].experts.w13.shape[0] == E // world  # this rank keeps its experts only
-    forwarded = []  # tokens of every forward on this rank, idle ones included
+    forwarded, sampled = [], []  # tokens of every forward on this rank (idle ones included), rows sampled
     hidden = llm.model.hidden
-    llm.model.hidden = lambda tokens, *a, **kw: (forwarded.append(tokens.numel()), hidden(tokens, *a, **kw))[1]
+
+    def counting(tokens, *a, rows=None, **kw):
+        forwarded.append(tokens.numel())
+        sampled.append(tokens.numel() if rows is None else rows.numel())
+        return hidden(tokens, *a, rows=rows, **kw)
+
+    llm.model.hidden = counting
     outs = llm.generate(PROMPTS, [_params(n) for n in LENGTHS], use_tqdm=False)
     assert [o.token_ids for o in outs] == refs  # every rank returns the whole list, in order
-    bytes_ = llm.traffic()
-    assert bytes_.shape == (LAYERS, world, world)
-    assert torch.equal(bytes_, bytes_.transpose(1, 2))  # a -> b dispatch rows come back b -> a in the combine
-    assert (bytes_.sum(0) > 0).all()
-    per_layer = bytes_.sum((1, 2))
-    tokens = torch.tensor([sum(forwarded)])
-    torch.distributed.all_reduce(tokens, group=ctx.ep_group)
-    top_k, d_model, fp32 = 2, 32, 4
-    # every token-choice of every forward travels out (dispatch) and back (combine), to itself included
-    assert (per_layer == 2 * top_k * d_model * fp32 * tokens.item()).all()
-    assert llm.traffic().sum() == 0  # reset after reading
-    # a request arriving later, on rank 0 only: the other ranks keep stepping (idle) in lock-step
+    sent = llm.traffic()
+    moe = sent["moe"]
+    assert moe.shape == (LAYERS, world, world) and sent["kv"].shape == (LAYERS, world, world)
+    assert (moe.sum(0) > 0).all()
+    per_layer = moe.sum((1, 2))
+    if flow == "home":
+        assert torch.equal(moe, moe.transpose(1, 2))  # a -> b dispatch rows come back b -> a in the combine
+        tokens = torch.tensor([sum(forwarded)])
+        torch.distributed.all_reduce(tokens, group=ctx.ep_group)
+        # every token-choice of every forward travels out (dispatch) and back (combine), to itself included
+        assert (per_layer == 2 * TOP_K * D_MODEL * FP32 * tokens.item()).all()
+        assert sent["kv"].sum() == 0 and sent["sample"].sum() == 0
+    else:  # every rank forwards the whole batch; each token's rows go out and back once, wherever it is
+        T = sum(forwarded)
+        assert (per_layer == 2 * TOP_K * (D_MODEL * FP32 + META) * T).all()
+        # every token's keys and values reach every rank, each sampled row too
+        assert (sent["kv"].sum((1, 2)) == T * world * (KV_ROW + 4)).all()
+        assert sent["kv"][0].diagonal().sum() == T * (KV_ROW + 4)  # what each rank keeps for itself
+        assert sent["sample"].sum() == sum(sampled) * world * (D_MODEL * FP32 + 4)
+    assert all(m.sum() == 0 for m in llm.traffic().values())  # reset after reading
+    # a request arriving later: under home on rank 0 only (the other ranks keep stepping, idle, in lock-step);
+    # under follow on every rank, as every request is
     rid = llm.add_request(PROMPTS[0], _params(5))
     got = []
     step = 0
     while llm._keep_going(llm.has_unfinished()):
-        if step == 2 and rank == 0:
+        if step == 2 and (rank == 0 or flow == "follow"):
             rid2 = llm.add_request(PROMPTS[2], _params(3))
         for o in llm.step():
             if o.finished:
                 got.append((o.request_id, o.completion.token_ids))
         step += 1
     assert dict(got)[rid] == refs[0][:5]
-    if rank == 0:
+    if rank == 0 or flow == "follow":
         assert dict(got)[rid2] == refs[2][:3]
     llm.check_blocks()
+    if flow == "follow":  # one rank adding a request alone is one clear error, on every rank
+        if rank == 0:
+            llm.add_request(PROMPTS[1], _params(2))
+        with pytest.raises(RuntimeError, match="every rank must add the same requests"):
+            llm.step()
     shutdown(ctx)
 
 
-@pytest.mark.parametrize("world, interleaved", [(2, False), (2, True), (4, True)])
-def test_ep_serving_equals_one_process(tmp_path, world, interleaved):
+@pytest.mark.parametrize("world, interleaved, flow", [(2, False, "home"), (2, True, "home"), (4, True, "home"),
+                                                      (2, False, "follow"), (2, True, "follow"), (4, True, "follow")])
+def test_ep_serving_equals_one_process(tmp_path, world, interleaved, flow):
     model = hf_folder(tmp_path, "qwen3_moe")
     refs = [hf_greedy(model, p, n) for p, n in zip(PROMPTS, LENGTHS)]
     one = LLM(str(tmp_path), device="cpu", block_size=4)
@@ -69,7 +96,7 @@ def test_ep_serving_equals_one_process(tmp_path, world, interleaved):
     rows = [[(e * 3 + layer) % world for e in range(E)] for layer in range(LAYERS)] if interleaved else None
     if rows:  # every rank holds E / world experts in each layer
         assert all(sorted(r).count(g) == E // world for r in rows for g in range(world))
-    run_ranks(_check, world, str(tmp_path), refs, rows)
+    run_ranks(_check, world, str(tmp_path), refs, rows, flow)
 
 
 def _bad_world(rank, world, path):
@@ -104,17 +131,17 @@ def test_moestack_generate_under_torchrun_on_a_hf_folder(tmp_path, capsys):
     assert proc.stdout == want and want.startswith("def f(x):")
 
 
-def test_run_folders_are_refused_under_ep_before_anything_loads(tmp_path):
-    from moestack.parallel.mesh import ParallelContext
-
-    (tmp_path / "config.toml").write_text("")  # a moestack run folder's marker
-    with pytest.raises(ValueError, match="Hugging Face checkpoint folders"):
-        LLM(str(tmp_path), device="cpu", parallel=ParallelContext(world=2, ep=2))
-
-
 def test_serve_under_torchrun_is_one_clear_error(tmp_path, monkeypatch, capsys):
     from moestack.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["serve", "--model", str(tmp_path)]) == 2
     assert "runs in one process" in capsys.readouterr().err
+
+
+def test_bad_ep_flows_are_one_clear_error_each(tmp_path):
+    hf_folder(tmp_path, "qwen3_moe")
+    with pytest.raises(ValueError, match="expected one of home, follow"):
+        LLM(str(tmp_path), device="cpu", ep_flow="sideways")
+    with pytest.raises(ValueError, match="flow of expert-parallel serving"):
+        LLM(str(tmp_path), device="cpu", ep_flow="follow")

@@ -51,3 +51,27 @@ def test_generate_command_on_a_run_and_a_hf_folder(run, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("abc")
     assert main(["generate", "--model", str(tmp_path), "--prompt", "", "--device", "cpu"]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def _ep_run(rank, world, path, refs, arch):
+    from moestack.config import ParallelConfig
+    from moestack.parallel.mesh import init_parallel, shutdown
+
+    ctx = init_parallel(ParallelConfig(ep=world), "cpu")
+    for flow in ("home", "follow"):
+        if arch == "scmoe" and flow == "follow":
+            with pytest.raises(ValueError, match="ScMoE models serve with ep_flow='home'"):
+                LLM(path, device="cpu", block_size=4, parallel=ctx, ep_flow=flow)
+            continue
+        llm = LLM(path, device="cpu", block_size=4, max_num_batched_tokens=8, parallel=ctx, ep_flow=flow)
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == refs, flow
+    shutdown(ctx)
+
+
+def test_a_run_serves_expert_parallel_on_2_ranks_with_both_flows(run):
+    """A run folder under EP serving (2 gloo ranks): the same greedy tokens as one process, home and follow."""
+    from tests.dist import run_ranks
+
+    one = LLM(str(run), device="cpu", block_size=4, max_num_batched_tokens=8)
+    refs = [o.token_ids for o in one.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    run_ranks(_ep_run, 2, str(run), refs, one.model.spec.scmoe and "scmoe" or "moe")

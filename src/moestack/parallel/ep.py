@@ -119,7 +119,12 @@ class EPDispatcher:
 
     def _count(self, splits: list[int], element_size: int) -> None:
         if hasattr(self, "sent_bytes"):
-            self.sent_bytes += torch.tensor(splits, dtype=torch.int64) * (self.d_model * element_size)
+            self.add_sent(torch.tensor(splits, dtype=torch.int64) * (self.d_model * element_size))
+
+    def add_sent(self, per_rank: torch.Tensor) -> None:
+        """Add bytes sent to each rank [G] to `sent_bytes` (when counting; serve/follow.py counts its own rows)."""
+        if hasattr(self, "sent_bytes"):
+            self.sent_bytes += per_rank.to(torch.int64)
 
     def set_slots(self, slots: list[int], dest: torch.Tensor) -> None:
         """Rank g holds slots[g] experts; dest [E] is each expert's slot in the ranks' concatenated slots."""

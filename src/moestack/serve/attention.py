@@ -51,38 +51,64 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
-def attend_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
-    """q [T, H, hd] -> [T, H, hd]: SDPA over each sequence's cached keys, masked by position."""
+def attend_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, H, hd] -> [T, H, hd]: SDPA over each sequence's cached keys, masked by position. rows: which of the
+    step's tokens q holds (None: all of them; the token-follows-expert flow attends a rank's share)."""
     B, Q = meta.mask.shape[0], meta.mask.shape[2]
     T, H, hd = q.shape
+    q_seq, q_row = _query_rows(meta, rows)
     q_pad = q.new_zeros(B, Q, H, hd)
-    q_pad[meta.q_seq, meta.q_row] = q
+    q_pad[q_seq, q_row] = q
     flat_k = k_cache.view(-1, *k_cache.shape[2:])  # [slots, Hkv, hd]
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
     k = flat_k[meta.key_slots].to(q.dtype)  # [B, L, Hkv, hd]
     v = flat_v[meta.key_slots].to(q.dtype)
     out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=meta.mask, enable_gqa=k.shape[2] != H)  # [B, H, Q, hd]
-    return out.transpose(1, 2)[meta.q_seq, meta.q_row]
+    return out.transpose(1, 2)[q_seq, q_row]
 
 
-def attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
-    """q [T, H, hd], k/v [T, Hkv, hd] of sequences that start at position 0 -> causal SDPA [T, H, hd]."""
+def attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, H, hd], k/v [T, Hkv, hd] of sequences that start at position 0 -> causal SDPA [T, H, hd]. rows: as in
+    `attend_ref` (q holds those tokens only; k and v hold every token of the step)."""
     B, Q = meta.batch, meta.max_q
     pads = []
-    for t in (q, k, v):
+    for t, (seq, row) in ((q, _query_rows(meta, rows)), (k, (meta.q_seq, meta.q_row)), (v, (meta.q_seq, meta.q_row))):
         pad = t.new_zeros(B, Q, *t.shape[1:])
-        pad[meta.q_seq, meta.q_row] = t
+        pad[seq, row] = t
         pads.append(pad.transpose(1, 2))
     out = F.scaled_dot_product_attention(*pads, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])  # [B, H, Q, hd]
-    return out.transpose(1, 2)[meta.q_seq, meta.q_row]
+    return out.transpose(1, 2)[_query_rows(meta, rows)]
 
 
-def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
-    """q [B, H, hd] (one new token per sequence) -> [B, H, hd] through the Triton paged kernel."""
+def _query_rows(meta: AttnMeta, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, row among its new tokens) of the queries `rows` of the step's tokens (None: all)."""
+    if rows is None:
+        return meta.q_seq, meta.q_row
+    return meta.q_seq[rows], meta.q_row[rows]
+
+
+def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, hd] (one new token per sequence) -> [B, H, hd] through the Triton paged kernel (rows: which
+    sequences q holds, None: all)."""
     from moestack.serve.attention_triton import paged_decode
 
-    return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens)
+    tables, lens = (meta.block_tables, meta.context_lens) if rows is None else (meta.block_tables[rows], meta.context_lens[rows])
+    return paged_decode(q, k_cache, v_cache, tables, lens)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv, meta: AttnMeta,
+           rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of the queries q over the cache kv (k_cache, v_cache) that already holds the step's keys k and
+    values v: the decode kernel, the fresh-prompt path or the reference, as `meta` says."""
+    if meta.decode:
+        return attend_decode(q, *kv, meta, rows)
+    if meta.fresh:
+        return attend_fresh(q, k, v, meta, rows)
+    return attend_ref(q, *kv, meta, rows)
 
 
 def attend_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int) -> torch.Tensor:

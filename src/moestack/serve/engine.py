@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -56,11 +57,16 @@ class LLM:
                  gpu_memory_utilization: float = 0.85, prefix_caching: bool = True, cuda_graphs: bool = True,
                  max_model_len: int | None = None, drop_rate: float | None = None, parts: int = 2,
                  calib_batches: int = 8, fused_rows: int = 1024, compile: bool = True, pipeline: bool | None = None,
-                 tokenizer=None, realb=None, parallel=None, placement=None):
+                 tokenizer=None, realb=None, parallel=None, placement=None, ep_flow: str = "home"):
         dev = _device(device)
-        if parallel is not None and parallel.ep > 1 and not isinstance(model, loader.Served) and loader.is_run(model):
-            raise ValueError(f"{model}: expert-parallel serving takes Hugging Face checkpoint folders for now; serve a "
-                             "moestack run in one process (without torchrun)")
+        from moestack.serve.ep import FLOWS
+
+        if ep_flow not in FLOWS:
+            raise ValueError(f"ep_flow {ep_flow!r}: expected one of {', '.join(FLOWS)} (home: tokens return to their "
+                             "rank after each MoE layer; follow: they stay with their first choice's expert)")
+        if ep_flow != "home" and (parallel is None or parallel.ep < 2):
+            raise ValueError(f"ep_flow={ep_flow!r} is a flow of expert-parallel serving; run under torchrun with "
+                             "parallel=ctx (world size > 1), or leave ep_flow out")
         served = model if isinstance(model, loader.Served) else loader.load(model, dev, _dtype(dtype, dev))
         if tokenizer is not None:
             served.tokenizer = tokenizer
@@ -74,8 +80,12 @@ class LLM:
 
             if drop_rate is not None:
                 raise ValueError("DualSparse dropping runs in the single-process engine; leave out torchrun or --drop-rate")
-            self.dispatchers = shard_for_serving(self.model, self.ep, placement)
+            if ep_flow == "follow" and realb is not None:
+                raise ValueError("ReaLB runs with ep_flow='home' (its dispatcher wraps the home flow's); leave out one")
+            self.dispatchers = shard_for_serving(self.model, self.ep, placement, ep_flow)
             cuda_graphs, pipeline = False, False  # every step is a collective all-to-all: eager, in lock-step
+        # follow flow (serve/follow.py): every rank runs every request, so the ranks' schedulers agree
+        self.replicated = self.model.flow is not None
         if drop_rate is not None and realb is not None:
             raise ValueError("ReaLB and DualSparse dropping do not combine (both replace the experts); pick one")
         if drop_rate is not None:
@@ -216,9 +226,11 @@ class LLM:
         else:
             batch, stuck = self.scheduler.schedule()
             outputs = [self._finish(seq, "length") for seq in stuck]
+            if self.replicated:
+                self._check_same_batch(batch)
             if not batch:
-                if self.ep is not None:  # the other ranks' forward waits on this rank's all-to-alls
-                    self.runner.idle()
+                if self.ep is not None and not self.replicated:  # the other ranks' forward waits on this rank's
+                    self.runner.idle()  # all-to-alls
                 return outputs
             sample_for = [seq for seq, n in batch if seq.num_computed + n == len(seq)]
             launched = self.runner.launch(batch, sample_for, [self.generators.get(s.request_id) for s in sample_for])
@@ -231,6 +243,15 @@ class LLM:
             nxt = None
         self._pending = nxt
         return outputs
+
+    def _check_same_batch(self, batch) -> None:
+        """Under the follow flow every rank must schedule the same step: a clear error on every rank if not."""
+        from moestack.serve.ep import same_on_all_ranks
+
+        key = zlib.crc32(repr([(seq.request_id, seq.num_computed, n) for seq, n in batch]).encode())
+        if not same_on_all_ranks(key, self.ep):
+            raise RuntimeError("ep_flow='follow': the ranks scheduled different steps; every rank must add the same "
+                               "requests, with the same ids, in the same order (LLM.generate does)")
 
     def _count_realb(self) -> None:
         decisions = self.realb.take_decisions()
@@ -362,12 +383,12 @@ class LLM:
                 self.check_prompt(self.encode_prompt(prompt)[0], p)
             except ValueError as err:
                 raise ValueError(f"prompt {i}: {err}") from None
-        ep = self.ep
+        ep = self.ep if not self.replicated else None  # follow flow: every rank runs every prompt
         share = (lambda r: range(r, len(prompts), ep.ep)) if ep is not None else (lambda r: range(len(prompts)))
         rids = [self.add_request(prompts[i], plist[i]) for i in share(ep.ep_rank if ep else 0)]  # under EP: mine
         done: dict[str, Completion] = {}
         wanted = set(rids)
-        show = use_tqdm and (ep is None or ep.ep_rank == 0)
+        show = use_tqdm and (self.ep is None or self.ep.ep_rank == 0)
         with tqdm(total=len(rids), desc="generate", unit="req", disable=not show, leave=False) as bar:
             stalled = False
             while self._keep_going(len(done) < len(rids), stalled):
@@ -398,17 +419,14 @@ class LLM:
         return local
 
     def traffic(self, reset: bool = True):
-        """Under EP: bytes sent by each rank to each rank per MoE layer since the last reset, int64 [L, G, G]
-        (every rank gets the whole matrix; a collective, so every rank calls it); None in one process."""
+        """Under EP: bytes sent by each rank to each rank since the last reset, a dict of int64 [..., from, to]
+        matrices ("moe" per MoE layer, "kv" per block and "sample": serve/ep.py's `traffic`; every rank gets
+        every matrix; a collective, so every rank calls it); None in one process."""
         if self.ep is None:
             return None
         from moestack.serve.ep import traffic
 
-        out = traffic(self.dispatchers, self.ep)
-        if reset:
-            for d in self.dispatchers:
-                d.reset_traffic()
-        return out
+        return traffic(self.model, self.dispatchers, self.ep, reset)
 
     def expert_loads(self):
         """Tokens routed to each expert in the last step, per MoE layer: a numpy array [L_moe, E] (or None)."""

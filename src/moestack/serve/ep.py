@@ -6,9 +6,10 @@ owns its requests and their KV blocks (attention is data parallel); the MoE all-
 are collectives over the EP group, so every rank runs exactly one model forward per step: a rank with no
 work runs an idle one-token forward on the scratch KV block (`ModelRunner.idle`), as vLLM's DP ranks run
 dummy batches. `LLM.generate` under EP serves prompts[r::G] on rank r and gathers the completions, so
-every rank returns the whole list in order. Only the home flow (each token's hidden state returns to its
-rank after every MoE layer) exists; token-follows-expert is issue 17's open part.
-The dispatchers count the bytes each rank sends to each rank (`traffic`), from the engine itself.
+every rank returns the whole list in order. That is the home flow: each token's hidden state returns to its
+rank after every MoE layer. `flow="follow"` (serve/follow.py) keeps the state on its first choice's rank
+instead, with the KV cache replicated and every rank running every request.
+The engine counts the bytes each rank sends to each rank (`traffic`), from the exchanges themselves.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ from moestack.parallel.mesh import ParallelContext
 from moestack.placement.placement import Placement
 
 
-def shard_for_serving(model, ctx: ParallelContext, placement: str | Placement | None = None) -> list[EPDispatcher]:
-    """Keep this rank's experts of each MoE layer of a ServeModel; returns the layers' dispatchers."""
+FLOWS = ("home", "follow")
+
+
+def shard_for_serving(model, ctx: ParallelContext, placement: str | Placement | None = None,
+                      flow: str = "home") -> list[EPDispatcher]:
+    """Keep this rank's experts of each MoE layer of a ServeModel; returns the layers' dispatchers. flow:
+    "home" or "follow" (the model's forward then runs serve/follow.py's flow)."""
     layers = model.moe_layers()
     if not layers:
         raise ValueError("expert-parallel serving needs an MoE model; this one has no MoE layers")
@@ -40,6 +46,10 @@ def shard_for_serving(model, ctx: ParallelContext, placement: str | Placement | 
         layer.dispatcher = shard_layer(layer, ctx, plan, i)
         layer.dispatcher.count_traffic(layer.experts.d_model)
         out.append(layer.dispatcher)
+    if flow == "follow":
+        from moestack.serve.follow import FollowFlow
+
+        model.flow = FollowFlow(model, ctx, out)
     return out
 
 
@@ -57,6 +67,13 @@ def min_over_ranks(value: int, ctx: ParallelContext) -> int:
     return int(t.item())
 
 
+def same_on_all_ranks(value: int, ctx: ParallelContext) -> bool:
+    """Whether every rank of the EP group holds this value (one all-reduce)."""
+    t = torch.tensor([value, -value], dtype=torch.int64, device=_comm_device(ctx))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.ep_group)
+    return int(t[0]) == -int(t[1])
+
+
 def gather_objects(obj, ctx: ParallelContext) -> list:
     """obj from every rank of the EP group, in rank order."""
     out = [None] * ctx.ep
@@ -64,12 +81,23 @@ def gather_objects(obj, ctx: ParallelContext) -> list:
     return out
 
 
-def traffic(dispatchers: list[EPDispatcher], ctx: ParallelContext) -> torch.Tensor:
-    """Bytes sent over the all-to-alls since the last reset: int64 [L, G, G], [layer, from, to] (every rank
-    gets the whole matrix; bytes a rank keeps for itself are on the diagonal)."""
-    mine = torch.stack([d.sent_bytes for d in dispatchers])  # [L, G] this rank -> each rank
-    rows = gather_objects(mine.cpu(), ctx)
-    return torch.stack(rows, dim=1)
+def traffic(model, dispatchers: list[EPDispatcher], ctx: ParallelContext, reset: bool = True) -> dict[str, torch.Tensor]:
+    """Bytes sent since the last reset, int64, [..., from, to] (every rank gets every matrix; bytes a rank
+    keeps for itself are on the diagonal): "moe" [L_moe, G, G] the MoE layers' token rows, "kv" [blocks, G, G]
+    the keys and values replicated under the follow flow, "sample" [G, G] the sampled rows it sends to every
+    rank (both zero under home)."""
+    flow = model.flow
+    G = ctx.ep
+    mine = {"moe": torch.stack([d.sent_bytes for d in dispatchers]),  # [L, G] this rank -> each rank
+            "kv": flow.kv_bytes.clone() if flow else torch.zeros(len(model.blocks), G, dtype=torch.int64),
+            "sample": flow.sample_bytes.clone() if flow else torch.zeros(G, dtype=torch.int64)}
+    if reset:
+        for d in dispatchers:
+            d.reset_traffic()
+        if flow:
+            flow.reset_traffic()
+    parts = gather_objects({k: v.cpu() for k, v in mine.items()}, ctx)
+    return {k: torch.stack([p[k] for p in parts], dim=-2) for k in mine}
 
 
 def _comm_device(ctx: ParallelContext) -> torch.device:

@@ -129,7 +129,7 @@ def load_run(run_dir: Path, device: str = "cpu", dtype: torch.dtype | None = Non
     from moestack.parallel.mesh import shutdown
     from moestack.runs import load_model
 
-    trained, cfg, ctx = load_model(run_dir, device="cpu")
+    trained, cfg, ctx = load_model(run_dir, device="cpu", local=True)  # whole, also under torchrun (EP serving shards it)
     shutdown(ctx)
     spec = run_spec(cfg)
     inv_freq = 1.0 / cfg.model.rope_theta ** (torch.arange(0, spec.head_dim, 2).float() / spec.head_dim)

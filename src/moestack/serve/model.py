@@ -22,7 +22,7 @@ from moestack.models.transformer import RMSNorm
 from moestack.moe.dispatch import Done
 from moestack.moe.experts import SwiGLU
 from moestack.moe.layer import MoELayer
-from moestack.serve.attention import AttnMeta, attend_decode, attend_dense, attend_fresh, attend_ref, write_kv
+from moestack.serve.attention import AttnMeta, attend, attend_dense, write_kv
 
 QK_NORMS = ("none", "head", "full")
 
@@ -106,24 +106,21 @@ class PagedAttention(nn.Module):
         elif spec.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(H * hd, spec.norm_eps), RMSNorm(Hkv * hd, spec.norm_eps)
 
-    def forward(self, x, cos, sin, kv, meta) -> torch.Tensor:
-        # x: [T, D]; cos/sin: [T, hd/2]; kv: (k_cache, v_cache) or None (meta = the batch size, whole sequences)
-        T = x.shape[0]
-        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+    def project(self, x, cos, sin):
+        """x [T, D] -> q [T, H, hd], k, v [T, Hkv, hd] (q/k norms and RoPE applied)."""
         qn = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm != "none" else None
         post = POST_QKV[0] if x.is_cuda else post_qkv
-        q, k, v = post(self.qkv(x), cos, sin, H, Hkv, hd, self.qk_norm, qn, self.clip)
+        return post(self.qkv(x), cos, sin, self.n_heads, self.n_kv_heads, self.head_dim, self.qk_norm, qn, self.clip)
+
+    def forward(self, x, cos, sin, kv, meta) -> torch.Tensor:
+        # x: [T, D]; cos/sin: [T, hd/2]; kv: (k_cache, v_cache) or None (meta = the batch size, whole sequences)
+        q, k, v = self.project(x, cos, sin)
         if kv is None:
             o = attend_dense(q, k, v, meta)
         else:
             write_kv(kv[0], kv[1], k, v, meta.slots)
-            if meta.decode:
-                o = attend_decode(q, *kv, meta)
-            elif meta.fresh:
-                o = attend_fresh(q, k, v, meta)
-            else:
-                o = attend_ref(q, *kv, meta)
-        return self.out(o.reshape(T, H * hd))
+            o = attend(q, k, v, kv, meta)
+        return self.out(o.reshape(x.shape[0], -1))
 
 
 def ffn_out(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -198,21 +195,26 @@ class ServeModel(nn.Module):
         self.register_buffer("rope_cos", angles.cos() * rope_scale, persistent=False)
         self.register_buffer("rope_sin", angles.sin() * rope_scale, persistent=False)
         self._moe_layers = [m for m in self.modules() if isinstance(m, MoELayer)]
+        self.flow = None  # expert-parallel token-follows-expert flow (serve/follow.py) when set
 
     def moe_layers(self) -> list[MoELayer]:
         return list(self._moe_layers)
 
-    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, kv_caches, meta) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, kv_caches, meta,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [T, D] of a step's new tokens [T] at `positions` [T] (kv_caches per block, or
-        None with meta = batch size for whole causal sequences)."""
+        None with meta = batch size for whole causal sequences); only the rows `rows` [N] when given ([N, D])."""
+        if self.flow is not None:
+            return self.flow.hidden(self, tokens, positions, kv_caches, meta, rows)
         h = self.embed(tokens)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         caches = kv_caches if kv_caches is not None else [None] * len(self.blocks)
         if self.spec.scmoe:
-            return self._scmoe(h, cos, sin, caches, meta)
-        for block, kv in zip(self.blocks, caches):
-            h = block(h, cos, sin, kv, meta)
-        return h
+            h = self._scmoe(h, cos, sin, caches, meta)
+        else:
+            for block, kv in zip(self.blocks, caches):
+                h = block(h, cos, sin, kv, meta)
+        return h if rows is None else h.index_select(0, rows)
 
     def _scmoe(self, h, cos, sin, caches, meta):
         """The ScMoE schedule of models/transformer.py: each MoE starts as soon as its input exists."""
@@ -241,6 +243,8 @@ class ServeModel(nn.Module):
         layers = self._moe_layers
         if not layers:
             return torch.zeros(0, 0, dtype=torch.int64)
+        if self.flow is not None:  # each layer routed this rank's share of the tokens
+            return torch.stack([layer.last_routing.counts for layer in layers])
         E = max(layer.num_experts for layer in layers)
         ids = torch.stack([layer.last_routing.expert_ids for layer in layers])  # [L, T, k]: one scatter for all
         ids = ids + torch.arange(len(layers), device=ids.device).view(-1, 1, 1) * E

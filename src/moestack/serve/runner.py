@@ -143,8 +143,7 @@ class ModelRunner:
             tokens, positions, meta, last = self.prepare(batch, 0 if ahead is None else 1)
             if ahead is not None:
                 tokens = ahead
-            h = self.model.hidden(tokens, positions, self.kv, meta)
-            logits = self.model.logits(h.index_select(0, last))
+            logits = self.model.logits(self.model.hidden(tokens, positions, self.kv, meta, rows=last))
             loads = self.model.expert_loads()
         self.last_loads = loads
         if not sample_for:
