@@ -269,9 +269,9 @@ def test_triton_quantize_kernel_matches_torch(triton_device):
 
 
 @pytest.mark.triton
-def test_fused_weight_kernel_handles_ragged_strips(triton_device):
-    """The one-kernel weight conversion (column abs-max, then the cast) at sizes that are not multiples of its
-    tiles, into reused buffers; its scales equal the CPU reference's bit for bit."""
+def test_weight_kernel_handles_ragged_sizes(triton_device):
+    """The weight quantizer (column abs-max, then the cast kernel) at sizes that are not multiples of its tiles,
+    into reused buffers; its scales equal the CPU reference's bit for bit."""
     from moestack.inference.lowp_triton import quantize_fp8_triton
 
     torch.manual_seed(0)

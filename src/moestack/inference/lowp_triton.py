@@ -6,10 +6,10 @@ runs at memory speed and hides under the dispatch.
 - Activations [N, K] (a scale per row): one program per row holds the row in registers, one read, one write.
 - SwiGLU straight to fp8 (the down projection's input): one program per row reads gate and up, writes the
   activation's fp8 values and its row scale; the bf16 activation never reaches memory.
-- Weights [B, K, M] (a scale per column, q written transposed [B, M, K]): one kernel, one program per strip
-  of BV columns, first the strip's column abs-max over K, then the scaled, cast, transposed stores (the
-  second read of a strip comes mostly from L2). With the scales known (ReaLB keeps them: the weights do not
-  change between forwards) only the cast runs: one read, one write, every [BK, BV] tile its own program.
+- Weights [B, K, M] (a scale per column, q written transposed [B, M, K]): the scales from one inf-norm
+  reduction, then a cast kernel, every [BK, BV] tile its own program. With the scales known (ReaLB keeps
+  them: the weights do not change between forwards) only the cast runs: one read, one write, 2.7-3.2 TB/s
+  at Mixtral shapes and 1.4 TB/s at Qwen3-VL's on the H200 (bench/realb_kernels.py, 2026-12-03).
 Scales are divided in IEEE fp32 in the kernels (`div_rn`): torch's CUDA division by a scalar multiplies by
 the reciprocal, one ulp off the CPU reference in half the columns (the H200 test, 2026-12-03).
 """
@@ -48,30 +48,6 @@ def _swiglu_quantize_rows(h_ptr, q_ptr, s_ptr, F, stride_h, stride_q, BLOCK: tl.
     tl.store(s_ptr + r, scale)
     a = tl.minimum(tl.maximum(tl.math.div_rn(a, scale), -FP8_MAX), FP8_MAX)
     tl.store(q_ptr + r * stride_q + cs, a.to(q_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _quantize_strips(x_ptr, q_ptr, s_ptr, V, K, stride_b, stride_v, stride_k, stride_qb, stride_qv, stride_qk,
-                     BV: tl.constexpr, BK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    vs = tl.program_id(1) * BV + tl.arange(0, BV)
-    mv = vs < V
-    base = x_ptr + b * stride_b + vs[None, :] * stride_v
-    amax = tl.zeros((BV,), dtype=tl.float32)
-    for k0 in range(0, K, BK):  # pass 1: the strip's column abs-max
-        ks = k0 + tl.arange(0, BK)
-        m = mv[None, :] & (ks[:, None] < K)
-        t = tl.load(base + ks[:, None] * stride_k, mask=m, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(t), axis=0))
-    scale = tl.math.div_rn(tl.maximum(amax, 1e-12), FP8_MAX)
-    tl.store(s_ptr + b * V + vs, scale, mask=mv)
-    qbase = q_ptr + b * stride_qb + vs[None, :] * stride_qv
-    for k0 in range(0, K, BK):  # pass 2: the same strip again (from L2), scaled, cast, stored
-        ks = k0 + tl.arange(0, BK)
-        m = mv[None, :] & (ks[:, None] < K)
-        t = tl.load(base + ks[:, None] * stride_k, mask=m, other=0.0).to(tl.float32)
-        t = tl.minimum(tl.maximum(tl.math.div_rn(t, scale[None, :]), -FP8_MAX), FP8_MAX)
-        tl.store(qbase + ks[:, None] * stride_qk, t.to(q_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -120,13 +96,15 @@ def quantize_fp8_triton(x: torch.Tensor, dim: int, out: torch.Tensor | None, sca
             block = triton.next_power_of_2(K)
             _quantize_rows[(N,)](x, q, s, K, x.stride(0), q.stride(0), BLOCK=block, num_warps=_row_warps(block))
         return q, s
-    x3, q, B, V, K, xs, qs = _layout(x, dim, out, transpose)
-    s3 = scale.view(B, V) if scale is not None else torch.empty(B, V, device=x.device, dtype=torch.float32)
-    if B and V:
-        BV, BK = 32, 128
-        _quantize_strips[(B, triton.cdiv(V, BV))](x3, q, s3, V, K, *xs, *qs, BV=BV, BK=BK, num_warps=8)
+    # the scales from one inf-norm reduction (divided by a tensor: IEEE, as the CPU), then the cast kernel.
+    # A one-kernel version (per column strip: abs-max over K, then the cast, the second read from L2) measured
+    # slower on the H200: 0.30 vs 0.19 ms for one Mixtral expert's w13 (bench/realb_kernels.py, 2026-12-03)
+    x3 = x if x.dim() == 3 else x.unsqueeze(0)
+    amax = torch.linalg.vector_norm(x3, ord=float("inf"), dim=2 if rows else 1).float().clamp_(min=1e-12)  # [B, V]
+    s3 = torch.div(amax, torch.full_like(amax, 448.0), out=scale.view_as(amax) if scale is not None else None)
+    q = cast_fp8_triton(x, s3, dim, out, transpose)
     if x.dim() == 2:
-        return q.squeeze(0), s3.squeeze(0)
+        return q, s3.squeeze(0)
     return q, s3
 
 
