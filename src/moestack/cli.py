@@ -108,11 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(load_ratio, modality, min_tokens, min_expert_rows, precision, ranks, everywhere). In one "
                         "process give ranks=G to simulate G EP ranks; text prompts stay BF16 unless modality=0 "
                         "(docs/methods/realb.md)")
-    p.add_argument("--placement", default="", help="under torchrun: expert placement JSON from `moestack plan` "
-                   "(default: contiguous)")
-    p.add_argument("--parallel.ep_flow", dest="ep_flow", choices=("home", "follow"), default="home",
-                   help="under torchrun: home = each token returns to its rank after every MoE layer; follow = it stays "
-                        "on its first-choice expert's rank (KV cache replicated on every rank; docs/methods/moetuner.md)")
+    add_ep_serving_args(p)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on a run or a Hugging Face MoE checkpoint",
                        description="Serve --model over HTTP: POST /v1/completions and /v1/chat/completions (streamed "
@@ -140,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/methods/realb.md)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, fp32 on the CPU), bfloat16, float16, float32")
+    add_ep_serving_args(p)
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a trained run")
     p.add_argument("--run-dir", required=True)
@@ -241,19 +238,34 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    path = args.model or args.run_dir
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return _engine_generate(args, path)
-    # torchrun: expert-parallel serving (serve/ep.py); rank 0 prints
-    from moestack.config import ParallelConfig
-    from moestack.parallel.mesh import init_parallel, shutdown
+def add_ep_serving_args(p) -> None:
+    """--placement and --parallel.ep_flow: expert-parallel serving under torchrun (serve/ep.py)."""
+    p.add_argument("--placement", default="", help="under torchrun: expert placement JSON from `moestack plan` "
+                   "(default: contiguous)")
+    p.add_argument("--parallel.ep_flow", dest="ep_flow", choices=("home", "follow"), default="home",
+                   help="under torchrun: home = each token returns to its rank after every MoE layer; follow = it stays "
+                        "on its first-choice expert's rank (KV cache replicated on every rank; docs/methods/moetuner.md)")
 
-    ctx = init_parallel(ParallelConfig(ep=int(os.environ["WORLD_SIZE"])), args.device)
+
+def _ep_context(args):
+    """Under torchrun: the expert-parallel context over every rank; None in one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    from moestack.config import ParallelConfig
+    from moestack.parallel.mesh import init_parallel
+
+    return init_parallel(ParallelConfig(ep=int(os.environ["WORLD_SIZE"])), args.device)
+
+
+def cmd_generate(args) -> int:
+    from moestack.parallel.mesh import shutdown
+
+    ctx = _ep_context(args)  # torchrun: expert-parallel serving (serve/ep.py); rank 0 prints
     try:
-        return _engine_generate(args, path, ctx)
+        return _engine_generate(args, args.model or args.run_dir, ctx)
     finally:
-        shutdown(ctx)
+        if ctx is not None:
+            shutdown(ctx)
 
 
 def _engine_generate(args, path, ctx=None) -> int:
@@ -284,29 +296,43 @@ def _realb(args):
 
 
 def cmd_serve(args) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print("moestack serve: error: the HTTP server runs in one process for now (every torchrun rank would bind "
-              f"port {args.port}); run it without torchrun. Expert-parallel serving under torchrun is offline: "
-              "LLM(..., parallel=ctx) or moestack generate", file=sys.stderr)
-        return 2
     try:
         from moestack.serve.server import serve
     except ImportError as err:
         print(f"moestack serve: error: the HTTP server needs the serve extra ({err.name} is missing): "
               "pip install 'moestack[serve]'", file=sys.stderr)
         return 2
+    from moestack.parallel.mesh import shutdown
     from moestack.serve import LLM
 
+    ctx = _ep_context(args)  # torchrun: rank 0 serves HTTP, the other ranks follow its engine (serve/ep_server.py)
     try:
-        llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                  max_model_len=args.max_model_len, num_blocks=args.num_blocks, drop_rate=args.drop_rate,
-                  realb=_realb(args))
-    except ValueError as err:
-        print(f"moestack serve: error: {err}", file=sys.stderr)
-        return 2
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    serve(llm, name, args.host, args.port, args.api_key, args.max_queue)
-    return 0
+        try:
+            llm = LLM(args.model, device=str(ctx.device) if ctx else args.device, dtype=args.dtype,
+                      max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, num_blocks=args.num_blocks,
+                      drop_rate=args.drop_rate, realb=_realb(args), parallel=ctx,
+                      placement=args.placement or None, ep_flow=args.ep_flow)
+        except ValueError as err:
+            print(f"moestack serve: error: {err}", file=sys.stderr)
+            return 2
+        name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+        if ctx is None:
+            serve(llm, name, args.host, args.port, args.api_key, args.max_queue)
+            return 0
+        from moestack.serve.ep_server import FrontEnd, follow_rank_zero
+
+        if ctx.ep_rank != 0:
+            follow_rank_zero(llm, ctx)
+            return 0
+        front = FrontEnd(llm, ctx)
+        try:
+            serve(front, name, args.host, args.port, args.api_key, args.max_queue)
+        finally:
+            front.close()
+        return 0
+    finally:
+        if ctx is not None:
+            shutdown(ctx)
 
 
 def cmd_eval(args) -> int:

@@ -131,14 +131,6 @@ def test_moestack_generate_under_torchrun_on_a_hf_folder(tmp_path, capsys):
     assert proc.stdout == want and want.startswith("def f(x):")
 
 
-def test_serve_under_torchrun_is_one_clear_error(tmp_path, monkeypatch, capsys):
-    from moestack.cli import main
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["serve", "--model", str(tmp_path)]) == 2
-    assert "runs in one process" in capsys.readouterr().err
-
-
 def test_bad_ep_flows_are_one_clear_error_each(tmp_path):
     hf_folder(tmp_path, "qwen3_moe")
     with pytest.raises(ValueError, match="expected one of home, follow"):

@@ -25,17 +25,20 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`moestack serve --model MODEL ARGS...` on a free port of 127.0.0.1 (a context manager).
+    """`moestack serve --model MODEL ARGS...` on a free port of 127.0.0.1 (a context manager; nproc > 1 runs it
+    under torchrun with that many ranks).
 
     `url` is the server's root, `base_url` its OpenAI root (`.../v1`); `health()` reads GET /health;
     `stop(sig)` sends `sig` and returns the exit status; `log()` is what the process printed."""
 
-    def __init__(self, model: str, *args: str, timeout: float = 300, env: dict | None = None):
+    def __init__(self, model: str, *args: str, timeout: float = 300, env: dict | None = None, nproc: int = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
         self._log = tempfile.TemporaryFile(mode="w+")
-        cmd = [sys.executable, "-m", "moestack.cli", "serve", "--model", model, "--host", "127.0.0.1",
+        # nproc > 1: under torchrun (expert-parallel serving: rank 0 serves HTTP, serve/ep_server.py)
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+        cmd = [sys.executable, *launcher, "-m", "moestack.cli", "serve", "--model", model, "--host", "127.0.0.1",
                "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})})

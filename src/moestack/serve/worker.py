@@ -126,7 +126,7 @@ class EngineWorker:
     def _iterate(self) -> bool:
         """One pass: the inbox, then one engine step if there is work; True when told to stop."""
         llm = self.llm
-        item = self.inbox.get() if not llm.has_unfinished() else self._get_nowait()
+        item = self._wait() if not llm.has_unfinished() else self._get_nowait()
         stopping = False
         while item is not None:
             stopping |= self._handle(*item)
@@ -149,6 +149,16 @@ class EngineWorker:
         self._publish_snapshot()  # before the outputs go out: a client that got its answer sees its blocks free
         self._flush()
         return False
+
+    def _wait(self):
+        """The next inbox item, however long it takes; an engine with `tick_s` (rank 0 under torchrun,
+        serve/ep_server.py) gets `tick()` called every tick_s seconds meanwhile."""
+        tick = getattr(self.llm, "tick_s", None)
+        while True:
+            try:
+                return self.inbox.get(timeout=tick)
+            except queue.Empty:
+                self.llm.tick()
 
     def _get_nowait(self):
         try:

@@ -1,0 +1,121 @@
+"""`moestack serve` under torchrun: rank 0 is the HTTP front end, every other rank follows its engine.
+
+Rank 0 runs the usual server (server.py, worker.py) on a `FrontEnd`: an `LLM` look-alike that wraps rank 0's
+expert-parallel engine. What the engine thread asks of it goes to the other ranks as ops, broadcast over
+the EP group before each step:
+- `add_request` checks the prompt and the id on rank 0 (ValueError as in one process), then queues an op.
+  Under the home flow each request belongs to one rank, given in turn (rank 0 adds its own at once); under
+  the follow flow every rank adds every request.
+- `abort` queues an op; whichever ranks hold the request abort it.
+- `step` broadcasts the queued ops with a step flag; every rank applies them, then runs one `LLM.step`, so
+  the MoE all-to-alls line up. Under home the other ranks' outputs are gathered to rank 0; under follow
+  rank 0's own are complete (every rank runs every request).
+- `tick` (while idle) broadcasts no ops and no step, so the followers' collective never waits past the
+  process group's timeout.
+- `close` tells the followers to leave.
+The other ranks run `follow_rank_zero` until then; they ignore SIGINT and SIGTERM (torchrun forwards them
+to every rank) and leave when rank 0 has drained and closed.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch.distributed as dist
+
+from moestack.parallel.mesh import ParallelContext
+from moestack.serve.engine import LLM, _params
+from moestack.serve.ep import gather_objects
+from moestack.serve.params import RequestOutput
+
+TICK_S = 30.0  # seconds between idle broadcasts (the gloo and NCCL timeouts are minutes)
+
+
+class FrontEnd:
+    """Rank 0's engine under torchrun, as the server's engine thread sees it (attributes it does not define
+    are the wrapped LLM's)."""
+
+    tick_s = TICK_S
+
+    def __init__(self, llm: LLM, ctx: ParallelContext):
+        if ctx.ep_rank != 0:
+            raise ValueError("FrontEnd runs on EP rank 0; the other ranks run follow_rank_zero")
+        self.llm, self.ctx = llm, ctx
+        self.ops: list[tuple] = []
+        self.remote: dict[str, int] = {}  # request id -> the rank that holds it (home flow, ranks > 0)
+        self._turn = 0
+
+    def __getattr__(self, name):
+        return getattr(self.llm, name)
+
+    def add_request(self, prompt, params=None, request_id: str | None = None) -> str:
+        llm = self.llm
+        params = _params(params)
+        ids, _ = llm.encode_prompt(prompt)
+        llm.check_prompt(ids, params)
+        rid = request_id if request_id is not None else f"req-{next(llm._ids)}"
+        if rid in llm.requests or rid in self.remote:
+            raise ValueError(f"request id {rid!r} is already in use")
+        owner = None if llm.replicated else self._turn % self.ctx.ep
+        self._turn += 1
+        self.ops.append(("add", owner, prompt, params, rid))
+        if owner in (None, 0):
+            llm.add_request(prompt, params, rid)
+        else:
+            self.remote[rid] = owner
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        known = self.remote.pop(request_id, None) is not None
+        self.ops.append(("abort", request_id))
+        return self.llm.abort(request_id) or known
+
+    def has_unfinished(self) -> bool:
+        return self.llm.has_unfinished() or bool(self.remote) or bool(self.ops)
+
+    def step(self) -> list[RequestOutput]:
+        ops, self.ops = self.ops, []
+        _broadcast((ops, True), self.ctx)
+        outs = self.llm.step()
+        if self.llm.replicated:
+            return outs
+        for part in gather_objects(outs, self.ctx)[1:]:
+            for out in part:
+                if out.finished:
+                    self.remote.pop(out.request_id, None)
+                outs.append(out)
+        return outs
+
+    def tick(self) -> None:
+        """Idle: let the other ranks' wait end and begin again."""
+        ops, self.ops = self.ops, []
+        _broadcast((ops, False), self.ctx)
+
+    def close(self) -> None:
+        _broadcast(([("stop",)], False), self.ctx)
+
+
+def follow_rank_zero(llm: LLM, ctx: ParallelContext) -> None:
+    """Apply rank 0's ops and step with it until it closes (every rank but EP rank 0)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 drains, then closes: leave then
+        signal.signal(sig, signal.SIG_IGN)
+    me = ctx.ep_rank
+    while True:
+        ops, step = _broadcast(None, ctx)
+        for op in ops:
+            if op[0] == "stop":
+                return
+            if op[0] == "add" and op[1] in (None, me):
+                llm.add_request(op[2], op[3], op[4])
+            elif op[0] == "abort":
+                llm.abort(op[1])
+        if step:
+            outs = llm.step()
+            if not llm.replicated:
+                gather_objects(outs, ctx)
+
+
+def _broadcast(obj, ctx: ParallelContext):
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(ctx.ep_group, 0), group=ctx.ep_group)
+    return box[0]
