@@ -126,6 +126,7 @@ def main() -> int:
     src.add_argument("--run-dir", help="a trained moestack run (make train)")
     src.add_argument("--hf-tiny", action="store_true", help="a random-weight tiny qwen3_moe HF folder (no affinity)")
     ap.add_argument("--gpus", default="2,4,8")
+    ap.add_argument("--experts", type=int, default=8, help="--hf-tiny: experts per layer")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=48)
     ap.add_argument("--max-tokens", type=int, default=16)
@@ -137,24 +138,25 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="ep_flow_"))
     if args.hf_tiny:
+        from moestack.placement import TraceRecorder
         from moestack.serve.loader import load
         from tests.serve.helpers import hf_folder
 
         path = str(tmp / "hf")
-        hf_folder(Path(path), "qwen3_moe", num_hidden_layers=4, max_position_embeddings=256)
+        hf_folder(Path(path), "qwen3_moe", num_hidden_layers=4, max_position_embeddings=256, num_experts=args.experts)
         served = load(path)
-        g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(2, 64, (args.prompt_len + (i * 7) % args.prompt_len,), generator=g).tolist()
-                   for i in range(args.prompts)]
-        from moestack.placement import TraceRecorder
-
         layers = served.model.moe_layers()
         rec = TraceRecorder(len(layers), layers[0].num_experts, layers[0].router.top_k)
+        calib = served.calib_tokens(18, 64)  # calibration text (the embedded corpus) in the folder's tokenizer
         with torch.no_grad():
-            served.model(torch.randint(2, 64, (64, 64), generator=g))
-        for i, layer in enumerate(layers):
-            rec.record(i, layer.last_routing.expert_ids)
-        trace, source = rec.trace(), "tiny qwen3_moe, random weights, 4 layers x 8 experts top-2"
+            for batch in calib[:16]:
+                served.model(batch)
+                for i, layer in enumerate(layers):
+                    rec.record(i, layer.last_routing.expert_ids)
+        held_out = torch.cat(calib[16:]).flatten().tolist()  # [512] tokens the trace never saw
+        prompts = [held_out[i * 13: i * 13 + args.prompt_len + (i * 7) % args.prompt_len] for i in range(args.prompts)]
+        trace = rec.trace()
+        source = f"tiny qwen3_moe, random weights, 4 layers x {args.experts} experts top-2, calibration text"
     else:
         from moestack.runs import record_trace
 
