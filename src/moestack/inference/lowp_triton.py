@@ -29,10 +29,16 @@ def _quantize_rows(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constex
     ks = tl.arange(0, BLOCK)
     m = ks < K
     t = tl.load(x_ptr + r * stride_x + ks, mask=m, other=0.0).to(tl.float32)
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(t), axis=0), 1e-12), FP8_MAX)  # IEEE division, as torch
+    _store_row_fp8(t, q_ptr, s_ptr, r, stride_q, ks, m)
+
+
+@triton.jit
+def _store_row_fp8(t, q_ptr, s_ptr, r, stride_q, cols, m):
+    """Row r's values t (fp32) as fp8 with one scale: absmax / 448, divided in IEEE fp32 as torch does."""
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(t), axis=0), 1e-12), FP8_MAX)
     tl.store(s_ptr + r, scale)
     t = tl.minimum(tl.maximum(tl.math.div_rn(t, scale), -FP8_MAX), FP8_MAX)
-    tl.store(q_ptr + r * stride_q + ks, t.to(q_ptr.dtype.element_ty), mask=m)
+    tl.store(q_ptr + r * stride_q + cols, t.to(q_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -44,10 +50,7 @@ def _swiglu_quantize_rows(h_ptr, q_ptr, s_ptr, F, stride_h, stride_q, BLOCK: tl.
     u = tl.load(h_ptr + r * stride_h + F + cs, mask=m, other=0.0).to(tl.float32)
     # rounded to h's dtype first, as `experts.swiglu` stores it: the fp8 values equal quantize(swiglu(h))
     a = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty).to(tl.float32)
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(a), axis=0), 1e-12), FP8_MAX)
-    tl.store(s_ptr + r, scale)
-    a = tl.minimum(tl.maximum(tl.math.div_rn(a, scale), -FP8_MAX), FP8_MAX)
-    tl.store(q_ptr + r * stride_q + cs, a.to(q_ptr.dtype.element_ty), mask=m)
+    _store_row_fp8(a, q_ptr, s_ptr, r, stride_q, cs, m)
 
 
 @triton.jit
