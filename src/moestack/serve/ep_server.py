@@ -20,6 +20,7 @@ to every rank) and leave when rank 0 has drained and closed.
 from __future__ import annotations
 
 import signal
+import threading
 
 import torch.distributed as dist
 
@@ -44,6 +45,8 @@ class FrontEnd:
         self.ops: list[tuple] = []
         self.remote: dict[str, int] = {}  # request id -> the rank that holds it (home flow, ranks > 0)
         self._turn = 0
+        # the engine thread steps and ticks, the main thread closes: one collective sequence at a time
+        self._collective = threading.Lock()
 
     def __getattr__(self, name):
         return getattr(self.llm, name)
@@ -74,12 +77,12 @@ class FrontEnd:
         return self.llm.has_unfinished() or bool(self.remote) or bool(self.ops)
 
     def step(self) -> list[RequestOutput]:
-        ops, self.ops = self.ops, []
-        _broadcast((ops, True), self.ctx)
-        outs = self.llm.step()
-        if self.llm.replicated:
-            return outs
-        for part in gather_objects(outs, self.ctx)[1:]:
+        with self._collective:
+            ops, self.ops = self.ops, []
+            _broadcast((ops, True), self.ctx)
+            outs = self.llm.step()
+            parts = [] if self.llm.replicated else gather_objects(outs, self.ctx)[1:]
+        for part in parts:
             for out in part:
                 if out.finished:
                     self.remote.pop(out.request_id, None)
@@ -88,11 +91,13 @@ class FrontEnd:
 
     def tick(self) -> None:
         """Idle: let the other ranks' wait end and begin again."""
-        ops, self.ops = self.ops, []
-        _broadcast((ops, False), self.ctx)
+        with self._collective:
+            ops, self.ops = self.ops, []
+            _broadcast((ops, False), self.ctx)
 
     def close(self) -> None:
-        _broadcast(([("stop",)], False), self.ctx)
+        with self._collective:
+            _broadcast(([("stop",)], False), self.ctx)
 
 
 def follow_rank_zero(llm: LLM, ctx: ParallelContext) -> None:
