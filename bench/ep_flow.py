@@ -16,8 +16,10 @@ sent to each rank; the table shows the cross-rank part (off the diagonal) per to
   first choice's rank); "kv": follow's replicated keys and values, in row equivalents at the run's shape
   (2 x kv width / d_model rows per token, layer and other rank); "sample": follow's sampled rows.
 - modelled exchange ms per 1k tokens (the whole forward, every layer) at Mixtral-8x7B's row (4096 x bf16; KV
-  2 x 8 x 128 x bf16): per exchange, the busiest rank's max(bytes sent, received) off the diagonal / link
-  bandwidth, summed over the exchanges, over the whole run (not per step), for the link figures of the brief (NVLink ~280 GB/s all-to-all bus bandwidth, 24 GB/s inter-node-like, 3 GB/s).
+  2 x 8 x 128 x bf16): per MoE layer (out and back merged into one matrix: a lower bound on two exchanges)
+  and per block's KV exchange, the busiest rank's max(bytes sent, received) off the diagonal / link
+  bandwidth, summed, over the whole run (not per step); the sampled rows are left out. Links: the brief's
+  figures (NVLink ~280 GB/s all-to-all bus bandwidth, 24 GB/s inter-node-like, 3 GB/s).
 """
 
 from __future__ import annotations

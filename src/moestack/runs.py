@@ -1,4 +1,4 @@
-"""Using a trained run: load its model (under EP when started by torchrun), evaluate, generate."""
+"""Using a trained run: load its model (under EP when started by torchrun), evaluate it, trace its routing."""
 
 from __future__ import annotations
 

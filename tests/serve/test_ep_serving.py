@@ -78,10 +78,18 @@ def _check(rank, world, path, refs, placement_rows, flow):
     if rank == 0 or flow == "follow":
         assert dict(got)[rid2] == refs[2][:3]
     llm.check_blocks()
+    if flow == "follow":  # unseeded sampling draws the same tokens on every rank, whatever each rank's own RNG
+        from moestack.serve.ep import gather_objects
+
+        torch.manual_seed(100 + rank)
+        sampled = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=6, temperature=1.0, ignore_eos=True),
+                               use_tqdm=False)
+        mine = [o.token_ids for o in sampled]
+        assert all(theirs == mine for theirs in gather_objects(mine, ctx))
     if flow == "follow":  # one rank adding a request alone is one clear error, on every rank
         if rank == 0:
             llm.add_request(PROMPTS[1], _params(2))
-        with pytest.raises(RuntimeError, match="every rank must add the same requests"):
+        with pytest.raises(RuntimeError, match="every rank must add and abort the same requests"):
             llm.step()
     shutdown(ctx)
 
@@ -137,3 +145,15 @@ def test_bad_ep_flows_are_one_clear_error_each(tmp_path):
         LLM(str(tmp_path), device="cpu", ep_flow="sideways")
     with pytest.raises(ValueError, match="flow of expert-parallel serving"):
         LLM(str(tmp_path), device="cpu", ep_flow="follow")
+
+
+def test_a_model_that_drops_over_capacity_is_refused_under_ep(tmp_path):
+    from moestack.parallel.mesh import ParallelContext
+    from moestack.serve.ep import shard_for_serving
+    from moestack.serve.loader import load
+
+    hf_folder(tmp_path, "qwen3_moe")
+    model = load(str(tmp_path)).model
+    model.moe_layers()[0].dispatcher.capacity_factor = 1.25  # as a run trained with moe.capacity_factor serves
+    with pytest.raises(ValueError, match="serve it in one process"):
+        shard_for_serving(model, ParallelContext(world=2, ep=2))

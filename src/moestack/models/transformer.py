@@ -208,9 +208,8 @@ class MoETransformer(nn.Module):
         return handle
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 sync=None):
-        """Sample continuation tokens for idx [B, S]; `sync` (if given) makes every rank agree on each token."""
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
+        """Sample continuation tokens for idx [B, S] by full recompute (the reference the serving engine is tested against)."""
         for _ in range(max_new_tokens):
             ctx = idx[:, -self.cfg.model.seq_len:]
             logits = self(ctx)[0][:, -1, :].float()
@@ -222,8 +221,6 @@ class MoETransformer(nn.Module):
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(logits.softmax(dim=-1), 1)
-            if sync is not None:
-                nxt = sync(nxt)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
 

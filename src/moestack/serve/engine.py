@@ -84,8 +84,13 @@ class LLM:
                 raise ValueError("ReaLB runs with ep_flow='home' (its dispatcher wraps the home flow's); leave out one")
             self.dispatchers = shard_for_serving(self.model, self.ep, placement, ep_flow)
             cuda_graphs, pipeline = False, False  # every step is a collective all-to-all: eager, in lock-step
-        # follow flow (serve/follow.py): every rank runs every request, so the ranks' schedulers agree
+        # follow flow (serve/follow.py): every rank runs every request, so the ranks' schedulers agree, and an
+        # unseeded request samples from a generator seeded from rank 0's random base seed and its id
         self.replicated = self.model.flow is not None
+        if self.replicated:
+            from moestack.serve.ep import gather_objects
+
+            self._base_seed = gather_objects(int(torch.randint(0, 2**62, ()).item()), self.ep)[0]
         if drop_rate is not None and realb is not None:
             raise ValueError("ReaLB and DualSparse dropping do not combine (both replace the experts); pick one")
         if drop_rate is not None:
@@ -183,9 +188,12 @@ class LLM:
             raise ValueError(f"request id {rid!r} is already in use")
         seq = Sequence(rid, ids, params, text, arrival=self.stats.steps)
         self.requests[rid] = seq
-        if params.seed is not None:
+        seed = params.seed
+        if seed is None and self.replicated and params.temperature > 0:  # every rank must draw the same tokens
+            seed = self._base_seed ^ zlib.crc32(rid.encode())
+        if seed is not None:
             g = torch.Generator(device=self.runner.device)
-            g.manual_seed(params.seed)
+            g.manual_seed(seed)
             self.generators[rid] = g
         self.scheduler.add(seq)
         return rid
@@ -248,10 +256,12 @@ class LLM:
         """Under the follow flow every rank must schedule the same step: a clear error on every rank if not."""
         from moestack.serve.ep import same_on_all_ranks
 
-        key = zlib.crc32(repr([(seq.request_id, seq.num_computed, n) for seq, n in batch]).encode())
+        key = zlib.crc32(repr([(seq.request_id, seq.num_computed, n, len(seq), seq.token_ids[-1])
+                               for seq, n in batch]).encode())
         if not same_on_all_ranks(key, self.ep):
-            raise RuntimeError("ep_flow='follow': the ranks scheduled different steps; every rank must add the same "
-                               "requests, with the same ids, in the same order (LLM.generate does)")
+            raise RuntimeError("ep_flow='follow': the ranks scheduled different steps; every rank must add and abort "
+                               "the same requests, with the same ids and prompts, in the same order (LLM.generate "
+                               "and moestack serve do)")
 
     def _count_realb(self) -> None:
         decisions = self.realb.take_decisions()
@@ -429,7 +439,8 @@ class LLM:
         return traffic(self.model, self.dispatchers, self.ep, reset)
 
     def expert_loads(self):
-        """Tokens routed to each expert in the last step, per MoE layer: a numpy array [L_moe, E] (or None)."""
+        """Tokens routed to each expert in the last step, per MoE layer: a numpy array [L_moe, E] (or None). Under
+        EP, this rank's tokens: its requests (home), or its share of each layer's tokens (follow)."""
         loads = self.runner.last_loads
         return None if loads is None else loads.cpu().numpy()
 

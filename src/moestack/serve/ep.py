@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moestack.parallel.ep import EPDispatcher, load_placement, shard_layer
+from moestack.parallel.ep import EPDispatcher, check_placement, load_placement, shard_layer
 from moestack.parallel.mesh import ParallelContext
 from moestack.placement.placement import Placement
 
@@ -32,13 +32,17 @@ def shard_for_serving(model, ctx: ParallelContext, placement: str | Placement | 
     layers = model.moe_layers()
     if not layers:
         raise ValueError("expert-parallel serving needs an MoE model; this one has no MoE layers")
+    if flow == "follow" and model.spec.scmoe:
+        raise ValueError("ep_flow='follow' runs standard MoE blocks; ScMoE models serve with ep_flow='home'")
+    if any(getattr(layer.dispatcher, "capacity_factor", 0) > 0 for layer in layers):
+        raise ValueError("this model drops tokens over an expert capacity (moe.capacity_factor > 0), which expert "
+                         "parallelism does not; serve it in one process, without torchrun")
     E = layers[0].num_experts
     if E % ctx.ep:
         raise ValueError(f"{ctx.ep} EP ranks do not divide the model's {E} experts; run a world size that divides "
                          f"{E} (torchrun --nproc_per_node N)")
     if isinstance(placement, Placement):
-        plan = placement
-        plan.validate(num_layers=len(layers), num_experts=E, num_gpus=ctx.ep)
+        plan = check_placement(placement, len(layers), E, ctx.ep, "the placement")
     else:
         plan = load_placement(placement or "", len(layers), E, ctx.ep)
     out = []

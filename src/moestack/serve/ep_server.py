@@ -15,12 +15,19 @@ the EP group before each step:
 - `close` tells the followers to leave.
 The other ranks run `follow_rank_zero` until then; they ignore SIGINT and SIGTERM (torchrun forwards them
 to every rank) and leave when rank 0 has drained and closed.
+A step that fails on any rank leaves the ranks' collectives out of step, which no rank can recover from:
+the failing process logs the error and exits at once with status 1, and torchrun stops the others (one
+process would fail the requests in flight and go on; under EP the server dies loudly instead of hanging).
+The server's admission queue and /metrics count rank 0's engine (under home, its share of the requests).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import threading
+import time
 
 import torch.distributed as dist
 
@@ -30,13 +37,12 @@ from moestack.serve.ep import gather_objects
 from moestack.serve.params import RequestOutput
 
 TICK_S = 30.0  # seconds between idle broadcasts (the gloo and NCCL timeouts are minutes)
+log = logging.getLogger("moestack")
 
 
 class FrontEnd:
     """Rank 0's engine under torchrun, as the server's engine thread sees it (attributes it does not define
     are the wrapped LLM's)."""
-
-    tick_s = TICK_S
 
     def __init__(self, llm: LLM, ctx: ParallelContext):
         if ctx.ep_rank != 0:
@@ -47,6 +53,8 @@ class FrontEnd:
         self._turn = 0
         # the engine thread steps and ticks, the main thread closes: one collective sequence at a time
         self._collective = threading.Lock()
+        self.closed = False
+        self.last_sync = time.monotonic()
 
     def __getattr__(self, name):
         return getattr(self.llm, name)
@@ -61,11 +69,11 @@ class FrontEnd:
             raise ValueError(f"request id {rid!r} is already in use")
         owner = None if llm.replicated else self._turn % self.ctx.ep
         self._turn += 1
-        self.ops.append(("add", owner, prompt, params, rid))
         if owner in (None, 0):
-            llm.add_request(prompt, params, rid)
+            llm.add_request(prompt, params, rid)  # accepted here first: a refusal is forwarded to no rank
         else:
             self.remote[rid] = owner
+        self.ops.append(("add", owner, prompt, params, rid))
         return rid
 
     def abort(self, request_id: str) -> bool:
@@ -78,10 +86,16 @@ class FrontEnd:
 
     def step(self) -> list[RequestOutput]:
         with self._collective:
+            if self.closed:
+                return []
             ops, self.ops = self.ops, []
-            _broadcast((ops, True), self.ctx)
-            outs = self.llm.step()
-            parts = [] if self.llm.replicated else gather_objects(outs, self.ctx)[1:]
+            try:
+                _broadcast((ops, True), self.ctx)
+                outs = self.llm.step()
+                parts = [] if self.llm.replicated else gather_objects(outs, self.ctx)[1:]
+            except Exception:
+                _die("the engine step failed on EP rank 0")
+            self.last_sync = time.monotonic()
         for part in parts:
             for out in part:
                 if out.finished:
@@ -89,15 +103,28 @@ class FrontEnd:
                 outs.append(out)
         return outs
 
+    def tick_in(self) -> float:
+        """Seconds until the next idle broadcast is due (the engine thread waits at most that long)."""
+        return max(0.0, self.last_sync + TICK_S - time.monotonic())
+
     def tick(self) -> None:
         """Idle: let the other ranks' wait end and begin again."""
         with self._collective:
+            if self.closed:
+                return
             ops, self.ops = self.ops, []
-            _broadcast((ops, False), self.ctx)
+            try:
+                _broadcast((ops, False), self.ctx)
+            except Exception:
+                _die("the idle broadcast failed on EP rank 0")
+            self.last_sync = time.monotonic()
 
     def close(self) -> None:
+        """Tell the other ranks to leave; later steps and ticks do nothing."""
         with self._collective:
-            _broadcast(([("stop",)], False), self.ctx)
+            if not self.closed:
+                self.closed = True
+                _broadcast(([("stop",)], False), self.ctx)
 
 
 def follow_rank_zero(llm: LLM, ctx: ParallelContext) -> None:
@@ -106,18 +133,29 @@ def follow_rank_zero(llm: LLM, ctx: ParallelContext) -> None:
         signal.signal(sig, signal.SIG_IGN)
     me = ctx.ep_rank
     while True:
-        ops, step = _broadcast(None, ctx)
-        for op in ops:
-            if op[0] == "stop":
-                return
-            if op[0] == "add" and op[1] in (None, me):
-                llm.add_request(op[2], op[3], op[4])
-            elif op[0] == "abort":
-                llm.abort(op[1])
-        if step:
-            outs = llm.step()
-            if not llm.replicated:
-                gather_objects(outs, ctx)
+        try:
+            ops, step = _broadcast(None, ctx)
+            for op in ops:
+                if op[0] == "stop":
+                    return
+                if op[0] == "add" and op[1] in (None, me):
+                    llm.add_request(op[2], op[3], op[4])
+                elif op[0] == "abort":
+                    llm.abort(op[1])
+            if step:
+                outs = llm.step()
+                if not llm.replicated:
+                    gather_objects(outs, ctx)
+        except Exception:
+            _die(f"EP rank {me} failed while following rank 0")
+
+
+def _die(what: str) -> None:
+    """Log the exception being handled and exit now: the ranks' collectives are out of step (see the module
+    docstring); torchrun stops the other ranks."""
+    log.exception("%s; the ranks cannot continue in lock-step, so this process exits (torchrun stops the others)", what)
+    logging.shutdown()
+    os._exit(1)
 
 
 def _broadcast(obj, ctx: ParallelContext):

@@ -9,8 +9,8 @@ expert's rank and back, whatever the placement. Under follow:
 - A step's tokens start on the ranks in contiguous chunks. At each block the rank holding a token's hidden
   state computes its attention; its new keys and values go to every rank, so every cache stays whole.
 - At each MoE layer the state goes to the ranks of the token's k experts (the rows carry the residual
-  state; the expert rank applies the block's norm). The weighted outputs then go to the rank of the
-  token's first choice (the highest router score), which already holds the state (one of the rows it
+  state; the expert rank applies the block's norm). The expert outputs, each with its routing weight, then
+  go to the rank of the token's first choice (the highest router score), which already holds the state (one of the rows it
   received) and becomes the token's rank for the next block. A token whose next experts sit on that rank
   sends nothing: co-locating consecutive experts (MoETuner's transition term) removes real traffic.
 - The final hidden rows that are sampled go to every rank, and every rank samples the same tokens.
@@ -40,8 +40,6 @@ class FollowFlow:
     """Runs ServeModel.hidden with each token's state on the rank of its last first-choice expert."""
 
     def __init__(self, model, ctx: ParallelContext, dispatchers: list[EPDispatcher]):
-        if model.spec.scmoe:
-            raise ValueError("ep_flow='follow' runs standard MoE blocks; ScMoE models serve with ep_flow='home'")
         self.group, self.G, self.me = ctx.ep_group, ctx.ep, ctx.ep_rank
         self.dispatcher = {id(layer): d for layer, d in zip(model.moe_layers(), dispatchers)}
         self.kv_bytes = torch.zeros(len(model.blocks), self.G, dtype=torch.int64)  # [block, to]

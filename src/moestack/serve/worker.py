@@ -151,12 +151,12 @@ class EngineWorker:
         return False
 
     def _wait(self):
-        """The next inbox item, however long it takes; an engine with `tick_s` (rank 0 under torchrun,
-        serve/ep_server.py) gets `tick()` called every tick_s seconds meanwhile."""
-        tick = getattr(self.llm, "tick_s", None)
+        """The next inbox item, however long it takes; an engine with `tick_in` (rank 0 under torchrun,
+        serve/ep_server.py) gets `tick()` called whenever its next idle broadcast is due meanwhile."""
+        tick_in = getattr(self.llm, "tick_in", None)
         while True:
             try:
-                return self.inbox.get(timeout=tick)
+                return self.inbox.get(timeout=None if tick_in is None else tick_in())
             except queue.Empty:
                 self.llm.tick()
 
