@@ -138,10 +138,11 @@ class EPDispatcher:
             self._dest_on[expert_ids.device] = self.dest.to(expert_ids.device)
         return self._dest_on[expert_ids.device][expert_ids]
 
-    def dispatch(self, x: torch.Tensor, routing: Routing) -> A2AHandle:
-        T, k = routing.expert_ids.shape
+    def plan(self, dest: torch.Tensor):
+        """How the token-choices with destination slots dest [T, k] travel (one exchange of counts):
+        (order [T*k] of the rows sent, in_splits / out_splits [G] rows to / from each rank, regroup [N_recv] the
+        received rows in local-slot order, counts [local slots] received rows per slot)."""
         G, mine = self.ranks, self.slots[self.me]
-        dest = self.destinations(routing.expert_ids)  # [T, k]
         order, send = sort_by_expert(dest, sum(self.slots))  # order [T*k]; send [S] rows per slot of every rank
         recv = send.new_empty(G * mine)
         dist.all_to_all_single(recv, send, [mine] * G, self.slots, group=self.group)  # rows per (source, my slot)
@@ -149,10 +150,14 @@ class EPDispatcher:
         in_splits = [int(part.sum()) for part in send_cpu.split(self.slots)]
         out_splits = recv_cpu.sum(1).tolist()
         # rows arrive grouped by (source rank, slot): regroup them by slot for the grouped GEMM
-        slot_of_row = torch.repeat_interleave(torch.arange(mine).repeat(G), recv_cpu.flatten()).to(x.device)
+        slot_of_row = torch.repeat_interleave(torch.arange(mine).repeat(G), recv_cpu.flatten()).to(dest.device)
         regroup = torch.argsort(slot_of_row, stable=True)
+        return order, in_splits, out_splits, regroup, recv_cpu.sum(0).to(dest.device)
+
+    def dispatch(self, x: torch.Tensor, routing: Routing) -> A2AHandle:
+        T, k = routing.expert_ids.shape
+        order, in_splits, out_splits, regroup, counts = self.plan(self.destinations(routing.expert_ids))
         ungroup, _ = inverse_order(regroup, regroup.numel())
-        counts = recv_cpu.sum(0).to(x.device)
         inverse, _ = inverse_order(order, T * k)
         self._count(in_splits, x.element_size())
 

@@ -60,19 +60,21 @@ class FrontEnd:
         return getattr(self.llm, name)
 
     def add_request(self, prompt, params=None, request_id: str | None = None) -> str:
+        """Checked here (a refusal is forwarded to no rank), then queued for the ranks that run it."""
         llm = self.llm
-        params = _params(params)
-        ids, _ = llm.encode_prompt(prompt)
-        llm.check_prompt(ids, params)
-        rid = request_id if request_id is not None else f"req-{next(llm._ids)}"
-        if rid in llm.requests or rid in self.remote:
-            raise ValueError(f"request id {rid!r} is already in use")
+        if request_id in self.remote:
+            raise ValueError(f"request id {request_id!r} is already in use")
         owner = None if llm.replicated else self._turn % self.ctx.ep
-        self._turn += 1
+        params = _params(params)
         if owner in (None, 0):
-            llm.add_request(prompt, params, rid)  # accepted here first: a refusal is forwarded to no rank
-        else:
+            rid = llm.add_request(prompt, params, request_id)
+        else:  # another rank's: the checks add_request makes, without queueing it here
+            llm.check_prompt(llm.encode_prompt(prompt)[0], params)
+            rid = request_id if request_id is not None else f"req-{next(llm._ids)}"
+            if rid in llm.requests:
+                raise ValueError(f"request id {rid!r} is already in use")
             self.remote[rid] = owner
+        self._turn += 1
         self.ops.append(("add", owner, prompt, params, rid))
         return rid
 

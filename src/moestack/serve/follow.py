@@ -10,8 +10,8 @@ expert's rank and back, whatever the placement. Under follow:
   state computes its attention; its new keys and values go to every rank, so every cache stays whole.
 - At each MoE layer the state goes to the ranks of the token's k experts (the rows carry the residual
   state; the expert rank applies the block's norm). The expert outputs, each with its routing weight, then
-  go to the rank of the token's first choice (the highest router score), which already holds the state (one of the rows it
-  received) and becomes the token's rank for the next block. A token whose next experts sit on that rank
+  go to the rank of the token's first choice (the highest router score), which already holds the state
+  (one of the rows it received) and becomes the token's rank for the next block. A token whose next experts sit on that rank
   sends nothing: co-locating consecutive experts (MoETuner's transition term) removes real traffic.
 - The final hidden rows that are sampled go to every rank, and every rank samples the same tokens.
 Counted bytes: MoE rows with their 12 bytes of metadata (token tag int64, routing weight fp32) in the
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moestack.moe.dispatch import sort_by_expert, weighted_sum
+from moestack.moe.dispatch import weighted_sum
 from moestack.moe.layer import MoELayer
 from moestack.moe.router import count_ids
 from moestack.parallel.ep import EPDispatcher
@@ -91,20 +91,13 @@ class FollowFlow:
         follow = slot[:, 0] // per  # [n] the rank the token's state goes on to
         choice = torch.arange(k, device=h.device)
         tag = ((mine[:, None] * k + choice) * G + follow[:, None]).flatten()  # [n k] int64
-        order, send = sort_by_expert(slot, sum(d.slots))
-        recv = send.new_empty(G * per)
-        dist.all_to_all_single(recv, send, [per] * G, d.slots, group=self.group)
-        recv = recv.view(G, per).cpu()
-        in_splits = [int(s.sum()) for s in send.cpu().split(d.slots)]
-        out_splits = recv.sum(1).tolist()
+        order, in_splits, out_splits, regroup, counts = d.plan(slot)
         got_h = self._a2a(h.index_select(0, order // k), in_splits, out_splits)
         got_tag = self._a2a(tag[order], in_splits, out_splits)
         got_w = self._a2a(routing.weights.flatten()[order], in_splits, out_splits)
         d.add_sent(torch.tensor(in_splits) * (D * h.element_size() + META_BYTES))
         # the experts, on rows regrouped by local slot
-        slot_of_row = torch.repeat_interleave(torch.arange(per).repeat(G), recv.flatten()).to(h.device)
-        regroup = torch.argsort(slot_of_row, stable=True)
-        y = moe.experts(norm(got_h.index_select(0, regroup)), recv.sum(0).to(h.device))
+        y = moe.experts(norm(got_h.index_select(0, regroup)), counts)
         tag_r, w_r = got_tag[regroup], got_w[regroup]
         # outputs to the first choice's rank
         dest = tag_r % G
