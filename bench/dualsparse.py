@@ -159,7 +159,8 @@ def speed(shape: str, T: int, rates: list[float], args, device, dtype) -> list[d
                      "experts_ratio": t_exp[rate] / t_exp["base"],
                      **({"graph_ms": t_graph[rate] * 1e3, "graph_ms_no_partition": t_graph["base"] * 1e3,
                          "graph_ratio": t_graph[rate] / t_graph["base"]} if t_graph else {}),
-                     "device": device_name(device), "dtype": str(dtype).replace("torch.", "")})
+                     "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
+                     "commit": os.environ.get("MOESTACK_COMMIT")})  # device copies have no .git: the caller says
         print(rows[-1], flush=True)
     return rows
 
@@ -335,7 +336,7 @@ def main() -> None:
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--batches", type=int, default=16, help="validation batches (quality)")
     ap.add_argument("--shapes", default=None, help="speed/load shapes (GPU default mixtral,qwen3_moe; CPU: cpu)")
-    ap.add_argument("--tokens", type=int, default=None, help="tokens per forward (GPU 16384, CPU 8192)")
+    ap.add_argument("--tokens", default=None, help="tokens per forward, comma-separated (GPU 16384, CPU 8192)")
     ap.add_argument("--ranks", type=int, default=4, help="simulated EP ranks (load study, load-aware quality)")
     ap.add_argument("--skew", type=float, default=2.0, help="router skew towards rank 0's experts (load study)")
     ap.add_argument("--load-rate", type=float, default=0.25, help="drop rate of the load study")
@@ -348,7 +349,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = (args.shapes or ("mixtral,qwen3_moe" if device == "cuda" else "cpu")).split(",")
-    T = args.tokens or (16384 if device == "cuda" else 8192)
+    token_counts = [int(t) for t in (args.tokens or ("16384" if device == "cuda" else "8192")).split(",")]
+    T = token_counts[0]
     rates = [float(r) for r in args.rates.split(",")]
     studies = args.study.split(",")
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
@@ -368,12 +370,14 @@ def main() -> None:
         write_results("dualsparse", rows)
         print("plot:", plot_quality(rows, out / "dualsparse_quality.png"))
     for shape in shapes:
-        if "speed" in studies:
-            rows = speed(shape, T, rates, args, device, dtype)
+        for n in token_counts if "speed" in studies else []:
+            rows = speed(shape, n, rates, args, device, dtype)
             print_table(rows, ["shape", "tokens", "target", "drop_rate", "ms", "ms_no_partition", "ratio", "ideal",
                                "experts_ms", "experts_ms_no_partition", "experts_ratio", "graph_ms",
                                "graph_ms_no_partition", "graph_ratio"])
             write_results("dualsparse", rows)
+            if device == "cuda":
+                torch.cuda.empty_cache()
         if "load" in studies:
             rows = load_study(shape, T, args.load_rate, args, device, dtype)
             print_table(rows, ["shape", "ranks", "policy", "drop_rate", "load_max_over_mean", "max_rank_work",

@@ -118,7 +118,25 @@ def test_dropping_matches_a_reference_that_zeroes_the_skipped_parts(layout):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rate", [0.0, 0.4])
+@pytest.mark.parametrize("layout", ["auto", "padded", "packed"])
+def test_zero_drop_dispatches_like_the_plain_layer(layout):
+    plain, x = moe_layer(), hidden_batches(1, seed=5)[0]
+    layer = sparsify(moe_layer(), hidden_batches(4), 0.0)
+    layer.dispatcher.layout = layout
+    with torch.no_grad():
+        want = plain.dispatcher.dispatch(x, plain.router(x)).wait()
+        reset_drop_stats(layer)
+        got = layer.dispatcher.dispatch(x, layer.router(x)).wait()
+        layer(x)
+    assert torch.equal(got.x, want.x) and torch.equal(got.counts, want.counts)  # one segment: all rows, [E]
+    assert torch.equal(got.inverse, want.inverse) and got.sent is None
+    choices = x.shape[0] * K
+    assert drop_stats(layer) == {"drop_rate": 0.0, "skipped": 0, "total": 2 * 2 * choices}  # 2 forwards, P = 2
+    counts = layer.dispatcher.last_counts  # still [P, E]: every row ran both parts
+    assert counts.shape == (2, E) and counts[0].sum() == 0 and torch.equal(counts[1], want.counts)
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.4])
 def test_packed_rows_past_the_padding_budget_give_the_same_output(rate):
     layer, x = sparsify(moe_layer(), hidden_batches(4), rate), hidden_batches(1, seed=5)[0]
     with torch.no_grad():
@@ -213,19 +231,27 @@ def test_bf16_grouped_mm_path_on_gpu():
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("load_aware", [False, True])
 @pytest.mark.parametrize("parts", [2, 3])
-def test_triton_segment_kernels_match_the_eager_path(parts, monkeypatch, triton_device):
+def test_triton_segment_kernels_match_the_eager_path(parts, load_aware, monkeypatch, triton_device):
     import moestack.inference.dropping as dropping
 
     layer, batches = grouped_layer(192, torch.float32, triton_device, 512 if triton_device == "cuda" else 96)
+    x = batches[0]
     with torch.no_grad():
         sparsify(layer, batches[1:], 0.3, parts=parts)
-        assert dropping.fused_inference(batches[0])
-        fused = layer(batches[0])[0]
+        set_drop_rate(layer, 0.3, load_aware=load_aware, expert_rank=[[e // 2 for e in range(E)]])
+        assert dropping.fused_inference(x)
+        assert layer.dispatcher.dispatch(x, layer.router(x)).wait().order is None  # planned, not sorted
+        reset_drop_stats(layer)
+        fused, fused_stats = layer(x)[0], drop_stats(layer)
+        fused_counts = layer.dispatcher.last_counts
         monkeypatch.setattr(dropping, "fused_inference", lambda *tensors: False)
-        eager = layer(batches[0])[0]
+        reset_drop_stats(layer)
+        eager = layer(x)[0]
     torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
-    assert fused.abs().sum() > 0
+    assert fused.abs().sum() > 0 and fused_stats == drop_stats(layer) and fused_stats["skipped"] > 0
+    assert torch.equal(fused_counts.long(), layer.dispatcher.last_counts)
 
 
 @pytest.mark.gpu

@@ -95,24 +95,44 @@ def test_fused_inference_combine_matches_the_autograd_path(triton_device):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("given_parts", [False, True])
 @pytest.mark.parametrize("parts", [1, 2, 4])
-def test_segment_kernels_match_a_per_choice_reference(parts, triton_device):
-    from moestack.moe.rows_triton import combine_segments, to_segments
+def test_segment_kernels_match_a_per_choice_reference(parts, given_parts, triton_device):
+    from moestack.moe.rows_triton import combine_segments, place_rows, plan_segments
 
-    T, k, D = 9, 2, 1030  # D spans two column blocks
+    T, k, D, E = 9, 2, 1030, 3  # D spans two column blocks
     R = T * k
     g = torch.Generator().manual_seed(parts)
     x = torch.randn(T, D, generator=g).to(triton_device)
-    slot = torch.randperm(parts * R, generator=g)[:R]
-    slot[[1, 6]] = parts * R  # two choices with nothing to run
-    slot = slot.to(triton_device)
-    seg = to_segments(x, slot, parts, k).view(parts * R, D)
-    y = [torch.randn(R, D, generator=g).to(triton_device) for _ in range(parts)]
     w = torch.rand(T, k, generator=g).to(triton_device)
+    ids = torch.randint(0, E, (T, k), generator=g).to(triton_device)
+    scale = torch.rand(E, parts, generator=g).sort(dim=1, descending=True).values.to(triton_device)
+    tau = 0.3
+    j = (w.unsqueeze(-1) * scale[ids] >= tau).sum(-1).flatten()  # [R] parts each choice runs
+    if given_parts:  # load-aware dropping hands in its own part counts
+        j = torch.randint(0, parts + 1, (R,), generator=g).to(triton_device)
+    assert 0 < int((j == 0).sum()) < R
+    asked, ran = torch.full((), 5, dtype=torch.int64, device=triton_device), torch.zeros((), dtype=torch.int64,
+                                                                                          device=triton_device)
+    key, counts = plan_segments(w.flatten(), ids.flatten(), scale, tau, asked, ran, j if given_parts else None)
+    want_key = torch.where(j > 0, (j - 1) * E + ids.flatten(), parts * E)
+    assert torch.equal(key.long(), want_key) and torch.equal(counts.long(), torch.bincount(want_key, minlength=parts * E + 1))
+    assert int(asked) == 5 + R * parts and int(ran) == int(j.sum())
+    seg, slot = place_rows(x, key, counts, E, parts, k)
+    seg = seg.view(parts * R, D)
+    ran_slots = slot[j > 0]
+    assert ran_slots.unique().numel() == ran_slots.numel() and (slot[j == 0] == parts * R).all()
+    per_group = counts[: parts * E].view(parts, E).long()
+    ends = torch.cumsum(per_group, 1)  # [P, E] end of each expert's rows within its segment
+    for c, s in enumerate(slot.tolist()):
+        if j[c] > 0:  # segment j - 1, inside its expert's rows of that segment, holding its token row
+            q, row, e = int(j[c]) - 1, s % R, int(ids.flatten()[c])
+            assert s // R == q and ends[q, e] - per_group[q, e] <= row < ends[q, e]
+            assert torch.equal(seg[s], x[c // k])
+    y = [torch.randn(R, D, generator=g).to(triton_device) for _ in range(parts)]
     want = torch.zeros(T, D, device=triton_device)
     for c, s in enumerate(slot.tolist()):
         if s < parts * R:
-            assert torch.equal(seg[s], x[c // k])
             want[c // k] += w[c // k, c % k] * y[s // R][s % R]
     torch.testing.assert_close(combine_segments(y, slot, w), want)
     with pytest.raises(ValueError, match="up to 4 outputs"):

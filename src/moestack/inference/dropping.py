@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moestack.moe.dispatch import Dispatched, Done, expand_rows, inverse_order, unpermute, weighted_sum
+from moestack.moe.dispatch import (Dispatched, Done, LocalDispatcher, expand_rows, inverse_order, unpermute,
+                                  weighted_sum)
 from moestack.moe.experts import fused_inference
 from moestack.moe.router import Routing, count_ids
 
@@ -144,11 +145,37 @@ class DualSparseDispatcher(nn.Module):
         # counting costs no host sync and a CUDA graph replay of the layer counts too
         self.register_buffer("_asked", torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer("_ran", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.last_counts: torch.Tensor | None = None  # [P, E] rows running j = 1..P parts, last forward
+        self._last_counts: torch.Tensor | None = None  # see `last_counts`
+        self.full = LocalDispatcher(num_experts)  # at drop rate 0: the plain layer's dispatch, exactly
+        self._tau: tuple | None = None  # (rate, table version, table address, threshold): see `threshold`
         self.padded_limit_bytes = PADDED_LIMIT_BYTES  # above it, dispatch packs rows (see `dispatch`)
         # "auto": padded segments where the Triton kernels run (they skip the padding), packed rows elsewhere
         # (eager SwiGLU and the CPU's grouped GEMM would compute the padding); "padded" / "packed" force one
         self.layout = "auto"
+
+    @property
+    def last_counts(self) -> torch.Tensor | None:
+        """[P, E] rows that ran j = 1..P parts per expert in the last forward (None after a fused one)."""
+        c = self._last_counts
+        if c is not None and c.dim() == 1:  # drop rate 0: every row ran all P parts
+            c = torch.cat([c.new_zeros(self.parts - 1, c.numel()), c.unsqueeze(0)])
+        return c
+
+    @last_counts.setter
+    def last_counts(self, counts: torch.Tensor | None) -> None:
+        self._last_counts = counts
+
+    def threshold(self) -> float | None:
+        """The uniform policy's score threshold at the current rate, as a host float: one sync when the rate
+        or the table changed, none after. A CUDA graph captured at a rate keeps that rate's threshold (a
+        kernel argument). None inside a capture that has not seen this rate (the caller uses the device)."""
+        key = (self.drop_rate, self.table._version, self.table.data_ptr())
+        if self._tau is None or self._tau[:3] != key:
+            if self.table.is_cuda and torch.cuda.is_current_stream_capturing():
+                return None
+            rate = torch.full((1,), self.drop_rate, device=self.table.device)
+            self._tau = (*key, float(threshold_at(self.table, rate)))
+        return self._tau[3]
 
     def set_ranks(self, expert_rank: list[int]) -> None:
         """The EP rank of each global expert (a placement row), for load-aware dropping."""
@@ -175,10 +202,10 @@ class DualSparseDispatcher(nn.Module):
         ids = routing.expert_ids  # [T, k]
         score = (routing.weights.unsqueeze(-1) * self.scale[ids]).flatten()  # [T*k*P]
         if not self.load_aware:  # one static threshold, calibrated to the target rate
-            # computed every forward on purpose: a threshold tensor cached across forwards is freed when the
-            # rate changes, and a CUDA graph captured at the old rate would then read freed memory
-            rate = torch.full((1,), self.drop_rate, device=score.device)  # a fill, not a host-to-device copy (a sync)
-            return score >= threshold_at(self.table, rate)
+            tau = self.threshold()
+            if tau is None:  # computed on the device (a fill, not a host-to-device copy: no sync)
+                tau = threshold_at(self.table, torch.full((1,), self.drop_rate, device=score.device))
+            return score >= tau
         rank = self.expert_rank[ids].unsqueeze(-1).expand(*ids.shape, self.parts).flatten()  # [T*k*P]
         return keep_top_per_group(score, rank, self.rank_rates(routing.counts))
 
@@ -225,36 +252,59 @@ class DualSparseDispatcher(nn.Module):
         # x: [T, D]
         T, k = routing.expert_ids.shape
         R, P = T * k, self.parts
+        if self.layout not in ("auto", "padded", "packed"):
+            raise ValueError(f"DualSparseDispatcher.layout={self.layout!r}: expected auto, padded or packed")
+        if self.drop_rate <= 0:  # nothing dropped: the plain layer's rows, one GEMM pair over the whole experts
+            d = self.full.dispatch(x, routing).wait()  # counts [E]: `PartExperts` runs all P parts
+            self._asked.add_(R * P)
+            self._ran.add_(R * P)
+            self.last_counts = d.counts
+            return Done(d)
+        grad = torch.is_grad_enabled() and (x.requires_grad or routing.weights.requires_grad)
+        padded = self.layout == "padded" or (self.layout == "auto" and fused_inference(x))
+        small = P * R * x.shape[-1] * x.element_size() <= self.padded_limit_bytes
+        if padded and small and fused_inference(x, routing.weights):  # no sort: two planning kernels
+            return Done(self._plan_segments(x, routing))
         j = self.parts_to_run(routing).flatten()  # [R]
         order, counts = sort_by_parts(j, routing.expert_ids.flatten(), self.num_experts, P)
         self.record(j)
         self.last_counts = counts
-        sent = (j > 0) if self.drop_rate > 0 else None  # choices with a row the experts compute
-        grad = torch.is_grad_enabled() and (x.requires_grad or routing.weights.requires_grad)
-        if self.layout not in ("auto", "padded", "packed"):
-            raise ValueError(f"DualSparseDispatcher.layout={self.layout!r}: expected auto, padded or packed")
-        padded = self.layout == "padded" or (self.layout == "auto" and fused_inference(x))
-        if grad or not padded or P * R * x.shape[-1] * x.element_size() > self.padded_limit_bytes:  # one host sync
+        sent = j > 0  # choices with a row the experts compute
+        if grad or not padded or not small:  # one host sync
             inverse, _ = inverse_order(order, R)
             x_sorted = expand_rows(x, order, inverse, None, k)  # [R, D], rows with nothing to run last
             return Done(Dispatched(x_sorted, counts, order, R, routing.weights, inverse=inverse, sent=sent,
                                    extra={"packed": True}))
         slot = segment_slots(j, order, counts)  # [R] row in the flattened segments, P * R if none
-        if fused_inference(x):
-            from moestack.moe.rows_triton import to_segments
-
-            x_seg = to_segments(x, slot, P, k)  # padding rows uninitialised: never read
-        else:
-            src = torch.zeros(P * R + 1, dtype=torch.long, device=x.device)
-            src = src.scatter_(0, slot, torch.arange(R, device=x.device) // k)[: P * R]
-            x_seg = x.index_select(0, src).view(P, R, x.shape[-1])  # padding rows copy token 0
+        src = torch.zeros(P * R + 1, dtype=torch.long, device=x.device)
+        src = src.scatter_(0, slot, torch.arange(R, device=x.device) // k)[: P * R]
+        x_seg = x.index_select(0, src).view(P, R, x.shape[-1])  # padding rows copy token 0
         return Done(Dispatched(x_seg, counts, order, R, routing.weights, inverse=slot, sent=sent))
+
+    def _plan_segments(self, x: torch.Tensor, routing: Routing) -> Dispatched:
+        """Padded segments through the Triton kernels (`rows_triton.plan_segments` / `place_rows`): one kernel
+        counts each choice's parts and histograms the (parts, expert) groups, one places the rows; no sort.
+        Within an expert's group the rows come in any order (each row is computed alone: same outputs)."""
+        from moestack.moe.rows_triton import place_rows, plan_segments
+
+        T, k = routing.expert_ids.shape
+        P, E = self.parts, self.num_experts
+        tau = None if self.load_aware else self.threshold()
+        j = None if tau is not None else self.parts_to_run(routing).flatten()  # load-aware, or inside a capture
+        key, hist = plan_segments(routing.weights.flatten(), routing.expert_ids.flatten(), self.scale,
+                                  0.0 if tau is None else tau, self._asked, self._ran, j)
+        x_seg, slot = place_rows(x, key, hist, E, P, k)  # [P, R, D], [R]
+        counts = hist[: P * E].view(P, E)
+        self.last_counts = counts
+        return Dispatched(x_seg, counts, None, T * k, routing.weights, inverse=slot)
 
     def combine(self, y: list[torch.Tensor], d: Dispatched):
         """Each token's sum of its expert outputs (kept parts only) times the gate values: [T, D]."""
+        if d.counts.dim() == 1:  # drop rate 0: the plain layer's combine
+            return self.full.combine(y, d)
         if d.extra.get("packed"):  # y: [M, D], the first M rows of the dispatch order (the choices with work)
             return Done(unpermute(y, d.order, d.weights, d.num_choices, d.inverse, d.sent))
-        # y: P outputs [R, D], one per segment; choice c's row is y[slot // R][slot % R]
+        # y: P outputs [R, D], one per segment; choice c's row is y[slot // R][slot % R], slot P * R: none
         R = d.num_choices
         if fused_inference(y[0], *y[1:], d.weights) and len(y) <= 4:
             from moestack.moe.rows_triton import combine_segments
@@ -264,7 +314,7 @@ class DualSparseDispatcher(nn.Module):
         per_choice = y[0].index_select(0, pos)
         for p in range(1, len(y)):  # where, not a multiply: the rows not selected may hold anything
             per_choice = torch.where((seg == p).unsqueeze(-1), y[p].index_select(0, pos), per_choice)
-        return Done(weighted_sum(per_choice, d.weights, d.sent))
+        return Done(weighted_sum(per_choice, d.weights, seg < len(y)))
 
     def achieved_rate(self) -> float:
         """Fraction of sub-expert computations skipped since the last reset."""

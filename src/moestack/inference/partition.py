@@ -75,7 +75,10 @@ class PartExperts(GroupedExperts):
     w13 [E, D, 2F] is in `to_parts` order and w2 [E, F, D] holds the parts' rows in order, so the first j
     parts of every expert are the first 2jf columns of w13 and the first jf rows of w2: one grouped GEMM
     pair per j runs exactly the kept neurons of the rows that need j parts, and each row is gathered once.
-    Two input layouts, counts [P, E] rows per (j - 1, expert) in both:
+    Three input layouts:
+    - full, x [N, D] grouped by expert with counts [E] (drop rate 0): every row runs all P parts, one
+      grouped GEMM pair over the whole experts, as `GroupedExperts` runs them. The other two take counts
+      [P, E] rows per (j - 1, expert):
     - segments, x [P, R, D] (single process): x[j - 1] holds the rows running j parts, grouped by expert,
       then padding. The GEMMs read the valid row counts from the device (their offsets), so there is no
       host sync; returns P outputs [R, D] whose rows past each segment's count are undefined.
@@ -89,6 +92,8 @@ class PartExperts(GroupedExperts):
         self.parts = parts
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor):
+        if counts.dim() == 1:
+            return self._run(self.parts, x, counts)
         if x.dim() == 3:
             return self.forward_segments(x, counts)
         sizes = counts.sum(dim=1).tolist()  # the layer's one host sync
@@ -115,7 +120,7 @@ class PartExperts(GroupedExperts):
         f = self.d_ff // self.parts
         w13, w2 = self.w13[:, :, : 2 * j * f].to(x.dtype), self.w2[:, : j * f].to(x.dtype)
         if self.use_grouped_mm(x):
-            offsets = torch.cumsum(counts, 0).to(torch.int32)
+            offsets = torch.cumsum(counts, 0, dtype=torch.int32)
             act = swiglu(grouped_mm(x, w13, offsets), parts=j, rows=offsets[-1:])  # [n, jf]
             return grouped_mm(act, w2, offsets)
         sizes = counts.tolist()

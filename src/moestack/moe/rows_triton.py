@@ -1,11 +1,15 @@
 """Token rows into expert-ordered slots and weighted outputs back home, as Triton kernels (CUDA inference).
 
 DualSparse (inference/dropping.py) uses both with P padded segments; the plain local dispatcher uses the
-combine with one (P = 1). Callers pick them through `experts.fused_inference`.
+combine with one (P = 1). Callers pick them through `experts.fused_inference`. DualSparse also plans its
+segments here without a sort: `plan_segments` counts the parts each choice runs and histograms the
+(parts, expert) groups in one kernel, and `place_rows` gives each choice its slot (a counting sort by
+atomics: within a group rows land in any order, which changes no output, since every row is computed
+alone) while it copies the token row there.
 
 Eager PyTorch fills the P segments with one gather over all P * R rows (padding included) and brings the
 outputs home with P gathers of R rows, a select per segment and a weighted sum: several passes over
-[R, D] tensors. These kernels touch only the rows that exist: `to_segments` copies each choice's token
+[R, D] tensors. These kernels touch only the rows that exist: `place_rows` copies each choice's token
 row to its slot once, and `combine_segments` reads each choice's output row once from its segment and
 writes each token's weighted sum once (fp32 accumulation).
 Notation: T = tokens, k = choices per token, R = T * k, P = parts (segments, at most 4 here), D = hidden.
@@ -19,17 +23,6 @@ import triton.language as tl
 
 BLOCK = 1024
 MAX_SEGMENTS = 4
-
-
-@triton.jit
-def _to_segments(x_ptr, slot_ptr, out_ptr, stride_x, stride_o, D, limit, K: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0).to(tl.int64)  # one choice
-    s = tl.load(slot_ptr + c)
-    if s < limit:  # choices with nothing to run have slot == limit
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        m = cols < D
-        v = tl.load(x_ptr + (c // K) * stride_x + cols, mask=m)
-        tl.store(out_ptr + s * stride_o + cols, v, mask=m)
 
 
 @triton.jit
@@ -54,15 +47,78 @@ def _combine(y0, y1, y2, y3, slot_ptr, w_ptr, out_ptr, stride_y, stride_o, R, D,
     tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def to_segments(x: torch.Tensor, slot: torch.Tensor, parts: int, k: int) -> torch.Tensor:
-    """Padded segments [P, R, D]: row slot[c] holds x[c // k]; other rows are left uninitialised."""
+@triton.jit
+def _plan(w_ptr, ids_ptr, scale_ptr, j_ptr, key_ptr, hist_ptr, ran_ptr, asked_ptr, R, tau, E,
+          P: tl.constexpr, HAS_J: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < R
+    e = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int32)
+    if HAS_J:  # parts to run given (load-aware dropping)
+        j = tl.load(j_ptr + offs, mask=m, other=0).to(tl.int32)
+    else:  # uniform: j = how many of the choice's P scores (weight x scale[e, p], fp32) pass the threshold
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        j = tl.zeros([BLOCK], dtype=tl.int32)
+        for p in tl.static_range(P):
+            s = tl.load(scale_ptr + e * P + p, mask=m, other=0.0)
+            j += (w * s >= tau).to(tl.int32)
+    key = tl.where(j > 0, (j - 1) * E + e, P * E)  # group (j - 1, e); P * E: nothing to run
+    tl.store(key_ptr + offs, key, mask=m)
+    tl.atomic_add(hist_ptr + key, 1, mask=m)
+    tl.atomic_add(ran_ptr, tl.sum(tl.where(m, j, 0), axis=0).to(tl.int64))
+    if tl.program_id(0) == 0:
+        tl.atomic_add(asked_ptr, tl.cast(R, tl.int64) * P)
+
+
+@triton.jit
+def _place(x_ptr, key_ptr, hist_ptr, ends_ptr, cursor_ptr, slot_ptr, out_ptr, stride_x, stride_o, R, D, E,
+           K: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)  # one choice
+    q = tl.load(key_ptr + c)
+    if q < P * E:
+        s = q // E  # its segment: j - 1
+        first = tl.load(ends_ptr + s * E - 1, mask=s > 0, other=0)  # rows of the segments before s
+        rank = tl.atomic_add(cursor_ptr + q, 1)  # its place among its group's rows
+        slot = s * R + (tl.load(ends_ptr + q) - tl.load(hist_ptr + q) - first) + rank
+        tl.store(slot_ptr + c, slot)
+        for c0 in range(0, D, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            v = tl.load(x_ptr + (c // K) * stride_x + cols, mask=cols < D)
+            tl.store(out_ptr + slot.to(tl.int64) * stride_o + cols, v, mask=cols < D)
+    else:
+        tl.store(slot_ptr + c, P * R)
+
+
+def plan_segments(weights: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor, tau: float,
+                  asked: torch.Tensor, ran: torch.Tensor, parts_run: torch.Tensor | None = None):
+    """(key [R] int32, counts [P * E + 1] int32) for choices with expert ids and weights [R]: key = (j - 1) * E
+    + e for a choice running j of its expert's parts (j = its scores weight x scale[e, p] >= tau, or
+    parts_run), P * E for none; counts: rows per key. Adds R * P to `asked` and the parts run to `ran`."""
+    R = ids.numel()
+    E, P = scale.shape
+    key = torch.empty(R, dtype=torch.int32, device=ids.device)
+    counts = torch.zeros(P * E + 1, dtype=torch.int32, device=ids.device)
+    if R:
+        j = parts_run if parts_run is not None else key
+        _plan[(triton.cdiv(R, BLOCK),)](weights.contiguous(), ids.contiguous(), scale.float().contiguous(),
+                                        j.contiguous(), key, counts, ran, asked, R, float(tau), E, P=P,
+                                        HAS_J=parts_run is not None, BLOCK=BLOCK)
+    return key, counts
+
+
+def place_rows(x: torch.Tensor, key: torch.Tensor, counts: torch.Tensor, num_experts: int, parts: int, k: int):
+    """(padded segments [P, R, D], slot [R]) from `plan_segments`: segment j - 1 holds the rows running j
+    parts grouped by expert (in any order within an expert), then padding (uninitialised, never read);
+    slot[c] = (j - 1) * R + row, or P * R for a choice with nothing to run. No host sync."""
     x = x.contiguous()
-    R, D = slot.numel(), x.shape[1]
+    R, D = key.numel(), x.shape[1]
     out = x.new_empty(parts * R, D)
-    if R and D:
-        _to_segments[(R, triton.cdiv(D, BLOCK))](x, slot.contiguous(), out, x.stride(0), out.stride(0), D,
-                                                 parts * R, K=k, BLOCK=BLOCK)
-    return out.view(parts, R, D)
+    slot = torch.empty(R, dtype=torch.int64, device=x.device)
+    if R:
+        ends = torch.cumsum(counts, 0, dtype=torch.int32)  # [P * E + 1] inclusive
+        cursor = torch.zeros_like(counts)
+        _place[(R,)](x, key, counts, ends, cursor, slot, out, x.stride(0), out.stride(0), R, D, num_experts,
+                     K=k, P=parts, BLOCK=BLOCK)
+    return out.view(parts, R, D), slot
 
 
 def combine_segments(y: list[torch.Tensor], slot: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
