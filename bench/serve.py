@@ -229,6 +229,7 @@ def profile_hf(hf, prompts, path: Path) -> None:
 def free(llm: LLM) -> None:
     """Give the engine's KV cache and graphs back before the next engine is built."""
     llm.runner.graphs.clear()
+    llm.runner.prefill_graphs.clear()
     llm.runner.kv.clear()
     gc.collect()
     if torch.cuda.is_available():
@@ -248,7 +249,8 @@ def engine_for(hf, args, device, dtype, batch: int, drop_rate=None) -> LLM:
                            hf.config.model_type, calib)
     blocks = args.num_blocks or batch * -(-(2 * args.prompt_len + 2 * args.new_tokens) // 16) + 64
     return LLM(served, max_num_seqs=batch, max_num_batched_tokens=args.max_batched_tokens,
-               cuda_graphs=not args.no_graphs, drop_rate=drop_rate, num_blocks=blocks, fused_rows=args.fused_rows)
+               cuda_graphs=not args.no_graphs, drop_rate=drop_rate, num_blocks=blocks, fused_rows=args.fused_rows,
+               prefill_graph_tokens=args.prefill_graph_tokens)
 
 
 def timed_engine(llm: LLM, prompts, max_tokens) -> dict:
@@ -274,6 +276,8 @@ def main() -> None:
     ap.add_argument("--max-batched-tokens", type=int, default=8192, help="the engine's token budget per step")
     ap.add_argument("--fused-rows", type=int, default=1024, help="token-choices up to which the fused MoE kernels run")
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--prefill-graph-tokens", type=int, default=None,
+                    help="steps that are not all decodes replay CUDA graphs up to this many tokens (default: all; 0: eager)")
     ap.add_argument("--profile", action="store_true", help="also write a torch.profiler kernel table per model and batch")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     ap.add_argument("--quick", action="store_true", help="tiny model, small batches: a CPU smoke run")

@@ -1,6 +1,7 @@
-"""The engine's GPU fast paths against the references, on the GPU: CUDA-graph decode with the Triton paged
-attention and the fused MoE kernels gives Hugging Face `generate`'s greedy tokens (fp32), and bf16 decode
-through graphs gives the eager engine's logits."""
+"""The engine's GPU fast paths against the references, on the GPU: CUDA-graph decode and prefill steps with the
+Triton paged attention kernels and the fused MoE kernels give Hugging Face `generate`'s greedy tokens (fp32),
+also with chunked prefill, prefix-cache hits and preemption, and bf16 steps through graphs pick the dense
+forward's greedy tokens."""
 
 import pytest
 import torch
@@ -32,7 +33,25 @@ def test_graph_decode_matches_hf_generate(family):
         ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=12, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(p):].tolist()
         assert o.token_ids == ref, (family, p)
-    assert llm.stats.graph_steps > 0
+    assert llm.runner.prefill_graphs and llm.stats.graph_steps == llm.stats.steps  # prompts too
+    llm.check_blocks()
+
+
+def test_graph_prefill_chunks_prefix_hits_and_preemption_match_hf_generate():
+    """Chunked prompts (max_num_batched_tokens 12), shared prefixes and a KV cache too small for all of them:
+    every step replays a graph (steps of up to 12 tokens), and the tokens are HF greedy's."""
+    s, hf = served("mixtral")
+    hf = hf.cuda()
+    shared = list(range(3, 19))
+    prompts = [shared + [20, 21], [9, 8, 7, 6, 5, 4, 3], shared + [30], [11] * 25, list(range(30, 60))]
+    llm = LLM(s, device="cuda", num_blocks=14, block_size=4, max_num_seqs=4, max_num_batched_tokens=12)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(p):].tolist()
+        assert o.token_ids == ref, p
+    assert sorted(llm.runner.prefill_graphs) == [12] and llm.stats.graph_steps == llm.stats.steps
+    assert llm.stats.cached_tokens > 0 and llm.scheduler.num_preemptions > 0
     llm.check_blocks()
 
 
@@ -63,7 +82,7 @@ def test_graph_decode_bf16_is_greedy_under_the_dense_forward():
     s, _ = served("qwen3_moe", torch.bfloat16)
     llm = LLM(s, device="cuda", num_blocks=64, block_size=4, max_num_seqs=4)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
-    assert llm.stats.graph_steps > 0
+    assert llm.stats.graph_steps == llm.stats.steps
     with torch.inference_mode():
         for p, o in zip(PROMPTS, outs):
             seq = torch.tensor([p + o.token_ids], device="cuda")

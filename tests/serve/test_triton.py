@@ -1,4 +1,4 @@
-"""The serving kernels against their eager references: Triton paged decode attention vs attend_ref,
+"""The serving kernels against their eager references: Triton paged decode and prefill attention vs SDPA,
 fused MoE (gather prologue, weighted epilogue, DualSparse parts) vs a loop, and the engine with both on
 (on a GPU compiled, on the CPU under Triton's interpreter)."""
 
@@ -29,6 +29,73 @@ def test_paged_decode_matches_sdpa(triton_device, page, H, Hkv, hd):
         k, v = kc[rows].transpose(0, 1), vc[rows].transpose(0, 1)  # [Hkv, L, hd]
         ref = F.scaled_dot_product_attention(q[b].unsqueeze(1), k, v, enable_gqa=True).squeeze(1)
         assert torch.allclose(out[b], ref, atol=1e-5), b
+
+
+@pytest.mark.parametrize("page, H, Hkv, hd", [(4, 4, 2, 8), (16, 4, 4, 16), (3, 6, 2, 8)])
+def test_paged_prefill_matches_sdpa(triton_device, page, H, Hkv, hd):
+    """Fresh prompts, a chunk after cached keys, a decode row and a sequence with no new tokens in one step,
+    plus padding rows that belong to no sequence (they come out zero)."""
+    attn = importlib.import_module("moestack.serve.attention_triton")
+    from moestack.serve.attention import prefill_block_q, query_blocks
+
+    g = torch.Generator().manual_seed(0)
+    NB, dev = 40, triton_device
+    # block NB holds NaNs and fills each table past its sequence's blocks: a key read past a sequence's end shows
+    kc, vc = (torch.cat([torch.randn(NB, page, Hkv, hd, generator=g), torch.full((1, page, Hkv, hd), float("nan"))])
+              for _ in range(2))
+    seqs = [(5, 5), (9, 3), (1, 1), (20, 20), (7, 0), (30, 1)]  # (keys in the cache, new tokens)
+    tables = torch.stack([torch.randperm(NB, generator=g)[:11] for _ in seqs]).to(torch.int32)
+    for b, (c, _) in enumerate(seqs):
+        tables[b, -(-c // page):] = NB
+    qlen = torch.tensor([n for _, n in seqs])
+    T = int(qlen.sum()) + 3
+    q = torch.randn(T, H, hd, generator=g)
+    q_start = torch.cat([torch.zeros(1, dtype=torch.long), qlen.cumsum(0)]).to(torch.int32)
+    ctx = torch.tensor([c for c, _ in seqs], dtype=torch.int32)
+    bq = prefill_block_q(H, Hkv)
+    blocks = query_blocks(q_start.to(dev), bq, -(-T // bq) + len(seqs))
+    out = attn.paged_prefill(q.to(dev), kc.to(dev), vc.to(dev), tables.to(dev), q_start.to(dev), ctx.to(dev),
+                             blocks, bq).cpu()
+    for b, (c, n) in enumerate(seqs):
+        pos = torch.arange(c)
+        k, v = (t[tables[b, pos // page].long(), pos % page].transpose(0, 1) for t in (kc, vc))  # [Hkv, c, hd]
+        rows = slice(int(q_start[b]), int(q_start[b + 1]))
+        mask = pos[None, :] <= torch.arange(c - n, c)[:, None]
+        ref = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k, v, attn_mask=mask, enable_gqa=True)
+        assert torch.allclose(out[rows], ref.transpose(0, 1), atol=1e-5), b
+    assert (out[int(qlen.sum()):] == 0).all()
+
+
+def test_engine_through_the_prefill_kernel_equals_the_reference_engine(triton_device, tmp_path):
+    """Every step that is not all decodes through the Triton prefill kernel (on the CPU forced on; on CUDA the
+    default): chunked prefill, prefix-cache hits and preemption give the reference engine's tokens."""
+    from moestack.serve import LLM, SamplingParams
+
+    importlib.import_module("moestack.serve.attention_triton")
+    hf_folder(tmp_path, "mixtral")
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    shared = list(range(3, 15))
+    prompts = [shared + [20, 21], [9, 8, 7, 6, 5, 4, 3], shared + [30], [11] * 13]
+    kw = dict(device=triton_device, dtype="float32", block_size=4, num_blocks=9, max_num_batched_tokens=10,
+              cuda_graphs=False)
+    ref = LLM(str(tmp_path), **kw)
+    ref.runner.paged_prefill = False
+    want = ref.generate(prompts, params, use_tqdm=False)
+    llm = LLM(str(tmp_path), **kw)
+    llm.runner.paged_prefill = True
+    calls = []
+    real = llm.runner.prepare
+
+    def spy(batch, ahead=0):
+        out = real(batch, ahead)
+        calls.append(out[2].prefill)
+        return out
+
+    llm.runner.prepare = spy
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert any(calls) and llm.stats.cached_tokens > 0 and llm.scheduler.num_preemptions > 0
+    llm.check_blocks()
 
 
 @pytest.mark.parametrize("T, E, k, parts, drop", [(5, 8, 2, 1, False), (40, 8, 2, 2, True), (3, 16, 4, 2, False)])

@@ -9,6 +9,8 @@ Two paths read the same cache:
   back from the cache. Padding sits after each sequence's tokens, so the causal mask hides it.
 - `attend_decode` (one new token per sequence; CUDA graphs): `attention_triton.paged_decode` reads the
   blocks in place through the block table, never materialising a copy; lengths come from the device.
+- `attend_prefill` (any step, on the GPU; CUDA graphs): `attention_triton.paged_prefill`, causal by position
+  over the blocks in place; where each sequence's new tokens are and how long it is come from the device.
 The cache of one layer is k, v: [num_blocks + 1, block_size, Hkv, hd]; the last block is a scratch block
 that padding rows of a captured batch write into and read from.
 Notation: T = new tokens in the step, B = sequences, H / Hkv = query / key-value heads, hd = head size.
@@ -39,10 +41,17 @@ class AttnMeta:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
     context_lens: torch.Tensor | None = None  # [B] int32 keys per sequence, the new one included
     valid: torch.Tensor | None = None  # [T] 1 for real tokens, 0 for padding rows of a captured batch
+    # prefill kernel (block_tables and context_lens as above)
+    q_start: torch.Tensor | None = None  # [B + 1] int32: sequence b's new tokens are rows q_start[b]:q_start[b + 1]
+    q_blocks: tuple | None = None  # query_blocks(q_start, prefill_block_q(H, Hkv), ...): the kernel's programs
 
     @property
     def decode(self) -> bool:
-        return self.block_tables is not None
+        return self.block_tables is not None and self.q_start is None
+
+    @property
+    def prefill(self) -> bool:
+        return self.q_start is not None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
@@ -100,10 +109,48 @@ def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return paged_decode(q, k_cache, v_cache, tables, lens)
 
 
+def prefill_block_q(n_heads: int, n_kv_heads: int) -> int:
+    """Query tokens per program of the prefill kernel: its rows are tokens x the G = H / Hkv heads of one KV head
+    (G padded to a power of two), 64 rows in all where G <= 64."""
+    group = 1 << max(0, (n_heads // n_kv_heads - 1).bit_length())
+    return max(1, 64 // group)
+
+
+def query_blocks(q_start: torch.Tensor, block_q: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefill kernel's programs: (sequence [num_blocks] int32, -1 for none; its first token [num_blocks]).
+
+    q_start [B + 1] int32: sequence b's new tokens are rows q_start[b]:q_start[b + 1] of the step (sequences
+    without new tokens get no program). num_blocks >= ceil(T / block_q) + B covers any split. Device ops only,
+    so a CUDA graph captured once maps every batch."""
+    qlen = (q_start[1:] - q_start[:-1]).long()
+    per_seq = (qlen + block_q - 1) // block_q  # [B]
+    ends = torch.cumsum(per_seq, 0)
+    m = torch.arange(num_blocks, device=q_start.device)
+    b = torch.searchsorted(ends, m, right=True)  # [num_blocks]
+    bc = b.clamp(max=qlen.numel() - 1)
+    first = q_start[bc].long() + (m - (ends[bc] - per_seq[bc])) * block_q
+    return torch.where(b < qlen.numel(), bc, -1).to(torch.int32), first.to(torch.int32)
+
+
+def attend_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, H, hd] (the step's new tokens, any number per sequence) -> [T, H, hd] through the Triton paged prefill
+    kernel; rows of q in no sequence (padding of a captured step) give zeros."""
+    from moestack.serve.attention_triton import paged_prefill
+
+    if rows is not None:
+        raise ValueError("the paged prefill kernel attends every new token of the step; the token-follows-expert "
+                         "flow builds reference metadata (AttnMeta without q_start)")
+    return paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.q_start, meta.context_lens, meta.q_blocks,
+                         prefill_block_q(q.shape[1], k_cache.shape[2]))
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv, meta: AttnMeta,
            rows: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of the queries q over the cache kv (k_cache, v_cache) that already holds the step's keys k and
-    values v: the decode kernel, the fresh-prompt path or the reference, as `meta` says."""
+    values v: the decode or prefill kernel, the fresh-prompt path or the reference, as `meta` says."""
+    if meta.prefill:
+        return attend_prefill(q, *kv, meta, rows)
     if meta.decode:
         return attend_decode(q, *kv, meta, rows)
     if meta.fresh:

@@ -1,9 +1,16 @@
-"""Paged decode attention as one Triton kernel: each program is one (sequence, KV head) pair.
+"""Paged attention as Triton kernels: decode (one new token per sequence) and prefill (any new tokens).
+
+`paged_decode`: each program is one (sequence, KV head) pair.
 
 The program loads its G = H / Hkv query heads once, walks the sequence's keys BLOCK_N positions at a time
 through the block table (any block size: each of the BLOCK_N positions looks up its own block), and keeps an online
 softmax (running max and sum) in fp32, as FlashAttention does; the key count comes from the device, so a
 CUDA graph captured once serves every context length. Eager reference: `attention.attend_ref`.
+`paged_prefill`: each program is one (block of a sequence's new tokens, KV head) pair, its rows the block's
+tokens times the KV head's G query heads; it walks the sequence's keys up to the block's last position,
+causal by position, so fresh prompts, chunked prefills, prefix-cached prompts and decodes mixed into the
+same step all take it. The step's new keys are in the cache already (`attention.write_kv` runs first), and
+which program takes which tokens (`attention.query_blocks`) comes from the device: CUDA graphs capture a whole step.
 """
 
 from __future__ import annotations
@@ -68,4 +75,77 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                             block_tables.stride(0), out.stride(0), out.stride(1),
                             G=G, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)),
                             BLOCK_D=max(16, triton.next_power_of_2(hd)), BLOCK_N=64, PAGE=page, PREC=precision(q))
+    return out
+
+
+@triton.jit
+def _paged_prefill(q_ptr, k_ptr, v_ptr, bt_ptr, qstart_ptr, ctx_ptr, bseq_ptr, bfirst_ptr, out_ptr, scale,
+                   stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
+                   G: tl.constexpr, HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
+    b = tl.load(bseq_ptr + tl.program_id(0)).to(tl.int64)
+    if b >= 0:
+        kvh = tl.program_id(1).to(tl.int64)
+        first = tl.load(bfirst_ptr + tl.program_id(0)).to(tl.int64)
+        q_end = tl.load(qstart_ptr + b + 1).to(tl.int64)
+        n_keys = tl.load(ctx_ptr + b).to(tl.int64)
+        r = tl.arange(0, BLOCK_Q * BLOCK_G)  # row r: query token first + r // BLOCK_G, head kvh * G + r % BLOCK_G
+        t = first + r // BLOCK_G
+        g = r % BLOCK_G
+        rm = (t < q_end) & (g < G)
+        qpos = tl.where(rm, n_keys - (q_end - t), 0)  # the query's position in its sequence; rows not used see key 0
+        d = tl.arange(0, BLOCK_D)
+        dm = d < HD
+        heads = kvh * G + g
+        q = tl.load(q_ptr + t[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                    mask=rm[:, None] & dm[None, :], other=0.0)  # [BLOCK_Q * BLOCK_G, BLOCK_D]
+        m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], dtype=tl.float32)
+        last = n_keys - 1 - (q_end - tl.minimum(first + BLOCK_Q, q_end))  # the block's last query position
+        for start in range(0, last + 1, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            pm = pos <= last
+            page = tl.load(bt_ptr + b * stride_bt + pos // PAGE, mask=pm, other=0).to(tl.int64)
+            rows = page * stride_kb + (pos % PAGE) * stride_ks + kvh * stride_kh  # [BLOCK_N]
+            k = tl.load(k_ptr + rows[:, None] + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
+            s = tl.where(pos[None, :] <= qpos[:, None], s, float("-inf"))  # causal by position
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + rows[:, None] + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + t[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=rm[:, None] & dm[None, :])
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  q_start: torch.Tensor, context_lens: torch.Tensor, blocks: tuple[torch.Tensor, torch.Tensor],
+                  block_q: int) -> torch.Tensor:
+    """Causal attention of a step's new tokens over the paged cache, which already holds their keys and values.
+
+    q [T, H, hd]: sequence b's queries are rows q_start[b]:q_start[b + 1], its last keys: its positions run up
+    to context_lens[b] - 1; block_tables [B, max_blocks]; blocks = `attention.query_blocks(q_start, block_q, ...)`
+    with block_q = `attention.prefill_block_q(H, Hkv)`. Rows of q in no sequence (padding of a captured step)
+    give zeros. -> [T, H, hd]
+    """
+    T, H, hd = q.shape
+    _, page, Hkv, _ = k_cache.shape
+    if k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("paged_prefill needs contiguous head rows and one layout for keys and values")
+    q = q.contiguous().to(k_cache.dtype)
+    out = torch.zeros_like(q)
+    G = H // Hkv
+    block_g = triton.next_power_of_2(G)
+    seq, first = blocks
+    _paged_prefill[(seq.numel(), Hkv)](q, k_cache, v_cache, block_tables, q_start, context_lens, seq, first, out,
+                                       hd ** -0.5, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+                                       k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
+                                       G=G, HD=hd, BLOCK_Q=block_q, BLOCK_G=block_g,
+                                       BLOCK_D=max(16, triton.next_power_of_2(hd)), BLOCK_N=64 if q.is_cuda else 16,
+                                       PAGE=page, PREC=precision(q))
     return out

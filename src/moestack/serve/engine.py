@@ -38,7 +38,7 @@ class EngineStats:
 
     steps: int = 0
     decode_steps: int = 0
-    graph_steps: int = 0
+    graph_steps: int = 0  # steps replayed as CUDA graphs (decodes, prompts, prefill chunks)
     prompt_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     generated_tokens: int = 0
@@ -57,7 +57,8 @@ class LLM:
                  gpu_memory_utilization: float = 0.85, prefix_caching: bool = True, cuda_graphs: bool = True,
                  max_model_len: int | None = None, drop_rate: float | None = None, parts: int = 2,
                  calib_batches: int = 8, fused_rows: int = 1024, compile: bool = True, pipeline: bool | None = None,
-                 tokenizer=None, realb=None, parallel=None, placement=None, ep_flow: str = "home"):
+                 tokenizer=None, realb=None, parallel=None, placement=None, ep_flow: str = "home",
+                 prefill_graph_tokens: int | None = None):
         dev = _device(device)
         from moestack.serve.ep import FLOWS
 
@@ -115,9 +116,18 @@ class LLM:
             num_blocks = min_over_ranks(num_blocks, self.ep)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
+        # steps of up to prefill_graph_tokens tokens (default: max_num_batched_tokens, i.e. all) that are not all
+        # decodes replay CUDA graphs too; 0: they run eagerly. Not with ReaLB (its decisions read the loads on
+        # the host) or capacity dropping (it counts the drops on the host). The graphs' memory is about what the
+        # largest step needs eagerly.
+        capacity = any(getattr(layer.dispatcher, "capacity_factor", 0) > 0 for layer in self.model.moe_layers())
+        if prefill_graph_tokens is None:
+            prefill_graph_tokens = max_num_batched_tokens
+        if self.realb is not None or capacity:
+            prefill_graph_tokens = 0
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                                   max_model_len=self.max_model_len, cuda_graphs=cuda_graphs, fused_rows=fused_rows,
-                                  compile=compile)
+                                  compile=compile, prefill_graph_tokens=min(prefill_graph_tokens, max_num_batched_tokens))
         self.eos = set(spec.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self.generators: dict[str, torch.Generator] = {}
@@ -302,7 +312,7 @@ class LLM:
         st.max_batch = max(st.max_batch, len(batch))
         if all(n == 1 for _, n in batch):
             st.decode_steps += 1
-            st.graph_steps += bool(self.runner.graphs)
+        st.graph_steps += launched.graphed
         logprobs = launched.token_logprobs()
         row = -1
         outputs = []

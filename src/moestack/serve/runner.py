@@ -1,20 +1,26 @@
 """ModelRunner: owns the KV cache, turns a scheduled batch into model inputs, runs the step, samples.
 
-Steps that hold a prefill chunk run eagerly through the reference attention (`attention.attend_ref`).
-Steps of decodes only run, on CUDA, as CUDA graphs captured once per batch size of a ladder (1, 2, 4, 8,
-16, 24, 32, ...): the batch is padded to the next captured size, padding rows write to and read from the
-scratch block, and everything in the step (Triton paged attention, routing, the fused small-batch MoE
-kernels, LM head) replays without a host sync. The one sync per step is reading the sampled tokens.
+On CUDA every step runs as a CUDA graph where one was captured, so the host launches one graph instead of
+the step's hundreds of kernels (a 1k-token prefill of 4 MoE layers took 16 ms of host time for 7 ms of GPU
+work eagerly: bench/results/serve_prefill_profile_h200, 2026-12-03):
+- steps of decodes only: one graph per batch size of a ladder (1, 2, 4, 8, 16, 24, 32, ...);
+- other steps (prompts, prefill chunks, decodes mixed in): one graph per token count of a ladder (16 ... 512,
+  every 256 to 2048, then every 512 up to `prefill_graph_tokens`), through the Triton paged prefill kernel.
+The batch is padded to the next captured size; padding rows write to and read from the scratch block, and
+everything in the step (Triton paged attention, routing, the MoE kernels) replays without a host sync. The one
+sync per step is reading the sampled tokens. Larger steps run eagerly; on the CPU every step is eager through
+the reference attention (`attention.attend_ref`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
 
 from moestack.moe.experts import triton_runs
-from moestack.serve.attention import AttnMeta
+from moestack.serve.attention import AttnMeta, prefill_block_q, query_blocks
 from moestack.serve.model import ServeModel, compile_elementwise
 from moestack.serve.params import SamplingParams, TokenLogprob
 from moestack.serve.sampling import Logprobs, sample
@@ -35,7 +41,8 @@ class ModelRunner:
     """Runs one engine step of a ServeModel over its paged KV cache."""
 
     def __init__(self, model: ServeModel, *, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, cuda_graphs: bool, fused_rows: int, compile: bool = True):
+                 max_model_len: int, cuda_graphs: bool, fused_rows: int, compile: bool = True,
+                 prefill_graph_tokens: int = 0):
         self.model = model
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype
@@ -51,13 +58,21 @@ class ModelRunner:
             layer.router.aux_loss_coef = layer.router.z_loss_coef = 0.0  # no training losses while serving
         probe = torch.empty(0, device=self.device)
         self.triton_decode = triton_runs(probe) and self.device.type == "cuda"
-        self.graphs: dict[int, tuple] = {}
+        # every other step through the Triton prefill kernel, except under the token-follows-expert flow (its
+        # ranks attend a share of the step's queries: the reference path)
+        self.paged_prefill = self.triton_decode and model.flow is None
+        self.block_q = prefill_block_q(spec.n_heads, spec.n_kv_heads)
+        self.graphs: dict[int, tuple] = {}  # decode steps: batch size -> (graph, logits, loads)
+        self.prefill_graphs: dict[int, tuple] = {}  # other steps: token count -> (graph, hidden, loads)
+        self._pool = None
         self.last_loads: torch.Tensor | None = None
         if compile and self.device.type == "cuda":
             compile_elementwise()
             for layer in model.moe_layers():  # routers: softmax, top-k and renormalisation fused
                 layer.router.compile(dynamic=True)
         if cuda_graphs and self.device.type == "cuda":
+            if prefill_graph_tokens and self.paged_prefill:
+                self.capture_prefill(prefill_graph_tokens, max_num_seqs)
             self.capture(max_num_seqs)
 
     @staticmethod
@@ -70,45 +85,59 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, start + n)]
 
-    def prepare(self, batch: list[tuple[Sequence, int]], ahead: int = 0):
-        """(tokens [T], positions [T], AttnMeta, rows [N] of the tokens whose logits are sampled). ahead = 1: a
-        decode step one position past num_computed (its tokens come from the device; see `launch`)."""
-        tokens, positions, slots, q_seq, q_row, last = [], [], [], [], [], []
-        ctx, qlen = [], []
-        for b, (seq, n) in enumerate(batch):
+    def host_inputs(self, batch: list[tuple[Sequence, int]], ahead: int = 0) -> dict:
+        """The step's inputs as host lists: tokens, positions and slots [T], new tokens (qlen) and keys (ctx) per
+        sequence [B], and the rows [N] of the tokens whose logits are sampled."""
+        tokens, positions, slots, qlen, ctx, last = [], [], [], [], [], []
+        for seq, n in batch:
             start = seq.num_computed + ahead
             tokens += seq.token_ids[start:start + n] if not ahead else [0]
             positions += range(start, start + n)
             slots += self._slots(seq, start, n)
-            q_seq += [b] * n
-            q_row += range(n)
             ctx.append(start + n)
             qlen.append(n)
             if start + n >= len(seq):
                 last.append(len(tokens) - 1)
+        return dict(tokens=tokens, positions=positions, slots=slots, qlen=qlen, ctx=ctx, last=last)
+
+    def _tables(self, batch: list[tuple[Sequence, int]], width: int) -> torch.Tensor:
+        """Block tables [B, width] int64 on the host, the scratch block past each sequence's blocks."""
+        tables = torch.full((len(batch), width), self.scratch, dtype=torch.long)
+        for b, (seq, _) in enumerate(batch):
+            tables[b, :len(seq.block_table)] = torch.tensor(seq.block_table[:width])
+        return tables
+
+    def prepare(self, batch: list[tuple[Sequence, int]], ahead: int = 0):
+        """(tokens [T], positions [T], AttnMeta, rows [N] of the tokens whose logits are sampled). ahead = 1: a
+        decode step one position past num_computed (its tokens come from the device; see `launch`)."""
+        inp = self.host_inputs(batch, ahead)
+        qlen, ctx = inp["qlen"], inp["ctx"]
         dev = self.device
         as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        tokens, positions, slots, last = (as_t(inp[key]) for key in ("tokens", "positions", "slots", "last"))
         B, Q, L = len(batch), max(qlen), max(ctx)
-        if all(c == n for c, n in zip(ctx, qlen)):  # new prompts only: attend to the step's own keys
-            meta = AttnMeta(slots=as_t(slots), q_seq=as_t(q_seq), q_row=as_t(q_row), fresh=True, batch=B, max_q=Q)
-            return as_t(tokens), as_t(positions), meta, as_t(last)
-        tables = torch.full((B, -(-L // self.block_size)), self.scratch, dtype=torch.long)
-        for b, (seq, _) in enumerate(batch):
-            tables[b, :len(seq.block_table)] = torch.tensor(seq.block_table[:tables.shape[1]])
-        tables = tables.to(dev)
-        if all(n == 1 for n in qlen) and self.triton_decode:
-            meta = AttnMeta(slots=as_t(slots), block_tables=tables.to(torch.int32),
+        q_seq = as_t([b for b, n in enumerate(qlen) for _ in range(n)])
+        q_row = as_t([r for n in qlen for r in range(n)])
+        decode = all(n == 1 for n in qlen) and self.triton_decode
+        if all(c == n for c, n in zip(ctx, qlen)) and not (decode or self.paged_prefill):
+            # new prompts only: attend to the step's own keys
+            return tokens, positions, AttnMeta(slots=slots, q_seq=q_seq, q_row=q_row, fresh=True, batch=B, max_q=Q), last
+        tables = self._tables(batch, -(-L // self.block_size)).to(dev)
+        if decode or self.paged_prefill:
+            meta = AttnMeta(slots=slots, block_tables=tables.to(torch.int32),
                             context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev))
-            return as_t(tokens), as_t(positions), meta, as_t(last)
+            if not decode:
+                meta.q_start = torch.tensor([0] + list(itertools.accumulate(qlen)), dtype=torch.int32, device=dev)
+                meta.q_blocks = query_blocks(meta.q_start, self.block_q, -(-len(inp["tokens"]) // self.block_q) + B)
+            return tokens, positions, meta, last
         pos = torch.arange(L, device=dev)
         key_slots = tables.gather(1, (pos // self.block_size).expand(B, L)) * self.block_size + pos % self.block_size
         ctx_t, qlen_t = as_t(ctx), as_t(qlen)
         rows = torch.arange(Q, device=dev)
         q_abs = torch.where(rows < qlen_t[:, None], ctx_t[:, None] - qlen_t[:, None] + rows, 0)  # [B, Q]
         mask = (pos[None, None, :] <= q_abs[:, :, None]) & (pos[None, None, :] < ctx_t[:, None, None])
-        meta = AttnMeta(slots=as_t(slots), q_seq=as_t(q_seq), q_row=as_t(q_row), key_slots=key_slots,
-                        mask=mask.unsqueeze(1))
-        return as_t(tokens), as_t(positions), meta, as_t(last)
+        meta = AttnMeta(slots=slots, q_seq=q_seq, q_row=q_row, key_slots=key_slots, mask=mask.unsqueeze(1))
+        return tokens, positions, meta, last
 
     @torch.inference_mode()
     def idle(self) -> None:
@@ -136,9 +165,13 @@ class ModelRunner:
         step's sampled token, not yet read back)."""
         decode = all(n == 1 for _, n in batch)
         graph = self._graph_for(len(batch)) if decode else None
+        prefill = None if decode or ahead is not None else self._prefill_graph_for(sum(n for _, n in batch))
         if graph is not None:
             logits, loads = self._replay(graph, batch, ahead)
             logits = logits[: len(batch)]
+        elif prefill is not None:
+            h, loads, last = self._replay_prefill(prefill, batch)
+            logits = self.model.logits(h.index_select(0, last))
         else:
             tokens, positions, meta, last = self.prepare(batch, 0 if ahead is None else 1)
             if ahead is not None:
@@ -146,12 +179,13 @@ class ModelRunner:
             logits = self.model.logits(self.model.hidden(tokens, positions, self.kv, meta, rows=last))
             loads = self.model.expert_loads()
         self.last_loads = loads
+        graphed = graph is not None or prefill is not None
         if not sample_for:
-            return Launched(batch, None)
+            return Launched(batch, None, graphed=graphed)
         params = [s.params for s in sample_for]
         outputs = [s.output_ids for s in sample_for] if any(p.penalized for p in params) else None
         tokens, logprobs = sample(logits, params, generators, outputs)
-        return Launched(batch, tokens, logprobs, params)
+        return Launched(batch, tokens, logprobs, params, graphed=graphed)
 
     # -- CUDA graphs --------------------------------------------------------------------------------------
     def _graph_for(self, n: int):
@@ -169,7 +203,7 @@ class ModelRunner:
         self.g_tables = torch.full((m, self.max_blocks), self.scratch, dtype=torch.int32, device=dev)
         self.g_lens = torch.ones(m, dtype=torch.int32, device=dev)
         self.g_valid = torch.zeros(m, dtype=torch.long, device=dev)
-        pool = None
+        pool = self._pool
         for size in reversed(graph_sizes(m)):
             meta = AttnMeta(slots=self.g_slots[:size], block_tables=self.g_tables[:size],
                             context_lens=self.g_lens[:size], valid=self.g_valid[:size])
@@ -186,6 +220,7 @@ class ModelRunner:
                     logits, loads = step()
             pool = graph.pool()
             self.graphs[size] = (graph, logits, loads)
+        self._pool = pool
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
 
@@ -219,13 +254,82 @@ class ModelRunner:
         return logits, loads
 
 
+    # -- CUDA graphs of the other steps (prefill chunks, prompts, decodes mixed in) -------------------------
+    def _prefill_graph_for(self, n_tokens: int):
+        for size in sorted(self.prefill_graphs):
+            if size >= n_tokens:
+                return size
+        return None
+
+    def capture_prefill(self, max_tokens: int, max_num_seqs: int) -> None:
+        """Capture the whole step (embedding to final hidden states) for each token count of
+        `prefill_graph_sizes(max_tokens)`, up to max_num_seqs sequences: the step is padded to the next size,
+        its padding tokens write to the scratch block and belong to no sequence, and the attention kernel reads
+        where each sequence's tokens are from the device. The LM head runs after, on the sampled rows only."""
+        dev, B = self.device, max_num_seqs
+        sizes = prefill_graph_sizes(max_tokens)
+        T = sizes[-1]
+        self.p_long = torch.zeros(4, T, dtype=torch.long, device=dev)  # tokens, positions, slots, valid
+        self.p_long[2] = self.scratch * self.block_size
+        self.p_int = torch.zeros(2 * B + 1, dtype=torch.int32, device=dev)  # q_start [B + 1], then context lens [B]
+        self.p_tables = torch.full((B, self.max_blocks), self.scratch, dtype=torch.int32, device=dev)
+        self.p_max_seqs = B
+        pool = self._pool
+        for size in reversed(sizes):
+            q_start, lens = self.p_int[:B + 1], self.p_int[B + 1:]
+
+            def step():
+                meta = AttnMeta(slots=self.p_long[2, :size], block_tables=self.p_tables, context_lens=lens,
+                                q_start=q_start, q_blocks=query_blocks(q_start, self.block_q, -(-size // self.block_q) + B))
+                h = self.model.hidden(self.p_long[0, :size], self.p_long[1, :size], self.kv, meta)
+                return h, self.model.expert_loads(self.p_long[3, :size])
+
+            with torch.inference_mode():
+                step()  # warm-up (no sequences: the attention programs all return at once)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    h, loads = step()
+            pool = graph.pool()
+            self.prefill_graphs[size] = (graph, h, loads)
+        self._pool = pool
+        torch.cuda.synchronize()
+        log.info("captured prefill CUDA graphs for %s tokens", sorted(self.prefill_graphs))
+
+    def _replay_prefill(self, size: int, batch: list[tuple[Sequence, int]]):
+        """Replay the step graph of `size` tokens for `batch`: (hidden [size, D], loads, sampled rows [N])."""
+        graph, h, loads = self.prefill_graphs[size]
+        inp = self.host_inputs(batch)
+        n, B = len(inp["tokens"]), self.p_max_seqs
+        pad = size - n
+        host = torch.tensor([inp["tokens"] + [0] * pad, inp["positions"] + [0] * pad,
+                             inp["slots"] + [self.scratch * self.block_size] * pad, [1] * n + [0] * pad], dtype=torch.long)
+        q_start = list(itertools.accumulate(inp["qlen"], initial=0))
+        ints = torch.tensor(q_start + [n] * (B - len(batch)) + inp["ctx"] + [0] * (B - len(batch)), dtype=torch.int32)
+        width = max(len(seq.block_table) for seq, _ in batch)
+        self.p_long[:, :size].copy_(host.to(self.device, non_blocking=True))
+        self.p_int.copy_(ints.to(self.device, non_blocking=True))
+        self.p_tables[:len(batch), :width].copy_(self._tables(batch, width).to(self.device, non_blocking=True))
+        last = torch.tensor(inp["last"], dtype=torch.long).to(self.device, non_blocking=True)
+        graph.replay()
+        return h, loads, last
+
+
+def prefill_graph_sizes(max_tokens: int) -> list[int]:
+    """The token counts of the captured non-decode steps: 16, 32, ..., 512, every 256 to 2048, then every 512
+    up to max_tokens (a step pads to the next one: at most a third more tokens past 512)."""
+    sizes = [16, 32, 64, 128, 256, 512] + list(range(768, 2048, 256)) + list(range(2048, max_tokens, 512))
+    return [s for s in sizes if s < max_tokens] + [max_tokens]
+
+
 class Launched:
     """A step queued on the device: its batch and sampled tokens, copied back to pinned host memory
     without blocking, so the host can queue the next step before reading these."""
 
     def __init__(self, batch: list[tuple[Sequence, int]], tokens: torch.Tensor | None, logprobs: Logprobs | None = None,
-                 params: list[SamplingParams] | None = None):
+                 params: list[SamplingParams] | None = None, graphed: bool = False):
         self.batch, self.tokens, self.event, self.logprobs, self.params = batch, tokens, None, logprobs, params
+        self.graphed = graphed  # the step replayed a CUDA graph
         self.host = tokens
         if tokens is not None and tokens.is_cuda:
             self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
