@@ -20,6 +20,7 @@ declare -A HELP=(
   [checkpoint]="bench/checkpoint.py: save cost of torch.save / moestack full / PEC, then the training loop with a checkpoint every 50 steps"
   [disk]="dd: the disk's write bandwidth (the checkpoint figures' reference)"
   [serve]="bench/serve.py: engine vs HF generate at OLMoE / Qwen3-30B-A3B / Mixtral shapes, 4 layers, batch 1/8/64, mixed workload"
+  [serve_fixed]="bench/serve.py --mixed 0: engine vs HF generate at the three shapes, batch 1/8/64 only (no mixed workload)"
   [serve_full]="bench/serve.py --models olmoe --layers 16: every layer of OLMoE-1B-7B"
   [serve_dualsparse]="bench/serve.py --drop-rates 0.25: DualSparse at 25% drop against no dropping, end to end in the engine"
   [serve_http]="bench/serve_http.py: the HTTP server at 1/8/32 clients against the offline engine"
@@ -45,6 +46,7 @@ run_group() {
     df -h /tmp | tail -1
     dd if=/dev/zero of=/tmp/dd.bin bs=64M count=64 oflag=direct conv=fsync 2>&1 | tail -1; rm -f /tmp/dd.bin ;;
   serve) py 420 bench/serve.py --mixed 128 ;;
+  serve_fixed) py 420 bench/serve.py --mixed 0 ;;
   serve_full) py 300 bench/serve.py --models olmoe --layers 16 --batches 8,64 --mixed 0 ;;
   serve_dualsparse) py 300 bench/serve.py --batches 8 --mixed 0 --no-hf --drop-rates 0.25 --drop-batches 8,64 ;;
   serve_http) py 300 bench/serve_http.py ;;
@@ -53,7 +55,8 @@ run_group() {
 }
 
 if [ $# -eq 0 ] || [ "$1" = "--list" ]; then
-  for g in tests layer dualsparse combine swiglu train checkpoint disk serve serve_full serve_dualsparse serve_http; do
+  for g in tests layer dualsparse combine swiglu train checkpoint disk serve serve_fixed serve_full serve_dualsparse \
+           serve_http realb fssdp; do
     printf '  %-17s %s\n' "$g" "${HELP[$g]}"
   done
   [ $# -eq 0 ] && { echo "usage: bash bench/suite.sh GROUP..." >&2; exit 2; }
