@@ -186,13 +186,18 @@ def expert_call(layer: MoELayer, x: torch.Tensor):
 
 
 def interleaved(fns: dict, device, reps: int, warmup: int = 2) -> dict:
-    """Median seconds of each fn, timing them round-robin so that drifting background load hits all alike."""
+    """Median seconds of each fn, timing them round-robin so that drifting background load hits all alike;
+    each round starts one fn later and every other round runs backwards, so that no fn always comes first or
+    follows the same one (GPU clocks after a heavy call would favour some positions)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {key: [] for key in fns}
-    for _ in range(reps):
-        for key, fn in fns.items():
+    keys = list(fns)
+    for rep in range(reps):
+        order = keys[rep % len(keys):] + keys[: rep % len(keys)]
+        for key in order[::-1] if rep % 2 else order:
+            fn = fns[key]
             sync(device)
             t0 = time.perf_counter()
             fn()

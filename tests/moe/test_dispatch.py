@@ -112,12 +112,11 @@ def test_segment_kernels_match_a_per_choice_reference(parts, given_parts, triton
     if given_parts:  # load-aware dropping hands in its own part counts
         j = torch.randint(0, parts + 1, (R,), generator=g).to(triton_device)
     assert 0 < int((j == 0).sum()) < R
-    asked, ran = torch.full((), 5, dtype=torch.int64, device=triton_device), torch.zeros((), dtype=torch.int64,
-                                                                                          device=triton_device)
-    key, counts = plan_segments(w.flatten(), ids.flatten(), scale, tau, asked, ran, j if given_parts else None)
+    stats = torch.tensor([5, 0], device=triton_device)  # parts asked for, parts run
+    key, counts = plan_segments(w.flatten(), ids.flatten(), scale, tau, stats, j if given_parts else None)
     want_key = torch.where(j > 0, (j - 1) * E + ids.flatten(), parts * E)
     assert torch.equal(key.long(), want_key) and torch.equal(counts.long(), torch.bincount(want_key, minlength=parts * E + 1))
-    assert int(asked) == 5 + R * parts and int(ran) == int(j.sum())
+    assert stats.tolist() == [5 + R * parts, int(j.sum())]
     seg, slot = place_rows(x, key, counts, E, parts, k)
     seg = seg.view(parts * R, D)
     ran_slots = slot[j > 0]

@@ -143,8 +143,7 @@ class DualSparseDispatcher(nn.Module):
         self.drop_rate, self.load_aware, self.num_ranks, self.max_rank_rate = 0.0, False, 1, 1.0
         # sub-expert computations asked for and run since the last reset: device scalars updated in place, so
         # counting costs no host sync and a CUDA graph replay of the layer counts too
-        self.register_buffer("_asked", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.register_buffer("_ran", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("_stats", torch.zeros(2, dtype=torch.int64), persistent=False)  # asked, ran
         self._last_counts: torch.Tensor | None = None  # see `last_counts`
         self.full = LocalDispatcher(num_experts)  # at drop rate 0: the plain layer's dispatch, exactly
         self._tau: tuple | None = None  # (rate, table version, table address, threshold): see `threshold`
@@ -218,18 +217,19 @@ class DualSparseDispatcher(nn.Module):
 
     def record(self, parts_run: torch.Tensor) -> None:
         """Count the sub-expert computations asked for and run (parts_run: [choices] 0..P)."""
-        self._asked.add_(parts_run.numel() * self.parts)
-        self._ran.add_(parts_run.sum())
+        self._stats[0].add_(parts_run.numel() * self.parts)
+        self._stats[1].add_(parts_run.sum())
 
     @property
     def total(self) -> int:
         """Sub-expert computations asked for since the last reset (reading it syncs with the device)."""
-        return int(self._asked)
+        return int(self._stats[0])
 
     @property
     def skipped(self) -> int:
         """Sub-expert computations skipped since the last reset (reading it syncs with the device)."""
-        return int(self._asked) - int(self._ran)
+        asked, ran = self._stats.tolist()
+        return asked - ran
 
     def fused_parts(self, routing: Routing):
         """For `MoELayer.fused`: (P, parts each choice runs [T, k]), counted like a dispatch."""
@@ -256,8 +256,7 @@ class DualSparseDispatcher(nn.Module):
             raise ValueError(f"DualSparseDispatcher.layout={self.layout!r}: expected auto, padded or packed")
         if self.drop_rate <= 0:  # nothing dropped: the plain layer's rows, one GEMM pair over the whole experts
             d = self.full.dispatch(x, routing).wait()  # counts [E]: `PartExperts` runs all P parts
-            self._asked.add_(R * P)
-            self._ran.add_(R * P)
+            self._stats.add_(R * P)  # asked and ran alike
             self.last_counts = d.counts
             return Done(d)
         grad = torch.is_grad_enabled() and (x.requires_grad or routing.weights.requires_grad)
@@ -292,7 +291,7 @@ class DualSparseDispatcher(nn.Module):
         tau = None if self.load_aware else self.threshold()
         j = None if tau is not None else self.parts_to_run(routing).flatten()  # load-aware, or inside a capture
         key, hist = plan_segments(routing.weights.flatten(), routing.expert_ids.flatten(), self.scale,
-                                  0.0 if tau is None else tau, self._asked, self._ran, j)
+                                  0.0 if tau is None else tau, self._stats, j)
         x_seg, slot = place_rows(x, key, hist, E, P, k)  # [P, R, D], [R]
         counts = hist[: P * E].view(P, E)
         self.last_counts = counts
@@ -323,5 +322,4 @@ class DualSparseDispatcher(nn.Module):
 
     def reset_stats(self) -> None:
         """Zero the skipped/total counters."""
-        self._asked.zero_()
-        self._ran.zero_()
+        self._stats.zero_()

@@ -106,7 +106,8 @@ class PartExperts(GroupedExperts):
     def forward_segments(self, x: torch.Tensor, counts: torch.Tensor) -> list[torch.Tensor]:
         """x [P, R, D] padded segments -> P outputs [R, D] (rows past counts[j - 1].sum() undefined)."""
         if self.use_grouped_mm(x):
-            return [self._run(j, x[j - 1], counts[j - 1]) for j in range(1, self.parts + 1)]
+            offsets = torch.cumsum(counts, 1, dtype=torch.int32)  # [P, E] every segment's offsets at once
+            return [self._run(j, x[j - 1], counts[j - 1], offsets[j - 1]) for j in range(1, self.parts + 1)]
         outs = []
         for j, n in enumerate(counts.sum(dim=1).tolist(), start=1):  # the loop needs host sizes anyway
             out = x.new_zeros(x.shape[1], self.d_model)
@@ -115,12 +116,17 @@ class PartExperts(GroupedExperts):
             outs.append(out)
         return outs
 
-    def _run(self, j: int, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The first j parts of each row's expert: x [n, D] grouped by expert (counts [E]) -> [n, D]."""
+    def _run(self, j: int, x: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """The first j parts of each row's expert: x [n, D] grouped by expert (counts [E], their cumulative
+        sum `offsets` int32 if known) -> [n, D]."""
         f = self.d_ff // self.parts
-        w13, w2 = self.w13[:, :, : 2 * j * f].to(x.dtype), self.w2[:, : j * f].to(x.dtype)
+        w13, w2 = self.w13, self.w2
+        if j < self.parts:
+            w13, w2 = w13[:, :, : 2 * j * f], w2[:, : j * f]
+        w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
         if self.use_grouped_mm(x):
-            offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+            if offsets is None:
+                offsets = torch.cumsum(counts, 0, dtype=torch.int32)
             act = swiglu(grouped_mm(x, w13, offsets), parts=j, rows=offsets[-1:])  # [n, jf]
             return grouped_mm(act, w2, offsets)
         sizes = counts.tolist()

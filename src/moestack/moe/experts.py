@@ -52,11 +52,11 @@ def swiglu(h: torch.Tensor, parts: int = 1, rows: torch.Tensor | None = None) ->
     took 2.7 ms of a 19.5 ms Mixtral-like layer forward on an H200 (bench/profile_moe.py, 2026-11-25).
     """
     if _use_triton(h):
-        from moestack.moe.swiglu_triton import SwiGLUFunction
+        from moestack.moe.swiglu_triton import SwiGLUFunction, swiglu_fwd
 
-        if rows is not None and torch.is_grad_enabled() and h.requires_grad:
-            rows = None  # a gradient needs every row
-        return SwiGLUFunction.apply(h, parts, rows)
+        if not (torch.is_grad_enabled() and h.requires_grad):  # inference: the kernel without autograd's wrapper
+            return swiglu_fwd(h, parts, rows)
+        return SwiGLUFunction.apply(h, parts, None)  # a gradient needs every row
     n, f = h.shape[0], h.shape[1] // (2 * parts)
     g = h.view(n, parts, 2, f)  # explicit sizes: n may be 0 (a rank that received no rows)
     return (F.silu(g[:, :, 0]) * g[:, :, 1]).reshape(n, parts * f)

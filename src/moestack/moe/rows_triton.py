@@ -37,18 +37,23 @@ def _combine(y0, y1, y2, y3, slot_ptr, w_ptr, out_ptr, stride_y, stride_o, R, D,
         w = tl.load(w_ptr + t * K + kk).to(tl.float32)
         seg = s // R  # P for a choice without a row: no segment matches, it adds nothing
         off = (s % R) * stride_y + cols
-        acc += w * tl.load(y0 + off, mask=m & (seg == 0), other=0.0).to(tl.float32)
+        # a branch on the (uniform) segment, not P masked loads: one load is issued per choice
+        if seg == 0:
+            acc += w * tl.load(y0 + off, mask=m, other=0.0).to(tl.float32)
         if P > 1:
-            acc += w * tl.load(y1 + off, mask=m & (seg == 1), other=0.0).to(tl.float32)
+            if seg == 1:
+                acc += w * tl.load(y1 + off, mask=m, other=0.0).to(tl.float32)
         if P > 2:
-            acc += w * tl.load(y2 + off, mask=m & (seg == 2), other=0.0).to(tl.float32)
+            if seg == 2:
+                acc += w * tl.load(y2 + off, mask=m, other=0.0).to(tl.float32)
         if P > 3:
-            acc += w * tl.load(y3 + off, mask=m & (seg == 3), other=0.0).to(tl.float32)
+            if seg == 3:
+                acc += w * tl.load(y3 + off, mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _plan(w_ptr, ids_ptr, scale_ptr, j_ptr, key_ptr, hist_ptr, ran_ptr, asked_ptr, R, tau, E,
+def _plan(w_ptr, ids_ptr, scale_ptr, j_ptr, key_ptr, hist_ptr, stats_ptr, R, tau, E,
           P: tl.constexpr, HAS_J: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < R
@@ -64,9 +69,9 @@ def _plan(w_ptr, ids_ptr, scale_ptr, j_ptr, key_ptr, hist_ptr, ran_ptr, asked_pt
     key = tl.where(j > 0, (j - 1) * E + e, P * E)  # group (j - 1, e); P * E: nothing to run
     tl.store(key_ptr + offs, key, mask=m)
     tl.atomic_add(hist_ptr + key, 1, mask=m)
-    tl.atomic_add(ran_ptr, tl.sum(tl.where(m, j, 0), axis=0).to(tl.int64))
+    tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(m, j, 0), axis=0).to(tl.int64))  # parts run
     if tl.program_id(0) == 0:
-        tl.atomic_add(asked_ptr, tl.cast(R, tl.int64) * P)
+        tl.atomic_add(stats_ptr, tl.cast(R, tl.int64) * P)  # parts asked for
 
 
 @triton.jit
@@ -89,10 +94,11 @@ def _place(x_ptr, key_ptr, hist_ptr, ends_ptr, cursor_ptr, slot_ptr, out_ptr, st
 
 
 def plan_segments(weights: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor, tau: float,
-                  asked: torch.Tensor, ran: torch.Tensor, parts_run: torch.Tensor | None = None):
+                  stats: torch.Tensor, parts_run: torch.Tensor | None = None):
     """(key [R] int32, counts [P * E + 1] int32) for choices with expert ids and weights [R]: key = (j - 1) * E
     + e for a choice running j of its expert's parts (j = its scores weight x scale[e, p] >= tau, or
-    parts_run), P * E for none; counts: rows per key. Adds R * P to `asked` and the parts run to `ran`."""
+    parts_run), P * E for none; counts: rows per key. Adds R * P to stats[0] and the parts run to stats[1]
+    (int64 [2])."""
     R = ids.numel()
     E, P = scale.shape
     key = torch.empty(R, dtype=torch.int32, device=ids.device)
@@ -100,7 +106,7 @@ def plan_segments(weights: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor,
     if R:
         j = parts_run if parts_run is not None else key
         _plan[(triton.cdiv(R, BLOCK),)](weights.contiguous(), ids.contiguous(), scale.float().contiguous(),
-                                        j.contiguous(), key, counts, ran, asked, R, float(tau), E, P=P,
+                                        j.contiguous(), key, counts, stats, R, float(tau), E, P=P,
                                         HAS_J=parts_run is not None, BLOCK=BLOCK)
     return key, counts
 
