@@ -296,10 +296,12 @@ def main() -> None:
         vocab = hf.config.vocab_size
         for B in batches:
             prompts = torch.randint(0, vocab, (B, args.prompt_len), generator=gen).tolist()
+            t0 = time.perf_counter()
             llm = engine_for(hf, args, device, dtype, B)
+            startup = time.perf_counter() - t0  # weights mapped in, KV cache, compiles, graph captures
             eng = timed_engine(llm, prompts, [args.new_tokens] * B)
             row = dict(bench="fixed", model=name, layers=args.layers, batch=B, prompt=args.prompt_len,
-                       new=args.new_tokens, device=device_name(device), drop_rate=None, **eng)
+                       new=args.new_tokens, device=device_name(device), drop_rate=None, startup_s=startup, **eng)
             if args.profile:
                 out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
                 profile(llm, prompts, [args.new_tokens] * B, out / f"serve_profile_{name}_b{B}.txt")
@@ -315,7 +317,8 @@ def main() -> None:
                 row["prefill_x_hf"] = row["prefill_tok_s"] / row["hf_prefill_tok_s"]
             rows.append(row)
             print_table([row], ["model", "batch", "prefill_tok_s", "decode_tok_s", "hf_prefill_tok_s", "hf_decode_tok_s",
-                                "decode_x_hf", "prefill_x_hf", "roofline_pct", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms"])
+                                "decode_x_hf", "prefill_x_hf", "roofline_pct", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms",
+                                "startup_s"])
         for B in [int(b) for b in args.drop_batches.split(",")] if rates else []:
             prompts = torch.randint(0, vocab, (B, args.prompt_len), generator=gen).tolist()
             for rate in [None] + rates:

@@ -9,7 +9,8 @@ runs at memory speed and hides under the dispatch.
 - Weights [B, K, M] (a scale per column, q written transposed [B, M, K]): the scales from one inf-norm
   reduction, then a cast kernel, every [BK, BV] tile its own program. With the scales known (ReaLB keeps
   them: the weights do not change between forwards) only the cast runs: one read, one write, 2.7-3.2 TB/s
-  at Mixtral shapes and 1.4 TB/s at Qwen3-VL's on the H200 (bench/realb_kernels.py, 2026-12-03).
+  at Mixtral shapes and 1.4 TB/s at Qwen3-VL's on the H200 with 64 x 64 tiles (bench/realb_kernels.py,
+  2026-12-03); its tile is now autotuned per shape (`CAST_CONFIGS`).
 Scales are divided in IEEE fp32 in the kernels (`div_rn`): torch's CUDA division by a scalar multiplies by
 the reciprocal, one ulp off the CPU reference in half the columns (the H200 test, 2026-12-03).
 """
@@ -68,6 +69,14 @@ def _quantize_tiles(x_ptr, q_ptr, s_ptr, V, K, stride_b, stride_v, stride_k, str
              t.to(q_ptr.dtype.element_ty), mask=m)
 
 
+# The cast transposes [BK, BV] tiles ([B, K, V] in, [B, V, K] out); the best tile depends on the shape, so on a
+# GPU it is autotuned per (V, K) among these (the first conversion of each shape measures them).
+CAST_CONFIGS = [triton.Config({"BV": bv, "BK": bk}, num_warps=w)
+                for bv, bk, w in ((64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (256, 64, 8), (64, 256, 8),
+                                  (256, 128, 8))]
+_quantize_tiles_tuned = triton.autotune(CAST_CONFIGS, key=["V", "K"])(_quantize_tiles)
+
+
 def _row_warps(block: int) -> int:
     return 4 if block <= 4096 else 8 if block <= 8192 else 16
 
@@ -116,9 +125,11 @@ def cast_fp8_triton(x: torch.Tensor, scale: torch.Tensor, dim: int, out: torch.T
     """`lowp.cast_fp8` on CUDA: fp8 values of x for scales already known (one read of x, one write of q)."""
     x3, q, B, V, K, xs, qs = _layout(x, dim, out, transpose)
     if B and V and K:
-        BV, BK = 64, 64
-        _quantize_tiles[(B, triton.cdiv(V, BV), triton.cdiv(K, BK))](x3, q, scale.reshape(B, V), V, K, *xs, *qs,
-                                                                       BV=BV, BK=BK)
+        args = (x3, q, scale.reshape(B, V), V, K, *xs, *qs)
+        if x.is_cuda:
+            _quantize_tiles_tuned[lambda m: (B, triton.cdiv(V, m["BV"]), triton.cdiv(K, m["BK"]))](*args)
+        else:  # Triton's interpreter (CPU tests): one tile size
+            _quantize_tiles[(B, triton.cdiv(V, 64), triton.cdiv(K, 64))](*args, BV=64, BK=64)
     return q.squeeze(0) if x.dim() == 2 else q
 
 
