@@ -98,7 +98,7 @@ def test_fused_inference_combine_matches_the_autograd_path(triton_device):
 @pytest.mark.parametrize("given_parts", [False, True])
 @pytest.mark.parametrize("parts", [1, 2, 4])
 def test_segment_kernels_match_a_per_choice_reference(parts, given_parts, triton_device):
-    from moestack.moe.rows_triton import combine_segments, place_rows, plan_segments
+    from moestack.moe.rows_triton import combine_segments, parts_run, place_rows, plan_segments
 
     T, k, D, E = 9, 2, 1030, 3  # D spans two column blocks
     R = T * k
@@ -117,6 +117,10 @@ def test_segment_kernels_match_a_per_choice_reference(parts, given_parts, triton
     want_key = torch.where(j > 0, (j - 1) * E + ids.flatten(), parts * E)
     assert torch.equal(key.long(), want_key) and torch.equal(counts.long(), torch.bincount(want_key, minlength=parts * E + 1))
     assert stats.tolist() == [5 + R * parts, int(j.sum())]
+    if not given_parts:  # the fused decode path's planning: the same parts and counts, one kernel
+        stats2 = torch.tensor([1, 2], device=triton_device)
+        assert torch.equal(parts_run(w.flatten(), ids.flatten(), scale, tau, stats2).long(), j)
+        assert stats2.tolist() == [1 + R * parts, 2 + int(j.sum())]
     seg, slot = place_rows(x, key, counts, E, parts, k)
     seg = seg.view(parts * R, D)
     ran_slots = slot[j > 0]

@@ -98,18 +98,24 @@ def test_engine_through_the_prefill_kernel_equals_the_reference_engine(triton_de
     llm.check_blocks()
 
 
-@pytest.mark.parametrize("T, E, k, parts, drop", [(5, 8, 2, 1, False), (40, 8, 2, 2, True), (3, 16, 4, 2, False)])
-def test_fused_experts_match_a_loop(triton_device, T, E, k, parts, drop):
+@pytest.mark.parametrize("T, E, k, parts, drop, F2", [(5, 8, 2, 1, False, 32), (40, 8, 2, 2, True, 32),
+                                                     (3, 16, 4, 2, False, 32), (6, 4, 2, 2, True, 128),
+                                                     (7, 4, 2, 4, True, 128)])
+def test_fused_experts_match_a_loop(triton_device, T, E, k, parts, drop, F2):
+    """With parts to run (DualSparse), F2 = 128 makes whole column tiles and reduction steps skippable: the
+    experts 0 and 1 run at most one part, so their blocks skip the rest (and their garbage is never read)."""
     fused = importlib.import_module("moestack.moe.fused")
     importlib.import_module("moestack.moe.fused_triton")
     g = torch.Generator().manual_seed(1)
-    D, F2 = 32, 32
+    D = 32
     f = F2 // parts
     x = torch.randn(T, D, generator=g)
     w13, w2 = torch.randn(E, D, 2 * F2, generator=g) / 4, torch.randn(E, F2, D, generator=g) / 4
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
     w = torch.rand(T, k, generator=g)
     run = torch.randint(0, parts + 1, (T, k), generator=g) if drop else None
+    if run is not None and F2 == 128:
+        run = torch.where(ids < 2, run.clamp(max=1), run)
     dev = triton_device
     y = fused.fused_experts(x.to(dev), ids.to(dev), w.to(dev), w13.to(dev), w2.to(dev), parts,
                             None if run is None else run.to(dev)).cpu()
@@ -146,3 +152,31 @@ def test_engine_with_the_fused_kernels_equals_the_eager_engine(triton_device, tm
     got = fast.generate(prompts, params, use_tqdm=False)
     assert calls and all(calls)  # every step of that layer went through the fused kernels
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+
+def test_dualsparse_engine_with_the_fused_kernels_equals_the_eager_engine(triton_device, tmp_path):
+    """At 50% dropped, decode steps through the fused kernels (parts to run from one Triton kernel, unrun
+    parts skipped inside the GEMMs) give the eager dropping engine's tokens and skip the same computations."""
+    from moestack.serve import LLM, SamplingParams
+
+    importlib.import_module("moestack.moe.fused_triton")
+    importlib.import_module("moestack.moe.rows_triton")
+    hf_folder(tmp_path, "qwen3_moe")
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    prompts = [[2, 3, 4, 5], [9, 8, 7, 6, 5, 4, 3], [11] * 6]
+    kw = dict(device=triton_device, dtype="float32", block_size=4, num_blocks=64, cuda_graphs=False,
+              drop_rate=0.5, calib_batches=2)
+    eager, fast = LLM(str(tmp_path), fused_rows=0, **kw), LLM(str(tmp_path), fused_rows=1024, **kw)
+    for llm in (eager, fast):
+        for layer in llm.model.moe_layers():
+            layer.dispatcher.reset_stats()
+    layer = fast.model.moe_layers()[0]
+    real, fused_steps = layer.fused, []
+    layer.fused = lambda x, routing: fused_steps.append(real(x, routing)) or fused_steps[-1]
+    ref = eager.generate(prompts, params, use_tqdm=False)
+    got = fast.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert fused_steps and all(y is not None for y in fused_steps)
+    for a, b in zip(eager.model.moe_layers(), fast.model.moe_layers()):
+        assert a.dispatcher._stats.tolist() == b.dispatcher._stats.tolist()
+        assert 0 < a.dispatcher.skipped < a.dispatcher.total

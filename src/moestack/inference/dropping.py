@@ -232,11 +232,20 @@ class DualSparseDispatcher(nn.Module):
         return asked - ran
 
     def fused_parts(self, routing: Routing):
-        """For `MoELayer.fused`: (P, parts each choice runs [T, k]), counted like a dispatch."""
+        """For `MoELayer.fused`: (P, parts each choice runs [T, k] or None for all), counted like a dispatch."""
+        self.last_counts = None  # the fused path does not sort rows by (parts, expert)
+        if self.drop_rate <= 0:
+            self._stats.add_(routing.expert_ids.numel() * self.parts)  # asked and ran alike
+            return self.parts, None
+        tau = None if self.load_aware else self.threshold()
+        if tau is not None and fused_inference(routing.weights):  # one kernel: the parts and the counts
+            from moestack.moe.rows_triton import parts_run
+
+            j = parts_run(routing.weights.flatten(), routing.expert_ids.flatten(), self.scale, tau, self._stats)
+            return self.parts, j.view(routing.expert_ids.shape)
         j = self.parts_to_run(routing)
         self.record(j.flatten())
-        self.last_counts = None  # the fused path does not sort rows by (parts, expert)
-        return self.parts, (None if self.drop_rate <= 0 else j)
+        return self.parts, j
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
         """Rows in padded segments for `PartExperts`: [P, T*k, D], segment j - 1 holding the choices that

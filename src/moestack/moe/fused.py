@@ -1,13 +1,13 @@
 """The small-batch expert path: gather, grouped expert GEMMs and weighted combine in two fused kernels.
 
 Decode steps route few tokens over many experts; the sort + permute + grouped GEMM + unpermute path spends
-more on its index kernels than on the weights it reads. `fused_experts` aligns the token-choices (or, for
-DualSparse, the kept (choice, part) entries) into BLOCK_M-row blocks per (sub-)expert with device ops only,
-then runs `fused_triton.moe_gemm` twice (gate/up, then down times the routing weight) around the SwiGLU
-activation and sums each token's entries. It reads each routed (sub-)expert's weights once per block of
-rows and never syncs with the host, so decode CUDA graphs capture it. `MoELayer.fused_rows` turns it on
+more on its index kernels than on the weights it reads. `fused_experts` aligns the token-choices into
+BLOCK_M-row blocks per expert with device ops only, then runs `fused_triton.moe_gemm` twice (gate/up, then
+down times the routing weight) around the SwiGLU activation and sums each token's entries. It reads each
+routed expert's weights once per block of rows (for DualSparse only the parts the block's rows run) and
+never syncs with the host, so decode CUDA graphs capture it. `MoELayer.fused_rows` turns it on
 (the serving engine sets it); the dispatcher seam says which parts run (`fused_parts`).
-Notation: T = tokens, k = choices per token, P = parts per expert, R = T * k * P entries, S = E * P.
+Notation: T = tokens, k = choices per token, P = parts per expert, R = T * k entries, E = experts.
 """
 
 from __future__ import annotations
@@ -23,20 +23,19 @@ BLOCK_M = 16
 
 @dataclass
 class AlignPlan:
-    """Entries sorted by (sub-)expert in blocks of block_m rows, padded with the sentinel num_valid."""
+    """Entries sorted by expert in blocks of block_m rows, padded with the sentinel num_valid."""
 
     sorted_ids: torch.Tensor  # [num_blocks * block_m] int32 entry ids
-    block_sub: torch.Tensor  # [num_blocks] int32 (sub-)expert of each block
+    block_sub: torch.Tensor  # [num_blocks] int32 expert of each block
     total: torch.Tensor  # [1] int32 padded rows in use (blocks at or past it do nothing)
     num_valid: int  # R: entry ids are 0..R-1
     num_blocks: int
-    parts: int
     block_m: int
 
 
-def align(sub_ids: torch.Tensor, num_subs: int, parts: int, block_m: int = BLOCK_M) -> AlignPlan:
-    """Plan for entries whose (sub-)expert is sub_ids [R] (num_subs for an entry not to run). No host sync,
-    and no sort: an entry's rank among its (sub-)expert's entries is a column of the running count of a
+def align(sub_ids: torch.Tensor, num_subs: int, block_m: int = BLOCK_M) -> AlignPlan:
+    """Plan for entries whose expert is sub_ids [R] (num_subs for an entry not to run). No host sync,
+    and no sort: an entry's rank among its expert's entries is a column of the running count of a
     one-hot [R, S] (a few microseconds where a radix sort of a decode batch costs tens)."""
     R, S, dev = sub_ids.numel(), num_subs, sub_ids.device
     onehot = sub_ids.unsqueeze(1) == torch.arange(S, device=dev, dtype=sub_ids.dtype)  # entries not to run: no column
@@ -53,7 +52,7 @@ def align(sub_ids: torch.Tensor, num_subs: int, parts: int, block_m: int = BLOCK
     num_blocks = cap // block_m
     first_rows = torch.arange(num_blocks, device=dev, dtype=torch.int32) * block_m
     block_sub = torch.searchsorted(pad_end, first_rows, right=True).clamp(max=S - 1).to(torch.int32)
-    return AlignPlan(sorted_ids[:cap], block_sub, pad_end[-1:], R, num_blocks, parts, block_m)
+    return AlignPlan(sorted_ids[:cap], block_sub, pad_end[-1:], R, num_blocks, block_m)
 
 
 ALIGN = [align]  # [0] is what fused_experts calls on CUDA: align, or its compiled form (compile_align)
@@ -71,32 +70,30 @@ def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
 
     x [T, D]; expert_ids, weights [T, k]; w13 [E, D, 2F] (per part (gate, up) columns when parts > 1, the
     `partition.to_parts` layout) and w2 [E, F, D]; parts_run [T, k] in 0..P or None for all parts.
+    One entry per choice, blocks per expert, as without parts: a block computes the gate/up columns and
+    reads the w2 rows of the parts its rows need (the most any of them runs), and each row's down product
+    stops at its own parts. So DualSparse costs no more entries, blocks or output rows than the plain layer,
+    and an expert whose rows all drop a part never reads that part's weights.
     """
     from moestack.moe.fused_triton import moe_gemm
 
     T, k = expert_ids.shape
     E, D, two_f = w13.shape
-    f = two_f // 2 // parts
-    S = E * parts
-    flat = expert_ids.flatten()
-    if parts == 1 and parts_run is None:
-        sub = flat
-    else:
-        p = torch.arange(parts, device=x.device)
-        sub = flat.unsqueeze(1) * parts + p  # [T*k, P]
-        if parts_run is not None:
-            sub = torch.where(p < parts_run.reshape(-1, 1), sub, torch.full_like(sub, S))
-        sub = sub.flatten()
-    plan = (ALIGN[0] if x.is_cuda else align)(sub, S, parts)
-    R = sub.numel()
+    F = two_f // 2
+    flat = expert_ids.flatten()  # [R]
+    j = None
+    if parts_run is not None:
+        j = parts_run.reshape(-1).to(torch.int32).contiguous()  # [R]
+        flat = torch.where(j > 0, flat, torch.full_like(flat, E))  # a choice with nothing to run gets no row
+    plan = (ALIGN[0] if x.is_cuda else align)(flat, E)
+    R = flat.numel()
     x = x.contiguous()
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
-    h = x.new_empty(R, 2 * f)
-    moe_gemm(x, w13, h, plan, n=2 * f, k=D, a_div=k * parts, stride_bp=2 * f * w13.stride(2),
-             stride_bk=w13.stride(1), stride_bn=w13.stride(2))
-    act = swiglu(h)  # [R, f]; rows of entries that do not run hold garbage and are never read
-    dropping = parts_run is not None
-    out = (x.new_zeros if dropping else x.new_empty)(R, D)
-    moe_gemm(act, w2, out, plan, n=D, k=f, a_div=1, stride_bp=f * w2.stride(1), stride_bk=w2.stride(1),
-             stride_bn=w2.stride(2), weights=weights.reshape(-1).float().contiguous(), w_div=parts)
-    return out.view(T, k * parts, D).sum(dim=1)
+    h = x.new_empty(R, two_f)
+    moe_gemm(x, w13, h, plan, n=two_f, k=D, a_div=k, stride_bk=w13.stride(1), stride_bn=w13.stride(2),
+             parts_run=j, part_n=two_f // parts)
+    act = swiglu(h, parts)  # [R, F]; the parts a row does not run hold garbage and are never read
+    out = (x.new_zeros if j is not None else x.new_empty)(R, D)  # rows of choices with nothing to run stay 0
+    moe_gemm(act, w2, out, plan, n=D, k=F, a_div=1, stride_bk=w2.stride(1), stride_bn=w2.stride(2),
+             weights=weights.reshape(-1).float().contiguous(), parts_run=j, part_k=F // parts)
+    return out.view(T, k, D).sum(dim=1)

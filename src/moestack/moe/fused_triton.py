@@ -1,14 +1,15 @@
 """The fused MoE GEMM: token gather in the prologue, routing weight in the epilogue (Triton, inference).
 
 One kernel runs every expert's GEMM over blocks of BLOCK_M expert-sorted rows, the shape of vLLM's and
-SGLang's fused_moe: row r of a block is an *entry* id, each block belongs to one (sub-)expert, and the A
+SGLang's fused_moe: row r of a block is an *entry* id, each block belongs to one expert, and the A
 rows are read straight from the token matrix (`entry // a_div`), so no permuted copy of the tokens exists.
 The output row of an entry is written at the entry's own index (choice order), optionally times its
-routing weight, so the combine is a sum over each token's entries. A (sub-)expert is any slice of the
-stacked weights: `sub // parts * stride_be + sub % parts * stride_bp` (DualSparse's parts of an expert).
+routing weight, so the combine is a sum over each token's entries. DualSparse's parts are prefixes of an
+expert's weights: given each entry's parts to run, a block skips the column tiles (gate/up) and the
+reduction rows (down) of parts none of its rows runs, and each row's product stops at its own parts.
 Padding rows carry the sentinel `num_valid`; blocks past the device-side padded total return at once, so
 the grid is a static upper bound and nothing syncs with the host (CUDA-graph safe).
-Notation: R = entries, S = (sub-)experts, K = reduction size, N = output width.
+Notation: R = entries, K = reduction size, N = output width.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_sub_ptr, total_ptr,
-              N, K, num_valid, stride_am, stride_be, stride_bp, stride_bk, stride_bn, stride_cm, R_BUCKET,
-              A_DIV: tl.constexpr, W_DIV: tl.constexpr, PARTS: tl.constexpr, MUL_W: tl.constexpr,
+def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, j_ptr, sorted_ptr, block_sub_ptr, total_ptr,
+              N, K, num_valid, stride_am, stride_be, stride_bk, stride_bn, stride_cm, R_BUCKET, PART,
+              A_DIV: tl.constexpr, MUL_W: tl.constexpr, PARTS_N: tl.constexpr, PARTS_K: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -31,23 +32,36 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, block_sub_ptr, total_ptr,
         entry = tl.load(sorted_ptr + rows).to(tl.int64)  # [BLOCK_M]; num_valid marks padding
         valid = entry < num_valid
         sub = tl.load(block_sub_ptr + pid_m).to(tl.int64)
-        b_base = b_ptr + (sub // PARTS) * stride_be + (sub % PARTS) * stride_bp
+        b_base = b_ptr + sub * stride_be
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ncheck = cols < N
         a_rows = a_ptr + (entry // A_DIV) * stride_am
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kcheck = ks < K
-            a = tl.load(a_rows[:, None] + ks[None, :], mask=valid[:, None] & kcheck[None, :], other=0.0)
-            b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                        mask=kcheck[:, None] & ncheck[None, :], other=0.0)
-            acc += tl.dot(a, b, input_precision=PREC)
-        if MUL_W:
-            w = tl.load(w_ptr + entry // W_DIV, mask=valid, other=0.0).to(tl.float32)
-            acc = acc * w[:, None]
-        tl.store(c_ptr + entry[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-                 mask=valid[:, None] & ncheck[None, :])
+        k_end = K
+        run = pid_n >= 0
+        if PARTS_N or PARTS_K:  # DualSparse: row r runs the first j_r parts (PART columns or rows of B each)
+            j = tl.load(j_ptr + entry, mask=valid, other=0)  # [BLOCK_M]
+            need = tl.max(j, axis=0) * PART  # the block's rows need B's first `need` columns / rows
+            if PARTS_N:
+                run = pid_n * BLOCK_N < need  # a tile of parts no row runs reads nothing
+            if PARTS_K:
+                k_end = tl.minimum(need, K)
+        if run:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, k_end, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                kcheck = ks < K
+                a_mask = valid[:, None] & kcheck[None, :]
+                if PARTS_K:  # each row's product stops at its own parts (the rest of its A row is garbage)
+                    a_mask = a_mask & (ks[None, :] < (j * PART)[:, None])
+                a = tl.load(a_rows[:, None] + ks[None, :], mask=a_mask, other=0.0)
+                b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                            mask=kcheck[:, None] & ncheck[None, :], other=0.0)
+                acc += tl.dot(a, b, input_precision=PREC)
+            if MUL_W:
+                w = tl.load(w_ptr + entry, mask=valid, other=0.0).to(tl.float32)
+                acc = acc * w[:, None]
+            tl.store(c_ptr + entry[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+                     mask=valid[:, None] & ncheck[None, :])
 
 
 def precision(x: torch.Tensor) -> str:
@@ -66,14 +80,18 @@ _moe_gemm_tuned = triton.autotune(TUNE_CONFIGS, key=["N", "K", "R_BUCKET"], warm
 
 
 def moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plan, *, n: int, k: int, a_div: int,
-             stride_bp: int, stride_bk: int, stride_bn: int, weights: torch.Tensor | None = None, w_div: int = 1) -> None:
-    """out[entry] = a[entry // a_div] @ B_sub(entry) (times weights[entry // w_div]) for every valid entry."""
+             stride_bk: int, stride_bn: int, weights: torch.Tensor | None = None,
+             parts_run: torch.Tensor | None = None, part_n: int = 0, part_k: int = 0) -> None:
+    """out[entry] = a[entry // a_div] @ B_e (times weights[entry]) for every valid entry, B_e = b[e] of the
+    entry's block. With parts_run [entries] (DualSparse): only B's first parts_run x part_n columns
+    (part_n > 0) or the products over its first parts_run x part_k rows (part_k > 0) count for a row."""
     w = weights if weights is not None else out
-    args = (a, b, out, w, plan.sorted_ids, plan.block_sub, plan.total, n, k, plan.num_valid,
-            a.stride(0), b.stride(0), stride_bp, stride_bk, stride_bn, out.stride(0),
-            min(triton.next_power_of_2(plan.num_valid), 4096))
-    flags = dict(A_DIV=a_div, W_DIV=w_div, PARTS=plan.parts, MUL_W=weights is not None, BLOCK_M=plan.block_m,
-                 PREC=precision(a))
+    j = parts_run if parts_run is not None else plan.sorted_ids
+    args = (a, b, out, w, j, plan.sorted_ids, plan.block_sub, plan.total, n, k, plan.num_valid,
+            a.stride(0), b.stride(0), stride_bk, stride_bn, out.stride(0),
+            min(triton.next_power_of_2(plan.num_valid), 4096), max(part_n, part_k, 1))
+    flags = dict(A_DIV=a_div, MUL_W=weights is not None, PARTS_N=parts_run is not None and part_n > 0,
+                 PARTS_K=parts_run is not None and part_k > 0, BLOCK_M=plan.block_m, PREC=precision(a))
     if a.is_cuda:
         _moe_gemm_tuned[lambda meta: (plan.num_blocks, triton.cdiv(n, meta["BLOCK_N"]))](*args, **flags)
     else:  # Triton's interpreter (CPU tests): one small tile

@@ -53,25 +53,48 @@ def _combine(y0, y1, y2, y3, slot_ptr, w_ptr, out_ptr, stride_y, stride_o, R, D,
 
 
 @triton.jit
+def _parts_of(w_ptr, ids_ptr, scale_ptr, offs, m, tau, P: tl.constexpr):
+    """(expert, j) of choices offs: j = how many of the P scores weight x scale[e, p] (fp32) pass tau."""
+    e = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int32)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    j = tl.zeros(offs.shape, dtype=tl.int32)
+    for p in tl.static_range(P):
+        s = tl.load(scale_ptr + e * P + p, mask=m, other=0.0)
+        j += (w * s >= tau).to(tl.int32)
+    return e, j
+
+
+@triton.jit
+def _count(stats_ptr, j, m, R, P: tl.constexpr):
+    """stats += (parts asked for, parts run) of this program's choices."""
+    tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(m, j, 0), axis=0).to(tl.int64))
+    if tl.program_id(0) == 0:
+        tl.atomic_add(stats_ptr, tl.cast(R, tl.int64) * P)
+
+
+@triton.jit
 def _plan(w_ptr, ids_ptr, scale_ptr, j_ptr, key_ptr, hist_ptr, stats_ptr, R, tau, E,
           P: tl.constexpr, HAS_J: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < R
-    e = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int32)
     if HAS_J:  # parts to run given (load-aware dropping)
+        e = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int32)
         j = tl.load(j_ptr + offs, mask=m, other=0).to(tl.int32)
-    else:  # uniform: j = how many of the choice's P scores (weight x scale[e, p], fp32) pass the threshold
-        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        j = tl.zeros([BLOCK], dtype=tl.int32)
-        for p in tl.static_range(P):
-            s = tl.load(scale_ptr + e * P + p, mask=m, other=0.0)
-            j += (w * s >= tau).to(tl.int32)
+    else:  # uniform: one threshold
+        e, j = _parts_of(w_ptr, ids_ptr, scale_ptr, offs, m, tau, P)
     key = tl.where(j > 0, (j - 1) * E + e, P * E)  # group (j - 1, e); P * E: nothing to run
     tl.store(key_ptr + offs, key, mask=m)
     tl.atomic_add(hist_ptr + key, 1, mask=m)
-    tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(m, j, 0), axis=0).to(tl.int64))  # parts run
-    if tl.program_id(0) == 0:
-        tl.atomic_add(stats_ptr, tl.cast(R, tl.int64) * P)  # parts asked for
+    _count(stats_ptr, j, m, R, P)
+
+
+@triton.jit
+def _parts(w_ptr, ids_ptr, scale_ptr, j_ptr, stats_ptr, R, tau, P: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < R
+    _, j = _parts_of(w_ptr, ids_ptr, scale_ptr, offs, m, tau, P)
+    tl.store(j_ptr + offs, j, mask=m)
+    _count(stats_ptr, j, m, R, P)
 
 
 @triton.jit
@@ -109,6 +132,19 @@ def plan_segments(weights: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor,
                                         j.contiguous(), key, counts, stats, R, float(tau), E, P=P,
                                         HAS_J=parts_run is not None, BLOCK=BLOCK)
     return key, counts
+
+
+def parts_run(weights: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor, tau: float,
+              stats: torch.Tensor) -> torch.Tensor:
+    """Parts each choice runs, j [R] int32 (its scores weight x scale[e, p] >= tau), in one kernel that also
+    adds R * P to stats[0] and the parts run to stats[1] (the fused decode path's planning)."""
+    R = ids.numel()
+    E, P = scale.shape
+    j = torch.empty(R, dtype=torch.int32, device=ids.device)
+    if R:
+        _parts[(triton.cdiv(R, BLOCK),)](weights.contiguous(), ids.contiguous(), scale.float().contiguous(), j,
+                                         stats, R, float(tau), P=P, BLOCK=BLOCK)
+    return j
 
 
 def place_rows(x: torch.Tensor, key: torch.Tensor, counts: torch.Tensor, num_experts: int, parts: int, k: int):
