@@ -18,7 +18,12 @@ time = slowest rank + conversion not hidden under its dispatch (the rank's recei
 source rank before the dispatch (that time added), the low ranks' rows sent in fp8 (D + 4 bytes: a shorter
 window to hide the conversion in), and their FP8 experts on rows already fp8. Baselines in the same run: BF16 everywhere, FP8 everywhere, EPLB-style redundant experts
 (one extra copy per rank of the hottest experts, from the other batches' loads, and from this batch's:
-"oracle"). "bound" is ReaLB with a free conversion.
+"oracle"). "bound" is ReaLB with a free conversion. The conversion converts q13 first: the first GEMM waits
+for it alone, the second for q2, so q2's conversion hides under the first GEMM too; on CUDA each low rank's
+time after an NVLink dispatch is measured with that real overlap (the dispatch a sleep kernel on the main
+stream; realb_modelled_x composes the same from the pieces instead). gemm_bound_x: the GEMM-only bound, every
+rank's two GEMMs in FP8 with inputs already fp8 and nothing converted or quantized (any set of ranks, the best
+layer time); of_gemm_bound = realb_x / gemm_bound_x.
 """
 
 from __future__ import annotations
@@ -208,54 +213,126 @@ class RankTimer:
         self.ex = GroupedExperts(max_experts, D, F).to(device, dt)
         self.x = torch.randn(max_rows, D, device=device, dtype=dt)
         self.dt = dt
-        self.cache: dict = {}
+        self.cache: dict = {}  # the current rank's tensors (`_setup`)
+        self.times_cache: dict = {}  # seconds per (piece, counts)
+        self.cycles_per_ms = None  # torch.cuda._sleep's rate, measured on first use (`pipelined`)
+
+    def _setup(self, counts: list[int]) -> dict:
+        """The rank's rows, weights and their fp8 forms (kept per counts: the pieces below share them)."""
+        from moestack.inference.lowp import fp8_scales, quantize_fp8
+
+        key = ("setup", tuple(counts))
+        if key not in self.cache:
+            E, N = len(counts), sum(counts)
+            x = self.x[:N]
+            w13, w2 = self.ex.w13[:E].detach(), self.ex.w2[:E].detach()
+            q13, s13 = quantize_fp8(w13, -2, transpose=True)
+            q2, s2 = quantize_fp8(w2, -2, transpose=True)
+            self.cache.clear()  # one rank's tensors at a time (a Mixtral rank's fp8 copies are GBs)
+            self.cache[key] = dict(c=torch.tensor(counts, device=self.device), x=x, xq=quantize_fp8(x, -1), w13=w13,
+                                   w2=w2, q13=q13, s13=s13, q2=q2, s2=s2, k13=fp8_scales(w13, -2), k2=fp8_scales(w2, -2))
+        return self.cache[key]
+
+    def _timed(self, counts: list[int], name: str, fns: dict) -> float:
+        key = (name, tuple(counts))
+        if key not in self.times_cache:
+            self.times_cache[key] = time_fn(fns[name], self.device, reps=self.reps) if sum(counts) else 0.0
+        return self.times_cache[key]
+
+    def pieces(self, counts: list[int], names: tuple[str, ...]) -> dict:
+        """Seconds for these rows per local expert, for each of `names`:
+        bf16 (the bf16 experts), fp8 / fp8_pre (the FP8 experts with the rows quantized on the rank / arriving
+        in fp8), fp8_up (the FP8 path up to SwiGLU's fp8 output, rows quantized on the rank), conv / conv13
+        (the weight conversion with kept scales: both projections / gate-up only), gemm16 / gemm8 (the two
+        GEMMs alone, bf16 / fp8 with every input already fp8: the GEMM-only bound)."""
+        from moestack.inference.lowp import cast_fp8, fp8_experts, fp8_grouped_mm, quantize_fp8, swiglu_fp8
+
+        if sum(counts) == 0:
+            return {n: 0.0 for n in names}
+        z = self._setup(counts)
+        c, x, (xq, xs) = z["c"], z["x"], z["xq"]
+        offs = torch.cumsum(c, 0).to(torch.int32)
+        if "gemm16" in names or "gemm8" in names:
+            a16 = torch.randn(x.shape[0], z["w2"].shape[1], device=self.device, dtype=self.dt)
+            a8 = z.setdefault("a8", quantize_fp8(a16, -1))
+        fns = {
+            "bf16": lambda: self.ex.run(x, c, z["w13"], z["w2"]),
+            "fp8": lambda: fp8_experts(x, c, z["q13"], z["s13"], z["q2"], z["s2"], self.dt),
+            "fp8_pre": lambda: fp8_experts(xq, c, z["q13"], z["s13"], z["q2"], z["s2"], self.dt, xs),
+            "fp8_up": lambda: swiglu_fp8(fp8_grouped_mm(x, z["q13"], z["s13"], c, self.dt)),
+            "conv": lambda: (cast_fp8(z["w13"], z["k13"], -2, out=z["q13"], transpose=True),
+                             cast_fp8(z["w2"], z["k2"], -2, out=z["q2"], transpose=True)),
+            "conv13": lambda: cast_fp8(z["w13"], z["k13"], -2, out=z["q13"], transpose=True),
+            "gemm16": lambda: (torch._grouped_mm(x, z["w13"], offs=offs), torch._grouped_mm(a16, z["w2"], offs=offs)),
+            "gemm8": lambda: (fp8_grouped_mm(xq, z["q13"], z["s13"], c, self.dt, xs),
+                              fp8_grouped_mm(a8[0], z["q2"], z["s2"], c, self.dt, a8[1])),
+        }
+        return {n: self._timed(counts, n, fns) for n in names}
 
     def times(self, counts: list[int]) -> dict:
-        """Seconds for these rows per local expert: bf16 experts, FP8 experts with the rows quantized on the rank
-        (fp8) or arriving in fp8 (fp8_pre), and the conversion of the experts' weights with kept scales (conv)."""
-        from moestack.inference.lowp import cast_fp8, fp8_experts, fp8_scales, quantize_fp8
+        """bf16, fp8, fp8_pre and conv seconds (see `pieces`)."""
+        return self.pieces(counts, ("bf16", "fp8", "fp8_pre", "conv"))
 
-        key = tuple(counts)
-        if key in self.cache:
-            return self.cache[key]
-        E, N = len(counts), sum(counts)
-        if N == 0:
-            return {"bf16": 0.0, "fp8": 0.0, "fp8_pre": 0.0, "conv": 0.0}
-        c = torch.tensor(counts, device=self.device)
-        x = self.x[:N]
-        xq, xs = quantize_fp8(x, -1)
-        w13, w2 = self.ex.w13[:E].detach(), self.ex.w2[:E].detach()
-        q13, s13 = quantize_fp8(w13, -2, transpose=True)
-        q2, s2 = quantize_fp8(w2, -2, transpose=True)
-        k13, k2 = fp8_scales(w13, -2), fp8_scales(w2, -2)  # kept from the first conversion, as ReaLB keeps them
+    def pipelined(self, counts: list[int], window_ms: float) -> float | None:
+        """Seconds after a dispatch of window_ms until a low rank's FP8 experts finish, measured with the real
+        overlap on this GPU: the side stream converts q13 then q2 while the main stream waits out the dispatch
+        (a sleep kernel standing in for the all-to-all), the first GEMM waits for q13, the second for q2 (as
+        inference/realb.py runs them). None off CUDA (the layer model composes the pieces instead)."""
+        from moestack.inference.lowp import cast_fp8, fp8_experts
 
-        def bf16():
-            return self.ex.run(x, c, w13, w2)
+        if self.device.type != "cuda" or sum(counts) == 0:
+            return None
+        if self.cycles_per_ms is None:
+            n = 10_000_000
+            self.cycles_per_ms = n / (time_fn(lambda: torch.cuda._sleep(n), self.device, reps=5) * 1e3)
+        key = ("pipe", tuple(counts), round(window_ms, 4))
+        if key in self.times_cache:
+            return self.times_cache[key]
+        z = self._setup(counts)
+        side = torch.cuda.Stream(self.device)
+        cycles = int(window_ms * self.cycles_per_ms)
 
-        def fp8():
-            return fp8_experts(x, c, q13, s13, q2, s2, self.dt)
+        def run():
+            main = torch.cuda.current_stream(self.device)
+            side.wait_stream(main)
+            e13, e2 = torch.cuda.Event(), torch.cuda.Event()
+            with torch.cuda.stream(side):
+                cast_fp8(z["w13"], z["k13"], -2, out=z["q13"], transpose=True)
+                e13.record()
+                cast_fp8(z["w2"], z["k2"], -2, out=z["q2"], transpose=True)
+                e2.record()
+            torch.cuda._sleep(cycles)  # the dispatch
+            main.wait_event(e13)
+            fp8_experts(z["x"], z["c"], z["q13"], z["s13"], z["q2"], z["s2"], self.dt,
+                        before_down=lambda: main.wait_event(e2))
 
-        def fp8_pre():
-            return fp8_experts(xq, c, q13, s13, q2, s2, self.dt, xs)
-
-        def conv():
-            cast_fp8(w13, k13, -2, out=q13, transpose=True)
-            cast_fp8(w2, k2, -2, out=q2, transpose=True)
-
-        out = {k: time_fn(f, self.device, reps=self.reps)
-               for k, f in (("bf16", bf16), ("fp8", fp8), ("fp8_pre", fp8_pre), ("conv", conv))}
-        self.cache[key] = out
-        return out
+        self.times_cache[key] = max(0.0, time_fn(run, self.device, reps=self.reps) - window_ms / 1e3)
+        return self.times_cache[key]
 
     def quantize_tokens(self, tokens: int) -> float:
         """Seconds to quantize `tokens` token rows (a source rank's share, before an fp8 dispatch)."""
         from moestack.inference.lowp import quantize_fp8
 
         key = ("tokens", tokens)
-        if key not in self.cache:
+        if key not in self.times_cache:
             x = self.x[:tokens]
-            self.cache[key] = time_fn(lambda: quantize_fp8(x, -1), self.device, reps=self.reps)
-        return self.cache[key]
+            self.times_cache[key] = time_fn(lambda: quantize_fp8(x, -1), self.device, reps=self.reps)
+        return self.times_cache[key]
+
+
+def dispatch_ms(rows: float, G: int, width_bytes: int, gbps: float) -> float:
+    """A rank's dispatch window: its rows from the other G - 1 ranks (evenly spread sources) over the link."""
+    return rows * (G - 1) / G * width_bytes / (gbps * 1e9) * 1e3
+
+
+def low_rank_ms(fp8: float, conv: float, window: float, up: float | None = None, conv13: float | None = None) -> float:
+    """A low rank's time after its dispatch window: the conversion runs from the dispatch's start on a side
+    stream, q13 then q2; with the pieces known (first half `up`, q13's share `conv13`) the first GEMM waits for
+    q13 only and the second for q2, else the experts wait for the whole conversion."""
+    if up is None or conv13 is None:
+        return fp8 + max(0.0, conv - window)
+    start = max(window, conv13)
+    return max(start + up, conv) + (fp8 - up) - window
 
 
 def eplb_loads(counts: np.ndarray, history: np.ndarray, G: int) -> list[list[float]]:
@@ -302,6 +379,7 @@ def study_speed(args) -> None:
                            "rank_fp8_ms": [x["fp8"] * 1e3 for x in t], "rank_conv_ms": [x["conv"] * 1e3 for x in t],
                            "rank_fp8pre_ms": [x["fp8_pre"] * 1e3 for x in t],
                            "src_quant_ms": timer.quantize_tokens(-(-int(data[key + "/tokens"]) // G)) * 1e3}
+                    extras(row, timer, c, data[key + "/vision"][layer], int(data[key + "/tokens"]), G, D, args)
                     bf16 = max(row["rank_bf16_ms"])
                     for label, hist in (("eplb", history[layer]), ("eplb_oracle", c)):
                         te = [timer.times([int(round(v)) for v in sl])["bf16"] * 1e3 for sl in eplb_loads(c, hist, G)]
@@ -310,11 +388,53 @@ def study_speed(args) -> None:
     evaluate_speed(rows, data, shapes, args)
 
 
+def policies(args) -> dict[str, RealbConfig]:
+    default = RealbConfig(load_ratio=args.load_ratio)
+    out = {"realb": default, "realb_any_rows": RealbConfig(load_ratio=args.load_ratio, min_expert_rows=0)}
+    out.update({f"realb{r}": RealbConfig(load_ratio=r) for r in args.ratios if r != args.load_ratio})
+    return out
+
+
+def extras(row: dict, timer: RankTimer, c: np.ndarray, v: np.ndarray, tokens: int, G: int, D: int, args) -> None:
+    """What the layer model needs beyond every rank's bf16 / fp8 / conversion times, measured only where it
+    counts: for each rank some policy lowers, the split pieces (fp8_up, conv13) and, on CUDA, the rank's real
+    overlapped time after an NVLink dispatch (`RankTimer.pipelined`); and the GEMM-only bound's pieces
+    (gemm16, gemm8) for the ranks that set the layer time as the slowest ones are lowered in turn."""
+    E = c.size
+    per = E // G
+    counts = [c[g * per:(g + 1) * per].tolist() for g in range(G)]
+    loads, vis = torch.tensor(c.reshape(G, per).sum(1)), torch.tensor(v.reshape(G, per).sum(1))
+    low_any = torch.zeros(G, dtype=torch.bool)
+    for cfg in policies(args).values():
+        low_any |= choose_ranks(loads, vis, tokens, cfg, per)
+    none = [None] * G
+    row.update(rank_fp8up_ms=list(none), rank_conv13_ms=list(none), rank_pipe_ms=list(none),
+               rank_gemm16_ms=list(none), rank_gemm8_ms=list(none))
+    for g in low_any.nonzero().flatten().tolist():
+        t = timer.pieces(counts[g], ("fp8_up", "conv13"))
+        row["rank_fp8up_ms"][g], row["rank_conv13_ms"][g] = t["fp8_up"] * 1e3, t["conv13"] * 1e3
+        pipe = timer.pipelined(counts[g], dispatch_ms(float(loads[g]), G, 2 * D, args.link_gbps))
+        row["rank_pipe_ms"][g] = None if pipe is None else pipe * 1e3
+    eff = list(row["rank_bf16_ms"])
+    for _ in range(G):  # lower the slowest rank by its GEMM-only ratio until the slowest is one already lowered
+        g = int(np.argmax(eff))
+        if row["rank_gemm16_ms"][g] is not None:
+            break
+        t = timer.pieces(counts[g], ("gemm16", "gemm8"))
+        row["rank_gemm16_ms"][g], row["rank_gemm8_ms"][g] = t["gemm16"] * 1e3, t["gemm8"] * 1e3
+        eff[g] = min(eff[g], gemm_only_ms(row, g))
+
+
+def gemm_only_ms(row: dict, g: int) -> float:
+    """Rank g's time with only its two GEMMs in FP8 (inputs already fp8, nothing converted): the bound."""
+    tb, g16, g8 = row["rank_bf16_ms"][g], row["rank_gemm16_ms"][g], row["rank_gemm8_ms"][g]
+    return tb if g16 is None else min(tb, tb - g16 + g8)
+
+
 def evaluate_speed(rows: list[dict], data, shapes: dict, args, source: str = "") -> None:
     """Layer times of each policy from measured per-rank times (rows) and the traces' loads and vision shares."""
-    default = RealbConfig(load_ratio=args.load_ratio)
-    policies = {"realb": default, "realb_any_rows": RealbConfig(load_ratio=args.load_ratio, min_expert_rows=0)}
-    policies.update({f"realb{r}": RealbConfig(load_ratio=r) for r in args.ratios if r != args.load_ratio})
+    pols = policies(args)
+    default = pols["realb"]
     for row in rows:
         D, _, E, _ = shapes[row["model"]]
         G = row["ep"]
@@ -326,25 +446,39 @@ def evaluate_speed(rows: list[dict], data, shapes: dict, args, source: str = "")
         tb, tf, tc = row["rank_bf16_ms"], row["rank_fp8_ms"], row["rank_conv_ms"]
         tp, src = row.get("rank_fp8pre_ms"), row.get("src_quant_ms", 0.0)  # absent in runs before 2026-12-03 pm
 
-        def layer_ms(low, conv=True, gbps=args.link_gbps, wire8=False):
+        up, c13 = row.get("rank_fp8up_ms") or [None] * G, row.get("rank_conv13_ms") or [None] * G
+        pipe = row.get("rank_pipe_ms") or [None] * G  # absent in runs before 2026-12-07
+
+        def layer_ms(low, conv=True, gbps=args.link_gbps, wire8=False, measured=True):
             # rows in over the link, ms: a rank's own rows (1/G of them, for evenly spread sources) stay home;
             # bf16 rows (2 D bytes), or with wire8 the low ranks' rows in fp8 with their scale (D + 4 bytes), the
-            # tokens quantized once on every source rank first (src ms, before the dispatch: on the critical path)
+            # tokens quantized once on every source rank first (src ms, before the dispatch: on the critical path).
+            # A low rank: its overlap measured on the GPU (NVLink window, bf16 rows), else composed from pieces.
             width = [(D + 4) if (wire8 and low[g]) else 2 * D for g in range(G)]
-            dispatch = [float(loads[g]) * (G - 1) / G * width[g] / (gbps * 1e9) * 1e3 for g in range(G)]
+            dispatch = [dispatch_ms(float(loads[g]), G, width[g], gbps) for g in range(G)]
             fp8 = tp if wire8 else tf
-            t = max((fp8[g] + (max(0.0, tc[g] - dispatch[g]) if conv else 0.0)) if low[g] else tb[g]
-                    for g in range(G))
+
+            def low_ms(g):
+                if not conv:
+                    return fp8[g]
+                if measured and pipe[g] is not None and gbps == args.link_gbps and not wire8:
+                    return pipe[g]
+                return low_rank_ms(fp8[g], tc[g], dispatch[g], None if wire8 else up[g], c13[g])
+
+            t = max(low_ms(g) if low[g] else tb[g] for g in range(G))
             return t + (src if wire8 and any(low) else 0.0)
 
         bf16 = layer_ms([False] * G)
         row.update(tokens=tokens, max_mean=float(loads.max() / loads.float().mean()), bf16_ms=bf16,
                    fp8_all_x=bf16 / layer_ms([True] * G))
-        for label, cfg in policies.items():
+        if "rank_gemm16_ms" in row:  # the GEMM-only bound: any rank's two GEMMs in FP8, nothing else paid
+            row["gemm_bound_x"] = bf16 / max(gemm_only_ms(row, g) for g in range(G))
+        for label, cfg in pols.items():
             low = choose_ranks(loads, vis, tokens, cfg, E // G).tolist()
             row[f"{label}_x"] = bf16 / layer_ms(low)
             row[f"{label}_low"] = sum(low)
             if label == "realb":
+                row["realb_modelled_x"] = bf16 / layer_ms(low, measured=False)
                 row["bound_x"] = bf16 / layer_ms(low, conv=False)
                 row["realb_slowlink_x"] = bf16 / layer_ms(low, gbps=args.slow_link_gbps)
                 if tp is not None:  # rows quantized at the source and sent in fp8 (inference/realb.py: one process)
@@ -360,9 +494,11 @@ def evaluate_speed(rows: list[dict], data, shapes: dict, args, source: str = "")
         for col in [c for c in rs[0] if c.endswith("_x") or c.endswith("_low")]:
             vals = [r[col] for r in rs]
             line[col] = float(np.exp(np.mean(np.log(vals)))) if col.endswith("_x") else float(np.mean(vals))
+        if "gemm_bound_x" in line:
+            line["of_gemm_bound"] = line["realb_x"] / line["gemm_bound_x"]
         table.append(line)
     cols = ["model", "ep", "batch", "max_mean", "bf16_ms", "fp8_all_x", "eplb_x", "eplb_oracle_x", "realb_x",
-            "realb_low", "bound_x", "realb_slowlink_x", "realb_wire8_x", "realb_wire8_slowlink_x", "realb_any_rows_x"]
+            "realb_modelled_x", "realb_low", "bound_x", "gemm_bound_x", "of_gemm_bound", "realb_slowlink_x", "realb_wire8_x", "realb_wire8_slowlink_x", "realb_any_rows_x"]
     cols = [c for c in cols if c in table[0]]
     cols += [f"realb{r}_x" for r in args.ratios if r != args.load_ratio]
     print(f"device: {rows[0]['device']}{source}; per batch: layer-time speed-up over BF16 everywhere, geometric "

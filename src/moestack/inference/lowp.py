@@ -124,12 +124,16 @@ def fp8_grouped_mm(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, cou
 
 
 def fp8_experts(x: torch.Tensor, counts: torch.Tensor, q13: torch.Tensor, s13: torch.Tensor, q2: torch.Tensor,
-                s2: torch.Tensor, out_dtype: torch.dtype, x_scale: torch.Tensor | None = None) -> torch.Tensor:
+                s2: torch.Tensor, out_dtype: torch.dtype, x_scale: torch.Tensor | None = None,
+                before_down=None) -> torch.Tensor:
     """SwiGLU experts in FP8: rows x [N, D] by expert (counts [E]; bf16, or fp8 with row scales x_scale [N])
     through q13 [E, 2F, D] and q2 [E, D, F] (fp8, with their column scales s13 [E, 2F], s2 [E, D]): [N, D].
-    The activation goes from the first GEMM's output to fp8 in one step (`swiglu_fp8`)."""
+    The activation goes from the first GEMM's output to fp8 in one step (`swiglu_fp8`). before_down: called
+    between the projections (ReaLB waits there for q2, whose conversion overlaps the first GEMM)."""
     h = fp8_grouped_mm(x, q13, s13, counts, out_dtype, x_scale)
     a, a_scale = swiglu_fp8(h)
+    if before_down is not None:
+        before_down()
     return fp8_grouped_mm(a, q2, s2, counts, out_dtype, a_scale)
 
 

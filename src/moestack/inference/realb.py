@@ -10,8 +10,9 @@ anyway (and the share of vision tokens in them), it picks the ranks that are
 - with big enough GEMMs: at least `min_expert_rows` rows per local expert (below that, quantizing the rows
   costs more than FP8 saves: measured on the H200, docs/methods/realb.md),
 and converts their experts' BF16 weights to FP8 on the fly (FP4 numerics emulated for accuracy) into one
-conversion buffer shared by all layers, on a side stream while the dispatch is in flight, then runs FP8
-grouped GEMMs with per-row / per-column scales (inference/lowp.py). No redundant experts, no copy of the
+conversion buffer shared by all layers, on a side stream while the dispatch is in flight (the gate/up
+weights first; the first GEMM waits for those alone, so the down weights' conversion also hides under
+it), then runs FP8 grouped GEMMs with per-row / per-column scales (inference/lowp.py). No redundant experts, no copy of the
 model: memory grows by one layer's (one rank's) fp8 experts, plus each layer's weight scales (one fp32 per
 output column, 4 / d_in of the bf16 expert bytes), kept so that a conversion is one read and one write.
 The FP8 rows are quantized once per token, before the dispatch (on one process; under EP the low rank
@@ -239,7 +240,7 @@ class RealbExperts(GroupedExperts):
         self.converted: dict[str, torch.Tensor] | None = None
         self.rows8: tuple | None = None  # (token fp8 rows [T, D], scales [T], token of each row [N]), or None
         self.scales: dict | None = None  # the weights' fp8 column scales, kept while the weights are unchanged
-        self.done = None  # CUDA event: the conversion into `converted` finished
+        self.done: tuple | None = None  # CUDA events: q13 converted, q2 converted (the GEMMs wait on them)
         self.layer_idx = 0  # which conversion buffer it uses (set by apply_realb)
 
     def convert(self, st: RealbState) -> None:
@@ -254,9 +255,7 @@ class RealbExperts(GroupedExperts):
             st.stream.wait_stream(torch.cuda.current_stream(self.w13.device))  # weights ready, buffer free
             idx.record_stream(st.stream)
             with torch.cuda.stream(st.stream):  # the gathered copies live (and are freed) on the side stream
-                self._quantize(idx, buf)
-                self.done = torch.cuda.Event()  # this layer's conversion finished (its GEMMs wait on it)
-                self.done.record(st.stream)
+                self.done = self._quantize(idx, buf, events=True)
         else:
             self._quantize(idx, buf)
         self.converted = buf
@@ -270,16 +269,28 @@ class RealbExperts(GroupedExperts):
             self.scales = {"key": key, "s13": fp8_scales(w13, dim=-2), "s2": fp8_scales(w2, dim=-2)}
         return self.scales
 
-    def _quantize(self, idx: torch.Tensor, buf: dict[str, torch.Tensor]) -> None:
-        """The experts idx into buf: with the scales known, one cast kernel per weight (read bf16, write fp8)."""
+    def _quantize(self, idx: torch.Tensor, buf: dict[str, torch.Tensor], events: bool = False) -> tuple | None:
+        """The experts idx into buf: with the scales known, one cast kernel per weight (read bf16, write fp8).
+        events: on CUDA, return (q13 done, q2 done) events recorded on the current stream."""
         sc = self.weight_scales()
         w13, w2, s13, s2 = self.w13.detach(), self.w2.detach(), sc["s13"], sc["s2"]
-        if idx.numel() < w13.shape[0]:  # simulated ranks on one process: some of the experts
-            w13, w2, s13, s2 = w13[idx], w2[idx], s13[idx], s2[idx]
+        sub = idx.numel() < w13.shape[0]  # simulated ranks on one process: some of the experts
+        if sub:
+            w13, s13 = w13[idx], s13[idx]
         buf["s13"].copy_(s13)
-        buf["s2"].copy_(s2)
         cast_fp8(w13, buf["s13"], dim=-2, out=buf["q13"], transpose=True)
+        done13 = torch.cuda.Event() if events else None
+        if events:
+            done13.record()
+        if sub:
+            w2, s2 = w2[idx], s2[idx]
+        buf["s2"].copy_(s2)
         cast_fp8(w2, buf["s2"], dim=-2, out=buf["q2"], transpose=True)
+        if not events:
+            return None
+        done2 = torch.cuda.Event()
+        done2.record()
+        return done13, done2
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         low, rows8 = self.low, self.rows8
@@ -311,12 +322,16 @@ class RealbExperts(GroupedExperts):
             h = fp4_grouped_mm(x.to(dtype), w13.to(dtype), counts)
             return fp4_grouped_mm(swiglu(h).contiguous(), w2.to(dtype), counts)
         buf = self.converted
-        if x.is_cuda and self.done is not None:
-            torch.cuda.current_stream(x.device).wait_event(self.done)
+        wait_down = None
+        if x.is_cuda and self.done is not None:  # the first GEMM waits for q13 only, the second for q2
+            main = torch.cuda.current_stream(x.device)
+            done13, done2 = self.done
+            main.wait_event(done13)
+            wait_down = lambda: main.wait_event(done2)  # noqa: E731
         x_scale = None
         if rows8 is not None:  # the dispatcher's per-token fp8 rows: the same values quantizing x would give
             x, x_scale = rows8
-        y = fp8_experts(x, counts, buf["q13"], buf["s13"], buf["q2"], buf["s2"], dtype, x_scale)
+        y = fp8_experts(x, counts, buf["q13"], buf["s13"], buf["q2"], buf["s2"], dtype, x_scale, wait_down)
         if x.is_cuda:  # the next layer's conversion writes the buffer only after these GEMMs read it
             st.stream.wait_stream(torch.cuda.current_stream(x.device))
         return y
