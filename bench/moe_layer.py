@@ -22,6 +22,7 @@ from moestack.moe.layer import MoELayer  # noqa: E402
 SHAPES = {  # name: (d_model, d_ff, experts, top_k)
     "mixtral": (4096, 14336, 8, 2),
     "olmoe": (2048, 1024, 64, 8),
+    "qwen3_moe": (2048, 768, 128, 8),  # Qwen3-30B-A3B's experts
 }
 
 
@@ -72,13 +73,18 @@ def eager_swiglu(fn):
     return run
 
 
-def measure(fn, x, device, reps):
+def measure_step(fn, x):
+    """One forward + backward of fn on x (the step every column times)."""
     def step():
         out = fn(x)
         out.float().sum().backward() if out.dim() else out.backward()
         x.grad = None
 
-    return time_fn(step, device, warmup=3, reps=reps)
+    return step
+
+
+def measure(fn, x, device, reps):
+    return time_fn(measure_step(fn, x), device, warmup=3, reps=reps)
 
 
 def main() -> None:

@@ -2,10 +2,12 @@
 
     python bench/profile_moe.py --shape qwen3_moe --tokens 16384 --rates 0,0.25
     python bench/profile_moe.py --shape cpu --tokens 2048          # CPU: operator table
+    python bench/profile_moe.py --shape mixtral --tokens 8192 --train   # forward + backward, as bench/moe_layer.py
 
 Profiles the plain layer and, with --rates, the same layer after DualSparse `sparsify` at each drop rate
 (inference, bf16 on GPU, fp32 on CPU). Prints the top operators by device time and writes the tables to
-$OUT (device runs) or bench/results as profile_moe.txt.
+$OUT (device runs) or bench/results as profile_moe.txt. --train profiles the plain layer's forward and
+backward instead (training mode, the step bench/moe_layer.py times) beside the dense ceiling's.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--rates", default="", help="DualSparse drop rates to profile too, e.g. 0,0.25")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--train", action="store_true", help="forward + backward of the plain layer and the dense ceiling")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -52,6 +55,14 @@ def main() -> None:
     base, m = make_layer(d, f, E, k, device, dtype)
     x = tokens(args.tokens, d, m, device, dtype, seed=1)
     out = [f"# {args.shape} {args.tokens} tokens, {device}, {dtype}"]
+    if args.train:
+        from moe_layer import dense_ceiling, measure_step
+
+        base.train()
+        xg = x.detach().clone().requires_grad_(True)
+        out += ["## plain layer, forward + backward", table(measure_step(lambda t: sum(base(t)), xg), device, args.rows)]
+        ceiling = dense_ceiling(args.tokens, d, f, k, device, dtype)
+        out += ["## dense ceiling, forward + backward", table(measure_step(ceiling, xg), device, args.rows)]
     with torch.no_grad():
         out += ["## plain layer", table(lambda: base(x), device, args.rows)]
         if args.rates:

@@ -12,8 +12,9 @@ py() { local t=$1; shift; timeout "$t" python3 "$@" 2>&1 | grep -v '^{'; }  # py
 
 declare -A HELP=(
   [tests]="the gpu- and triton-marked tests (fast paths against the eager references, on the GPU)"
-  [layer]="bench/moe_layer.py: MoE layer fwd+bwd against HF grouped_mm and the dense ceiling"
-  [dualsparse]="bench/dualsparse.py --study speed: layer time vs drop rate, eager and CUDA graphs"
+  [layer]="bench/moe_layer.py: MoE layer fwd+bwd against HF grouped_mm and the dense ceiling (Mixtral, OLMoE, Qwen3-MoE shapes)"
+  [profile_layer]="bench/profile_moe.py --train: kernel tables of the layer's fwd+bwd and the dense ceiling's (Mixtral, OLMoE 8k)"
+  [dualsparse]="bench/dualsparse.py --study speed: layer time vs drop rate 0/25/50%, eager and CUDA graphs, 4k/16k/32k tokens"
   [combine]="bench/combine.py: the weighted combine kernels"
   [swiglu]="bench/swiglu.py: the SwiGLU row kernels"
   [train]="bench/train_step.py --compile: the training step, bf16 autocast, fp32 vs bf16 rows, compiled"
@@ -31,8 +32,13 @@ declare -A HELP=(
 run_group() {
   case "$1" in
   tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" --tb=short -rfE tests 2>&1 | grep -v Warning ;;
-  layer) py 240 bench/moe_layer.py --reps 10 --skip-loop ;;
-  dualsparse) py 300 bench/dualsparse.py --study speed --reps 10 ;;
+  layer) py 300 bench/moe_layer.py --reps 10 --skip-loop --shapes mixtral,olmoe,qwen3_moe ;;
+  profile_layer)
+    for s in mixtral olmoe; do
+      timeout 120 python3 bench/profile_moe.py --shape $s --tokens 8192 --train --rows 30 > "$OUT/profile_layer_$s.txt" 2>&1
+      grep -A40 '^## plain' "$OUT/profile_layer_$s.txt" | head -45
+    done ;;
+  dualsparse) py 300 bench/dualsparse.py --study speed --reps 10 --rates 0,0.25,0.5 --tokens 4096,16384,32768 ;;
   combine) py 150 bench/combine.py --reps 20 ;;
   swiglu) py 60 bench/swiglu.py ;;
   fssdp)
@@ -55,7 +61,7 @@ run_group() {
 }
 
 if [ $# -eq 0 ] || [ "$1" = "--list" ]; then
-  for g in tests layer dualsparse combine swiglu train checkpoint disk serve serve_fixed serve_full serve_dualsparse \
+  for g in tests layer profile_layer dualsparse combine swiglu train checkpoint disk serve serve_fixed serve_full serve_dualsparse \
            serve_http realb fssdp; do
     printf '  %-17s %s\n' "$g" "${HELP[$g]}"
   done
