@@ -1,5 +1,6 @@
 """MoE layer forward+backward time and TFLOP/s against a per-expert loop, Hugging Face's Mixtral block
-(eager and grouped_mm experts) and the dense ceiling (one matmul of the same FLOPs), in one run.
+(eager and grouped_mm experts) and the dense ceiling (one matmul of the same FLOPs), in one run; on a GPU
+also moestack without its Triton training-combine kernels.
 
     python bench/moe_layer.py                # GPU: Mixtral-like and OLMoE-like shapes, 8k and 32k tokens
     python bench/moe_layer.py --quick        # small shapes (CPU smoke run)
@@ -16,7 +17,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, print_table, time_fn, write_results  # noqa: E402
 
-import moestack.moe.experts as experts_mod  # noqa: E402
 from moestack.moe.layer import MoELayer  # noqa: E402
 
 SHAPES = {  # name: (d_model, d_ff, experts, top_k)
@@ -61,14 +61,17 @@ def dense_ceiling(tokens, d, f, k, device, dtype):
     return lambda x: x.repeat(k, 1) @ w if k > 1 else x @ w
 
 
-def eager_swiglu(fn):
-    """fn with moestack's SwiGLU forced to eager PyTorch for its forward (the backward follows the forward)."""
+def autograd_combine(fn):
+    """fn with moestack's training combine and expansion backward as autograd gathers and sums instead of the
+    Triton kernels (moe/dispatch.py TRITON_COMBINE): what the kernels buy, in the same run."""
+    import moestack.moe.dispatch as dispatch
+
     def run(x):
-        old, experts_mod.SWIGLU_IMPL = experts_mod.SWIGLU_IMPL, "eager"
+        dispatch.TRITON_COMBINE[0] = False
         try:
             return fn(x)
         finally:
-            experts_mod.SWIGLU_IMPL = old
+            dispatch.TRITON_COMBINE[0] = True
 
     return run
 
@@ -110,8 +113,8 @@ def main() -> None:
                 "hf grouped_mm": hf_block(d, f, E, k, "grouped_mm", device, dtype),
                 "hf eager": hf_block(d, f, E, k, "eager", device, dtype),
             }
-            if device == "cuda":  # the same layer with eager SwiGLU: what the Triton kernel buys, same run
-                cands["moestack grouped_mm, eager swiglu"] = eager_swiglu(cands["moestack grouped_mm"])
+            if device == "cuda":  # the same layer without the Triton combine kernels: what they buy, same run
+                cands["moestack grouped_mm, autograd combine"] = autograd_combine(cands["moestack grouped_mm"])
             if not args.skip_loop:
                 cands["moestack loop"] = ours(d, f, E, k, "loop", device, dtype)
             base = None
@@ -129,7 +132,12 @@ def main() -> None:
             del cands
             if device == "cuda":
                 torch.cuda.empty_cache()
-    print_table(rows, ["shape", "tokens", "method", "ms", "tflops", "pct_of_dense", "error"])
+    for r in rows:  # speed-up over HF's grouped_mm block at the same shape and tokens (same run)
+        hf = next((h["ms"] for h in rows if h["method"] == "hf grouped_mm" and "ms" in h
+                   and (h["shape"], h["tokens"]) == (r["shape"], r["tokens"])), None)
+        if hf and "ms" in r:
+            r["x_hf_grouped_mm"] = hf / r["ms"]
+    print_table(rows, ["shape", "tokens", "method", "ms", "tflops", "pct_of_dense", "x_hf_grouped_mm", "error"])
     write_results("moe_layer", rows)
 
 

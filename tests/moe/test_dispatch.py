@@ -90,8 +90,41 @@ def test_fused_inference_combine_matches_the_autograd_path(triton_device):
     with torch.no_grad():
         assert dispatch.fused_inference(x)
         fused = layer(x)[0]  # no gradient wanted: the Triton combine
-    eager = layer(x)[0]  # autograd: unpermute
+    dispatch.TRITON_COMBINE[0] = False
+    try:
+        eager = layer(x)[0]  # autograd: unpermute's gathers and sums
+    finally:
+        dispatch.TRITON_COMBINE[0] = True
     torch.testing.assert_close(fused, eager.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("k", [2, 8])
+def test_training_combine_kernels_match_the_autograd_path(triton_device, k):
+    """The dropless training combine (forward and backward) and the expansion's backward as Triton kernels give
+    the gathers-and-sums path's output and every gradient: tokens, router gate (through the weights), experts."""
+    import copy
+
+    from moestack.moe.layer import MoELayer
+    import moestack.moe.dispatch as dispatch
+
+    torch.manual_seed(0)
+    layer = MoELayer(64, 16, k, 96, impl="grouped_mm", aux_loss_coef=0.0, z_loss_coef=0.0).to(triton_device)
+    x = torch.randn(150, 64, device=triton_device)
+    g = torch.randn(150, 64, device=triton_device)
+    outs = {}
+    for fused in (True, False):
+        net, xi = copy.deepcopy(layer), x.clone().requires_grad_(True)
+        dispatch.TRITON_COMBINE[0] = fused
+        try:
+            y = net(xi)[0]
+            (y * g).sum().backward()
+        finally:
+            dispatch.TRITON_COMBINE[0] = True
+        outs[fused] = (y.detach(), xi.grad, net.router.gate.weight.grad, net.experts.w13.grad, net.experts.w2.grad)
+    for a, b in zip(outs[True], outs[False]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert outs[True][2].abs().sum() > 0  # the router's gradient came through the weights' gradient
 
 
 @pytest.mark.triton

@@ -14,8 +14,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moestack.moe.experts import fused_inference
+from moestack.moe.experts import fused_inference, triton_runs
 from moestack.moe.router import Routing, count_ids
+
+# The training combine and the expansion's backward as Triton kernels where Triton runs, outside torch.compile
+# (False: the autograd gathers and sums; benchmarks flip it to compare both in one run)
+TRITON_COMBINE = [True]
+
+
+def _triton_combine(t: torch.Tensor) -> bool:
+    return TRITON_COMBINE[0] and not torch.compiler.is_compiling() and triton_runs(t)
 
 
 @dataclass
@@ -99,16 +107,42 @@ class _ExpandRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         inverse, sent = ctx.saved_tensors
+        k = ctx.k
+        if sent is None and _triton_combine(grad) and grad.shape[0] == inverse.numel():  # one kernel
+            from moestack.moe.rows_triton import combine_segments
+
+            ones = torch.ones(inverse.numel() // k, k, device=grad.device)
+            return combine_segments([grad], inverse, ones), None, None, None, None
         per_choice = grad.index_select(0, inverse)  # [T*k, D]
         if sent is not None:  # unsent choices read another row's gradient: zero it (where: inf * 0 is nan)
             per_choice = torch.where(sent.unsqueeze(-1), per_choice, per_choice.new_zeros(()))
-        return per_choice.view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None, None
+        return per_choice.view(-1, k, grad.shape[-1]).sum(dim=1), None, None, None, None
 
 
 def expand_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, sent: torch.Tensor | None,
                 k: int) -> torch.Tensor:
     """x[order // k] for choices `order` (see `inverse_order`); the gradient is a gather and a sum."""
     return _ExpandRows.apply(x, order, inverse, sent, k)
+
+
+class _CombineRows(torch.autograd.Function):
+    """sum_k weights[t, k] * y[inverse[t * k + k']] (every choice with a row) as Triton kernels, forward and
+    backward: one pass over y each way, no [T*k, D] intermediate in choice order (moe/rows_triton.py)."""
+
+    @staticmethod
+    def forward(ctx, y, inverse, weights):
+        from moestack.moe.rows_triton import combine_segments
+
+        ctx.save_for_backward(y, inverse, weights)
+        return combine_segments([y], inverse, weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from moestack.moe.rows_triton import combine_backward
+
+        y, inverse, weights = ctx.saved_tensors
+        gy, gw = combine_backward(y, grad, inverse, weights)
+        return gy, None, gw if ctx.needs_input_grad[2] else None
 
 
 def unpermute(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_choices: int,
@@ -130,6 +164,8 @@ def unpermute(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_c
         if sent is None:
             raise ValueError("unpermute: y has fewer rows than `order` but no `sent` mask says which choices lack one")
         inverse, order = inverse.clamp(max=N - 1), order[:N]
+    elif sent is None and _triton_combine(y):  # dropless on CUDA: the fused kernels
+        return _CombineRows.apply(y, inverse, weights)
     return weighted_sum(gather_rows(y, inverse, order), weights, sent)
 
 

@@ -7,6 +7,11 @@ segments here without a sort: `plan_segments` counts the parts each choice runs 
 atomics: within a group rows land in any order, which changes no output, since every row is computed
 alone) while it copies the token row there.
 
+Training uses them too (moe/dispatch.py, dropless rows on CUDA): `combine_segments` is the weighted
+combine's forward and, with unit weights, the backward of the token expansion (each token's k row
+gradients summed); `combine_backward` is the combine's backward in one pass per choice (the row's gradient
+w x grad_out[t], written in expert order, and the weight's gradient y . grad_out[t]).
+
 Eager PyTorch fills the P segments with one gather over all P * R rows (padding included) and brings the
 outputs home with P gathers of R rows, a select per segment and a weighted sum: several passes over
 [R, D] tensors. These kernels touch only the rows that exist: `place_rows` copies each choice's token
@@ -116,6 +121,23 @@ def _place(x_ptr, key_ptr, hist_ptr, ends_ptr, cursor_ptr, slot_ptr, out_ptr, st
         tl.store(slot_ptr + c, P * R)
 
 
+@triton.jit
+def _combine_bwd(y_ptr, g_ptr, slot_ptr, w_ptr, gy_ptr, gw_ptr, stride_y, stride_g, D,
+                 K: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)  # one choice: token c // K, row slot[c] of y
+    row = tl.load(slot_ptr + c)
+    w = tl.load(w_ptr + c).to(tl.float32)
+    dot = tl.zeros([BLOCK], dtype=tl.float32)
+    for c0 in range(0, D, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        m = cols < D
+        g = tl.load(g_ptr + (c // K) * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + row * stride_y + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(gy_ptr + row * stride_y + cols, (w * g).to(gy_ptr.dtype.element_ty), mask=m)
+        dot += y * g
+    tl.store(gw_ptr + c, tl.sum(dot, axis=0))
+
+
 def plan_segments(weights: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor, tau: float,
                   stats: torch.Tensor, parts_run: torch.Tensor | None = None):
     """(key [R] int32, counts [P * E + 1] int32) for choices with expert ids and weights [R]: key = (j - 1) * E
@@ -177,3 +199,16 @@ def combine_segments(y: list[torch.Tensor], slot: torch.Tensor, weights: torch.T
         _combine[(T, triton.cdiv(D, BLOCK))](*ys, slot.contiguous(), weights.contiguous(), out, y[0].stride(0),
                                              out.stride(0), R, D, K=k, P=len(y), BLOCK=BLOCK)
     return out
+
+
+def combine_backward(y: torch.Tensor, grad: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor):
+    """Gradients of `combine_segments([y], slot, weights)` (one segment, every choice with a row): (grad_y [N, D]
+    in y's rows, grad_weights [T, k] fp32)."""
+    T, k = weights.shape
+    y, grad = y.contiguous(), grad.contiguous()
+    gy = torch.empty_like(y)
+    gw = torch.empty(T, k, dtype=torch.float32, device=y.device)
+    if T * k and y.shape[1]:
+        _combine_bwd[(T * k,)](y, grad, slot.contiguous(), weights.contiguous(), gy, gw, y.stride(0), grad.stride(0),
+                               y.shape[1], K=k, BLOCK=BLOCK)
+    return gy, gw.to(weights.dtype)
