@@ -37,31 +37,29 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, j_ptr, sorted_ptr, block_sub_ptr, tota
         ncheck = cols < N
         a_rows = a_ptr + (entry // A_DIV) * stride_am
         k_end = K
-        run = pid_n >= 0
         if PARTS_N or PARTS_K:  # DualSparse: row r runs the first j_r parts (PART columns or rows of B each)
             j = tl.load(j_ptr + entry, mask=valid, other=0)  # [BLOCK_M]
             need = tl.max(j, axis=0) * PART  # the block's rows need B's first `need` columns / rows
-            if PARTS_N:
-                run = pid_n * BLOCK_N < need  # a tile of parts no row runs reads nothing
+            if PARTS_N:  # a tile of parts no row runs reads nothing (it stores zeros, never read)
+                k_end = tl.where(pid_n * BLOCK_N < need, K, 0)
             if PARTS_K:
                 k_end = tl.minimum(need, K)
-        if run:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, k_end, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                kcheck = ks < K
-                a_mask = valid[:, None] & kcheck[None, :]
-                if PARTS_K:  # each row's product stops at its own parts (the rest of its A row is garbage)
-                    a_mask = a_mask & (ks[None, :] < (j * PART)[:, None])
-                a = tl.load(a_rows[:, None] + ks[None, :], mask=a_mask, other=0.0)
-                b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                            mask=kcheck[:, None] & ncheck[None, :], other=0.0)
-                acc += tl.dot(a, b, input_precision=PREC)
-            if MUL_W:
-                w = tl.load(w_ptr + entry, mask=valid, other=0.0).to(tl.float32)
-                acc = acc * w[:, None]
-            tl.store(c_ptr + entry[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-                     mask=valid[:, None] & ncheck[None, :])
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, k_end, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kcheck = ks < K
+            a_mask = valid[:, None] & kcheck[None, :]
+            if PARTS_K:  # each row's product stops at its own parts (the rest of its A row is garbage)
+                a_mask = a_mask & (ks[None, :] < (j * PART)[:, None])
+            a = tl.load(a_rows[:, None] + ks[None, :], mask=a_mask, other=0.0)
+            b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                        mask=kcheck[:, None] & ncheck[None, :], other=0.0)
+            acc += tl.dot(a, b, input_precision=PREC)
+        if MUL_W:
+            w = tl.load(w_ptr + entry, mask=valid, other=0.0).to(tl.float32)
+            acc = acc * w[:, None]
+        tl.store(c_ptr + entry[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=valid[:, None] & ncheck[None, :])
 
 
 def precision(x: torch.Tensor) -> str:
