@@ -12,6 +12,7 @@ py() { local t=$1; shift; timeout "$t" python3 "$@" 2>&1 | grep -v '^{'; }  # py
 
 declare -A HELP=(
   [tests]="the gpu- and triton-marked tests (fast paths against the eager references, on the GPU)"
+  [kernel_tests]="the GPU tests of the kernels changed on 2026-12-07 only (fused MoE with DualSparse parts, segment planning, training combine, ReaLB FP8): about a minute"
   [layer]="bench/moe_layer.py: MoE layer fwd+bwd against HF grouped_mm and the dense ceiling (Mixtral, OLMoE, Qwen3-MoE shapes)"
   [profile_layer]="bench/profile_moe.py --train: kernel tables of the layer's fwd+bwd and the dense ceiling's (Mixtral, OLMoE 8k)"
   [dualsparse]="bench/dualsparse.py --study speed: layer time vs drop rate 0/25/50%, eager and CUDA graphs, 4k/16k/32k tokens"
@@ -22,6 +23,7 @@ declare -A HELP=(
   [disk]="dd: the disk's write bandwidth (the checkpoint figures' reference)"
   [serve]="bench/serve.py: engine vs HF generate at OLMoE / Qwen3-30B-A3B / Mixtral shapes, 4 layers, batch 1/8/64, mixed workload"
   [serve_fixed]="bench/serve.py --mixed 0: engine vs HF generate at the three shapes, batch 1/8/64 only (no mixed workload)"
+  [serve_prefill64]="bench/serve.py --models mixtral --batches 64 --mixed 0: the one prefill point under 1.4x HF (Mixtral, batch 64)"
   [serve_full]="bench/serve.py --models olmoe --layers 16: every layer of OLMoE-1B-7B"
   [serve_dualsparse]="bench/serve.py --drop-rates 0.25: DualSparse at 25% drop against no dropping, end to end in the engine"
   [serve_http]="bench/serve_http.py: the HTTP server at 1/8/32 clients against the offline engine"
@@ -32,6 +34,9 @@ declare -A HELP=(
 run_group() {
   case "$1" in
   tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" --tb=short -rfE tests 2>&1 | grep -v Warning ;;
+  kernel_tests)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE tests/serve/test_triton.py tests/moe/test_dispatch.py \
+      tests/inference/test_realb.py -k "fused or dualsparse or segment or gpu or training" 2>&1 | grep -v Warning ;;
   layer) py 300 bench/moe_layer.py --reps 10 --skip-loop --shapes mixtral,olmoe,qwen3_moe ;;
   profile_layer)
     for s in mixtral olmoe; do
@@ -53,6 +58,7 @@ run_group() {
     dd if=/dev/zero of=/tmp/dd.bin bs=64M count=64 oflag=direct conv=fsync 2>&1 | tail -1; rm -f /tmp/dd.bin ;;
   serve) py 420 bench/serve.py --mixed 128 ;;
   serve_fixed) py 420 bench/serve.py --mixed 0 ;;
+  serve_prefill64) py 120 bench/serve.py --models mixtral --batches 64 --mixed 0 ;;
   serve_full) py 300 bench/serve.py --models olmoe --layers 16 --batches 8,64 --mixed 0 ;;
   serve_dualsparse) py 300 bench/serve.py --batches 8 --mixed 0 --no-hf --drop-rates 0.25 --drop-batches 8,64 ;;
   serve_http) py 300 bench/serve_http.py ;;
@@ -61,8 +67,8 @@ run_group() {
 }
 
 if [ $# -eq 0 ] || [ "$1" = "--list" ]; then
-  for g in tests layer profile_layer dualsparse combine swiglu train checkpoint disk serve serve_fixed serve_full serve_dualsparse \
-           serve_http realb fssdp; do
+  for g in tests kernel_tests layer profile_layer dualsparse combine swiglu train checkpoint disk serve serve_fixed \
+           serve_prefill64 serve_full serve_dualsparse serve_http realb fssdp; do
     printf '  %-17s %s\n' "$g" "${HELP[$g]}"
   done
   [ $# -eq 0 ] && { echo "usage: bash bench/suite.sh GROUP..." >&2; exit 2; }
