@@ -23,7 +23,9 @@ for it alone, the second for q2, so q2's conversion hides under the first GEMM t
 time after an NVLink dispatch is measured with that real overlap (the dispatch a sleep kernel on the main
 stream; realb_modelled_x composes the same from the pieces instead). gemm_bound_x: the GEMM-only bound, every
 rank's two GEMMs in FP8 with inputs already fp8 and nothing converted or quantized (any set of ranks, the best
-layer time); of_gemm_bound = realb_x / gemm_bound_x.
+layer time); of_gemm_bound = realb_x / gemm_bound_x. The pieces are measured only for ranks some policy lowers;
+a rank lowered only by FP8 everywhere, and the wire8 columns, keep the older model (the experts wait for the
+whole conversion), which is pessimistic for them.
 """
 
 from __future__ import annotations
@@ -409,7 +411,7 @@ def extras(row: dict, timer: RankTimer, c: np.ndarray, v: np.ndarray, tokens: in
         low_any |= choose_ranks(loads, vis, tokens, cfg, per)
     none = [None] * G
     row.update(rank_fp8up_ms=list(none), rank_conv13_ms=list(none), rank_pipe_ms=list(none),
-               rank_gemm16_ms=list(none), rank_gemm8_ms=list(none))
+               rank_gemm16_ms=list(none), rank_gemm8_ms=list(none), pipe_link_gbps=args.link_gbps)
     for g in low_any.nonzero().flatten().tolist():
         t = timer.pieces(counts[g], ("fp8_up", "conv13"))
         row["rank_fp8up_ms"][g], row["rank_conv13_ms"][g] = t["fp8_up"] * 1e3, t["conv13"] * 1e3
@@ -461,8 +463,8 @@ def evaluate_speed(rows: list[dict], data, shapes: dict, args, source: str = "")
             def low_ms(g):
                 if not conv:
                     return fp8[g]
-                if measured and pipe[g] is not None and gbps == args.link_gbps and not wire8:
-                    return pipe[g]
+                if measured and pipe[g] is not None and gbps == row.get("pipe_link_gbps") and not wire8:
+                    return pipe[g]  # measured with this link's dispatch window
                 return low_rank_ms(fp8[g], tc[g], dispatch[g], None if wire8 else up[g], c13[g])
 
             t = max(low_ms(g) if low[g] else tb[g] for g in range(G))

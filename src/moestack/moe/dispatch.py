@@ -102,13 +102,15 @@ class _ExpandRows(torch.autograd.Function):
     def forward(ctx, x, order, inverse, sent, k):
         ctx.save_for_backward(inverse, sent)
         ctx.k = k
+        # decided here, not in backward: the backward runs after whatever switched TRITON_COMBINE is undone
+        ctx.triton = sent is None and order.numel() == inverse.numel() and _triton_combine(x)
         return x.index_select(0, order // k)
 
     @staticmethod
     def backward(ctx, grad):
         inverse, sent = ctx.saved_tensors
         k = ctx.k
-        if sent is None and _triton_combine(grad) and grad.shape[0] == inverse.numel():  # one kernel
+        if ctx.triton:  # every choice has a row: one kernel sums each token's k row gradients
             from moestack.moe.rows_triton import combine_segments
 
             ones = torch.ones(inverse.numel() // k, k, device=grad.device)
@@ -133,7 +135,8 @@ class _CombineRows(torch.autograd.Function):
     def forward(ctx, y, inverse, weights):
         from moestack.moe.rows_triton import combine_segments
 
-        ctx.save_for_backward(y, inverse, weights)
+        # y is needed only for the weights' gradient (a frozen router keeps no [N, D] activation alive)
+        ctx.save_for_backward(y if ctx.needs_input_grad[2] else None, inverse, weights)
         return combine_segments([y], inverse, weights)
 
     @staticmethod
@@ -164,7 +167,8 @@ def unpermute(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_c
         if sent is None:
             raise ValueError("unpermute: y has fewer rows than `order` but no `sent` mask says which choices lack one")
         inverse, order = inverse.clamp(max=N - 1), order[:N]
-    elif sent is None and _triton_combine(y):  # dropless on CUDA: the fused kernels
+    elif sent is None and N == num_choices == weights.numel() and _triton_combine(y):  # dropless, CUDA: the kernels
+        # (inverse is then a permutation of y's rows: the backward writes each row of grad_y exactly once)
         return _CombineRows.apply(y, inverse, weights)
     return weighted_sum(gather_rows(y, inverse, order), weights, sent)
 

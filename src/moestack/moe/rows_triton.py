@@ -122,8 +122,8 @@ def _place(x_ptr, key_ptr, hist_ptr, ends_ptr, cursor_ptr, slot_ptr, out_ptr, st
 
 
 @triton.jit
-def _combine_bwd(y_ptr, g_ptr, slot_ptr, w_ptr, gy_ptr, gw_ptr, stride_y, stride_g, D,
-                 K: tl.constexpr, BLOCK: tl.constexpr):
+def _combine_bwd(y_ptr, g_ptr, slot_ptr, w_ptr, gy_ptr, gw_ptr, stride_gy, stride_g, stride_y, D,
+                 K: tl.constexpr, WANT_W: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)  # one choice: token c // K, row slot[c] of y
     row = tl.load(slot_ptr + c)
     w = tl.load(w_ptr + c).to(tl.float32)
@@ -132,10 +132,11 @@ def _combine_bwd(y_ptr, g_ptr, slot_ptr, w_ptr, gy_ptr, gw_ptr, stride_y, stride
         cols = c0 + tl.arange(0, BLOCK)
         m = cols < D
         g = tl.load(g_ptr + (c // K) * stride_g + cols, mask=m, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + row * stride_y + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(gy_ptr + row * stride_y + cols, (w * g).to(gy_ptr.dtype.element_ty), mask=m)
-        dot += y * g
-    tl.store(gw_ptr + c, tl.sum(dot, axis=0))
+        tl.store(gy_ptr + row * stride_gy + cols, (w * g).to(gy_ptr.dtype.element_ty), mask=m)
+        if WANT_W:
+            dot += tl.load(y_ptr + row * stride_y + cols, mask=m, other=0.0).to(tl.float32) * g
+    if WANT_W:
+        tl.store(gw_ptr + c, tl.sum(dot, axis=0))
 
 
 def plan_segments(weights: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor, tau: float,
@@ -201,14 +202,16 @@ def combine_segments(y: list[torch.Tensor], slot: torch.Tensor, weights: torch.T
     return out
 
 
-def combine_backward(y: torch.Tensor, grad: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor):
-    """Gradients of `combine_segments([y], slot, weights)` (one segment, every choice with a row): (grad_y [N, D]
-    in y's rows, grad_weights [T, k] fp32)."""
+def combine_backward(y: torch.Tensor | None, grad: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor):
+    """Gradients of `combine_segments([y], slot, weights)` (one segment; slot a permutation of y's rows): (grad_y
+    [N, D] in y's rows, grad_weights [T, k] in the weights' dtype, or None when y is None: not wanted)."""
     T, k = weights.shape
-    y, grad = y.contiguous(), grad.contiguous()
-    gy = torch.empty_like(y)
-    gw = torch.empty(T, k, dtype=torch.float32, device=y.device)
-    if T * k and y.shape[1]:
-        _combine_bwd[(T * k,)](y, grad, slot.contiguous(), weights.contiguous(), gy, gw, y.stride(0), grad.stride(0),
-                               y.shape[1], K=k, BLOCK=BLOCK)
-    return gy, gw.to(weights.dtype)
+    grad = grad.contiguous()
+    want_w = y is not None
+    y = y.contiguous() if want_w else grad  # without y: a stand-in pointer the kernel does not read
+    gy = grad.new_empty(T * k, grad.shape[1])
+    gw = torch.empty(T, k, dtype=torch.float32, device=grad.device)
+    if T * k and grad.shape[1]:
+        _combine_bwd[(T * k,)](y, grad, slot.contiguous(), weights.contiguous(), gy, gw, gy.stride(0), grad.stride(0),
+                               y.stride(0), grad.shape[1], K=k, WANT_W=want_w, BLOCK=BLOCK)
+    return gy, (gw.to(weights.dtype) if want_w else None)
