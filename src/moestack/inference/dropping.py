@@ -220,6 +220,10 @@ class DualSparseDispatcher(nn.Module):
         self._stats[0].add_(parts_run.numel() * self.parts)
         self._stats[1].add_(parts_run.sum())
 
+    def record_all(self, choices: int) -> None:
+        """Count `choices` choices that run every part (drop rate 0): one add, no reduction."""
+        self._stats.add_(choices * self.parts)
+
     @property
     def total(self) -> int:
         """Sub-expert computations asked for since the last reset (reading it syncs with the device)."""
@@ -235,7 +239,7 @@ class DualSparseDispatcher(nn.Module):
         """For `MoELayer.fused`: (P, parts each choice runs [T, k] or None for all), counted like a dispatch."""
         self.last_counts = None  # the fused path does not sort rows by (parts, expert)
         if self.drop_rate <= 0:
-            self._stats.add_(routing.expert_ids.numel() * self.parts)  # asked and ran alike
+            self.record_all(routing.expert_ids.numel())
             return self.parts, None
         tau = None if self.load_aware else self.threshold()
         if tau is not None and fused_inference(routing.weights):  # one kernel: the parts and the counts
@@ -265,7 +269,7 @@ class DualSparseDispatcher(nn.Module):
             raise ValueError(f"DualSparseDispatcher.layout={self.layout!r}: expected auto, padded or packed")
         if self.drop_rate <= 0:  # nothing dropped: the plain layer's rows, one GEMM pair over the whole experts
             d = self.full.dispatch(x, routing).wait()  # counts [E]: `PartExperts` runs all P parts
-            self._stats.add_(R * P)  # asked and ran alike
+            self.record_all(R)
             self.last_counts = d.counts
             return Done(d)
         grad = torch.is_grad_enabled() and (x.requires_grad or routing.weights.requires_grad)

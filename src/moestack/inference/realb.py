@@ -270,27 +270,19 @@ class RealbExperts(GroupedExperts):
         return self.scales
 
     def _quantize(self, idx: torch.Tensor, buf: dict[str, torch.Tensor], events: bool = False) -> tuple | None:
-        """The experts idx into buf: with the scales known, one cast kernel per weight (read bf16, write fp8).
-        events: on CUDA, return (q13 done, q2 done) events recorded on the current stream."""
+        """The experts idx into buf: with the scales known, one cast kernel per weight (read bf16, write fp8),
+        gate/up first. events: on CUDA, return (q13 done, q2 done) events recorded on the current stream."""
         sc = self.weight_scales()
-        w13, w2, s13, s2 = self.w13.detach(), self.w2.detach(), sc["s13"], sc["s2"]
-        sub = idx.numel() < w13.shape[0]  # simulated ranks on one process: some of the experts
-        if sub:
-            w13, s13 = w13[idx], s13[idx]
-        buf["s13"].copy_(s13)
-        cast_fp8(w13, buf["s13"], dim=-2, out=buf["q13"], transpose=True)
-        done13 = torch.cuda.Event() if events else None
-        if events:
-            done13.record()
-        if sub:
-            w2, s2 = w2[idx], s2[idx]
-        buf["s2"].copy_(s2)
-        cast_fp8(w2, buf["s2"], dim=-2, out=buf["q2"], transpose=True)
-        if not events:
-            return None
-        done2 = torch.cuda.Event()
-        done2.record()
-        return done13, done2
+        sub = idx.numel() < self.w13.shape[0]  # simulated ranks on one process: some of the experts
+        done = []
+        for name, w in (("13", self.w13.detach()), ("2", self.w2.detach())):
+            s = sc["s" + name]
+            buf["s" + name].copy_(s[idx] if sub else s)
+            cast_fp8(w[idx] if sub else w, buf["s" + name], dim=-2, out=buf["q" + name], transpose=True)
+            if events:
+                done.append(torch.cuda.Event())
+                done[-1].record()
+        return tuple(done) if events else None
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         low, rows8 = self.low, self.rows8

@@ -144,8 +144,8 @@ class _CombineRows(torch.autograd.Function):
         from moestack.moe.rows_triton import combine_backward
 
         y, inverse, weights = ctx.saved_tensors
-        gy, gw = combine_backward(y, grad, inverse, weights)
-        return gy, None, gw if ctx.needs_input_grad[2] else None
+        gy, gw = combine_backward(y, grad, inverse, weights)  # gw None without y (no weights' gradient wanted)
+        return gy, None, gw
 
 
 def unpermute(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_choices: int,

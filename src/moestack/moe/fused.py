@@ -26,33 +26,33 @@ class AlignPlan:
     """Entries sorted by expert in blocks of block_m rows, padded with the sentinel num_valid."""
 
     sorted_ids: torch.Tensor  # [num_blocks * block_m] int32 entry ids
-    block_sub: torch.Tensor  # [num_blocks] int32 expert of each block
+    block_expert: torch.Tensor  # [num_blocks] int32 expert of each block
     total: torch.Tensor  # [1] int32 padded rows in use (blocks at or past it do nothing)
     num_valid: int  # R: entry ids are 0..R-1
     num_blocks: int
     block_m: int
 
 
-def align(sub_ids: torch.Tensor, num_subs: int, block_m: int = BLOCK_M) -> AlignPlan:
-    """Plan for entries whose expert is sub_ids [R] (num_subs for an entry not to run). No host sync,
+def align(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M) -> AlignPlan:
+    """Plan for entries whose expert is ids [R] (num_experts for an entry not to run). No host sync,
     and no sort: an entry's rank among its expert's entries is a column of the running count of a
-    one-hot [R, S] (a few microseconds where a radix sort of a decode batch costs tens)."""
-    R, S, dev = sub_ids.numel(), num_subs, sub_ids.device
-    onehot = sub_ids.unsqueeze(1) == torch.arange(S, device=dev, dtype=sub_ids.dtype)  # entries not to run: no column
+    one-hot [R, E] (a few microseconds where a radix sort of a decode batch costs tens)."""
+    R, S, dev = ids.numel(), num_experts, ids.device
+    onehot = ids.unsqueeze(1) == torch.arange(S, device=dev, dtype=ids.dtype)  # entries not to run: no column
     running = onehot.to(torch.int32).cumsum(0, dtype=torch.int32)  # [R, S]
     counts = running[-1]  # [S]
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = torch.cumsum(padded, 0, dtype=torch.int32)
-    s = sub_ids.clamp(max=S - 1)
+    s = ids.clamp(max=S - 1)
     rank = running.gather(1, s.unsqueeze(1)).squeeze(1) - 1  # [R]
     cap = -(-(R + min(S, R) * (block_m - 1)) // block_m) * block_m  # the most padded rows any routing needs
-    dest = torch.where(sub_ids < S, (pad_end - padded)[s] + rank, cap).long()
+    dest = torch.where(ids < S, (pad_end - padded)[s] + rank, cap).long()
     ids = torch.arange(R, device=dev, dtype=torch.int32)
     sorted_ids = torch.full((cap + 1,), R, dtype=torch.int32, device=dev).scatter_(0, dest, ids)
     num_blocks = cap // block_m
     first_rows = torch.arange(num_blocks, device=dev, dtype=torch.int32) * block_m
-    block_sub = torch.searchsorted(pad_end, first_rows, right=True).clamp(max=S - 1).to(torch.int32)
-    return AlignPlan(sorted_ids[:cap], block_sub, pad_end[-1:], R, num_blocks, block_m)
+    block_expert = torch.searchsorted(pad_end, first_rows, right=True).clamp(max=S - 1).to(torch.int32)
+    return AlignPlan(sorted_ids[:cap], block_expert, pad_end[-1:], R, num_blocks, block_m)
 
 
 ALIGN = [align]  # [0] is what fused_experts calls on CUDA: align, or its compiled form (compile_align)

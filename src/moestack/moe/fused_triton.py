@@ -20,7 +20,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, j_ptr, sorted_ptr, block_sub_ptr, total_ptr,
+def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, j_ptr, sorted_ptr, block_expert_ptr, total_ptr,
               N, K, num_valid, stride_am, stride_be, stride_bk, stride_bn, stride_cm, R_BUCKET, PART,
               A_DIV: tl.constexpr, MUL_W: tl.constexpr, PARTS_N: tl.constexpr, PARTS_K: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
@@ -31,8 +31,8 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, j_ptr, sorted_ptr, block_sub_ptr, tota
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         entry = tl.load(sorted_ptr + rows).to(tl.int64)  # [BLOCK_M]; num_valid marks padding
         valid = entry < num_valid
-        sub = tl.load(block_sub_ptr + pid_m).to(tl.int64)
-        b_base = b_ptr + sub * stride_be
+        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        b_base = b_ptr + e * stride_be
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ncheck = cols < N
         a_rows = a_ptr + (entry // A_DIV) * stride_am
@@ -86,7 +86,7 @@ def moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plan, *, n: in
     (part_n > 0) or the products over its first parts_run x part_k rows (part_k > 0) count for a row."""
     w = weights if weights is not None else out
     j = parts_run if parts_run is not None else plan.sorted_ids
-    args = (a, b, out, w, j, plan.sorted_ids, plan.block_sub, plan.total, n, k, plan.num_valid,
+    args = (a, b, out, w, j, plan.sorted_ids, plan.block_expert, plan.total, n, k, plan.num_valid,
             a.stride(0), b.stride(0), stride_bk, stride_bn, out.stride(0),
             min(triton.next_power_of_2(plan.num_valid), 4096), max(part_n, part_k, 1))
     flags = dict(A_DIV=a_div, MUL_W=weights is not None, PARTS_N=parts_run is not None and part_n > 0,
