@@ -277,8 +277,8 @@ class RankTimer:
 
     def pipelined(self, counts: list[int], window_ms: float) -> float | None:
         """Seconds after a dispatch of window_ms until a low rank's FP8 experts finish, measured with the real
-        overlap on this GPU: the side stream converts q13 then q2 while the main stream waits out the dispatch
-        (a sleep kernel standing in for the all-to-all), the first GEMM waits for q13, the second for q2 (as
+        overlap on this GPU: the main stream waits out the dispatch (a sleep kernel standing in for the
+        all-to-all, enqueued first) while the side stream converts q13 then q2, the first GEMM waits for q13, the second for q2 (as
         inference/realb.py runs them). None off CUDA (the layer model composes the pieces instead)."""
         from moestack.inference.lowp import cast_fp8, fp8_experts
 
@@ -298,12 +298,12 @@ class RankTimer:
             main = torch.cuda.current_stream(self.device)
             side.wait_stream(main)
             e13, e2 = torch.cuda.Event(), torch.cuda.Event()
+            torch.cuda._sleep(cycles)  # the dispatch, enqueued first (as inference/realb.py does)
             with torch.cuda.stream(side):
                 cast_fp8(z["w13"], z["k13"], -2, out=z["q13"], transpose=True)
                 e13.record()
                 cast_fp8(z["w2"], z["k2"], -2, out=z["q2"], transpose=True)
                 e2.record()
-            torch.cuda._sleep(cycles)  # the dispatch
             main.wait_event(e13)
             fp8_experts(z["x"], z["c"], z["q13"], z["s13"], z["q2"], z["s2"], self.dt,
                         before_down=lambda: main.wait_event(e2))

@@ -15,6 +15,7 @@ declare -A HELP=(
   [kernel_tests]="the GPU tests of the kernels changed on 2026-12-07 only (fused MoE with DualSparse parts, segment planning, training combine, ReaLB FP8): about a minute"
   [layer]="bench/moe_layer.py: MoE layer fwd+bwd against HF grouped_mm and the dense ceiling (Mixtral, OLMoE, Qwen3-MoE shapes)"
   [profile_layer]="bench/profile_moe.py --train: kernel tables of the layer's fwd+bwd and the dense ceiling's (Mixtral, OLMoE 8k)"
+  [profile_dualsparse]="bench/profile_moe.py --rates 0,0.25,0.5: kernel tables of the DualSparse layer (inference) at Qwen3-MoE 4k/16k and Mixtral 4k tokens"
   [dualsparse]="bench/dualsparse.py --study speed: layer time vs drop rate 0/25/50%, eager and CUDA graphs, 4k/16k/32k tokens"
   [combine]="bench/combine.py: the weighted combine kernels"
   [swiglu]="bench/swiglu.py: the SwiGLU row kernels"
@@ -42,7 +43,14 @@ run_group() {
     for s in mixtral olmoe; do
       timeout 120 python3 bench/profile_moe.py --shape $s --tokens 8192 --train --rows 30 > "$OUT/profile_layer_$s.txt" 2>&1
       grep -A40 '^## plain' "$OUT/profile_layer_$s.txt" | head -45
-    done ;;
+    done; rm -f "$OUT/profile_moe.txt" ;;
+  profile_dualsparse)
+    for st in qwen3_moe:4096 qwen3_moe:16384 mixtral:4096; do
+      timeout 120 python3 bench/profile_moe.py --shape ${st%:*} --tokens ${st#*:} --rates 0,0.25,0.5 --rows 25 \
+        > "$OUT/profile_dualsparse_${st%:*}_${st#*:}.txt" 2>&1
+      grep -E '^## |Self CUDA time total' "$OUT/profile_dualsparse_${st%:*}_${st#*:}.txt"
+    done
+    rm -f "$OUT/profile_moe.txt" ;;
   dualsparse) py 300 bench/dualsparse.py --study speed --reps 10 --rates 0,0.25,0.5 --tokens 4096,16384,32768 ;;
   combine) py 150 bench/combine.py --reps 20 ;;
   swiglu) py 60 bench/swiglu.py ;;
@@ -67,7 +75,7 @@ run_group() {
 }
 
 if [ $# -eq 0 ] || [ "$1" = "--list" ]; then
-  for g in tests kernel_tests layer profile_layer dualsparse combine swiglu train checkpoint disk serve serve_fixed \
+  for g in tests kernel_tests layer profile_layer profile_dualsparse dualsparse combine swiglu train checkpoint disk serve serve_fixed \
            serve_prefill64 serve_full serve_dualsparse serve_http realb fssdp; do
     printf '  %-17s %s\n' "$g" "${HELP[$g]}"
   done

@@ -161,8 +161,12 @@ class RealbDispatcher:
         self.experts.rows8 = None
         if self.experts.low is None or not bool(self.experts.low.any()):
             return self.inner.dispatch(x, routing)
-        self.experts.convert(self.state)
+        # the dispatch is enqueued first and the conversion after it, waiting only for the work before the
+        # dispatch: the all-to-all's kernel takes its SMs at once, the conversion fills the others (enqueued first,
+        # the conversion's blocks would hold every SM and the dispatch would start only as they drain)
+        ready = torch.cuda.current_stream(x.device).record_event() if x.is_cuda else None
         handle = self.inner.dispatch(x, routing)
+        self.experts.convert(self.state, after=ready)
         if st.cfg.precision != "fp8" or getattr(self.inner, "group", None) is not None:
             return handle  # EP: the rows travel in bf16, the low rank quantizes what it receives
         # one process: each token quantized once (not once per routed row); the experts gather their fp8 rows
@@ -243,8 +247,9 @@ class RealbExperts(GroupedExperts):
         self.done: tuple | None = None  # CUDA events: q13 converted, q2 converted (the GEMMs wait on them)
         self.layer_idx = 0  # which conversion buffer it uses (set by apply_realb)
 
-    def convert(self, st: RealbState) -> None:
-        """Quantize the low experts' weights into the shared buffer (FP8), on a side stream on CUDA."""
+    def convert(self, st: RealbState, after: "torch.cuda.Event | None" = None) -> None:
+        """Quantize the low experts' weights into the shared buffer (FP8), on a side stream on CUDA, after the
+        event `after` (default: all work on the current stream so far)."""
         if st.cfg.precision != "fp8":
             return  # FP4 is emulated inside the GEMM
         idx = self.low.nonzero().flatten()
@@ -252,7 +257,9 @@ class RealbExperts(GroupedExperts):
         if self.w13.is_cuda:
             if st.stream is None:
                 st.stream = torch.cuda.Stream(self.w13.device)
-            st.stream.wait_stream(torch.cuda.current_stream(self.w13.device))  # weights ready, buffer free
+            if after is None:  # weights ready, buffer free
+                after = torch.cuda.current_stream(self.w13.device).record_event()
+            st.stream.wait_event(after)
             idx.record_stream(st.stream)
             with torch.cuda.stream(st.stream):  # the gathered copies live (and are freed) on the side stream
                 self.done = self._quantize(idx, buf, events=True)

@@ -117,13 +117,16 @@ class LLM:
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
         # steps of up to prefill_graph_tokens tokens (default: max_num_batched_tokens, i.e. all) that are not all
-        # decodes replay CUDA graphs too; 0: they run eagerly. Not with ReaLB (its decisions read the loads on
+        # decodes replay CUDA graphs too; 0: they run eagerly. Only in bf16; not with ReaLB (its decisions read the loads on
         # the host) or capacity dropping (it counts the drops on the host). The graphs' memory is about what the
         # largest step needs eagerly.
         capacity = any(getattr(layer.dispatcher, "capacity_factor", 0) > 0 for layer in self.model.moe_layers())
         if prefill_graph_tokens is None:
             prefill_graph_tokens = max_num_batched_tokens
-        if self.realb is not None or capacity:
+        # torch._grouped_mm runs bf16 natively; other dtypes take a path that reads the group offsets on the host,
+        # which a graph cannot capture
+        bf16 = next(self.model.parameters()).dtype == torch.bfloat16
+        if self.realb is not None or capacity or not bf16:
             prefill_graph_tokens = 0
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                                   max_model_len=self.max_model_len, cuda_graphs=cuda_graphs, fused_rows=fused_rows,
