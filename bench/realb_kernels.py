@@ -11,8 +11,15 @@ Per shape (d_model, d_ff, local experts, rows), milliseconds, medians of 20:
   one-kernel quantize (`lowp.quantize_fp8`, scales and values), and the cast with kept scales (`lowp.cast_fp8`,
   what ReaLB runs), each with its HBM rate (bytes read + written / time);
 - whole experts (both projections, SwiGLU between): bf16, FP8 with rows quantized on the rank, FP8 with the
-  rows already fp8.
+  rows already fp8;
+- the overlap ReaLB relies on, timed with CUDA events (GPU): a sleep kernel standing in for a dispatch of
+  `window` ms (an NVLink-sized one for these rows) beside the weight conversion on a side stream, each alone and
+  together, the sleep enqueued first or second, then the whole low rank (sleep, conversion, FP8 experts
+  waiting for q13 / q2) against the FP8 experts alone; `ovl_*` are milliseconds, `hidden` says whether the
+  conversion cost nothing beyond the window.
 """
+import os
+import statistics
 import argparse
 import sys
 
@@ -37,6 +44,58 @@ if args.tiny:
     shapes = ((64, 24, 4, 200), (128, 448, 1, 76))
 T = lambda f: time_fn(f, dev, reps=args.reps)  # noqa: E731
 rows = []
+
+
+def events_ms(fn, reps: int) -> float:
+    """Median milliseconds of fn() between two events on the current stream (fn makes that stream wait for any
+    side-stream work it starts), after warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); fn(); b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def overlap(w, w2, k13, k2, q, q2, experts, window: float) -> dict:
+    """The conversion beside a dispatch-sized sleep, and the whole low rank (see the module docstring)."""
+    n = 10_000_000
+    cycles_per_ms = n / events_ms(lambda: torch.cuda._sleep(n), 5)
+    cycles = int(window * cycles_per_ms)
+    side, hi = torch.cuda.Stream(), torch.cuda.Stream(priority=-1)
+
+    def low(sleep_first: bool, run_experts: bool, stream=side, sleep=True):
+        main = torch.cuda.current_stream()
+        stream.wait_stream(main)
+        e13, e2 = torch.cuda.Event(), torch.cuda.Event()
+        if sleep and sleep_first:
+            torch.cuda._sleep(cycles)
+        with torch.cuda.stream(stream):
+            cast_fp8(w, k13, -2, out=q, transpose=True); e13.record()
+            cast_fp8(w2, k2, -2, out=q2, transpose=True); e2.record()
+        if sleep and not sleep_first:
+            torch.cuda._sleep(cycles)
+        main.wait_event(e13)
+        if run_experts:
+            experts()
+        main.wait_event(e2)
+
+    r = {"ovl_window": window, "ovl_sleep": events_ms(lambda: torch.cuda._sleep(cycles), args.reps),
+         "ovl_conv": events_ms(lambda: low(True, False, sleep=False), args.reps),
+         "ovl_both_sleep_first": events_ms(lambda: low(True, False), args.reps),
+         "ovl_both_conv_first": events_ms(lambda: low(False, False), args.reps),
+         "ovl_experts": events_ms(experts, args.reps),
+         "ovl_low_sleep_first": events_ms(lambda: low(True, True), args.reps),
+         "ovl_low_conv_first": events_ms(lambda: low(False, True), args.reps),
+         "ovl_low_high_priority": events_ms(lambda: low(True, True, hi), args.reps)}
+    r["hidden"] = r["ovl_low_sleep_first"] <= r["ovl_sleep"] + r["ovl_experts"] + 0.02
+    r["max_connections"] = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+
+
 for (D, F, E, N) in shapes:
     ex = GroupedExperts(E, D, F).to(dev, dt)
     w, w2 = ex.w13.detach(), ex.w2.detach()
@@ -77,6 +136,9 @@ for (D, F, E, N) in shapes:
     out = {k: (round(v * 1e3, 4) if isinstance(v, float) else v) for k, v in r.items()}
     for k in ("conv_w13_old", "conv_w13_fused", "conv_w13_kept_scales"):
         out[k + "_tbps"] = round(nbytes / r[k] / 1e12, 2)
+    if dev.type == "cuda":
+        out.update(overlap(w, w2, kept, fp8_scales(w2, -2), q, q2, lambda: fp8_experts(x, c, q, s, q2, s2, dt),
+                           N * D * 2 * 7 / 8 / 282e9 * 1e3))
     print(D, F, E, N, {k: v for k, v in out.items() if k not in ("d", "f", "experts", "rows")}, flush=True)
     rows.append({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", **out})
 write_results("realb_kernels", rows)

@@ -12,7 +12,8 @@ Models are built from their real configs (per-layer shapes, GQA, q/k norms, expe
   the all-decode steps), time to first token and inter-token latency p50/p99 per request;
 - HF: `generate` with grouped_mm experts and SDPA attention on the same weights: prefill tok/s from a
   1-token generate, decode tok/s from (N-token generate - 1-token generate);
-- roofline: the HBM bound of a decode step, bytes / 4.8 TB/s, where bytes = the dense weights (attention,
+- roofline: the HBM bound of a decode step, bytes / the GPU's peak HBM rate (4.8 TB/s on an H200, 3.35 on an
+  H100 SXM; the row's `hbm_tbps`), where bytes = the dense weights (attention,
   norms, routers, shared experts, LM head), the weights of the experts the step's tokens were routed to
   (distinct experts per layer, read from the engine's expert loads of every decode step) and the KV
   cache attended (context tokens x layers x 2 x kv heads x head size); `roofline%` = measured decode tok/s
@@ -40,7 +41,12 @@ from common import device_name, print_table, sync, write_results  # noqa: E402
 from moestack.serve import LLM, SamplingParams  # noqa: E402
 from moestack.serve import loader  # noqa: E402
 
-HBM_BYTES_PER_S = 4.8e12  # H200
+HBM_TBPS = {"H200": 4.8, "H100 80GB HBM3": 3.35, "H100 NVL": 3.9, "H100 PCIe": 2.0}  # peak HBM rate by device name
+
+
+def hbm_tbps(name: str) -> float:
+    """The peak HBM rate (TB/s) of the GPU called `name` (4.8, an H200's, where the name is not known)."""
+    return next((v for k, v in HBM_TBPS.items() if k in name), 4.8)
 
 CONFIGS = {  # the published configs' per-layer shapes (num_hidden_layers set by --layers)
     "olmoe": ("OlmoeConfig", dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_attention_heads=16,
@@ -136,7 +142,7 @@ def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: list[int]) -> dic
                 ctx_tokens=statistics.mean(ctx_tokens) if ctx_tokens else None)
 
 
-def roofline_tok_s(model, batch: int, active_experts: float, ctx_tokens: float) -> float:
+def roofline_tok_s(model, batch: int, active_experts: float, ctx_tokens: float, tbps: float = 4.8) -> float:
     """Decode tok/s at the HBM bound for a step of `batch` tokens (see the module docstring)."""
     experts = [m for m in model.moe_layers()]
     expert_params = {id(p) for layer in experts for p in layer.experts.parameters()}
@@ -148,7 +154,7 @@ def roofline_tok_s(model, batch: int, active_experts: float, ctx_tokens: float) 
     s = model.spec
     kv = ctx_tokens * s.n_layers * 2 * s.n_kv_heads * s.head_dim
     bytes_ = elt * (dense + active_experts * per_expert + kv) + batch * s.d_model * elt
-    return batch / (bytes_ / HBM_BYTES_PER_S)
+    return batch / (bytes_ / (tbps * 1e12))
 
 
 # -- Hugging Face generate ------------------------------------------------------------------------------
@@ -311,8 +317,9 @@ def main() -> None:
                 profile(llm, prompts, [args.new_tokens] * B, out / f"serve_profile_{name}_b{B}.txt")
                 if not args.no_hf:
                     profile_hf(hf, prompts, out / f"serve_profile_hf_{name}_b{B}_prefill.txt")
-            roof = roofline_tok_s(llm.model, B, eng["active_experts"] or 0, eng["ctx_tokens"] or 0)
-            row["roofline_tok_s"] = roof
+            tbps = hbm_tbps(row["device"])
+            roof = roofline_tok_s(llm.model, B, eng["active_experts"] or 0, eng["ctx_tokens"] or 0, tbps)
+            row["roofline_tok_s"], row["hbm_tbps"] = roof, tbps
             row["roofline_pct"] = 100 * eng["decode_tok_s"] / roof if eng["decode_tok_s"] else None
             free(llm)
             if not args.no_hf:
