@@ -32,6 +32,25 @@ def time_fn(fn, device, warmup: int = 3, reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def time_gpu(fn, device, warmup: int = 3, reps: int = 10) -> float:
+    """Median seconds of fn() on the device's current stream, between two CUDA events (fn makes that stream
+    wait for any side-stream work it starts): GPU time only, without the host's launch and sync latency that
+    `time_fn` counts. Off CUDA: `time_fn`."""
+    if torch.device(device).type != "cuda":
+        return time_fn(fn, device, warmup, reps)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize(device)
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
 def device_name(device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)

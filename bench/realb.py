@@ -12,7 +12,9 @@ tokens (per layer: rows and vision rows per expert) to bench/results/realb_trace
 speed: for each traced batch, layer and EP rank (contiguous placement), times that rank's real rows
 through the bf16 grouped GEMM path, the FP8 path (row quantization + `torch._scaled_grouped_mm`, SwiGLU
 straight to fp8, the second scaled GEMM; and the same with the rows already fp8) and the weight conversion
-(the cast kernel with kept scales), at the real per-layer shapes from the transformers configs. Layer
+(the cast kernel with kept scales), at the real per-layer shapes from the transformers configs; every piece is
+GPU time between CUDA events (`common.time_gpu`, medians: no host launch or sync latency, which at Qwen3-VL
+rank sizes is a third of a piece and hid the overlap in runs before 2026-12-07 08:40 UTC). Layer
 time = slowest rank + conversion not hidden under its dispatch (the rank's received bf16 bytes over
 --link-gbps; realb_slowlink_x: over --slow-link-gbps). realb_wire8_x: the tokens quantized once on each
 source rank before the dispatch (that time added), the low ranks' rows sent in fp8 (D + 4 bytes: a shorter
@@ -41,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import device_name, print_table, time_fn, write_results  # noqa: E402
+from common import device_name, print_table, time_gpu, write_results  # noqa: E402
 from moestack.inference.realb import (RealbConfig, apply_realb, choose_ranks, remove_realb,  # noqa: E402
                                      set_modality, summarize)
 
@@ -238,7 +240,7 @@ class RankTimer:
     def _timed(self, counts: list[int], name: str, fns: dict) -> float:
         key = (name, tuple(counts))
         if key not in self.times_cache:
-            self.times_cache[key] = time_fn(fns[name], self.device, reps=self.reps) if sum(counts) else 0.0
+            self.times_cache[key] = time_gpu(fns[name], self.device, reps=self.reps) if sum(counts) else 0.0
         return self.times_cache[key]
 
     def pieces(self, counts: list[int], names: tuple[str, ...]) -> dict:
@@ -286,7 +288,7 @@ class RankTimer:
             return None
         if self.cycles_per_ms is None:
             n = 10_000_000
-            self.cycles_per_ms = n / (time_fn(lambda: torch.cuda._sleep(n), self.device, reps=5) * 1e3)
+            self.cycles_per_ms = n / (time_gpu(lambda: torch.cuda._sleep(n), self.device, reps=5) * 1e3)
         key = ("pipe", tuple(counts), round(window_ms, 4))
         if key in self.times_cache:
             return self.times_cache[key]
@@ -308,7 +310,7 @@ class RankTimer:
             fp8_experts(z["x"], z["c"], z["q13"], z["s13"], z["q2"], z["s2"], self.dt,
                         before_down=lambda: main.wait_event(e2))
 
-        self.times_cache[key] = max(0.0, time_fn(run, self.device, reps=self.reps) - window_ms / 1e3)
+        self.times_cache[key] = max(0.0, time_gpu(run, self.device, reps=self.reps) - window_ms / 1e3)
         return self.times_cache[key]
 
     def quantize_tokens(self, tokens: int) -> float:
@@ -318,7 +320,7 @@ class RankTimer:
         key = ("tokens", tokens)
         if key not in self.times_cache:
             x = self.x[:tokens]
-            self.times_cache[key] = time_fn(lambda: quantize_fp8(x, -1), self.device, reps=self.reps)
+            self.times_cache[key] = time_gpu(lambda: quantize_fp8(x, -1), self.device, reps=self.reps)
         return self.times_cache[key]
 
 

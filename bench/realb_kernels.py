@@ -19,14 +19,13 @@ Per shape (d_model, d_ff, local experts, rows), milliseconds, medians of 20:
   conversion cost nothing beyond the window.
 """
 import os
-import statistics
 import argparse
 import sys
 
 import torch
 
 sys.path.insert(0, "src"); sys.path.insert(0, "bench")
-from common import time_fn, write_results  # noqa: E402
+from common import time_fn, time_gpu, write_results  # noqa: E402
 from moestack.inference.lowp import (cast_fp8, fp8_experts, fp8_grouped_mm, fp8_scales, fp8_supported,  # noqa: E402
                                      quantize_fp8, swiglu_fp8)
 from moestack.moe.experts import GroupedExperts, swiglu  # noqa: E402
@@ -47,17 +46,8 @@ rows = []
 
 
 def events_ms(fn, reps: int) -> float:
-    """Median milliseconds of fn() between two events on the current stream (fn makes that stream wait for any
-    side-stream work it starts), after warm-up."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median GPU milliseconds of fn() between CUDA events (`common.time_gpu`)."""
+    return time_gpu(fn, dev, reps=reps) * 1e3
 
 
 def overlap(w, w2, k13, k2, q, q2, experts, window: float) -> dict:
