@@ -12,7 +12,7 @@ py() { local t=$1; shift; timeout "$t" python3 "$@" 2>&1 | grep -v '^{'; }  # py
 
 declare -A HELP=(
   [tests]="the gpu- and triton-marked tests (fast paths against the eager references, on the GPU)"
-  [kernel_tests]="the GPU tests of the kernels changed on 2026-12-07 only (fused MoE with DualSparse parts, segment planning, training combine, ReaLB FP8): about a minute"
+  [kernel_tests]="the GPU tests of the kernels changed on 2026-12-07 only (fused MoE with DualSparse parts, segment planning, training combine, ReaLB FP8): about two minutes"
   [layer]="bench/moe_layer.py: MoE layer fwd+bwd against HF grouped_mm and the dense ceiling (Mixtral, OLMoE, Qwen3-MoE shapes)"
   [profile_layer]="bench/profile_moe.py --train: kernel tables of the layer's fwd+bwd and the dense ceiling's (Mixtral, OLMoE 8k)"
   [profile_dualsparse]="bench/profile_moe.py --rates 0,0.25,0.5: kernel tables of the DualSparse layer (inference) at Qwen3-MoE 4k/16k and Mixtral 4k tokens"
@@ -36,7 +36,7 @@ run_group() {
   case "$1" in
   tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" --tb=short -rfE tests 2>&1 | grep -v Warning ;;
   kernel_tests)
-    timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE tests/serve/test_triton.py tests/moe/test_dispatch.py \
+    timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE tests/serve/test_triton.py tests/moe/test_dispatch.py \
       tests/inference/test_realb.py -k "fused or dualsparse or segment or gpu or training" 2>&1 | grep -v Warning ;;
   layer) py 300 bench/moe_layer.py --reps 10 --skip-loop --shapes mixtral,olmoe,qwen3_moe ;;
   profile_layer)
