@@ -3,7 +3,8 @@
 #   bash bench/suite.sh tests serve            # run the groups in order; results (logs, JSON lines) in $OUT
 #   bash bench/suite.sh --list                 # the groups and what each runs
 # Results go to $OUT (device runs) or bench/results, each group's log as $OUT/<group>.log; the docs name the
-# group that made each figure. A group that fails is reported and the next one still runs.
+# group that made each figure. A group that fails is reported and the next one still runs. More than 8 files
+# in a device run's $OUT are packed into $OUT/results.tgz at the end (a device call returns at most 8).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -97,4 +98,9 @@ for g in "$@"; do
   echo "=== $g: exit $rc, $(( $(date +%s) - start )) s"
   [ "$rc" -ne 0 ] && status=1
 done
+# a device call returns at most 8 files from $OUT: past that, everything goes back as one archive
+if [ "$OUT" != bench/results ] && [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+  tar czf /tmp/suite_results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/suite_results.tgz "$OUT/results.tgz"
+  echo "results packed into $OUT/results.tgz (more than 8 files)"
+fi
 exit $status
