@@ -280,8 +280,8 @@ class RankTimer:
     def pipelined(self, counts: list[int], window_ms: float) -> float | None:
         """Seconds after a dispatch of window_ms until a low rank's FP8 experts finish, measured with the real
         overlap on this GPU: the main stream waits out the dispatch (a sleep kernel standing in for the
-        all-to-all, enqueued first) while the side stream converts q13 then q2, the first GEMM waits for q13, the second for q2 (as
-        inference/realb.py runs them). None off CUDA (the layer model composes the pieces instead)."""
+        all-to-all, enqueued first) while the side stream converts q13 then q2, the first GEMM waits for q13,
+        the second for q2 (as inference/realb.py runs them). None off CUDA (the layer model composes the pieces instead)."""
         from moestack.inference.lowp import cast_fp8, fp8_experts
 
         if self.device.type != "cuda" or sum(counts) == 0:

@@ -117,9 +117,9 @@ class LLM:
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
         # steps of up to prefill_graph_tokens tokens (default: max_num_batched_tokens, i.e. all) that are not all
-        # decodes replay CUDA graphs too; 0: they run eagerly. Only in bf16; not with ReaLB (its decisions read the loads on
-        # the host) or capacity dropping (it counts the drops on the host). The graphs' memory is about what the
-        # largest step needs eagerly.
+        # decodes replay CUDA graphs too; 0: they run eagerly. Only in bf16; not with ReaLB (its decisions read
+        # the loads on the host) or capacity dropping (it counts the drops on the host). The graphs' memory is
+        # about what the largest step needs eagerly.
         capacity = any(getattr(layer.dispatcher, "capacity_factor", 0) > 0 for layer in self.model.moe_layers())
         if prefill_graph_tokens is None:
             prefill_graph_tokens = max_num_batched_tokens
