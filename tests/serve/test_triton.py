@@ -100,10 +100,14 @@ def test_engine_through_the_prefill_kernel_equals_the_reference_engine(triton_de
 
 @pytest.mark.parametrize("T, E, k, parts, drop, F2", [(5, 8, 2, 1, False, 32), (40, 8, 2, 2, True, 32),
                                                      (3, 16, 4, 2, False, 32), (6, 4, 2, 2, True, 128),
-                                                     (7, 4, 2, 4, True, 128)])
+                                                     (7, 4, 2, 4, True, 128), (160, 4, 2, 1, False, 32),
+                                                     (160, 4, 2, 2, True, 128), (130, 4, 2, 4, True, 128),
+                                                     (140, 4, 2, 2, False, 32)])
 def test_fused_experts_match_a_loop(triton_device, T, E, k, parts, drop, F2):
     """With parts to run (DualSparse), F2 = 128 makes whole column tiles and reduction steps skippable: the
-    experts 0 and 1 run at most one part, so their blocks skip the rest (and their garbage is never read)."""
+    experts 0 and 1 run at most one part, so their blocks skip the rest (and their garbage is never read).
+    T >= 128 at E = 4, k = 2 is prefill-sized (64+ entries per expert): blocks of 64 rows, grouped by
+    (expert, parts run)."""
     fused = importlib.import_module("moestack.moe.fused")
     importlib.import_module("moestack.moe.fused_triton")
     g = torch.Generator().manual_seed(1)
@@ -180,3 +184,19 @@ def test_dualsparse_engine_with_the_fused_kernels_equals_the_eager_engine(triton
     for a, b in zip(eager.model.moe_layers(), fast.model.moe_layers()):
         assert a.dispatcher._stats.tolist() == b.dispatcher._stats.tolist()
         assert 0 < a.dispatcher.skipped < a.dispatcher.total
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_align_by_sort_equals_align_by_running_count(monkeypatch, block_m):
+    """Past ONEHOT_CELLS the plan comes from a stable sort: the same plan as the one-hot running count."""
+    fused = importlib.import_module("moestack.moe.fused")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 9, (300,), generator=g)  # 9 = the sentinel of an entry not to run (8 groups)
+    a = fused.align(ids, 8, block_m)
+    monkeypatch.setattr(fused, "ONEHOT_CELLS", 0)
+    b = fused.align(ids, 8, block_m)
+    for name in ("sorted_ids", "block_expert", "total"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert (a.num_blocks, a.num_valid) == (b.num_blocks, b.num_valid)
+    assert sorted(a.sorted_ids[a.sorted_ids < 300].tolist()) == (ids < 8).nonzero().flatten().tolist()
+

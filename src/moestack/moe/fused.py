@@ -17,8 +17,15 @@ from dataclasses import dataclass
 import torch
 
 from moestack.moe.experts import swiglu
+from moestack.moe.router import count_ids
 
 BLOCK_M = 16
+# Prefill-sized batches (at least this many entries per expert on average) take blocks of BLOCK_M_LARGE rows,
+# tiles tuned for compute-bound GEMMs, and with DualSparse one group per (expert, parts run), so every block
+# runs exactly its rows' parts. Decode keeps BLOCK_M and mixed blocks: there a block reading part 1 for its
+# one-part rows and again for its two-part rows would read those weights twice, and weights are its cost.
+BLOCK_M_LARGE = 64
+LARGE_ROWS_PER_EXPERT = 64
 
 
 @dataclass
@@ -32,19 +39,36 @@ class AlignPlan:
     num_blocks: int
     block_m: int
 
+    @property
+    def large(self) -> bool:
+        """Prefill-sized blocks (compute-bound tiles), past the decode size BLOCK_M."""
+        return self.block_m > BLOCK_M
+
+
+# past this many [entries x groups] cells the one-hot's running count costs more than a sort
+ONEHOT_CELLS = 1 << 20
+
 
 def align(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M) -> AlignPlan:
-    """Plan for entries whose expert is ids [R] (num_experts for an entry not to run). No host sync,
-    and no sort: an entry's rank among its expert's entries is a column of the running count of a
-    one-hot [R, E] (a few microseconds where a radix sort of a decode batch costs tens)."""
+    """Plan for entries whose expert is ids [R] (num_experts for an entry not to run). No host sync.
+    Decode-sized: no sort, an entry's rank among its expert's entries is a column of the running count of a
+    one-hot [R, E] (a few microseconds where a radix sort of a decode batch costs tens); past ONEHOT_CELLS
+    cells, a stable sort of the ids gives the ranks instead."""
     R, S, dev = ids.numel(), num_experts, ids.device
-    onehot = ids.unsqueeze(1) == torch.arange(S, device=dev, dtype=ids.dtype)  # entries not to run: no column
-    running = onehot.to(torch.int32).cumsum(0, dtype=torch.int32)  # [R, S]
-    counts = running[-1]  # [S]
+    s = ids.clamp(max=S - 1)
+    if R * S <= ONEHOT_CELLS:
+        onehot = ids.unsqueeze(1) == torch.arange(S, device=dev, dtype=ids.dtype)  # entries not to run: no column
+        running = onehot.to(torch.int32).cumsum(0, dtype=torch.int32)  # [R, S]
+        counts = running[-1]  # [S]
+        rank = running.gather(1, s.unsqueeze(1)).squeeze(1) - 1  # [R]
+    else:
+        order = torch.argsort(ids, stable=True)
+        counts = count_ids(ids, S + 1)[:S].to(torch.int32)  # entries not to run: the last bucket, dropped
+        starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+        ranked = torch.arange(R, device=dev, dtype=torch.int32) - starts[s[order]]
+        rank = torch.empty_like(ranked).scatter_(0, order, ranked)
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = torch.cumsum(padded, 0, dtype=torch.int32)
-    s = ids.clamp(max=S - 1)
-    rank = running.gather(1, s.unsqueeze(1)).squeeze(1) - 1  # [R]
     cap = -(-(R + min(S, R) * (block_m - 1)) // block_m) * block_m  # the most padded rows any routing needs
     dest = torch.where(ids < S, (pad_end - padded)[s] + rank, cap).long()
     ids = torch.arange(R, device=dev, dtype=torch.int32)
@@ -73,7 +97,9 @@ def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
     One entry per choice, blocks per expert, as without parts: a block computes the gate/up columns and
     reads the w2 rows of the parts its rows need (the most any of them runs), and each row's down product
     stops at its own parts. So DualSparse costs no more entries, blocks or output rows than the plain layer,
-    and an expert whose rows all drop a part never reads that part's weights.
+    and an expert whose rows all drop a part never reads that part's weights. Prefill-sized batches (see
+    LARGE_ROWS_PER_EXPERT) group the blocks by (expert, parts run) too, so no block computes a part one of
+    its rows drops: the kept (token, part) work in one launch per projection.
     """
     from moestack.moe.fused_triton import moe_gemm
 
@@ -81,12 +107,18 @@ def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
     E, D, two_f = w13.shape
     F = two_f // 2
     flat = expert_ids.flatten()  # [R]
+    R = flat.numel()
     j = None
     if parts_run is not None:
         j = parts_run.reshape(-1).to(torch.int32).contiguous()  # [R]
         flat = torch.where(j > 0, flat, torch.full_like(flat, E))  # a choice with nothing to run gets no row
-    plan = (ALIGN[0] if x.is_cuda else align)(flat, E)
-    R = flat.numel()
+    if R >= LARGE_ROWS_PER_EXPERT * E:  # prefill-sized: blocks of one expert whose rows all run the same parts
+        groups = E * parts
+        gid = flat * parts + (j.long() - 1 if j is not None else parts - 1)
+        plan = align(torch.where(flat < E, gid, torch.full_like(gid, groups)), groups, BLOCK_M_LARGE)
+        plan.block_expert = torch.div(plan.block_expert, parts, rounding_mode="floor")
+    else:
+        plan = (ALIGN[0] if x.is_cuda else align)(flat, E)
     x = x.contiguous()
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
     h = x.new_empty(R, two_f)

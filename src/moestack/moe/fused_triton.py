@@ -76,6 +76,12 @@ TUNE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_s
                                       (128, 128, 8, 4), (256, 64, 8, 3), (32, 128, 4, 4), (64, 256, 4, 3))]
 _moe_gemm_tuned = triton.autotune(TUNE_CONFIGS, key=["N", "K", "R_BUCKET", "PARTS_N", "PARTS_K"], warmup=5,
                                   rep=20)(_moe_gemm)
+# Prefill-sized batches (blocks of fused.BLOCK_M_LARGE rows) are compute-bound: wider tiles, more stages.
+LARGE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                 for bn, bk, w, st in ((128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (128, 128, 8, 3),
+                                       (64, 128, 4, 4), (256, 32, 8, 4))]
+_moe_gemm_large = triton.autotune(LARGE_CONFIGS, key=["N", "K", "R_BUCKET", "PARTS_N", "PARTS_K", "BLOCK_M"],
+                                  warmup=5, rep=20)(_moe_gemm)
 
 
 def moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plan, *, n: int, k: int, a_div: int,
@@ -92,7 +98,8 @@ def moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plan, *, n: in
     flags = dict(A_DIV=a_div, MUL_W=weights is not None, PARTS_N=parts_run is not None and part_n > 0,
                  PARTS_K=parts_run is not None and part_k > 0, BLOCK_M=plan.block_m, PREC=precision(a))
     if a.is_cuda:
-        _moe_gemm_tuned[lambda meta: (plan.num_blocks, triton.cdiv(n, meta["BLOCK_N"]))](*args, **flags)
+        kernel = _moe_gemm_large if plan.large else _moe_gemm_tuned
+        kernel[lambda meta: (plan.num_blocks, triton.cdiv(n, meta["BLOCK_N"]))](*args, **flags)
     else:  # Triton's interpreter (CPU tests): one small tile
         block = 64 if n >= 64 else 16
         _moe_gemm[(plan.num_blocks, triton.cdiv(n, block))](*args, **flags, BLOCK_N=block, BLOCK_K=min(block, 32))
