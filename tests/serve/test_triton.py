@@ -103,13 +103,14 @@ def test_engine_through_the_prefill_kernel_equals_the_reference_engine(triton_de
                                                      (7, 4, 2, 4, True, 128), (160, 4, 2, 1, False, 32),
                                                      (160, 4, 2, 2, True, 128), (130, 4, 2, 4, True, 128),
                                                      (140, 4, 2, 2, False, 32)])
-def test_fused_experts_match_a_loop(triton_device, T, E, k, parts, drop, F2):
+def test_fused_experts_match_a_loop(triton_device, monkeypatch, T, E, k, parts, drop, F2):
     """With parts to run (DualSparse), F2 = 128 makes whole column tiles and reduction steps skippable: the
     experts 0 and 1 run at most one part, so their blocks skip the rest (and their garbage is never read).
     T >= 128 at E = 4, k = 2 is prefill-sized (64+ entries per expert): blocks of 64 rows, grouped by
     (expert, parts run)."""
     fused = importlib.import_module("moestack.moe.fused")
     importlib.import_module("moestack.moe.fused_triton")
+    monkeypatch.setattr(fused, "LARGE_MIN_ROWS", 256)  # prefill-sized from 256 entries (CPU-test sizes)
     g = torch.Generator().manual_seed(1)
     D = 32
     f = F2 // parts

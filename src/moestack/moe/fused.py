@@ -26,6 +26,7 @@ BLOCK_M = 16
 # one-part rows and again for its two-part rows would read those weights twice, and weights are its cost.
 BLOCK_M_LARGE = 64
 LARGE_ROWS_PER_EXPERT = 64
+LARGE_MIN_ROWS = 4096  # above the serving engine's fused_rows: its steps keep the decode blocks (measured so)
 
 
 @dataclass
@@ -112,7 +113,7 @@ def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
     if parts_run is not None:
         j = parts_run.reshape(-1).to(torch.int32).contiguous()  # [R]
         flat = torch.where(j > 0, flat, torch.full_like(flat, E))  # a choice with nothing to run gets no row
-    if R >= LARGE_ROWS_PER_EXPERT * E:  # prefill-sized: blocks of one expert whose rows all run the same parts
+    if R >= max(LARGE_ROWS_PER_EXPERT * E, LARGE_MIN_ROWS):  # prefill-sized: blocks of one expert whose rows all run the same parts
         groups = E * parts
         gid = flat * parts + (j.long() - 1 if j is not None else parts - 1)
         plan = align(torch.where(flat < E, gid, torch.full_like(gid, groups)), groups, BLOCK_M_LARGE)
