@@ -7,7 +7,9 @@
 (i) quality: validation loss of RUN's model vs drop rate for naive dropping of whole low-weight
 (token, expert) choices, partition without reconstruction, DualSparse, and DualSparse with load-aware
 dropping over --ranks simulated EP ranks; one PNG plot. (ii) speed: MoE-layer forward time (inference,
-bf16 on GPU, fp32 on CPU) at each drop rate against the same layer without partition. (iii) load: with
+bf16 on GPU, fp32 on CPU) at each drop rate against the same layer without partition; on CUDA also both
+layers through the fused MoE GEMM's prefill-sized mode (`fused_*`: fused_ratio against the fused layer without
+partition, fused_vs_grouped against the grouped-GEMM one). (iii) load: with
 skewed routing over --ranks simulated EP ranks (contiguous placement), each rank's kept rows and its expert
 compute time alone; the slowest rank sets the MoE-module time. (iv) ep: the same three policies under real
 expert parallelism, timed end to end (all-to-all included) on every rank:
@@ -40,7 +42,7 @@ from moestack.inference.dualsparse import (  # noqa: E402
     sparsify,
 )
 from moestack.inference.partition import PartExperts  # noqa: E402
-from moestack.moe.experts import GroupedExperts  # noqa: E402
+from moestack.moe.experts import GroupedExperts, fused_inference  # noqa: E402
 from moestack.moe.layer import MoELayer  # noqa: E402
 
 SHAPES = {  # name: (d_model, d_ff, experts, top_k)
@@ -150,6 +152,12 @@ def speed(shape: str, T: int, rates: list[float], args, device, dtype) -> list[d
                 set_drop_rate(sparse, rate)  # the rate is baked into the captured kernels
                 graph_fns[rate] = graphed(lambda: sparse(x))
             t_graph = interleaved(graph_fns, device, args.reps)
+        t_fused = {}
+        if fused_inference(x):  # the fused MoE GEMM's prefill-sized mode (moe/fused.py), both layers, same run
+            fused_fns = {"base": fused_call(base, x, lambda: base(x))}
+            for rate in rates:
+                fused_fns[rate] = fused_call(sparse, x, lambda r=rate: (set_drop_rate(sparse, r), sparse(x)))
+            t_fused = interleaved(fused_fns, device, args.reps)
     rows = []
     for rate in rates:
         rows.append({"study": "speed", "shape": shape, "tokens": T, "target": rate, "drop_rate": achieved[rate],
@@ -159,10 +167,24 @@ def speed(shape: str, T: int, rates: list[float], args, device, dtype) -> list[d
                      "experts_ratio": t_exp[rate] / t_exp["base"],
                      **({"graph_ms": t_graph[rate] * 1e3, "graph_ms_no_partition": t_graph["base"] * 1e3,
                          "graph_ratio": t_graph[rate] / t_graph["base"]} if t_graph else {}),
+                     **({"fused_ms": t_fused[rate] * 1e3, "fused_ms_no_partition": t_fused["base"] * 1e3,
+                         "fused_ratio": t_fused[rate] / t_fused["base"],
+                         "fused_vs_grouped": t_fused[rate] / t_layer["base"]} if t_fused else {}),
                      "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
                      "commit": os.environ.get("MOESTACK_COMMIT")})  # device copies have no .git: the caller says
         print(rows[-1], flush=True)
     return rows
+
+
+def fused_call(layer: MoELayer, x: torch.Tensor, fn):
+    """fn with the layer's routed experts through the fused MoE GEMM for every batch size (fused_rows)."""
+    def run():
+        layer.fused_rows = x.shape[0] * layer.router.top_k
+        try:
+            return fn()
+        finally:
+            layer.fused_rows = 0
+    return run
 
 
 def graphed(fn):
@@ -379,7 +401,8 @@ def main() -> None:
             rows = speed(shape, n, rates, args, device, dtype)
             print_table(rows, ["shape", "tokens", "target", "drop_rate", "ms", "ms_no_partition", "ratio", "ideal",
                                "experts_ms", "experts_ms_no_partition", "experts_ratio", "graph_ms",
-                               "graph_ms_no_partition", "graph_ratio"])
+                               "graph_ms_no_partition", "graph_ratio", "fused_ms", "fused_ms_no_partition",
+                               "fused_ratio", "fused_vs_grouped"])
             write_results("dualsparse", rows)
             if device == "cuda":
                 torch.cuda.empty_cache()
