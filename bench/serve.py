@@ -46,7 +46,10 @@ HBM_TBPS = {"H200": 4.8, "H100 80GB HBM3": 3.35, "H100 NVL": 3.9, "H100 PCIe": 2
 
 def hbm_tbps(name: str) -> float:
     """The peak HBM rate (TB/s) of the GPU called `name` (4.8, an H200's, where the name is not known)."""
-    return next((v for k, v in HBM_TBPS.items() if k in name), 4.8)
+    rate = next((v for k, v in HBM_TBPS.items() if k in name), None)
+    if rate is None:
+        print(f"bench/serve.py: no HBM rate known for {name!r}; the roofline assumes 4.8 TB/s (an H200's)")
+    return rate or 4.8
 
 CONFIGS = {  # the published configs' per-layer shapes (num_hidden_layers set by --layers)
     "olmoe": ("OlmoeConfig", dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_attention_heads=16,

@@ -101,7 +101,7 @@ for g in "$@"; do
   [ "$rc" -ne 0 ] && status=1
 done
 # a device call returns at most 8 files from $OUT: past that, everything goes back as one archive
-if [ "$OUT" != bench/results ] && [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+if [ "$(realpath "$OUT")" != "$(realpath bench/results)" ] && [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
   tar czf /tmp/suite_results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/suite_results.tgz "$OUT/results.tgz"
   echo "results packed into $OUT/results.tgz (more than 8 files)"
 fi

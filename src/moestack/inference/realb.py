@@ -163,10 +163,13 @@ class RealbDispatcher:
             return self.inner.dispatch(x, routing)
         # the dispatch is enqueued first and the conversion after it, waiting only for the work before the
         # dispatch: the all-to-all's kernel takes its SMs at once, the conversion fills the others (enqueued first,
-        # the conversion's blocks would hold every SM and the dispatch would start only as they drain)
+        # the conversion's blocks would hold every SM and the dispatch would start only as they drain). Which
+        # experts and which buffer come before `ready` (a host sync that must not wait for the dispatch, and
+        # indices the side stream reads only once written).
+        prepared = self.experts.prepare(st)
         ready = torch.cuda.current_stream(x.device).record_event() if x.is_cuda else None
         handle = self.inner.dispatch(x, routing)
-        self.experts.convert(self.state, after=ready)
+        self.experts.convert(st, prepared, after=ready)
         if st.cfg.precision != "fp8" or getattr(self.inner, "group", None) is not None:
             return handle  # EP: the rows travel in bf16, the low rank quantizes what it receives
         # one process: each token quantized once (not once per routed row); the experts gather their fp8 rows
@@ -247,13 +250,22 @@ class RealbExperts(GroupedExperts):
         self.done: tuple | None = None  # CUDA events: q13 converted, q2 converted (the GEMMs wait on them)
         self.layer_idx = 0  # which conversion buffer it uses (set by apply_realb)
 
-    def convert(self, st: RealbState, after: "torch.cuda.Event | None" = None) -> None:
+    def prepare(self, st: RealbState) -> tuple[torch.Tensor, dict] | None:
+        """The low experts' indices and the conversion buffer they go to (None: nothing to convert, FP4 being
+        emulated inside the GEMM). Reads the count of low experts on the host: call it before the dispatch."""
+        if st.cfg.precision != "fp8":
+            return None
+        idx = self.low.nonzero().flatten()
+        return idx, st.buffer.get(idx.numel(), self.w13, self.w2, self.layer_idx % st.slots)
+
+    def convert(self, st: RealbState, prepared: tuple[torch.Tensor, dict] | None = None,
+                after: "torch.cuda.Event | None" = None) -> None:
         """Quantize the low experts' weights into the shared buffer (FP8), on a side stream on CUDA, after the
-        event `after` (default: all work on the current stream so far)."""
+        event `after` (default: all work on the current stream so far); `prepared`: from `prepare`, made
+        before `after` was recorded (default: prepared here)."""
         if st.cfg.precision != "fp8":
             return  # FP4 is emulated inside the GEMM
-        idx = self.low.nonzero().flatten()
-        buf = st.buffer.get(idx.numel(), self.w13, self.w2, self.layer_idx % st.slots)
+        idx, buf = prepared if prepared is not None else self.prepare(st)
         if self.w13.is_cuda:
             if st.stream is None:
                 st.stream = torch.cuda.Stream(self.w13.device)

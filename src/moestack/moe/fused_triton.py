@@ -94,7 +94,7 @@ def moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plan, *, n: in
     j = parts_run if parts_run is not None else plan.sorted_ids
     args = (a, b, out, w, j, plan.sorted_ids, plan.block_expert, plan.total, n, k, plan.num_valid,
             a.stride(0), b.stride(0), stride_bk, stride_bn, out.stride(0),
-            min(triton.next_power_of_2(plan.num_valid), 4096), max(part_n, part_k, 1))
+            min(triton.next_power_of_2(plan.num_valid), 1 << 20 if plan.large else 4096), max(part_n, part_k, 1))
     flags = dict(A_DIV=a_div, MUL_W=weights is not None, PARTS_N=parts_run is not None and part_n > 0,
                  PARTS_K=parts_run is not None and part_k > 0, BLOCK_M=plan.block_m, PREC=precision(a))
     if a.is_cuda:

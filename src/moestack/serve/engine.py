@@ -125,7 +125,7 @@ class LLM:
             prefill_graph_tokens = max_num_batched_tokens
         # torch._grouped_mm runs bf16 natively; other dtypes take a path that reads the group offsets on the host,
         # which a graph cannot capture
-        bf16 = next(self.model.parameters()).dtype == torch.bfloat16
+        bf16 = all(p.dtype == torch.bfloat16 for layer in self.model.moe_layers() for p in layer.experts.parameters())
         if self.realb is not None or capacity or not bf16:
             prefill_graph_tokens = 0
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
