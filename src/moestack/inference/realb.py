@@ -12,8 +12,8 @@ anyway (and the share of vision tokens in them), it picks the ranks that are
 and converts their experts' BF16 weights to FP8 on the fly (FP4 numerics emulated for accuracy) into one
 conversion buffer shared by all layers, on a side stream while the dispatch is in flight (the gate/up
 weights first; the first GEMM waits for those alone, so the down weights' conversion also hides under
-it), then runs FP8 grouped GEMMs with per-row / per-column scales (inference/lowp.py). No redundant experts, no copy of the
-model: memory grows by one layer's (one rank's) fp8 experts, plus each layer's weight scales (one fp32 per
+it), then runs FP8 grouped GEMMs with per-row / per-column scales (inference/lowp.py). No redundant
+experts, no copy of the model: memory grows by one layer's (one rank's) fp8 experts, plus each layer's weight scales (one fp32 per
 output column, 4 / d_in of the bf16 expert bytes), kept so that a conversion is one read and one write.
 The FP8 rows are quantized once per token, before the dispatch (on one process; under EP the low rank
 quantizes the rows it receives), and the down projection's input comes out of SwiGLU already in fp8.

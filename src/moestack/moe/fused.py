@@ -12,7 +12,7 @@ Notation: T = tokens, k = choices per token, P = parts per expert, R = T * k ent
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -113,11 +113,13 @@ def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
     if parts_run is not None:
         j = parts_run.reshape(-1).to(torch.int32).contiguous()  # [R]
         flat = torch.where(j > 0, flat, torch.full_like(flat, E))  # a choice with nothing to run gets no row
-    if R >= max(LARGE_ROWS_PER_EXPERT * E, LARGE_MIN_ROWS):  # prefill-sized: blocks of one expert whose rows all run the same parts
+    if R >= max(LARGE_ROWS_PER_EXPERT * E, LARGE_MIN_ROWS):
+        # prefill-sized: group (expert, parts run), so a block's rows all run the same parts; its expert is
+        # the group // parts
         groups = E * parts
         gid = flat * parts + (j.long() - 1 if j is not None else parts - 1)
         plan = align(torch.where(flat < E, gid, torch.full_like(gid, groups)), groups, BLOCK_M_LARGE)
-        plan.block_expert = torch.div(plan.block_expert, parts, rounding_mode="floor")
+        plan = replace(plan, block_expert=torch.div(plan.block_expert, parts, rounding_mode="floor"))
     else:
         plan = (ALIGN[0] if x.is_cuda else align)(flat, E)
     x = x.contiguous()

@@ -70,7 +70,8 @@ def precision(x: torch.Tensor) -> str:
 
 # Decode-sized GEMMs read each routed expert's weights once and are memory-bound: the best tile depends on
 # the shape and on how many rows each expert gets, so on a GPU the kernel is autotuned per (N, K, rows
-# bucket, DualSparse parts or not) among these (the first call of each bucket measures them; CUDA-graph warm-up runs it).
+# bucket, DualSparse parts or not) among these (the first call of each bucket measures them; CUDA-graph
+# warm-up runs it).
 TUNE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                 for bn, bk, w, st in ((64, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3),
                                       (128, 128, 8, 4), (256, 64, 8, 3), (32, 128, 4, 4), (64, 256, 4, 3))]
