@@ -1,5 +1,7 @@
+import importlib
 import math
 
+import pytest
 import torch
 
 from moestack.moe.router import Router
@@ -72,3 +74,27 @@ def test_no_tokens_give_zero_losses_not_nan():
     router = Router(8, 4, 2, aux_loss_coef=0.01, z_loss_coef=0.001)
     rt = router(torch.zeros(0, 8))
     assert rt.expert_ids.shape == (0, 2) and rt.z_loss.item() == 0.0 and torch.isfinite(rt.aux_loss)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("E, k, renormalize, bias, fp32", [(8, 2, True, False, True), (64, 8, False, False, False),
+                                                           (6, 1, True, False, True), (128, 8, True, True, False),
+                                                           (5, 3, False, True, True)])
+def test_fused_topk_routes_as_the_eager_router(triton_device, E, k, renormalize, bias, fp32):
+    """The serving router's one Triton kernel (softmax, top-k, weights, counts) gives the eager router's routing."""
+    importlib.import_module("moestack.moe.router_triton")
+    torch.manual_seed(3)
+    r = Router(16, E, k, renormalize=renormalize, aux_loss_coef=0, z_loss_coef=0, bias_balancing=bias)
+    r.logits_in_fp32 = fp32
+    if bias:
+        r.expert_bias.copy_(torch.randn(E) * 0.05)
+    r = r.to(triton_device)
+    x = torch.randn(37, 16, device=triton_device)
+    with torch.no_grad():
+        ref = r(x)
+        r.fused_topk = True
+        got = r(x)
+    assert torch.equal(got.expert_ids, ref.expert_ids)
+    assert torch.allclose(got.weights, ref.weights, atol=1e-6)
+    assert torch.equal(got.counts, ref.counts) and got.counts.sum() == 37 * k
+    assert got.aux_loss.item() == 0 and got.z_loss.item() == 0

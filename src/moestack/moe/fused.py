@@ -131,4 +131,8 @@ def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
     out = (x.new_zeros if j is not None else x.new_empty)(R, D)  # rows of choices with nothing to run stay 0
     moe_gemm(act, w2, out, plan, n=D, k=F, a_div=1, stride_bk=w2.stride(1), stride_bn=w2.stride(2),
              weights=weights.reshape(-1).float().contiguous(), parts_run=j, part_k=F // parts)
+    if x.is_cuda:
+        from moestack.moe.fused_triton import sum_choices
+
+        return sum_choices(out, k)
     return out.view(T, k, D).sum(dim=1)

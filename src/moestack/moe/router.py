@@ -68,13 +68,26 @@ class Router(nn.Module):
         # Gate logits: fp32 (moestack's models), or False: in the input's dtype, then fp32 for the softmax, as
         # Hugging Face's MoE routers do (models/hf.py sets it, so bf16 models route the tokens HF routes).
         self.logits_in_fp32 = True
+        # Serving on CUDA (the runner sets it): softmax, top-k, weights and counts in one Triton kernel
+        # (moe/router_triton.py) when no loss and no gradient is wanted.
+        self.fused_topk = False
+        self._zero: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> Routing:
         # x: [T, D]
         if self.logits_in_fp32:
             logits = F.linear(x.float(), self.gate.weight.float())  # [T, E] in fp32
         else:
-            logits = F.linear(x, self.gate.weight).float()  # [T, E], rounded to x's dtype first
+            logits = F.linear(x, self.gate.weight)  # [T, E], rounded to x's dtype, then fp32 for the softmax
+        if self.fused_topk and self.aux_loss_coef == 0 and self.z_loss_coef == 0 and not logits.requires_grad:
+            from moestack.moe.router_triton import topk_softmax
+
+            bias = self.expert_bias if self.bias_balancing else None
+            ids, weights, counts = topk_softmax(logits, self.top_k, self.renormalize and self.top_k > 1, bias)
+            if self._zero is None or self._zero.device != logits.device:
+                self._zero = logits.new_zeros((), dtype=torch.float32)  # the losses: none (read, never written)
+            return Routing(ids, weights, counts, self._zero, self._zero)
+        logits = logits.float()
         probs = logits.softmax(dim=-1)  # [T, E]
         select = probs + self.expert_bias if self.bias_balancing else probs
         _, expert_ids = select.topk(self.top_k, dim=-1)  # [T, k]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from moestack.models.transformer import RMSNorm
 from moestack.moe.dispatch import Done
-from moestack.moe.experts import SwiGLU
+from moestack.moe.experts import SwiGLU, triton_runs
 from moestack.moe.layer import MoELayer
 from moestack.serve.attention import AttnMeta, attend, attend_dense, write_kv
 
@@ -114,6 +114,13 @@ class PagedAttention(nn.Module):
 
     def forward(self, x, cos, sin, kv, meta) -> torch.Tensor:
         # x: [T, D]; cos/sin: [T, hd/2]; kv: (k_cache, v_cache) or None (meta = the batch size, whole sequences)
+        if kv is not None and (meta.decode or meta.prefill):  # the Triton attention kernels read the cache:
+            from moestack.serve.qkv_triton import qkv_rope_write  # norms, RoPE and the cache stores in one kernel
+
+            qn = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm != "none" else None
+            q = qkv_rope_write(self.qkv(x), cos, sin, self.n_heads, self.n_kv_heads, self.head_dim, self.qk_norm, qn,
+                               self.clip, kv[0], kv[1], meta.slots)
+            return self.out(attend(q, None, None, kv, meta).reshape(x.shape[0], -1))
         q, k, v = self.project(x, cos, sin)
         if kv is None:
             o = attend_dense(q, k, v, meta)
@@ -130,6 +137,18 @@ def ffn_out(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ffn(x)
 
 
+def add_norm(h: torch.Tensor, y: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + y, norm(h + y)), or (h, norm(h)) for y None: on CUDA one Triton kernel (serve/norm_triton.py)."""
+    if y is None:
+        return h, norm(h)
+    if h.is_cuda and triton_runs(h) and h.dtype == y.dtype:
+        from moestack.serve.norm_triton import add_rms_norm
+
+        return add_rms_norm(h, y, norm.weight, norm.eps)
+    h = h + y
+    return h, norm(h)
+
+
 class ServeBlock(nn.Module):
     """Pre-norm block: h + attn(norm1(h)), then + ffn(norm2(.))."""
 
@@ -139,8 +158,15 @@ class ServeBlock(nn.Module):
         self.norm2, self.ffn = RMSNorm(spec.d_model, spec.norm_eps), ffn
 
     def forward(self, h, cos, sin, kv, meta):
-        h = h + self.attn(self.norm1(h), cos, sin, kv, meta)
-        return h + ffn_out(self.ffn, self.norm2(h))
+        h, y = self.step(h, None, cos, sin, kv, meta)
+        return h + y
+
+    def step(self, h, pending, cos, sin, kv, meta):
+        """The block on h + pending (the previous block's FFN output, None for none): (the residual stream after
+        the attention, this block's FFN output), so each residual add fuses with the norm after it."""
+        h, x = add_norm(h, pending, self.norm1)
+        h, x = add_norm(h, self.attn(x, cos, sin, kv, meta), self.norm2)
+        return h, ffn_out(self.ffn, x)
 
 
 class ServeScMoEBlock(nn.Module):
@@ -212,8 +238,10 @@ class ServeModel(nn.Module):
         if self.spec.scmoe:
             h = self._scmoe(h, cos, sin, caches, meta)
         else:
+            pending = None
             for block, kv in zip(self.blocks, caches):
-                h = block(h, cos, sin, kv, meta)
+                h, pending = block.step(h, pending, cos, sin, kv, meta)
+            h = h + pending
         return h if rows is None else h.index_select(0, rows)
 
     def _scmoe(self, h, cos, sin, caches, meta):

@@ -68,7 +68,10 @@ class ModelRunner:
         self.last_loads: torch.Tensor | None = None
         if compile and self.device.type == "cuda":
             compile_elementwise()
-            for layer in model.moe_layers():  # routers: softmax, top-k and renormalisation fused
+        for layer in model.moe_layers():  # routers: softmax, top-k, weights and counts in one kernel
+            if self.triton_decode:
+                layer.router.fused_topk = True
+            elif compile and self.device.type == "cuda":
                 layer.router.compile(dynamic=True)
         if cuda_graphs and self.device.type == "cuda":
             if prefill_graph_tokens and self.paged_prefill:
