@@ -234,6 +234,21 @@ def test_dualsparse_engine_with_the_fused_kernels_equals_the_eager_engine(triton
         assert 0 < a.dispatcher.skipped < a.dispatcher.total
 
 
+@pytest.mark.parametrize("R, E, block_m, skip", [(64, 64, 16, False), (37, 6, 16, True), (300, 128, 16, True),
+                                                 (5, 200, 64, False)])
+def test_align_kernel_equals_the_eager_plan(triton_device, R, E, block_m, skip):
+    """The decode plan in one Triton kernel: the same sorted entries, block experts and total as fused.align."""
+    fused_triton = importlib.import_module("moestack.moe.fused_triton")
+    from moestack.moe import fused
+
+    g = torch.Generator().manual_seed(R)
+    ids = torch.randint(0, E + int(skip), (R,), generator=g)  # E: an entry not to run
+    ref = fused.align(ids, E, block_m)
+    got = fused_triton.align(ids.to(triton_device), E, block_m, ref.sorted_ids.numel())
+    assert torch.equal(got[0].cpu(), ref.sorted_ids) and torch.equal(got[1].cpu(), ref.block_expert)
+    assert torch.equal(got[2].cpu(), ref.total)
+
+
 @pytest.mark.parametrize("block_m", [16, 64])
 def test_align_by_sort_equals_align_by_running_count(monkeypatch, block_m):
     """Past ONEHOT_CELLS the plan comes from a stable sort: the same plan as the one-hot running count."""

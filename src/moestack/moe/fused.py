@@ -48,6 +48,7 @@ class AlignPlan:
 
 # past this many [entries x groups] cells the one-hot's running count costs more than a sort
 ONEHOT_CELLS = 1 << 20
+ALIGN_MAX_EXPERTS = 512  # on CUDA up to this many groups (and ONEHOT_CELLS) the plan is one Triton kernel
 
 
 def align(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M) -> AlignPlan:
@@ -56,6 +57,12 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M) -> AlignP
     one-hot [R, E] (a few microseconds where a radix sort of a decode batch costs tens); past ONEHOT_CELLS
     cells, a stable sort of the ids gives the ranks instead."""
     R, S, dev = ids.numel(), num_experts, ids.device
+    cap = -(-(R + min(S, R) * (block_m - 1)) // block_m) * block_m  # the most padded rows any routing needs
+    if ids.is_cuda and S <= ALIGN_MAX_EXPERTS and R * S <= ONEHOT_CELLS:  # one Triton kernel
+        from moestack.moe.fused_triton import align as align_kernel
+
+        sorted_ids, block_expert, total = align_kernel(ids, S, block_m, cap)
+        return AlignPlan(sorted_ids, block_expert, total, R, cap // block_m, block_m)
     s = ids.clamp(max=S - 1)
     if R * S <= ONEHOT_CELLS:
         onehot = ids.unsqueeze(1) == torch.arange(S, device=dev, dtype=ids.dtype)  # entries not to run: no column
@@ -70,7 +77,6 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M) -> AlignP
         rank = torch.empty_like(ranked).scatter_(0, order, ranked)
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = torch.cumsum(padded, 0, dtype=torch.int32)
-    cap = -(-(R + min(S, R) * (block_m - 1)) // block_m) * block_m  # the most padded rows any routing needs
     dest = torch.where(ids < S, (pad_end - padded)[s] + rank, cap).long()
     ids = torch.arange(R, device=dev, dtype=torch.int32)
     sorted_ids = torch.full((cap + 1,), R, dtype=torch.int32, device=dev).scatter_(0, dest, ids)
@@ -78,15 +84,6 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M) -> AlignP
     first_rows = torch.arange(num_blocks, device=dev, dtype=torch.int32) * block_m
     block_expert = torch.searchsorted(pad_end, first_rows, right=True).clamp(max=S - 1).to(torch.int32)
     return AlignPlan(sorted_ids[:cap], block_expert, pad_end[-1:], R, num_blocks, block_m)
-
-
-ALIGN = [align]  # [0] is what fused_experts calls on CUDA: align, or its compiled form (compile_align)
-
-
-def compile_align() -> None:
-    """Use torch.compile's fusion of `align` (about 20 small ops into a few kernels; CUDA decode steps)."""
-    if ALIGN[0] is align:
-        ALIGN[0] = torch.compile(align, dynamic=True)
 
 
 def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
@@ -121,7 +118,7 @@ def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
         plan = align(torch.where(flat < E, gid, torch.full_like(gid, groups)), groups, BLOCK_M_LARGE)
         plan = replace(plan, block_expert=torch.div(plan.block_expert, parts, rounding_mode="floor"))
     else:
-        plan = (ALIGN[0] if x.is_cuda else align)(flat, E)
+        plan = align(flat, E)
     x = x.contiguous()
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
     h = x.new_empty(R, two_f)

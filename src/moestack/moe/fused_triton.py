@@ -127,3 +127,51 @@ def sum_choices(x: torch.Tensor, k: int) -> torch.Tensor:
         block = min(1024, triton.next_power_of_2(D))
         _sum_choices[(R // k, triton.cdiv(D, block))](x, out, D, K=k, BLOCK_D=block)
     return out
+
+
+@triton.jit
+def _align(ids_ptr, rank_ptr, sorted_ptr, block_expert_ptr, total_ptr, R, E, cap, num_blocks,
+           BLOCK_M: tl.constexpr, E_BLOCK: tl.constexpr, CH: tl.constexpr, FILL: tl.constexpr):
+    e = tl.arange(0, E_BLOCK)
+    em = (e < E)[None, :]
+    counts = tl.zeros([E_BLOCK], dtype=tl.int32)
+    for start in range(0, R, CH):  # each entry's rank among its expert's entries (entry order), and the counts
+        r = start + tl.arange(0, CH)
+        ids = tl.load(ids_ptr + r, mask=r < R, other=E)
+        onehot = ((ids[:, None] == e[None, :]) & em).to(tl.int32)  # entries not to run (id E): no column
+        running = tl.cumsum(onehot, axis=0) + counts[None, :]
+        tl.store(rank_ptr + r, tl.sum(onehot * (running - 1), axis=1), mask=r < R)
+        counts += tl.sum(onehot, axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    tl.store(total_ptr, tl.sum(padded, axis=0))
+    for start in range(0, cap, FILL):  # padding rows hold the sentinel R
+        c = start + tl.arange(0, FILL)
+        tl.store(sorted_ptr + c, tl.full([FILL], 0, tl.int32) + R, mask=c < cap)
+    tl.debug_barrier()  # the fill and the ranks are written before any thread reads or overwrites them
+    for start in range(0, R, CH):
+        r = start + tl.arange(0, CH)
+        ids = tl.load(ids_ptr + r, mask=r < R, other=E)
+        onehot = ((ids[:, None] == e[None, :]) & em).to(tl.int32)
+        dest = tl.sum(onehot * (pad_end - padded)[None, :], axis=1) + tl.load(rank_ptr + r, mask=r < R, other=0)
+        tl.store(sorted_ptr + dest, r.to(tl.int32), mask=(r < R) & (ids < E))
+    for start in range(0, num_blocks, CH):  # a block's expert: how many experts' rows end at or before it
+        b = start + tl.arange(0, CH)
+        ends = tl.sum(((pad_end[None, :] <= (b * BLOCK_M)[:, None]) & em).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, tl.minimum(ends, E - 1), mask=b < num_blocks)
+
+
+
+def align(ids: torch.Tensor, num_experts: int, block_m: int, cap: int):
+    """`fused.align`'s plan in one single-program kernel (decode steps' sizes: fused.ALIGN_MAX_EXPERTS): (sorted entry ids [cap] int32, block experts [cap // block_m] int32, padded total [1]
+    int32), the same as the eager plan's. The compiled eager plan ran as five kernels, 10-13 us per layer of a
+    batch-8 decode step on an H100 (bench/suite.sh profile_decode, 2026-12-07)."""
+    R, dev = ids.numel(), ids.device
+    e_block = triton.next_power_of_2(num_experts)
+    sorted_ids = torch.empty(cap, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(cap // block_m, dtype=torch.int32, device=dev)
+    total = torch.empty(1, dtype=torch.int32, device=dev)
+    rank = torch.empty(max(R, 1), dtype=torch.int32, device=dev)
+    _align[(1,)](ids.contiguous(), rank, sorted_ids, block_expert, total, R, num_experts, cap, cap // block_m,
+                 BLOCK_M=block_m, E_BLOCK=e_block, CH=max(16, 4096 // e_block), FILL=1024, num_warps=4)
+    return sorted_ids, block_expert, total

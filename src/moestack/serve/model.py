@@ -77,18 +77,15 @@ POST_QKV = [post_qkv]  # [0] is what PagedAttention calls on CUDA: post_qkv, or 
 
 
 def compile_elementwise() -> None:
-    """Compile the serving step's elementwise chains (q/k norm + RoPE, the fused-MoE alignment) with
-    torch.compile, so a decode step launches a few fused kernels where eager runs dozens (the runner calls
-    this on CUDA before capturing graphs; the eager functions stay the reference on CPU)."""
-    from moestack.moe import fused
-
+    """Compile the serving step's q/k norm + RoPE with torch.compile where the one-kernel tail
+    (serve/qkv_triton.py) does not apply (steps attended through the reference path on CUDA); the runner calls
+    this on CUDA before capturing graphs; the eager function stays the reference on CPU."""
     # One graph per (model shape, dtype, batch 1 or more): a process that serves several models in turn (tests,
     # benches) would pass dynamo's default limit of 8 per function; past the limit, dynamo runs the eager
     # function (no fullgraph), so a limit reached costs speed, never an error. vLLM raises the limit likewise.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if POST_QKV[0] is post_qkv:
         POST_QKV[0] = torch.compile(post_qkv, dynamic=True)
-    fused.compile_align()
 
 
 class PagedAttention(nn.Module):
@@ -232,7 +229,7 @@ class ServeModel(nn.Module):
         None with meta = batch size for whole causal sequences); only the rows `rows` [N] when given ([N, D])."""
         if self.flow is not None:
             return self.flow.hidden(self, tokens, positions, kv_caches, meta, rows)
-        h = self.embed(tokens)
+        h = self.embed.weight[tokens]  # = embed(tokens); on CUDA a gather kernel (index_select's took 7.5 us at batch 8)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         caches = kv_caches if kv_caches is not None else [None] * len(self.blocks)
         if self.spec.scmoe:
