@@ -238,7 +238,7 @@ class ServeModel(nn.Module):
             pending = None
             for block, kv in zip(self.blocks, caches):
                 h, pending = block.step(h, pending, cos, sin, kv, meta)
-            h = h + pending
+            h = h if pending is None else h + pending
         return h if rows is None else h.index_select(0, rows)
 
     def _scmoe(self, h, cos, sin, caches, meta):
