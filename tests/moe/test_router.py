@@ -98,3 +98,13 @@ def test_fused_topk_routes_as_the_eager_router(triton_device, E, k, renormalize,
     assert torch.allclose(got.weights, ref.weights, atol=1e-6)
     assert torch.equal(got.counts, ref.counts) and got.counts.sum() == 37 * k
     assert got.aux_loss.item() == 0 and got.z_loss.item() == 0
+
+
+@pytest.mark.triton
+def test_fused_topk_keeps_nan_rows_in_range(triton_device):
+    """A row of NaN logits still gets expert ids below E and counts nothing out of range."""
+    rt = importlib.import_module("moestack.moe.router_triton")
+    logits = torch.randn(3, 6)
+    logits[1, 2] = float("nan")
+    ids, _, counts = rt.topk_softmax(logits.to(triton_device), 2, True)
+    assert int(ids.max()) < 6 and counts.numel() == 6

@@ -3,6 +3,8 @@ Triton paged attention kernels and the fused MoE kernels give Hugging Face `gene
 also with chunked prefill, prefix-cache hits and preemption, and bf16 steps through graphs pick the dense
 forward's greedy tokens."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -96,10 +98,26 @@ def test_graph_decode_bf16_is_greedy_under_the_dense_forward():
     assert_greedy_under_dense(s.model, PROMPTS, outs)
 
 
+@contextlib.contextmanager
+def eager(model):
+    """The model's eager paths (no fused MoE, router or add + norm kernels) while inside."""
+    layers = model.moe_layers()
+    saved = model.fused_norms, [(m.fused_rows, m.router.fused_topk) for m in layers]
+    model.fused_norms = False
+    for m in layers:
+        m.fused_rows, m.router.fused_topk = 0, False
+    try:
+        yield model
+    finally:
+        model.fused_norms = saved[0]
+        for m, (rows, topk) in zip(layers, saved[1]):
+            m.fused_rows, m.router.fused_topk = rows, topk
+
+
 def assert_greedy_under_dense(model, prompts, outs):
-    """Each generated token is the argmax of the dense (no cache, no graph) forward over the same sequence, up to
-    bf16 noise."""
-    with torch.inference_mode():
+    """Each generated token is the argmax of the dense (no cache, no graph, eager paths) forward over the same
+    sequence, up to bf16 noise."""
+    with torch.inference_mode(), eager(model):
         for p, o in zip(prompts, outs):
             seq = torch.tensor([p + o.token_ids], device="cuda")
             logits = model(seq)[0, len(p) - 1:-1].float()  # the logits each generated token was chosen from

@@ -118,7 +118,8 @@ def _sum_choices(x_ptr, out_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 def sum_choices(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x [T * k, D] (each token's k weighted expert rows, contiguous) -> their sums [T, D], in fp32. On CUDA,
+    """x [T * k, D] (each token's k weighted expert rows, contiguous) -> their sums [T, D] (accumulated in fp32,
+    returned in x's dtype). On CUDA,
     torch's sum over the middle dim of [T, k, D] ran at 4.9 us for a batch-8 decode step at OLMoE's shapes on an
     H100 (bench/suite.sh profile_decode, 2026-12-07), where this reads the rows once at the memory's pace."""
     R, D = x.shape

@@ -35,7 +35,7 @@ def _topk_softmax(logits_ptr, bias_ptr, ids_ptr, w_ptr, counts_ptr, E, stride_t,
     ws = tl.zeros([BLOCK_K], dtype=tl.float32)
     for j in tl.static_range(K):
         best = tl.max(select, axis=0)
-        idx = tl.min(tl.where(select == best, e, BLOCK_E), axis=0)
+        idx = tl.minimum(tl.min(tl.where(select == best, e, BLOCK_E), axis=0), E - 1)  # NaN rows: still an expert
         ids = tl.where(kk == j, idx, ids)
         ws = tl.where(kk == j, tl.sum(tl.where(e == idx, p, 0.0), axis=0), ws)
         select = tl.where(e == idx, float("-inf"), select)
@@ -44,7 +44,7 @@ def _topk_softmax(logits_ptr, bias_ptr, ids_ptr, w_ptr, counts_ptr, E, stride_t,
     km = kk < K
     tl.store(ids_ptr + t * K + kk, ids.to(tl.int64), mask=km)
     tl.store(w_ptr + t * K + kk, ws, mask=km)
-    tl.atomic_add(counts_ptr + ids, tl.full([BLOCK_K], 1, tl.int64), mask=km)
+    tl.atomic_add(counts_ptr + ids, tl.full([BLOCK_K], 1, tl.int64), mask=km & (ids < E))
 
 
 def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from moestack.models.transformer import RMSNorm
 from moestack.moe.dispatch import Done
-from moestack.moe.experts import SwiGLU, triton_runs
+from moestack.moe.experts import SwiGLU, fused_inference
 from moestack.moe.layer import MoELayer
 from moestack.serve.attention import AttnMeta, attend, attend_dense, write_kv
 
@@ -134,11 +134,12 @@ def ffn_out(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ffn(x)
 
 
-def add_norm(h: torch.Tensor, y: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h + y, norm(h + y)), or (h, norm(h)) for y None: on CUDA one Triton kernel (serve/norm_triton.py)."""
+def add_norm(h: torch.Tensor, y: torch.Tensor | None, norm: RMSNorm, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + y, norm(h + y)), or (h, norm(h)) for y None; fused (the serving steps on CUDA): one Triton kernel
+    (serve/norm_triton.py) where no gradient is wanted."""
     if y is None:
         return h, norm(h)
-    if h.is_cuda and triton_runs(h) and h.dtype == y.dtype:
+    if fused and h.is_cuda and h.dtype == y.dtype and fused_inference(h, y, norm.weight):
         from moestack.serve.norm_triton import add_rms_norm
 
         return add_rms_norm(h, y, norm.weight, norm.eps)
@@ -158,11 +159,11 @@ class ServeBlock(nn.Module):
         h, y = self.step(h, None, cos, sin, kv, meta)
         return h + y
 
-    def step(self, h, pending, cos, sin, kv, meta):
+    def step(self, h, pending, cos, sin, kv, meta, fused: bool = False):
         """The block on h + pending (the previous block's FFN output, None for none): (the residual stream after
-        the attention, this block's FFN output), so each residual add fuses with the norm after it."""
-        h, x = add_norm(h, pending, self.norm1)
-        h, x = add_norm(h, self.attn(x, cos, sin, kv, meta), self.norm2)
+        the attention, this block's FFN output), so each residual add fuses with the norm after it (`add_norm`)."""
+        h, x = add_norm(h, pending, self.norm1, fused)
+        h, x = add_norm(h, self.attn(x, cos, sin, kv, meta), self.norm2, fused)
         return h, ffn_out(self.ffn, x)
 
 
@@ -219,6 +220,7 @@ class ServeModel(nn.Module):
         self.register_buffer("rope_sin", angles.sin() * rope_scale, persistent=False)
         self._moe_layers = [m for m in self.modules() if isinstance(m, MoELayer)]
         self.flow = None  # expert-parallel token-follows-expert flow (serve/follow.py) when set
+        self.fused_norms = False  # residual adds fused with their norms (Triton; the runner sets it on CUDA)
 
     def moe_layers(self) -> list[MoELayer]:
         return list(self._moe_layers)
@@ -237,7 +239,7 @@ class ServeModel(nn.Module):
         else:
             pending = None
             for block, kv in zip(self.blocks, caches):
-                h, pending = block.step(h, pending, cos, sin, kv, meta)
+                h, pending = block.step(h, pending, cos, sin, kv, meta, self.fused_norms)
             h = h if pending is None else h + pending
         return h if rows is None else h.index_select(0, rows)
 

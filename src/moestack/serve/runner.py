@@ -68,6 +68,7 @@ class ModelRunner:
         self.last_loads: torch.Tensor | None = None
         if compile and self.device.type == "cuda":
             compile_elementwise()
+        model.fused_norms = self.triton_decode
         for layer in model.moe_layers():  # routers: softmax, top-k, weights and counts in one kernel
             if self.triton_decode:
                 layer.router.fused_topk = True
