@@ -28,6 +28,7 @@ declare -A HELP=(
   [serve_fixed]="bench/serve.py --mixed 0: engine vs HF generate at the three shapes, batch 1/8/64 only (no mixed workload)"
   [serve_prefill64]="bench/serve.py --models mixtral --batches 64 --mixed 0: the one prefill point under 1.4x HF (Mixtral, batch 64)"
   [profile_decode]="bench/serve.py --profile --batches 8: kernel tables of the engine's steps at OLMoE and Qwen3-30B-A3B shapes, batch 8 (where decode is under 5x HF)"
+  [decode_pieces]="bench/decode_pieces.py: the batch-8 decode step's pieces alone in CUDA graphs (dense projections cuBLAS vs the fused MoE GEMM, expert GEMMs, paged decode key tiles, argmax) with their HBM rates"
   [serve_full]="bench/serve.py --models olmoe --layers 16: every layer of OLMoE-1B-7B"
   [serve_dualsparse]="bench/serve.py --drop-rates 0.25: DualSparse at 25% drop against no dropping, end to end in the engine"
   [serve_http]="bench/serve_http.py: the HTTP server at 1/8/32 clients against the offline engine"
@@ -75,6 +76,7 @@ run_group() {
   serve_fixed) py 420 bench/serve.py --mixed 0 ;;
   serve_prefill64) py 120 bench/serve.py --models mixtral --batches 64 --mixed 0 ;;
   profile_decode) py 240 bench/serve.py --models olmoe,qwen3_moe --batches 8 --mixed 0 --no-hf --profile ;;
+  decode_pieces) py 180 bench/decode_pieces.py ;;
   serve_full) py 300 bench/serve.py --models olmoe --layers 16 --batches 8,64 --mixed 0 ;;
   serve_dualsparse) py 300 bench/serve.py --batches 8 --mixed 0 --no-hf --drop-rates 0.25 --drop-batches 8,64 ;;
   serve_http) py 300 bench/serve_http.py ;;
@@ -84,7 +86,7 @@ run_group() {
 
 if [ $# -eq 0 ] || [ "$1" = "--list" ]; then
   for g in tests kernel_tests serve_tests layer profile_layer profile_dualsparse dualsparse combine swiglu train checkpoint disk serve serve_fixed \
-           serve_prefill64 profile_decode serve_full serve_dualsparse serve_http realb fssdp; do
+           serve_prefill64 profile_decode decode_pieces serve_full serve_dualsparse serve_http realb fssdp; do
     printf '  %-17s %s\n' "$g" "${HELP[$g]}"
   done
   [ $# -eq 0 ] && { echo "usage: bash bench/suite.sh GROUP..." >&2; exit 2; }

@@ -16,8 +16,9 @@ BF16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not torch.cu
                                                                      reason="bf16 rounding: GPU only"))
 
 
+@pytest.mark.parametrize("block_n", [64, 128])
 @pytest.mark.parametrize("page, H, Hkv, hd", [(4, 4, 2, 8), (16, 4, 4, 16), (3, 8, 2, 8)])
-def test_paged_decode_matches_sdpa(triton_device, page, H, Hkv, hd):
+def test_paged_decode_matches_sdpa(triton_device, page, H, Hkv, hd, block_n):
     attn = importlib.import_module("moestack.serve.attention_triton")
     g = torch.Generator().manual_seed(0)
     B, NB = 3, 12
@@ -25,7 +26,7 @@ def test_paged_decode_matches_sdpa(triton_device, page, H, Hkv, hd):
     q = torch.randn(B, H, hd, generator=g).to(triton_device)
     lens = torch.tensor([1, 2 * page + 1, 5 * page], dtype=torch.int32)
     tables = torch.stack([torch.randperm(NB, generator=g)[:6] for _ in range(B)]).to(torch.int32)
-    out = attn.paged_decode(q, kc, vc, tables.to(triton_device), lens.to(triton_device))
+    out = attn.paged_decode(q, kc, vc, tables.to(triton_device), lens.to(triton_device), block_n=block_n)
     for b in range(B):
         pos = torch.arange(int(lens[b]))
         rows = tables[b, pos // page].long().to(triton_device), (pos % page).to(triton_device)

@@ -61,8 +61,9 @@ def _paged_decode(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, scale,
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor) -> torch.Tensor:
-    """q [B, H, hd]; k/v cache [blocks, page, Hkv, hd]; block_tables [B, max_blocks]; context_lens [B] -> [B, H, hd]."""
+                 context_lens: torch.Tensor, block_n: int = 64) -> torch.Tensor:
+    """q [B, H, hd]; k/v cache [blocks, page, Hkv, hd]; block_tables [B, max_blocks]; context_lens [B] -> [B, H, hd].
+    block_n: keys per step of a program's walk (bench/decode_pieces.py compares tiles)."""
     B, H, hd = q.shape
     _, page, Hkv, _ = k_cache.shape
     if k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride():
@@ -74,7 +75,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                             block_tables.stride(0), out.stride(0), out.stride(1),
                             G=G, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)),
-                            BLOCK_D=max(16, triton.next_power_of_2(hd)), BLOCK_N=64, PAGE=page, PREC=precision(q))
+                            BLOCK_D=max(16, triton.next_power_of_2(hd)), BLOCK_N=block_n, PAGE=page, PREC=precision(q))
     return out
 
 

@@ -1,0 +1,172 @@
+"""The batch-8 decode step's pieces, one at a time, at the serving bench's real shapes (GPU; issue 13).
+
+    python3 bench/decode_pieces.py                   # OLMoE-1B-7B and Qwen3-30B-A3B shapes, batch 8
+    python3 bench/decode_pieces.py --shapes tiny     # toy sizes: a CPU smoke run of the same code
+
+`bash bench/suite.sh profile_decode` says where a decode step's GPU time goes; this says how fast each piece
+could go. Each piece runs 50 times inside one CUDA graph (as the engine replays its steps) and is timed
+between CUDA events: microseconds per call, with the bytes it must read and the rate that makes (TB/s).
+- dense projections at 8 rows (qkv, out, router gate, LM head): cuBLAS (`F.linear`) against the fused MoE
+  GEMM run as one expert (`fused_triton.moe_gemm`, weights read in place through their strides);
+- the expert GEMMs of one MoE layer on a routed batch-8 step (`_moe_gemm` for w13 and w2 separately, then
+  `fused.fused_experts` whole), with the bytes of the experts the step touches;
+- paged decode attention at 192 and 2048 keys per sequence, the kernel's key tile 64 (the engine's) and 128;
+- greedy sampling's argmax over the vocabulary (fp32 logits).
+Results: one JSON line per piece in $OUT/decode_pieces.jsonl (device runs) or bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, "src"); sys.path.insert(0, "bench")
+from common import device_name, print_table, write_results  # noqa: E402
+
+SHAPES = {  # d_model, heads, kv heads, head size, vocab, experts, top-k, expert width (serve.py's CONFIGS); keys
+    "olmoe": dict(D=2048, H=16, Hkv=16, hd=128, V=50304, E=64, k=8, F=1024, ctx=(192, 2048)),
+    "qwen3_moe": dict(D=2048, H=32, Hkv=4, hd=128, V=151936, E=128, k=8, F=768, ctx=(192, 2048)),
+    "tiny": dict(D=64, H=4, Hkv=2, hd=16, V=512, E=16, k=4, F=32, ctx=(32,)),
+}
+
+
+def time_graphed(fn, device, calls: int = 50, reps: int = 10) -> float:
+    """Seconds per call of fn, `calls` of them captured in one CUDA graph (after a warm-up that compiles and
+    autotunes), median over reps replays. Off CUDA: the median of plain calls."""
+    import statistics
+    import time
+
+    fn()
+    if torch.device(device).type != "cuda":
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def one_expert_linear(x: torch.Tensor, w: torch.Tensor):
+    """x @ w.T through the fused MoE GEMM as a single expert: w [N, K] read in place (B = w viewed [1, K, N])."""
+    from moestack.moe import fused
+    from moestack.moe.fused_triton import moe_gemm
+
+    plan = fused.align(torch.zeros(x.shape[0], dtype=torch.long, device=x.device), 1)
+    out = x.new_empty(x.shape[0], w.shape[0])
+    b = w.t().unsqueeze(0)  # [1, K, N], strides (N K, 1, K)
+
+    def run():
+        moe_gemm(x, b, out, plan, n=w.shape[0], k=w.shape[1], a_div=1, stride_bk=b.stride(1), stride_bn=b.stride(2))
+        return out
+
+    return run
+
+
+def pieces(name: str, s: dict, device, dtype, T: int) -> list[dict]:
+    from moestack.moe import fused
+    from moestack.moe.experts import fused_inference
+    from moestack.moe.fused_triton import moe_gemm
+    from moestack.serve.attention_triton import paged_decode
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rnd = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).to(device, dtype)  # noqa: E731
+    D, H, Hkv, hd, V, E, k, Fw = (s[key] for key in ("D", "H", "Hkv", "hd", "V", "E", "k", "F"))
+    el = torch.empty(0, dtype=dtype).element_size()
+    triton_ok = fused_inference(torch.empty(0, device=device))
+    rows = []
+
+    def add(piece: str, variant: str, seconds: float, nbytes: int):
+        rows.append(dict(shape=name, piece=piece, variant=variant, us=seconds * 1e6, mbytes=nbytes / 1e6,
+                         tbps=nbytes / seconds / 1e12, device=device_name(device), batch=T))
+
+    x = rnd(T, D)
+    for piece, n_out, n_in in (("qkv", (H + 2 * Hkv) * hd, D), ("out", D, H * hd), ("router", E, D), ("lm_head", V, D)):
+        w = rnd(n_out, n_in)
+        xi = x if n_in == D else rnd(T, n_in)
+        nbytes = w.numel() * el
+        add(piece, "cublas", time_graphed(lambda: F.linear(xi, w), device), nbytes)
+        if triton_ok:
+            add(piece, "moe_gemm", time_graphed(one_expert_linear(xi, w), device), nbytes)
+        del w
+
+    # one MoE layer's experts on a routed step: uniform random routing, as the bench's random-weight routers give
+    w13, w2 = rnd(E, D, 2 * Fw), rnd(E, Fw, D)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(device)
+    weights = torch.full((T, k), 1.0 / k, device=device)
+    touched = int(ids.unique().numel())
+    if triton_ok:
+        plan = fused.align(ids.flatten(), E)
+        h = x.new_empty(T * k, 2 * Fw)
+        act = rnd(T * k, Fw)
+        out = x.new_empty(T * k, D)
+        wf = weights.reshape(-1).float().contiguous()
+        add("experts_w13", "moe_gemm", time_graphed(lambda: moe_gemm(
+            x, w13, h, plan, n=2 * Fw, k=D, a_div=k, stride_bk=w13.stride(1), stride_bn=w13.stride(2)), device),
+            touched * D * 2 * Fw * el)
+        add("experts_w2", "moe_gemm", time_graphed(lambda: moe_gemm(
+            act, w2, out, plan, n=D, k=Fw, a_div=1, stride_bk=w2.stride(1), stride_bn=w2.stride(2), weights=wf), device),
+            touched * Fw * D * el)
+        add("experts", "fused_experts", time_graphed(lambda: fused.fused_experts(x, ids, weights, w13, w2), device),
+            touched * 3 * D * Fw * el)
+    del w13, w2
+
+    # paged decode: T sequences of `ctx` keys each, blocks of 16 positions, scattered
+    if triton_ok:
+        page = 16
+        for ctx in s["ctx"]:
+            nb = T * (ctx // page)
+            kc, vc = rnd(nb + 1, page, Hkv, hd), rnd(nb + 1, page, Hkv, hd)
+            tables = torch.randperm(nb, generator=g).view(T, -1).to(device, torch.int32)
+            lens = torch.full((T,), ctx, dtype=torch.int32, device=device)
+            q = rnd(T, H, hd)
+            for block_n in (64, 128):
+                add(f"paged_decode_{ctx}", f"block_n{block_n}",
+                    time_graphed(lambda: paged_decode(q, kc, vc, tables, lens, block_n=block_n), device),
+                    2 * T * ctx * Hkv * hd * el)
+            del kc, vc
+
+    logits = torch.randn(T, V, generator=g).to(device)
+    add("argmax", "torch", time_graphed(lambda: logits.argmax(dim=-1), device), logits.numel() * 4)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="olmoe,qwen3_moe", help=f"comma-separated, of {', '.join(SHAPES)}")
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
+    rows = []
+    with torch.inference_mode():
+        for name in args.shapes.split(","):
+            got = pieces(name, SHAPES[name], device, dtype, args.batch)
+            print_table(got, ["shape", "piece", "variant", "us", "mbytes", "tbps"])
+            rows += got
+    print(f"results: {write_results('decode_pieces', rows)}")
+
+
+if __name__ == "__main__":
+    main()
