@@ -103,20 +103,23 @@ class PagedAttention(nn.Module):
         elif spec.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(H * hd, spec.norm_eps), RMSNorm(Hkv * hd, spec.norm_eps)
 
+    def norms(self):
+        """(q norm weight, k norm weight, eps), or None without q/k norms: what post_qkv and its kernel take."""
+        return (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm != "none" else None
+
     def project(self, x, cos, sin):
         """x [T, D] -> q [T, H, hd], k, v [T, Hkv, hd] (q/k norms and RoPE applied)."""
-        qn = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm != "none" else None
         post = POST_QKV[0] if x.is_cuda else post_qkv
-        return post(self.qkv(x), cos, sin, self.n_heads, self.n_kv_heads, self.head_dim, self.qk_norm, qn, self.clip)
+        return post(self.qkv(x), cos, sin, self.n_heads, self.n_kv_heads, self.head_dim, self.qk_norm, self.norms(),
+                    self.clip)
 
     def forward(self, x, cos, sin, kv, meta) -> torch.Tensor:
         # x: [T, D]; cos/sin: [T, hd/2]; kv: (k_cache, v_cache) or None (meta = the batch size, whole sequences)
         if kv is not None and (meta.decode or meta.prefill):  # the Triton attention kernels read the cache:
             from moestack.serve.qkv_triton import qkv_rope_write  # norms, RoPE and the cache stores in one kernel
 
-            qn = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm != "none" else None
-            q = qkv_rope_write(self.qkv(x), cos, sin, self.n_heads, self.n_kv_heads, self.head_dim, self.qk_norm, qn,
-                               self.clip, kv[0], kv[1], meta.slots)
+            q = qkv_rope_write(self.qkv(x), cos, sin, self.n_heads, self.n_kv_heads, self.head_dim, self.qk_norm,
+                               self.norms(), self.clip, kv[0], kv[1], meta.slots)
             return self.out(attend(q, None, None, kv, meta).reshape(x.shape[0], -1))
         q, k, v = self.project(x, cos, sin)
         if kv is None:
