@@ -218,6 +218,42 @@ def profile(llm: LLM, prompts, max_tokens, path: Path) -> None:
         out = path.with_name(f"{path.stem}_{suffix}.txt")
         out.write_text(p.key_averages().table(sort_by=key, row_limit=45))
         print(f"profile: {out}")
+    if torch.cuda.is_available() and llm.runner.graphs:
+        step_timeline(llm, len(prompts), path.with_name(f"{path.stem}_step.txt"))
+
+
+def step_timeline(llm: LLM, batch: int, path: Path, reps: int = 3) -> None:
+    """The kernels of one decode-graph replay in launch order: start, duration and the idle gap before each
+    (replays `reps` times, 2 ms apart, and keeps the middle one)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    graph = llm.runner.graphs[llm.runner._graph_for(batch)][0]
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(reps):
+            graph.replay()
+            torch.cuda.synchronize()
+            time.sleep(0.002)
+    kernels = sorted((e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    steps, cur = [], []
+    for e in kernels:  # a replay ends where the next kernel starts over a millisecond later
+        if cur and e.time_range.start - cur[-1].time_range.end > 1000:
+            steps.append(cur)
+            cur = []
+        cur.append(e)
+    steps.append(cur)
+    step = steps[len(steps) // 2]
+    t0, end, busy = step[0].time_range.start, step[0].time_range.start, 0.0
+    lines = [f"{'start_us':>9} {'dur_us':>8} {'gap_us':>7}  kernel"]
+    for e in step:
+        gap = max(e.time_range.start - end, 0.0)
+        lines.append(f"{e.time_range.start - t0:9.1f} {e.time_range.elapsed_us():8.2f} {gap:7.2f}  {e.name[:110]}")
+        end, busy = max(end, e.time_range.end), busy + e.time_range.elapsed_us()
+    lines.append(f"# {len(step)} kernels, span {end - t0:.1f} us, busy {busy:.1f} us, idle {end - t0 - busy:.1f} us")
+    path.write_text("\n".join(lines) + "\n")
+    print(f"profile: {path} ({lines[-1][2:]})")
 
 
 def profile_hf(hf, prompts, path: Path) -> None:
