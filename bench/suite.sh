@@ -14,7 +14,7 @@ py() { local t=$1; shift; timeout "$t" python3 "$@" 2>&1 | grep -v '^{'; }  # py
 declare -A HELP=(
   [tests]="the gpu- and triton-marked tests (fast paths against the eager references, on the GPU)"
   [kernel_tests]="the GPU tests of the kernels changed on 2026-12-07 only (fused MoE with DualSparse parts, segment planning, training combine, ReaLB FP8): about two minutes"
-  [serve_tests]="the engine's GPU tests (CUDA-graph steps against HF generate, every family; fused kernels against the eager engine) and the decode step's Triton kernels against their eager references (qkv tail, add + RMSNorm, router top-k, align, sum over choices)"
+  [serve_tests]="the engine's GPU tests (CUDA-graph steps against HF generate, every family; fused kernels against the eager engine) and the decode step's Triton kernels against their eager references (qkv tail, add + RMSNorm, argmax, router top-k, align, sum over choices)"
   [layer]="bench/moe_layer.py: MoE layer fwd+bwd against HF grouped_mm and the dense ceiling (Mixtral, OLMoE, Qwen3-MoE shapes)"
   [profile_layer]="bench/profile_moe.py --train: kernel tables of the layer's fwd+bwd and the dense ceiling's (Mixtral, OLMoE 8k)"
   [profile_dualsparse]="bench/profile_moe.py --rates 0,0.25,0.5: kernel tables of the DualSparse layer (inference) at Qwen3-MoE 4k/16k and Mixtral 4k tokens"
@@ -44,7 +44,7 @@ run_group() {
       tests/inference/test_realb.py -k "fused or dualsparse or segment or gpu or training" 2>&1 | grep -v Warning ;;
   serve_tests)
     timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE tests/serve/test_cuda.py tests/serve/test_triton.py \
-      tests/moe/test_router.py -m "gpu or triton" -k "cuda or qkv or add_rms or sum_choices or align_kernel or fused_topk or engine" \
+      tests/moe/test_router.py -m "gpu or triton" -k "cuda or qkv or add_rms or argmax or sum_choices or align_kernel or fused_topk or engine" \
       2>&1 | grep -v Warning ;;
   layer) py 300 bench/moe_layer.py --reps 10 --skip-loop --shapes mixtral,olmoe,qwen3_moe ;;
   profile_layer)

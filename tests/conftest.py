@@ -8,7 +8,8 @@ import torch
 
 TRITON_KERNELS = ("moestack.moe.swiglu_triton", "moestack.moe.rows_triton", "moestack.moe.fused_triton",
                   "moestack.serve.attention_triton", "moestack.inference.lowp_triton",
-                  "moestack.serve.qkv_triton", "moestack.moe.router_triton", "moestack.serve.norm_triton")
+                  "moestack.serve.qkv_triton", "moestack.moe.router_triton", "moestack.serve.norm_triton",
+                  "moestack.serve.argmax_triton")
 
 if not torch.cuda.is_available():
     # Without a GPU the Triton kernels run under Triton's interpreter, which has to be on when triton is

@@ -184,3 +184,26 @@ def test_logprobs_are_the_models_log_softmax(llm):
 def test_penalty_and_logprob_validation(fields, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**fields)
+
+
+def test_sample_takes_the_steps_argmax_only_for_plain_greedy_batches():
+    """The decode graphs hand `sample` their argmax and bf16 logits: a batch of plain greedy rows gets that
+    argmax as it is; penalties, logprobs or a sampled row send it through the fp32 logits."""
+    import torch
+
+    from moestack.serve.sampling import sample
+
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]], dtype=torch.bfloat16)
+    marker = torch.tensor([7, 9])  # not the argmax: shows which path ran
+    greedy = SamplingParams(max_tokens=1, temperature=0)
+    tokens, lp = sample(logits, [greedy, greedy], [None, None], None, marker)
+    assert tokens is marker and lp is None
+    tokens, lp = sample(logits, [greedy, SamplingParams(max_tokens=1, temperature=0, logprobs=1)], [None, None],
+                        None, marker)
+    assert tokens.tolist() == [1, 0] and lp.chosen.dtype == torch.float32
+    tokens, _ = sample(logits, [greedy, greedy], [None, None], [[1], [0]], marker)  # penalties asked for
+    assert tokens.tolist() == [1, 0]
+    gen = torch.Generator().manual_seed(0)
+    tokens, _ = sample(logits, [greedy, SamplingParams(max_tokens=1, temperature=1.0, top_k=1)], [None, gen], None,
+                       marker)
+    assert tokens.tolist() == [1, 0]

@@ -78,6 +78,28 @@ def test_add_rms_norm_equals_the_add_then_the_norm(triton_device, T, D, dtype):
     torch.testing.assert_close(out.float(), F.rms_norm(h + y, (D,), w, 1e-6).float(), **tol)
     with pytest.raises(ValueError, match="one shape and dtype"):
         norm_triton.add_rms_norm(h, y[:, :-1], w, 1e-6)
+    same, normed = norm_triton.add_rms_norm(h, None, w, 1e-6)  # no addend: the norm alone
+    assert same is h
+    torch.testing.assert_close(normed.float(), F.rms_norm(h, (D,), w, 1e-6).float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16_ON_GPU])
+@pytest.mark.parametrize("N, V, block", [(3, 1000, 128), (8, 5000, 4096), (1, 7, 4096)])
+def test_argmax_rows_equals_torch_argmax(triton_device, N, V, block, dtype):
+    """Chunked argmax: the first index of the largest value, ties and NaN as torch.argmax has them."""
+    argmax_triton = importlib.import_module("moestack.serve.argmax_triton")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, V, generator=g)
+    x[0, V // 2] = x[0, V - 1] = 50.0  # a tie across chunks: the first wins
+    if N > 1:
+        x[1, V // 3] = float("nan")
+    x = x.to(triton_device, dtype)
+    got = argmax_triton.argmax_rows(x, block=block)
+    assert got.dtype == torch.int64
+    assert got.tolist() == x.float().argmax(dim=-1).tolist()
+    assert got[0].item() == V // 2
+    with pytest.raises(ValueError, match="float rows"):
+        argmax_triton.argmax_rows(x[0])
 
 
 @pytest.mark.parametrize("T, k, D", [(3, 2, 24), (8, 8, 2048), (2, 1, 5)])

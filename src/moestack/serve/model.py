@@ -140,13 +140,11 @@ def ffn_out(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def add_norm(h: torch.Tensor, y: torch.Tensor | None, norm: RMSNorm, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + y, norm(h + y)), or (h, norm(h)) for y None; fused (the serving steps on CUDA): one Triton kernel
     (serve/norm_triton.py) where no gradient is wanted."""
-    if y is None:
-        return h, norm(h)
-    if fused and h.is_cuda and h.dtype == y.dtype and fused_inference(h, y, norm.weight):
+    if fused and h.is_cuda and (y is None or h.dtype == y.dtype) and fused_inference(h, y, norm.weight):
         from moestack.serve.norm_triton import add_rms_norm
 
         return add_rms_norm(h, y, norm.weight, norm.eps)
-    h = h + y
+    h = h if y is None else h + y
     return h, norm(h)
 
 
@@ -229,11 +227,13 @@ class ServeModel(nn.Module):
         return list(self._moe_layers)
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, kv_caches, meta,
-               rows: torch.Tensor | None = None) -> torch.Tensor:
+               rows: torch.Tensor | None = None, normed: bool = False) -> torch.Tensor:
         """Final hidden states [T, D] of a step's new tokens [T] at `positions` [T] (kv_caches per block, or
-        None with meta = batch size for whole causal sequences); only the rows `rows` [N] when given ([N, D])."""
+        None with meta = batch size for whole causal sequences); only the rows `rows` [N] when given ([N, D]).
+        normed: after the final norm (what `lm_head` reads), the last residual add fused with it."""
         if self.flow is not None:
-            return self.flow.hidden(self, tokens, positions, kv_caches, meta, rows)
+            h = self.flow.hidden(self, tokens, positions, kv_caches, meta, rows)
+            return self.norm(h) if normed else h
         h = self.embed.weight[tokens]  # = embed(tokens); on CUDA a gather kernel (index_select's took 7.5 us at batch 8)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         caches = kv_caches if kv_caches is not None else [None] * len(self.blocks)
@@ -243,8 +243,11 @@ class ServeModel(nn.Module):
             pending = None
             for block, kv in zip(self.blocks, caches):
                 h, pending = block.step(h, pending, cos, sin, kv, meta, self.fused_norms)
+            if normed and rows is None:
+                return add_norm(h, pending, self.norm, self.fused_norms)[1]
             h = h if pending is None else h + pending
-        return h if rows is None else h.index_select(0, rows)
+        h = h if rows is None else h.index_select(0, rows)
+        return self.norm(h) if normed else h
 
     def _scmoe(self, h, cos, sin, caches, meta):
         """The ScMoE schedule of models/transformer.py: each MoE starts as soon as its input exists."""

@@ -4,7 +4,8 @@ Each block of the serving model adds a sublayer's output to the residual stream 
 next sublayer: eagerly an add and `F.rms_norm`, two kernels (1.4 + 3.7 us at batch 8, OLMoE's shapes, H100,
 `bash bench/suite.sh profile_decode`, 2026-12-07), twice per layer. Here one program per token row adds in
 fp32, rounds the sum to the stream's dtype (what the eager add stores), and norms that rounded sum in fp32 as
-`F.rms_norm` does: it returns both, equal to the eager pair up to the norm's last rounding.
+`F.rms_norm` does: it returns both, equal to the eager pair up to the norm's last rounding. Without an addend
+it is the norm alone (a block's first norm, 3.9 us as `F.rms_norm`).
 """
 
 from __future__ import annotations
@@ -15,29 +16,33 @@ import triton.language as tl
 
 
 @triton.jit
-def _add_rms_norm(h_ptr, y_ptr, w_ptr, sum_ptr, out_ptr, D, eps, stride_h, stride_y, BLOCK_D: tl.constexpr):
+def _add_rms_norm(h_ptr, y_ptr, w_ptr, sum_ptr, out_ptr, D, eps, stride_h, stride_y, BLOCK_D: tl.constexpr,
+                  ADD: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     m = d < D
-    h = tl.load(h_ptr + t * stride_h + d, mask=m, other=0.0)
-    s = (h.to(tl.float32) + tl.load(y_ptr + t * stride_y + d, mask=m, other=0.0).to(tl.float32)).to(h.dtype)
-    tl.store(sum_ptr + t * D + d, s, mask=m)
+    s = tl.load(h_ptr + t * stride_h + d, mask=m, other=0.0)
+    if ADD:
+        s = (s.to(tl.float32) + tl.load(y_ptr + t * stride_y + d, mask=m, other=0.0).to(tl.float32)).to(s.dtype)
+        tl.store(sum_ptr + t * D + d, s, mask=m)
     x = s.to(tl.float32)
     r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * D + d, (x * r * w).to(out_ptr.dtype.element_ty), mask=m)
 
 
-def add_rms_norm(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h + y, rms_norm(h + y) * weight) for rows h, y [T, D] of one dtype."""
-    if h.shape != y.shape or h.dim() != 2 or h.dtype != y.dtype:
-        raise ValueError(f"add_rms_norm: h {tuple(h.shape)} {h.dtype} and y {tuple(y.shape)} {y.dtype} must be [T, D] "
-                         "of one shape and dtype")
+def add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + y, rms_norm(h + y) * weight) for rows h, y [T, D] of one dtype; (h, rms_norm(h) * weight) for y None."""
+    if h.dim() != 2 or (y is not None and (h.shape != y.shape or h.dtype != y.dtype)):
+        got = "None" if y is None else f"{tuple(y.shape)} {y.dtype}"
+        raise ValueError(f"add_rms_norm: h {tuple(h.shape)} {h.dtype} and y {got} must be [T, D] of one shape and dtype")
     T, D = h.shape
-    h, y = (t if t.stride(1) == 1 else t.contiguous() for t in (h, y))
-    total, out = torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty(T, D, dtype=h.dtype,
-                                                                                          device=h.device)
+    h = h if h.stride(1) == 1 else h.contiguous()
+    y = h if y is None else y if y.stride(1) == 1 else y.contiguous()
+    total = torch.empty_like(h, memory_format=torch.contiguous_format) if y is not h else h
+    out = torch.empty(T, D, dtype=h.dtype, device=h.device)
     if T:
         _add_rms_norm[(T,)](h, y, weight, total, out, D, float(eps), h.stride(0), y.stride(0),
-                            BLOCK_D=triton.next_power_of_2(D), num_warps=8 if D > 2048 else 4)
+                            BLOCK_D=triton.next_power_of_2(D), num_warps=8 if D > 2048 else 4, ADD=y is not h)
     return total, out

@@ -62,7 +62,7 @@ class ModelRunner:
         # ranks attend a share of the step's queries: the reference path)
         self.paged_prefill = self.triton_decode and model.flow is None
         self.block_q = prefill_block_q(spec.n_heads, spec.n_kv_heads)
-        self.graphs: dict[int, tuple] = {}  # decode steps: batch size -> (graph, logits, loads)
+        self.graphs: dict[int, tuple] = {}  # decode steps: batch size -> (graph, logits, argmax, loads)
         self.prefill_graphs: dict[int, tuple] = {}  # other steps: token count -> (graph, hidden, loads)
         self._pool = None
         self.last_loads: torch.Tensor | None = None
@@ -170,9 +170,10 @@ class ModelRunner:
         decode = all(n == 1 for _, n in batch)
         graph = self._graph_for(len(batch)) if decode else None
         prefill = None if decode or ahead is not None else self._prefill_graph_for(sum(n for _, n in batch))
+        greedy = None
         if graph is not None:
-            logits, loads = self._replay(graph, batch, ahead)
-            logits = logits[: len(batch)]
+            logits, greedy, loads = self._replay(graph, batch, ahead)
+            logits, greedy = logits[: len(batch)], greedy[: len(batch)]
         elif prefill is not None:
             h, loads, last = self._replay_prefill(prefill, batch)
             logits = self.model.logits(h.index_select(0, last))
@@ -188,7 +189,7 @@ class ModelRunner:
             return Launched(batch, None, graphed=graphed)
         params = [s.params for s in sample_for]
         outputs = [s.output_ids for s in sample_for] if any(p.penalized for p in params) else None
-        tokens, logprobs = sample(logits, params, generators, outputs)
+        tokens, logprobs = sample(logits, params, generators, outputs, greedy)
         return Launched(batch, tokens, logprobs, params, graphed=graphed)
 
     # -- CUDA graphs --------------------------------------------------------------------------------------
@@ -200,6 +201,7 @@ class ModelRunner:
 
     def capture(self, max_num_seqs: int) -> None:
         """Capture the decode step for each size of `graph_sizes(max_num_seqs)`."""
+        from moestack.serve.argmax_triton import argmax_rows  # greedy rows' tokens, taken in the graph
         dev, m = self.device, max_num_seqs
         self.g_tokens = torch.zeros(m, dtype=torch.long, device=dev)
         self.g_positions = torch.zeros(m, dtype=torch.long, device=dev)
@@ -213,23 +215,26 @@ class ModelRunner:
                             context_lens=self.g_lens[:size], valid=self.g_valid[:size])
 
             def step():
-                h = self.model.hidden(self.g_tokens[:size], self.g_positions[:size], self.kv, meta)
-                return self.model.logits(h), self.model.expert_loads(self.g_valid[:size])
+                x = self.model.hidden(self.g_tokens[:size], self.g_positions[:size], self.kv, meta, normed=True)
+                raw = self.model.lm_head(x)  # the model's dtype: fp32 copies only for rows that need them
+                return raw, argmax_rows(raw), self.model.expert_loads(self.g_valid[:size])
 
             with torch.inference_mode():
                 step()  # warm-up: Triton compiles, allocations settle
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits, loads = step()
+                    outputs = step()
             pool = graph.pool()
-            self.graphs[size] = (graph, logits, loads)
+            self.graphs[size] = (graph, *outputs)
         self._pool = pool
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
 
     def _replay(self, size: int, batch: list[tuple[Sequence, int]], ahead: torch.Tensor | None = None):
-        graph, logits, loads = self.graphs[size]
+        """Replay the decode graph of `size` rows for `batch`: (logits [size, V] in the model's dtype, their
+        argmax [size], loads)."""
+        graph, logits, greedy, loads = self.graphs[size]
         n = len(batch)
         step = 0 if ahead is None else 1
         tokens = [0] * n if step else [seq.token_ids[seq.num_computed] for seq, _ in batch]
@@ -255,7 +260,7 @@ class ModelRunner:
         if ahead is not None:
             self.g_tokens[:n].copy_(ahead)
         graph.replay()
-        return logits, loads
+        return logits, greedy, loads
 
 
     # -- CUDA graphs of the other steps (prefill chunks, prompts, decodes mixed in) -------------------------

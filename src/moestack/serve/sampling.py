@@ -56,10 +56,15 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, params: list[Samplin
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           outputs: list[list[int]] | None = None) -> tuple[torch.Tensor, Logprobs | None]:
-    """Token ids [N] (device) for logits [N, V] (fp32) of N sequences whose generated tokens are `outputs`
-    (needed only for penalties), and the logprobs the rows asked for."""
-    raw = logits
+           outputs: list[list[int]] | None = None,
+           greedy: torch.Tensor | None = None) -> tuple[torch.Tensor, Logprobs | None]:
+    """Token ids [N] (device) for logits [N, V] of N sequences whose generated tokens are `outputs` (needed
+    only for penalties), and the logprobs the rows asked for. greedy: the argmax of each row, when the step
+    already took it (the decode graphs do); a batch of greedy rows without penalties or logprobs then reads
+    nothing else. Logits of another dtype than fp32 are copied to fp32 first otherwise."""
+    if greedy is not None and outputs is None and all(p.greedy and p.logprobs is None for p in params):
+        return greedy, None
+    raw = logits = logits.float()
     if outputs is not None:
         logits = penalize(logits, params, outputs)
     tokens = _draw(logits, params, generators)
