@@ -11,7 +11,9 @@ between CUDA events: microseconds per call, with the bytes it must read and the 
 - the expert GEMMs of one MoE layer on a routed batch-8 step (`_moe_gemm` for w13 and w2 separately, then
   `fused.fused_experts` whole), with the bytes of the experts the step touches;
 - paged decode attention at 192 and 2048 keys per sequence, the kernel's key tile 64 (the engine's) and 128;
-- greedy sampling's argmax over the vocabulary (fp32 logits).
+- greedy sampling's argmax over the vocabulary: torch on fp32 logits, torch after the fp32 copy of the LM head's
+  output, and `serve/argmax_triton.py` on that output as it is;
+- the gate/up GEMM with and without the SwiGLU epilogue (`moe_gemm(swiglu_f=)`).
 Results: one JSON line per piece in $OUT/decode_pieces.jsonl (device runs) or bench/results/.
 """
 
@@ -122,6 +124,10 @@ def pieces(name: str, s: dict, device, dtype, T: int) -> list[dict]:
         add("experts_w13", "moe_gemm", time_graphed(lambda: moe_gemm(
             x, w13, h, plan, n=2 * Fw, k=D, a_div=k, stride_bk=w13.stride(1), stride_bn=w13.stride(2)), device),
             touched * D * 2 * Fw * el)
+        act_out = x.new_empty(T * k, Fw)
+        add("experts_w13", "moe_gemm_swiglu", time_graphed(lambda: moe_gemm(
+            x, w13, act_out, plan, n=Fw, k=D, a_div=k, stride_bk=w13.stride(1), stride_bn=w13.stride(2), swiglu_f=Fw),
+            device), touched * D * 2 * Fw * el)
         add("experts_w2", "moe_gemm", time_graphed(lambda: moe_gemm(
             act, w2, out, plan, n=D, k=Fw, a_div=1, stride_bk=w2.stride(1), stride_bn=w2.stride(2), weights=wf), device),
             touched * Fw * D * el)
@@ -146,6 +152,12 @@ def pieces(name: str, s: dict, device, dtype, T: int) -> list[dict]:
 
     logits = torch.randn(T, V, generator=g).to(device)
     add("argmax", "torch", time_graphed(lambda: logits.argmax(dim=-1), device), logits.numel() * 4)
+    raw = logits.to(dtype)
+    add("argmax", "torch_float_then_argmax", time_graphed(lambda: raw.float().argmax(dim=-1), device), raw.numel() * raw.element_size())
+    if triton_ok:
+        from moestack.serve.argmax_triton import argmax_rows
+
+        add("argmax", "triton_model_dtype", time_graphed(lambda: argmax_rows(raw), device), raw.numel() * raw.element_size())
     return rows
 
 

@@ -2,8 +2,8 @@
 
 Decode steps route few tokens over many experts; the sort + permute + grouped GEMM + unpermute path spends
 more on its index kernels than on the weights it reads. `fused_experts` aligns the token-choices into
-BLOCK_M-row blocks per expert with device ops only, then runs `fused_triton.moe_gemm` twice (gate/up, then
-down times the routing weight) around the SwiGLU activation and sums each token's entries. It reads each
+BLOCK_M-row blocks per expert with device ops only, then runs `fused_triton.moe_gemm` twice (gate/up with the
+SwiGLU activation in its epilogue, then down times the routing weight) and sums each token's entries. It reads each
 routed expert's weights once per block of rows (for DualSparse only the parts the block's rows run) and
 never syncs with the host, so decode CUDA graphs capture it. `MoELayer.fused_rows` turns it on
 (the serving engine sets it); the dispatcher seam says which parts run (`fused_parts`).
@@ -121,10 +121,15 @@ def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
         plan = align(flat, E)
     x = x.contiguous()
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
-    h = x.new_empty(R, two_f)
-    moe_gemm(x, w13, h, plan, n=two_f, k=D, a_div=k, stride_bk=w13.stride(1), stride_bn=w13.stride(2),
-             parts_run=j, part_n=two_f // parts)
-    act = swiglu(h, parts)  # [R, F]; the parts a row does not run hold garbage and are never read
+    if plan.large:  # compute-bound tiles: the GEMM, then the activation
+        h = x.new_empty(R, two_f)
+        moe_gemm(x, w13, h, plan, n=two_f, k=D, a_div=k, stride_bk=w13.stride(1), stride_bn=w13.stride(2),
+                 parts_run=j, part_n=two_f // parts)
+        act = swiglu(h, parts)  # [R, F]; the parts a row does not run hold garbage and are never read
+    else:  # decode-sized: SwiGLU in the gate/up GEMM's epilogue (one kernel and one [R, 2F] round trip fewer)
+        act = x.new_empty(R, F)
+        moe_gemm(x, w13, act, plan, n=F, k=D, a_div=k, stride_bk=w13.stride(1), stride_bn=w13.stride(2),
+                 parts_run=j, part_n=F // parts, swiglu_f=F // parts)
     out = (x.new_zeros if j is not None else x.new_empty)(R, D)  # rows of choices with nothing to run stay 0
     moe_gemm(act, w2, out, plan, n=D, k=F, a_div=1, stride_bk=w2.stride(1), stride_bn=w2.stride(2),
              weights=weights.reshape(-1).float().contiguous(), parts_run=j, part_k=F // parts)

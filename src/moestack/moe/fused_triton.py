@@ -23,7 +23,8 @@ import triton.language as tl
 def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, j_ptr, sorted_ptr, block_expert_ptr, total_ptr,
               N, K, num_valid, stride_am, stride_be, stride_bk, stride_bn, stride_cm, R_BUCKET, PART,
               A_DIV: tl.constexpr, MUL_W: tl.constexpr, PARTS_N: tl.constexpr, PARTS_K: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+              SWIGLU: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     total = tl.load(total_ptr)
@@ -35,6 +36,9 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, j_ptr, sorted_ptr, block_expert_ptr, t
         b_base = b_ptr + e * stride_be
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ncheck = cols < N
+        b_cols = cols
+        if SWIGLU:  # output column c = part p, neuron i reads B's gate column p 2f + i and up column + f (f = PART)
+            b_cols = cols + (cols // PART) * PART
         a_rows = a_ptr + (entry // A_DIV) * stride_am
         k_end = K
         if PARTS_N or PARTS_K:  # DualSparse: row r runs the first j_r parts (PART columns or rows of B each)
@@ -45,6 +49,7 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, j_ptr, sorted_ptr, block_expert_ptr, t
             if PARTS_K:
                 k_end = tl.minimum(need, K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             kcheck = ks < K
@@ -52,9 +57,14 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, j_ptr, sorted_ptr, block_expert_ptr, t
             if PARTS_K:  # each row's product stops at its own parts (the rest of its A row is garbage)
                 a_mask = a_mask & (ks[None, :] < (j * PART)[:, None])
             a = tl.load(a_rows[:, None] + ks[None, :], mask=a_mask, other=0.0)
-            b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                        mask=kcheck[:, None] & ncheck[None, :], other=0.0)
-            acc += tl.dot(a, b, input_precision=PREC)
+            b_ptrs = b_base + ks[:, None] * stride_bk + b_cols[None, :] * stride_bn
+            b_mask = kcheck[:, None] & ncheck[None, :]
+            acc += tl.dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), input_precision=PREC)
+            if SWIGLU:
+                acc_up += tl.dot(a, tl.load(b_ptrs + PART * stride_bn, mask=b_mask, other=0.0), input_precision=PREC)
+        if SWIGLU:  # gate and up rounded to the output dtype first, as the unfused GEMM stores them
+            g = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
+            acc = g * tl.sigmoid(g) * acc_up.to(c_ptr.dtype.element_ty).to(tl.float32)
         if MUL_W:
             w = tl.load(w_ptr + entry, mask=valid, other=0.0).to(tl.float32)
             acc = acc * w[:, None]
@@ -75,29 +85,34 @@ def precision(x: torch.Tensor) -> str:
 TUNE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                 for bn, bk, w, st in ((64, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3),
                                       (128, 128, 8, 4), (256, 64, 8, 3), (32, 128, 4, 4), (64, 256, 4, 3))]
-_moe_gemm_tuned = triton.autotune(TUNE_CONFIGS, key=["N", "K", "R_BUCKET", "PARTS_N", "PARTS_K"], warmup=5,
+_moe_gemm_tuned = triton.autotune(TUNE_CONFIGS, key=["N", "K", "R_BUCKET", "PARTS_N", "PARTS_K", "SWIGLU"], warmup=5,
                                   rep=20)(_moe_gemm)
 # Prefill-sized batches (blocks of fused.BLOCK_M_LARGE rows) are compute-bound: wider tiles, more stages.
 LARGE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                  for bn, bk, w, st in ((128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (128, 128, 8, 3),
                                        (64, 128, 4, 4), (256, 32, 8, 4))]
-_moe_gemm_large = triton.autotune(LARGE_CONFIGS, key=["N", "K", "R_BUCKET", "PARTS_N", "PARTS_K", "BLOCK_M"],
+_moe_gemm_large = triton.autotune(LARGE_CONFIGS, key=["N", "K", "R_BUCKET", "PARTS_N", "PARTS_K", "BLOCK_M", "SWIGLU"],
                                   warmup=5, rep=20)(_moe_gemm)
 
 
 def moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plan, *, n: int, k: int, a_div: int,
              stride_bk: int, stride_bn: int, weights: torch.Tensor | None = None,
-             parts_run: torch.Tensor | None = None, part_n: int = 0, part_k: int = 0) -> None:
+             parts_run: torch.Tensor | None = None, part_n: int = 0, part_k: int = 0, swiglu_f: int = 0) -> None:
     """out[entry] = a[entry // a_div] @ B_e (times weights[entry]) for every valid entry, B_e = b[e] of the
-    entry's block. With parts_run [entries] (DualSparse): only B's first parts_run x part_n columns
-    (part_n > 0) or the products over its first parts_run x part_k rows (part_k > 0) count for a row."""
+    entry's block. With parts_run [entries] (DualSparse): only the first parts_run x part_n output columns
+    (part_n > 0) or the products over B's first parts_run x part_k rows (part_k > 0) count for a row.
+    swiglu_f > 0: B's columns are per part (swiglu_f gate, swiglu_f up) and out [entries, n] is their SwiGLU
+    activation (`experts.swiglu` of the product), n = parts x swiglu_f; part_n is then swiglu_f."""
+    if swiglu_f and (weights is not None or part_k or (parts_run is not None and part_n != swiglu_f)):
+        raise ValueError("moe_gemm: swiglu_f is the gate/up GEMM's epilogue (no weights, no part_k, part_n = swiglu_f)")
     w = weights if weights is not None else out
     j = parts_run if parts_run is not None else plan.sorted_ids
     args = (a, b, out, w, j, plan.sorted_ids, plan.block_expert, plan.total, n, k, plan.num_valid,
             a.stride(0), b.stride(0), stride_bk, stride_bn, out.stride(0),
-            min(triton.next_power_of_2(plan.num_valid), 1 << 20 if plan.large else 4096), max(part_n, part_k, 1))
+            min(triton.next_power_of_2(plan.num_valid), 1 << 20 if plan.large else 4096), max(part_n, part_k, swiglu_f, 1))
     flags = dict(A_DIV=a_div, MUL_W=weights is not None, PARTS_N=parts_run is not None and part_n > 0,
-                 PARTS_K=parts_run is not None and part_k > 0, BLOCK_M=plan.block_m, PREC=precision(a))
+                 PARTS_K=parts_run is not None and part_k > 0, BLOCK_M=plan.block_m, PREC=precision(a),
+                 SWIGLU=swiglu_f > 0)
     if a.is_cuda:
         kernel = _moe_gemm_large if plan.large else _moe_gemm_tuned
         kernel[lambda meta: (plan.num_blocks, triton.cdiv(n, meta["BLOCK_N"]))](*args, **flags)
