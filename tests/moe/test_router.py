@@ -97,7 +97,35 @@ def test_fused_topk_routes_as_the_eager_router(triton_device, E, k, renormalize,
     assert torch.equal(got.expert_ids, ref.expert_ids)
     assert torch.allclose(got.weights, ref.weights, atol=1e-6)
     assert torch.equal(got.counts, ref.counts) and got.counts.sum() == 37 * k
-    assert got.aux_loss.item() == 0 and got.z_loss.item() == 0
+    assert got.aux_loss.item() == 0 and got.z_loss.item() == 0 and got.plan is None
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("T, E, k, block_m, bias", [(8, 128, 8, 16, False), (37, 16, 2, 16, True), (1, 6, 1, 4, False),
+                                                    (13, 64, 8, 16, False), (3, 5, 3, 2, True)])
+def test_topk_plan_routes_and_plans_as_topk_then_align(triton_device, T, E, k, block_m, bias):
+    """The decode router's kernel with the fused MoE's plan: the routing of the top-k kernel and the plan of
+    `fused.align` (entries sorted by expert in token order, blocks padded with the sentinel, block experts)."""
+    from moestack.moe import fused
+    from moestack.moe.router import plan_rows
+
+    importlib.import_module("moestack.moe.fused_triton")
+    r = Router(16, E, k, renormalize=True, aux_loss_coef=0, z_loss_coef=0, bias_balancing=bias)
+    if bias:
+        r.expert_bias.copy_(torch.randn(E) * 0.05)
+    r = r.to(triton_device)
+    r.fused_topk = True
+    x = torch.randn(T, 16, generator=torch.Generator().manual_seed(T)).to(triton_device)
+    with torch.no_grad():
+        ref, got = r(x), r(x, plan_block_m=block_m)
+    assert torch.equal(got.expert_ids, ref.expert_ids) and torch.equal(got.counts, ref.counts)
+    assert torch.allclose(got.weights, ref.weights, atol=1e-6)
+    want = fused.align(ref.expert_ids.flatten(), E, block_m)
+    sorted_ids, block_expert, total = got.plan
+    assert sorted_ids.numel() == plan_rows(T * k, E, block_m) == want.sorted_ids.numel()
+    assert torch.equal(total, want.total) and torch.equal(sorted_ids, want.sorted_ids)
+    used = int(total) // block_m  # blocks past the padded total do nothing: their expert is any
+    assert torch.equal(block_expert[:used], want.block_expert[:used])
 
 
 @pytest.mark.triton

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from moestack.moe.experts import swiglu
-from moestack.moe.router import count_ids
+from moestack.moe.router import count_ids, plan_rows
 
 BLOCK_M = 16
 # Prefill-sized batches (at least this many entries per expert on average) take blocks of BLOCK_M_LARGE rows,
@@ -57,7 +57,7 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M) -> AlignP
     one-hot [R, E] (a few microseconds where a radix sort of a decode batch costs tens); past ONEHOT_CELLS
     cells, a stable sort of the ids gives the ranks instead."""
     R, S, dev = ids.numel(), num_experts, ids.device
-    cap = -(-(R + min(S, R) * (block_m - 1)) // block_m) * block_m  # the most padded rows any routing needs
+    cap = plan_rows(R, S, block_m)  # the most padded rows any routing needs
     if ids.is_cuda and S <= ALIGN_MAX_EXPERTS and R * S <= ONEHOT_CELLS:  # one Triton kernel
         from moestack.moe.fused_triton import align as align_kernel
 
@@ -87,14 +87,16 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M) -> AlignP
 
 
 def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-                  w2: torch.Tensor, parts: int = 1, parts_run: torch.Tensor | None = None) -> torch.Tensor:
+                  w2: torch.Tensor, parts: int = 1, parts_run: torch.Tensor | None = None,
+                  plan: tuple | None = None) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over the first parts_run[t, k] parts: [T, D].
 
     x [T, D]; expert_ids, weights [T, k]; w13 [E, D, 2F] (per part (gate, up) columns when parts > 1, the
     `partition.to_parts` layout) and w2 [E, F, D]; parts_run [T, k] in 0..P or None for all parts.
     One entry per choice, blocks per expert, as without parts: a block computes the gate/up columns and
     reads the w2 rows of the parts its rows need (the most any of them runs), and each row's down product
-    stops at its own parts. So DualSparse costs no more entries, blocks or output rows than the plain layer,
+    stops at its own parts. plan: the router's plan of expert_ids in BLOCK_M blocks (Routing.plan), used
+    where every choice runs. So DualSparse costs no more entries, blocks or output rows than the plain layer,
     and an expert whose rows all drop a part never reads that part's weights. Prefill-sized batches (see
     LARGE_ROWS_PER_EXPERT) group the blocks by (expert, parts run) too, so no block computes a part one of
     its rows drops: the kept (token, part) work in one launch per projection.
@@ -117,6 +119,8 @@ def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
         gid = flat * parts + (j.long() - 1 if j is not None else parts - 1)
         plan = align(torch.where(flat < E, gid, torch.full_like(gid, groups)), groups, BLOCK_M_LARGE)
         plan = replace(plan, block_expert=torch.div(plan.block_expert, parts, rounding_mode="floor"))
+    elif plan is not None and j is None:
+        plan = AlignPlan(*plan, R, plan[1].numel(), BLOCK_M)
     else:
         plan = align(flat, E)
     x = x.contiguous()

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from moestack.moe.dispatch import LocalDispatcher
 from moestack.moe.experts import GroupedExperts, SwiGLU, fused_inference
+from moestack.moe.fused import BLOCK_M
 from moestack.moe.router import Router, Routing
 
 
@@ -57,7 +58,9 @@ class MoELayer(nn.Module):
         if x.dim() != 2:
             raise ValueError(f"MoELayer.route takes flat tokens [T, {d_model}], got shape {tuple(x.shape)}; "
                              f"flatten them first (x.reshape(-1, {d_model})), as MoELayer.forward does")
-        routing = self.router(x)
+        # decode-sized fused forwards: the router's top-k kernel also plans the fused MoE's blocks
+        fused = self.fused_rows and x.shape[0] * self.router.top_k <= self.fused_rows
+        routing = self.router(x, plan_block_m=BLOCK_M if fused else 0)
         self.tokens_seen += routing.counts.detach()
         self.last_routing = routing
         return routing
@@ -97,7 +100,8 @@ class MoELayer(nn.Module):
         kind = x.device.type
         if self.rows_in_autocast_dtype and torch.is_autocast_enabled(kind):
             x = x.to(torch.get_autocast_dtype(kind))
-        return fused_experts(x, routing.expert_ids, routing.weights, self.experts.w13, self.experts.w2, P, parts_run)
+        return fused_experts(x, routing.expert_ids, routing.weights, self.experts.w13, self.experts.w2, P, parts_run,
+                             routing.plan)
 
     def routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The routed experts' weighted output for flat tokens x [T, D] (no shared experts): [T, D]."""

@@ -30,6 +30,20 @@ class Routing:
     counts: torch.Tensor  # [E] int64 token-choices per expert (this rank's tokens)
     aux_loss: torch.Tensor  # scalar, already scaled by its coefficient
     z_loss: torch.Tensor  # scalar, already scaled by its coefficient
+    # the fused MoE's plan of these choices (moe/fused.py's `align`: sorted entries, block experts, padded
+    # total), when the router made it in its top-k kernel (serving decode steps); None otherwise
+    plan: tuple | None = None
+
+
+def triton_pow2(n: int) -> int:
+    """The power of two at or above n (a Triton block's size)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def plan_rows(entries: int, num_experts: int, block_m: int) -> int:
+    """The most rows a plan of `entries` choices over `num_experts` experts needs, each expert's rows padded to
+    a multiple of block_m (the fused MoE's static grid: moe/fused.py)."""
+    return -(-(entries + min(num_experts, entries) * (block_m - 1)) // block_m) * block_m
 
 
 def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -73,20 +87,26 @@ class Router(nn.Module):
         self.fused_topk = False
         self._zero: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        # x: [T, D]
+    def forward(self, x: torch.Tensor, plan_block_m: int = 0) -> Routing:
+        """x [T, D] -> Routing. plan_block_m > 0 (the fused MoE's decode blocks): where the top-k runs as a Triton
+        kernel and the batch fits one program, the same kernel also plans the fused MoE (Routing.plan)."""
         if self.logits_in_fp32:
             logits = F.linear(x.float(), self.gate.weight.float())  # [T, E] in fp32
         else:
             logits = F.linear(x, self.gate.weight)  # [T, E], rounded to x's dtype, then fp32 for the softmax
         if self.fused_topk and self.aux_loss_coef == 0 and self.z_loss_coef == 0 and not logits.requires_grad:
-            from moestack.moe.router_triton import topk_softmax
+            from moestack.moe import router_triton
 
             bias = self.expert_bias if self.bias_balancing else None
-            ids, weights, counts = topk_softmax(logits, self.top_k, self.renormalize and self.top_k > 1, bias)
+            renorm, plan = self.renormalize and self.top_k > 1, None
+            if plan_block_m and x.shape[0] * triton_pow2(self.num_experts) <= router_triton.PLAN_MAX_CELLS:
+                cap = plan_rows(x.shape[0] * self.top_k, self.num_experts, plan_block_m)
+                ids, weights, counts, plan = router_triton.topk_plan(logits, self.top_k, renorm, bias, plan_block_m, cap)
+            else:
+                ids, weights, counts = router_triton.topk_softmax(logits, self.top_k, renorm, bias)
             if self._zero is None or self._zero.device != logits.device:
                 self._zero = logits.new_zeros((), dtype=torch.float32)  # the losses: none (read, never written)
-            return Routing(ids, weights, counts, self._zero, self._zero)
+            return Routing(ids, weights, counts, self._zero, self._zero, plan)
         logits = logits.float()
         probs = logits.softmax(dim=-1)  # [T, E]
         select = probs + self.expert_bias if self.bias_balancing else probs

@@ -62,3 +62,89 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool,
                             K=k, BLOCK_E=triton.next_power_of_2(E), BLOCK_K=max(2, triton.next_power_of_2(k)),
                             RENORM=renormalize, BIAS=bias is not None)
     return ids, weights, counts
+
+
+@triton.jit
+def _topk_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, counts_ptr, sorted_ptr, block_expert_ptr, total_ptr,
+               T, E, stride_t, cap, num_blocks, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+               BLOCK_K: tl.constexpr, RENORM: tl.constexpr, BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+               FILL: tl.constexpr, CH: tl.constexpr):
+    t = tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)
+    tm = t < T
+    em = e < E
+    m2 = tm[:, None] & em[None, :]
+    logit = tl.load(logits_ptr + t[:, None].to(tl.int64) * stride_t + e[None, :], mask=m2,
+                    other=float("-inf")).to(tl.float32)
+    logit = tl.where(tm[:, None], logit, 0.0)  # rows past T: finite, never stored
+    p = tl.exp(logit - tl.max(logit, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    select = p
+    if BIAS:
+        select = p + tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32)[None, :]
+    select = tl.where(em[None, :], select, float("-inf"))
+    kk = tl.arange(0, BLOCK_K)
+    ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    ws = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    choice = tl.full([BLOCK_T, BLOCK_E], -1, tl.int32)  # which choice of its token picked expert e (-1: none)
+    for j in tl.static_range(K):
+        best = tl.max(select, axis=1)
+        idx = tl.minimum(tl.min(tl.where(select == best[:, None], e[None, :], BLOCK_E), axis=1), E - 1)  # [T]
+        hit = e[None, :] == idx[:, None]
+        ids = tl.where(kk[None, :] == j, idx[:, None], ids)
+        ws = tl.where(kk[None, :] == j, tl.sum(tl.where(hit, p, 0.0), axis=1)[:, None], ws)
+        choice = tl.where(hit, j, choice)
+        select = tl.where(hit, float("-inf"), select)
+    if RENORM:
+        ws = ws / tl.sum(ws, axis=1)[:, None]
+    km = tm[:, None] & (kk < K)[None, :]
+    out = t[:, None] * K + kk[None, :]
+    tl.store(ids_ptr + out, ids.to(tl.int64), mask=km)
+    tl.store(w_ptr + out, ws, mask=km)
+    # the plan: entries t * K + j sorted by expert (token order within one), each expert padded to BLOCK_M rows
+    sel = ((choice >= 0) & tm[:, None]).to(tl.int32)  # [T, E]
+    before = tl.cumsum(sel, axis=0) - sel  # an entry's rank among its expert's entries
+    counts = tl.sum(sel, axis=0)
+    tl.store(counts_ptr + e, counts.to(tl.int64), mask=em)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    tl.store(total_ptr, tl.sum(padded, axis=0))
+    for start in range(0, cap, FILL):  # padding rows hold the sentinel T * K
+        c = start + tl.arange(0, FILL)
+        tl.store(sorted_ptr + c, tl.full([FILL], 0, tl.int32) + T * K, mask=c < cap)
+    tl.debug_barrier()  # the fill lands before the entries overwrite it
+    dest = (pad_end - padded)[None, :] + before
+    tl.store(sorted_ptr + dest, t[:, None] * K + choice, mask=sel > 0)
+    for start in range(0, num_blocks, CH):  # a block's expert: how many experts' rows end at or before it
+        b = start + tl.arange(0, CH)
+        ends = tl.sum(((pad_end[None, :] <= (b * BLOCK_M)[:, None]) & em[None, :]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, tl.minimum(ends, E - 1), mask=b < num_blocks)
+
+
+PLAN_MAX_CELLS = 1 << 13  # tokens x experts up to which `topk_plan` runs (one program holds them all)
+
+
+def topk_plan(logits: torch.Tensor, k: int, renormalize: bool, bias: torch.Tensor | None, block_m: int, cap: int):
+    """`topk_softmax` and the fused MoE's plan for its choices (what `fused.align` gives for the ids) in one
+    single-program kernel, for decode-sized batches (T x E up to PLAN_MAX_CELLS): (ids, weights, counts,
+    (sorted entry ids [cap] int32, block experts [cap // block_m] int32, padded total [1] int32)).
+    In a batch-8 decode step the router's top-k (4.7 us), the zeroing of its counts and the plan's kernel
+    (5.5 us) ran one after another at Qwen3-30B-A3B's shapes on an H100 (profile_decode, 2026-12-07)."""
+    T, E = logits.shape
+    if T * triton.next_power_of_2(E) > PLAN_MAX_CELLS:
+        raise ValueError(f"topk_plan: {T} tokens x {E} experts is past one program ({PLAN_MAX_CELLS} cells); "
+                         "use topk_softmax and fused.align")
+    logits = logits.contiguous()
+    dev = logits.device
+    ids = torch.empty(T, k, dtype=torch.int64, device=dev)
+    weights = torch.empty(T, k, dtype=torch.float32, device=dev)
+    counts = torch.empty(E, dtype=torch.int64, device=dev)
+    sorted_ids = torch.empty(cap, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(cap // block_m, dtype=torch.int32, device=dev)
+    total = torch.empty(1, dtype=torch.int32, device=dev)
+    e_block = triton.next_power_of_2(E)
+    _topk_plan[(1,)](logits, bias if bias is not None else logits, ids, weights, counts, sorted_ids, block_expert,
+                     total, T, E, logits.stride(0), cap, cap // block_m, K=k, BLOCK_T=max(2, triton.next_power_of_2(T)),
+                     BLOCK_E=e_block, BLOCK_K=max(2, triton.next_power_of_2(k)), RENORM=renormalize,
+                     BIAS=bias is not None, BLOCK_M=block_m, FILL=1024, CH=max(16, 4096 // e_block), num_warps=4)
+    return ids, weights, counts, (sorted_ids, block_expert, total)
