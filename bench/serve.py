@@ -94,8 +94,9 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 # -- the engine -----------------------------------------------------------------------------------------
-def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: list[int]) -> dict:
-    """Submit every prompt at once, step to the end; per-step and per-request times."""
+def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: list[int], count_active: bool = False) -> dict:
+    """Submit every prompt at once, step to the end; per-step and per-request times. count_active: also count
+    each decode step's routed experts (device work between the steps: for an untimed run)."""
     t0 = time.perf_counter()
     rids = [llm.add_request(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))
             for p, m in zip(prompts, max_tokens)]
@@ -117,7 +118,7 @@ def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: list[int]) -> dic
         if llm.stats.decode_steps > decode0:
             decode_s += now - s0
             decode_tokens += len(outs)
-            loads = llm.runner.last_loads  # the latest queued step's, on the device: reading it back would sync
+            loads = llm.runner.last_loads if count_active else None  # the latest queued step's, on the device
             if loads is not None and loads.numel():
                 active.append((loads > 0).sum())
             ctx_tokens.append(ctx)
@@ -301,12 +302,14 @@ def engine_for(hf, args, device, dtype, batch: int, drop_rate=None) -> LLM:
 def timed_engine(llm: LLM, prompts, max_tokens, reps: int = 3) -> dict:
     """run_engine on the workload once to warm up (kernels compile, caches fill), then `reps` timed runs: the
     median of each figure (HF's are medians of 3 too; a batch-64 prefill is one step, one sample per run)."""
-    run_engine(llm, prompts, max_tokens)
+    warm = run_engine(llm, prompts, max_tokens, count_active=True)  # greedy: the timed runs route the same
     runs = []
     for _ in range(reps):
         llm.blocks.reset_prefix_cache()  # every timed run computes every prompt again
         runs.append(run_engine(llm, prompts, max_tokens))
-    return {k: (statistics.median(v) if (v := [r[k] for r in runs if r[k] is not None]) else None) for k in runs[0]}
+    out = {k: (statistics.median(v) if (v := [r[k] for r in runs if r[k] is not None]) else None) for k in runs[0]}
+    out["active_experts"] = warm["active_experts"]
+    return out
 
 
 def main() -> None:

@@ -271,15 +271,26 @@ class ServeModel(nn.Module):
         """[N, D] -> [N, V] in fp32."""
         return self.lm_head(self.norm(h)).float()
 
-    def expert_loads(self, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Token-choices per expert in the last step, per MoE layer: [L_moe, E] int64 (padding rows excluded)."""
+    def routing_snapshot(self) -> list[torch.Tensor]:
+        """What `expert_loads` reads of the last step, per MoE layer: its expert ids [T, k] (its counts [E] under
+        the follow flow). A CUDA graph keeps these tensors and rewrites them each replay, so it returns them
+        and the loads are counted only when someone asks."""
+        if self.flow is not None:  # each layer routed this rank's share of the tokens
+            return [layer.last_routing.counts for layer in self._moe_layers]
+        return [layer.last_routing.expert_ids for layer in self._moe_layers]
+
+    def expert_loads(self, valid: torch.Tensor | None = None,
+                     snapshot: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Token-choices per expert in the last step (or in `snapshot`, a `routing_snapshot`), per MoE layer:
+        [L_moe, E] int64 (rows where valid [T] is 0, a graph's padding, excluded)."""
         layers = self._moe_layers
+        snapshot = self.routing_snapshot() if snapshot is None else snapshot
         if not layers:
             return torch.zeros(0, 0, dtype=torch.int64)
-        if self.flow is not None:  # each layer routed this rank's share of the tokens
-            return torch.stack([layer.last_routing.counts for layer in layers])
+        if self.flow is not None:
+            return torch.stack(snapshot)
         E = max(layer.num_experts for layer in layers)
-        ids = torch.stack([layer.last_routing.expert_ids for layer in layers])  # [L, T, k]: one scatter for all
+        ids = torch.stack(snapshot)  # [L, T, k]: one scatter for all
         ids = ids + torch.arange(len(layers), device=ids.device).view(-1, 1, 1) * E
         ones = torch.ones_like(ids) if valid is None else valid.to(ids.dtype).view(1, -1, 1).expand_as(ids)
         loads = torch.zeros(len(layers) * E, dtype=torch.int64, device=ids.device)

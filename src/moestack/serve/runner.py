@@ -62,10 +62,10 @@ class ModelRunner:
         # ranks attend a share of the step's queries: the reference path)
         self.paged_prefill = self.triton_decode and model.flow is None
         self.block_q = prefill_block_q(spec.n_heads, spec.n_kv_heads)
-        self.graphs: dict[int, tuple] = {}  # decode steps: batch size -> (graph, logits, argmax, loads)
-        self.prefill_graphs: dict[int, tuple] = {}  # other steps: token count -> (graph, hidden, loads)
+        self.graphs: dict[int, tuple] = {}  # decode steps: batch size -> (graph, logits, argmax, routing snapshot)
+        self.prefill_graphs: dict[int, tuple] = {}  # other steps: token count -> (graph, hidden, routing snapshot)
         self._pool = None
-        self.last_loads: torch.Tensor | None = None
+        self._loads: tuple | None = None  # the last step's (routing snapshot, valid rows or None): `last_loads`
         if compile and self.device.type == "cuda":
             compile_elementwise()
         model.fused_norms = self.triton_decode
@@ -78,6 +78,12 @@ class ModelRunner:
             if prefill_graph_tokens and self.paged_prefill:
                 self.capture_prefill(prefill_graph_tokens, max_num_seqs)
             self.capture(max_num_seqs)
+
+    @property
+    def last_loads(self) -> torch.Tensor | None:
+        """Token-choices per expert of the last step run, per MoE layer [L_moe, E] (counted when read; a graph
+        step's buffers hold the last replay's routing)."""
+        return None if self._loads is None else self.model.expert_loads(self._loads[1], self._loads[0])
 
     @staticmethod
     def kv_bytes_per_block(model: ServeModel, block_size: int) -> int:
@@ -182,8 +188,8 @@ class ModelRunner:
             if ahead is not None:
                 tokens = ahead
             logits = self.model.logits(self.model.hidden(tokens, positions, self.kv, meta, rows=last))
-            loads = self.model.expert_loads()
-        self.last_loads = loads
+            loads = (self.model.routing_snapshot(), None)
+        self._loads = loads
         graphed = graph is not None or prefill is not None
         if not sample_for:
             return Launched(batch, None, graphed=graphed)
@@ -203,12 +209,14 @@ class ModelRunner:
         """Capture the decode step for each size of `graph_sizes(max_num_seqs)`."""
         from moestack.serve.argmax_triton import argmax_rows  # greedy rows' tokens, taken in the graph
         dev, m = self.device, max_num_seqs
-        self.g_tokens = torch.zeros(m, dtype=torch.long, device=dev)
-        self.g_positions = torch.zeros(m, dtype=torch.long, device=dev)
-        self.g_slots = torch.full((m,), self.scratch * self.block_size, dtype=torch.long, device=dev)
-        self.g_tables = torch.full((m, self.max_blocks), self.scratch, dtype=torch.int32, device=dev)
-        self.g_lens = torch.ones(m, dtype=torch.int32, device=dev)
-        self.g_valid = torch.zeros(m, dtype=torch.long, device=dev)
+        # the graphs' inputs in two buffers, each filled by one copy from the host per step: int64 rows (tokens,
+        # positions, cache slots, valid) and int32 context lengths [m] followed by the block tables [m, max_blocks]
+        self.g_long = torch.zeros(4, m, dtype=torch.long, device=dev)
+        self.g_long[2] = self.scratch * self.block_size
+        self.g_tokens, self.g_positions, self.g_slots, self.g_valid = self.g_long
+        self.g_int = torch.full((m * (1 + self.max_blocks),), self.scratch, dtype=torch.int32, device=dev)
+        self.g_int[:m] = 1
+        self.g_lens, self.g_tables = self.g_int[:m], self.g_int[m:].view(m, self.max_blocks)
         pool = self._pool
         for size in reversed(graph_sizes(m)):
             meta = AttnMeta(slots=self.g_slots[:size], block_tables=self.g_tables[:size],
@@ -217,7 +225,7 @@ class ModelRunner:
             def step():
                 x = self.model.hidden(self.g_tokens[:size], self.g_positions[:size], self.kv, meta, normed=True)
                 raw = self.model.lm_head(x)  # the model's dtype: fp32 copies only for rows that need them
-                return raw, argmax_rows(raw), self.model.expert_loads(self.g_valid[:size])
+                return raw, argmax_rows(raw), self.model.routing_snapshot()
 
             with torch.inference_mode():
                 step()  # warm-up: Triton compiles, allocations settle
@@ -233,34 +241,27 @@ class ModelRunner:
 
     def _replay(self, size: int, batch: list[tuple[Sequence, int]], ahead: torch.Tensor | None = None):
         """Replay the decode graph of `size` rows for `batch`: (logits [size, V] in the model's dtype, their
-        argmax [size], loads)."""
-        graph, logits, greedy, loads = self.graphs[size]
+        argmax [size], (routing snapshot, valid rows) for `last_loads`)."""
+        graph, logits, greedy, snapshot = self.graphs[size]
         n = len(batch)
         step = 0 if ahead is None else 1
         tokens = [0] * n if step else [seq.token_ids[seq.num_computed] for seq, _ in batch]
         positions = [seq.num_computed + step for seq, _ in batch]
         slots = [self._slots(seq, p, 1)[0] for (seq, _), p in zip(batch, positions)]
-        # only the columns this batch uses: the kernel reads a row's table up to its context length, so what
-        # stays in the other columns (and in the padding rows, whose length is 1 on the scratch block) is never read
-        width = max(len(seq.block_table) for seq, _ in batch)
-        tables = torch.tensor([seq.block_table + [self.scratch] * (width - len(seq.block_table)) for seq, _ in batch],
-                              dtype=torch.int32)
-        pad = size - n
-        host = torch.tensor([tokens + [0] * pad, positions + [0] * pad,
-                             slots + [self.scratch * self.block_size] * pad,
-                             [p + 1 for p in positions] + [1] * pad, [1] * n + [0] * pad], dtype=torch.long)
-        host = host.to(self.device, non_blocking=True)
-        self.g_tokens[:size].copy_(host[0])
-        self.g_positions[:size].copy_(host[1])
-        self.g_slots[:size].copy_(host[2])
-        self.g_lens[:size].copy_(host[3])
-        self.g_valid[:size].copy_(host[4])
-        self.g_tables[:n, :width].copy_(tables.to(self.device, non_blocking=True))
-        self.g_tables[n:size, 0] = self.scratch
+        m, width, scratch = self.g_long.shape[1], self.max_blocks, self.scratch
+        pad = m - n  # rows past the batch: token 0 at position 0 on the scratch block, length 1, not valid
+        longs = torch.tensor([tokens + [0] * pad, positions + [0] * pad, slots + [scratch * self.block_size] * pad,
+                              [1] * n + [0] * pad], dtype=torch.long).pin_memory()
+        tables = [(seq.block_table + [scratch] * width)[:width] for seq, _ in batch]
+        ints = torch.tensor([p + 1 for p in positions] + [1] * pad + [b for row in tables for b in row]
+                            + [scratch] * (width * (size - n)), dtype=torch.int32).pin_memory()
+        # pinned sources: two asynchronous copies (the host allocator keeps each buffer until its copy ran)
+        self.g_long.copy_(longs, non_blocking=True)
+        self.g_int[:ints.numel()].copy_(ints, non_blocking=True)
         if ahead is not None:
             self.g_tokens[:n].copy_(ahead)
         graph.replay()
-        return logits, greedy, loads
+        return logits, greedy, (snapshot, self.g_valid[:size])
 
 
     # -- CUDA graphs of the other steps (prefill chunks, prompts, decodes mixed in) -------------------------
@@ -291,23 +292,23 @@ class ModelRunner:
                 meta = AttnMeta(slots=self.p_long[2, :size], block_tables=self.p_tables, context_lens=lens,
                                 q_start=q_start, q_blocks=query_blocks(q_start, self.block_q, -(-size // self.block_q) + B))
                 h = self.model.hidden(self.p_long[0, :size], self.p_long[1, :size], self.kv, meta)
-                return h, self.model.expert_loads(self.p_long[3, :size])
+                return h, self.model.routing_snapshot()
 
             with torch.inference_mode():
                 step()  # warm-up (no sequences: the attention programs all return at once)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    h, loads = step()
+                    h, snapshot = step()
             pool = graph.pool()
-            self.prefill_graphs[size] = (graph, h, loads)
+            self.prefill_graphs[size] = (graph, h, snapshot)
         self._pool = pool
         torch.cuda.synchronize()
         log.info("captured prefill CUDA graphs for %s tokens", sorted(self.prefill_graphs))
 
     def _replay_prefill(self, size: int, batch: list[tuple[Sequence, int]]):
-        """Replay the step graph of `size` tokens for `batch`: (hidden [size, D], loads, sampled rows [N])."""
-        graph, h, loads = self.prefill_graphs[size]
+        """Replay the step graph of `size` tokens for `batch`: (hidden [size, D], (routing snapshot, valid rows), sampled rows [N])."""
+        graph, h, snapshot = self.prefill_graphs[size]
         inp = self.host_inputs(batch)
         n, B = len(inp["tokens"]), self.p_max_seqs
         pad = size - n
@@ -321,7 +322,7 @@ class ModelRunner:
         self.p_tables[:len(batch), :width].copy_(self._tables(batch, width).to(self.device, non_blocking=True))
         last = torch.tensor(inp["last"], dtype=torch.long).to(self.device, non_blocking=True)
         graph.replay()
-        return h, loads, last
+        return h, (snapshot, self.p_long[3, :size]), last
 
 
 def prefill_graph_sizes(max_tokens: int) -> list[int]:
