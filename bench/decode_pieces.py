@@ -13,7 +13,8 @@ between CUDA events: microseconds per call, with the bytes it must read and the 
 - paged decode attention at 192 and 2048 keys per sequence, the kernel's key tile 64 (the engine's) and 128;
 - greedy sampling's argmax over the vocabulary: torch on fp32 logits, torch after the fp32 copy of the LM head's
   output, and `serve/argmax_triton.py` on that output as it is;
-- the gate/up GEMM with and without the SwiGLU epilogue (`moe_gemm(swiglu_f=)`).
+- the gate/up GEMM with and without the SwiGLU epilogue (`moe_gemm(swiglu_f=)`);
+- the router's top-k then the fused MoE's plan (two kernels) against `router_triton.topk_plan` (one).
 Results: one JSON line per piece in $OUT/decode_pieces.jsonl (device runs) or bench/results/.
 """
 
@@ -134,6 +135,22 @@ def pieces(name: str, s: dict, device, dtype, T: int) -> list[dict]:
         add("experts", "fused_experts", time_graphed(lambda: fused.fused_experts(x, ids, weights, w13, w2), device),
             touched * 3 * D * Fw * el)
     del w13, w2
+
+    # the router's top-k and the fused MoE's plan: two kernels (and the counts' zeroing) or one
+    if triton_ok:
+        from moestack.moe import router_triton
+        from moestack.moe.router import plan_rows
+
+        logits = rnd(T, E)
+        cap = plan_rows(T * k, E, fused.BLOCK_M)
+
+        def apart():
+            ids, _, _ = router_triton.topk_softmax(logits, k, True)
+            return fused.align(ids.flatten(), E)
+
+        add("route_and_plan", "topk_then_align", time_graphed(apart, device), logits.numel() * el)
+        add("route_and_plan", "topk_plan", time_graphed(
+            lambda: router_triton.topk_plan(logits, k, True, None, fused.BLOCK_M, cap), device), logits.numel() * el)
 
     # paged decode: T sequences of `ctx` keys each, blocks of 16 positions, scattered
     if triton_ok:

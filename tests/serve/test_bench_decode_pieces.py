@@ -20,5 +20,6 @@ def test_decode_pieces_bench_times_every_piece(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "decode_pieces.jsonl").read_text().splitlines()]
     got = {(r["piece"], r["variant"]) for r in rows}
     assert {("lm_head", "cublas"), ("lm_head", "moe_gemm"), ("experts_w13", "moe_gemm"), ("experts", "fused_experts"),
-            ("paged_decode_32", "block_n128"), ("argmax", "torch")} <= got
+            ("paged_decode_32", "block_n128"), ("argmax", "torch"), ("argmax", "triton_model_dtype"),
+            ("experts_w13", "moe_gemm_swiglu"), ("route_and_plan", "topk_plan")} <= got
     assert all(r["us"] > 0 and r["mbytes"] > 0 for r in rows)
