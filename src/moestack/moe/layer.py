@@ -48,6 +48,9 @@ class MoELayer(nn.Module):
         # the fused Triton kernels where Triton runs and the dispatcher allows it; 0 = off (the serving
         # engine turns it on for decode-sized batches)
         self.fused_rows = 0
+        # add each forward's counts to tokens_seen (training's statistics); the serving engine, which reads each
+        # step's loads instead, turns it off (one kernel per layer and step fewer)
+        self.count_tokens = True
 
     def route(self, x: torch.Tensor) -> Routing:
         """Route [T, D] tokens and record the statistics."""
@@ -61,7 +64,8 @@ class MoELayer(nn.Module):
         # decode-sized fused forwards: the router's top-k kernel also plans the fused MoE's blocks
         fused = self.fused_rows and x.shape[0] * self.router.top_k <= self.fused_rows
         routing = self.router(x, plan_block_m=BLOCK_M if fused else 0)
-        self.tokens_seen += routing.counts.detach()
+        if self.count_tokens:
+            self.tokens_seen += routing.counts.detach()
         self.last_routing = routing
         return routing
 
@@ -110,12 +114,15 @@ class MoELayer(nn.Module):
             y = self.compute(self.dispatch(x, routing)).wait()
         return y
 
+    def output(self, flat: torch.Tensor) -> torch.Tensor:
+        """The layer's output for flat tokens [T, D] without its losses (inference; `last_routing` has them)."""
+        routing = self.route(flat)
+        y = self.routed(flat, routing)
+        return y if self.shared is None else y + self.shared(flat)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [..., D] -> (y [..., D], aux loss scalar)."""
         shape = x.shape
-        flat = x.reshape(-1, shape[-1])  # [T, D]
-        routing = self.route(flat)
-        y = self.routed(flat, routing)
-        if self.shared is not None:
-            y = y + self.shared(flat)
+        y = self.output(x.reshape(-1, shape[-1]))
+        routing = self.last_routing
         return y.view(shape), routing.aux_loss + routing.z_loss

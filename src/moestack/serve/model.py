@@ -133,7 +133,7 @@ class PagedAttention(nn.Module):
 def ffn_out(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A block's FFN on flat tokens [T, D]: an MoELayer (routed + shared experts) or a dense SwiGLU."""
     if isinstance(ffn, MoELayer):
-        return ffn(x)[0]
+        return ffn.output(x)  # no loss to add up
     return ffn(x)
 
 

@@ -55,6 +55,7 @@ class ModelRunner:
                     torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in model.blocks]
         for layer in model.moe_layers():
             layer.fused_rows = fused_rows
+            layer.count_tokens = False  # the engine reads each step's loads (`last_loads`), not running totals
             layer.router.aux_loss_coef = layer.router.z_loss_coef = 0.0  # no training losses while serving
         probe = torch.empty(0, device=self.device)
         self.triton_decode = triton_runs(probe) and self.device.type == "cuda"
