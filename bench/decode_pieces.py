@@ -10,7 +10,8 @@ between CUDA events: microseconds per call, with the bytes it must read and the 
   GEMM run as one expert (`fused_triton.moe_gemm`, weights read in place through their strides);
 - the expert GEMMs of one MoE layer on a routed batch-8 step (`_moe_gemm` for w13 and w2 separately, then
   `fused.fused_experts` whole), with the bytes of the experts the step touches;
-- paged decode attention at 192 and 2048 keys per sequence, the kernel's key tile 64 (the engine's) and 128;
+- paged decode attention at 192 and 2048 keys per sequence: key tiles of 32, 64 (the engine's) and 128, and
+  split-KV over 2 to 8 programs per (sequence, KV head) (the engine picks `attention_triton.decode_splits`);
 - greedy sampling's argmax over the vocabulary: torch on fp32 logits, torch after the fp32 copy of the LM head's
   output, and `serve/argmax_triton.py` on that output as it is;
 - the gate/up GEMM with and without the SwiGLU epilogue (`moe_gemm(swiglu_f=)`);
@@ -161,9 +162,9 @@ def pieces(name: str, s: dict, device, dtype, T: int) -> list[dict]:
             tables = torch.randperm(nb, generator=g).view(T, -1).to(device, torch.int32)
             lens = torch.full((T,), ctx, dtype=torch.int32, device=device)
             q = rnd(T, H, hd)
-            for block_n in (64, 128):
-                add(f"paged_decode_{ctx}", f"block_n{block_n}",
-                    time_graphed(lambda: paged_decode(q, kc, vc, tables, lens, block_n=block_n), device),
+            for block_n, splits in ((64, 1), (128, 1), (64, 2), (64, 4), (64, 8), (32, 8)):
+                add(f"paged_decode_{ctx}", f"block_n{block_n}" + (f"_splits{splits}" if splits > 1 else ""),
+                    time_graphed(lambda: paged_decode(q, kc, vc, tables, lens, block_n=block_n, splits=splits), device),
                     2 * T * ctx * Hkv * hd * el)
             del kc, vc
 

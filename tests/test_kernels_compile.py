@@ -49,7 +49,18 @@ TOPK_PLAN_ARGS = dict(logits_ptr="*bf16", bias_ptr="*bf16", ids_ptr="*i64", w_pt
 NORM_ARGS = dict(h_ptr="*bf16", y_ptr="*bf16", w_ptr="*bf16", sum_ptr="*bf16", out_ptr="*bf16", D="i32", eps="fp32",
                  stride_h="i32", stride_y="i32")
 
+DECODE_ARGS = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", bt_ptr="*i32", lens_ptr="*i32", out_ptr="*bf16",
+                   part_ptr="*fp32", scale="fp32", stride_qb="i32", stride_qh="i32", stride_kb="i32", stride_ks="i32",
+                   stride_kh="i32", stride_bt="i32", stride_ob="i32", stride_oh="i32")
+
 CASES = {
+    "paged_decode_split8": ("moestack.serve.attention_triton", "_paged_decode", DECODE_ARGS,
+                            dict(G=8, HD=128, BLOCK_G=16, BLOCK_D=128, BLOCK_N=64, PAGE=16, PREC="tf32", SPLITS=8)),
+    "paged_decode_whole": ("moestack.serve.attention_triton", "_paged_decode", DECODE_ARGS,
+                           dict(G=1, HD=128, BLOCK_G=16, BLOCK_D=128, BLOCK_N=64, PAGE=16, PREC="tf32", SPLITS=1)),
+    "paged_decode_combine": ("moestack.serve.attention_triton", "_paged_decode_combine",
+                             dict(part_ptr="*fp32", out_ptr="*bf16", stride_ob="i32", stride_oh="i32", H="i32"),
+                             dict(HD=128, BLOCK_D=128, SPLITS=8)),
     "moe_gemm_swiglu": ("moestack.moe.fused_triton", "_moe_gemm", MOE_GEMM_ARGS,
                         dict(A_DIV=8, MUL_W=False, PARTS_N=False, PARTS_K=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
                              PREC="tf32", SWIGLU=True)),

@@ -16,9 +16,10 @@ BF16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not torch.cu
                                                                      reason="bf16 rounding: GPU only"))
 
 
-@pytest.mark.parametrize("block_n", [64, 128])
+@pytest.mark.parametrize("block_n, splits", [(64, 1), (128, 1), (16, 4), (64, 2), (16, 8)])
 @pytest.mark.parametrize("page, H, Hkv, hd", [(4, 4, 2, 8), (16, 4, 4, 16), (3, 8, 2, 8)])
-def test_paged_decode_matches_sdpa(triton_device, page, H, Hkv, hd, block_n):
+def test_paged_decode_matches_sdpa(triton_device, page, H, Hkv, hd, block_n, splits):
+    """Any key tile and split-KV (some splits empty at the short lengths) give SDPA's attention."""
     attn = importlib.import_module("moestack.serve.attention_triton")
     g = torch.Generator().manual_seed(0)
     B, NB = 3, 12
@@ -26,7 +27,8 @@ def test_paged_decode_matches_sdpa(triton_device, page, H, Hkv, hd, block_n):
     q = torch.randn(B, H, hd, generator=g).to(triton_device)
     lens = torch.tensor([1, 2 * page + 1, 5 * page], dtype=torch.int32)
     tables = torch.stack([torch.randperm(NB, generator=g)[:6] for _ in range(B)]).to(torch.int32)
-    out = attn.paged_decode(q, kc, vc, tables.to(triton_device), lens.to(triton_device), block_n=block_n)
+    out = attn.paged_decode(q, kc, vc, tables.to(triton_device), lens.to(triton_device), block_n=block_n,
+                            splits=splits)
     for b in range(B):
         pos = torch.arange(int(lens[b]))
         rows = tables[b, pos // page].long().to(triton_device), (pos % page).to(triton_device)

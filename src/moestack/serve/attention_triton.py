@@ -1,6 +1,6 @@
 """Paged attention as Triton kernels: decode (one new token per sequence) and prefill (any new tokens).
 
-`paged_decode`: each program is one (sequence, KV head) pair.
+`paged_decode`: each program is one (sequence, KV head) pair, or with split-KV one run of its keys.
 
 The program loads its G = H / Hkv query heads once, walks the sequence's keys BLOCK_N positions at a time
 through the block table (any block size: each of the BLOCK_N positions looks up its own block), and keeps an online
@@ -23,13 +23,17 @@ from moestack.moe.fused_triton import precision
 
 
 @triton.jit
-def _paged_decode(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, scale,
+def _paged_decode(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_ptr, scale,
                   stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ob, stride_oh,
                   G: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
+                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr, SPLITS: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
     n_keys = tl.load(lens_ptr + b)
+    span = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N  # keys per split, whole tiles
+    lo = split * span
+    hi = tl.minimum(lo + span, n_keys)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     gm = g < G
@@ -40,9 +44,9 @@ def _paged_decode(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, scale,
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for start in range(0, n_keys, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
-        pm = pos < n_keys
+        pm = pos < hi
         page = tl.load(bt_ptr + b * stride_bt + pos // PAGE, mask=pm, other=0).to(tl.int64)
         rows = page * stride_kb + (pos % PAGE) * stride_ks + kvh * stride_kh  # [BLOCK_N]
         k = tl.load(k_ptr + rows[:, None] + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
@@ -55,27 +59,65 @@ def _paged_decode(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, scale,
         v = tl.load(v_ptr + rows[:, None] + d[None, :], mask=pm[:, None] & dm[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=gm[:, None] & dm[None, :])
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=gm[:, None] & dm[None, :])
+    else:  # this split's running max, sum and unnormalised output per head: [B, H, SPLITS, 2 + BLOCK_D] fp32
+        H = tl.num_programs(1) * G
+        row = part_ptr + ((b * H + heads) * SPLITS + split) * (2 + BLOCK_D)  # [BLOCK_G]
+        tl.store(row, m_i, mask=gm)
+        tl.store(row + 1, l_i, mask=gm)
+        tl.store(row[:, None] + 2 + d[None, :], acc, mask=gm[:, None])
+
+
+@triton.jit
+def _paged_decode_combine(part_ptr, out_ptr, stride_ob, stride_oh, H, HD: tl.constexpr, BLOCK_D: tl.constexpr,
+                          SPLITS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    sp = tl.arange(0, SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    rows = part_ptr + ((b * H + h) * SPLITS + sp) * (2 + BLOCK_D)  # [SPLITS]
+    m = tl.load(rows)  # an empty split: -inf, sum 0, output 0
+    l = tl.load(rows + 1)
+    acc = tl.load(rows[:, None] + 2 + d[None, :])  # [SPLITS, BLOCK_D]
+    m_all = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HD)
+
+
+def decode_splits(batch: int, kv_heads: int, sms: int = 132) -> int:
+    """Key splits of a decode step: enough (sequence, KV head, split) programs to cover every SM once, at most 8."""
+    return max(1, min(8, triton.next_power_of_2(triton.cdiv(sms, max(batch * kv_heads, 1)))))
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, block_n: int = 64) -> torch.Tensor:
+                 context_lens: torch.Tensor, block_n: int = 64, splits: int = 1) -> torch.Tensor:
     """q [B, H, hd]; k/v cache [blocks, page, Hkv, hd]; block_tables [B, max_blocks]; context_lens [B] -> [B, H, hd].
-    block_n: keys per step of a program's walk (bench/decode_pieces.py compares tiles)."""
+    block_n: keys per step of a program's walk (bench/decode_pieces.py compares tiles). splits (a power of two):
+    each (sequence, KV head) walks its keys in that many programs at once, each over a run of whole tiles, and a
+    second kernel merges their softmax sums (split-KV, as flash-decoding does): a batch-8 step has few pairs to
+    spread over the GPU's SMs, so one program would walk all its keys alone."""
     B, H, hd = q.shape
     _, page, Hkv, _ = k_cache.shape
     if k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride():
         raise ValueError("paged_decode needs contiguous head rows and one layout for keys and values")
+    if splits < 1 or splits & (splits - 1):
+        raise ValueError(f"paged_decode: splits must be a power of two >= 1, got {splits}")
     q = q.contiguous().to(k_cache.dtype)
     out = torch.empty_like(q)
     G = H // Hkv
-    _paged_decode[(B, Hkv)](q, k_cache, v_cache, block_tables, context_lens, out, hd ** -0.5,
-                            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                            block_tables.stride(0), out.stride(0), out.stride(1),
-                            G=G, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)),
-                            BLOCK_D=max(16, triton.next_power_of_2(hd)), BLOCK_N=block_n, PAGE=page, PREC=precision(q))
+    block_d = max(16, triton.next_power_of_2(hd))
+    part = out if splits == 1 else torch.empty(B * H * splits * (2 + block_d), dtype=torch.float32, device=q.device)
+    _paged_decode[(B, Hkv, splits)](q, k_cache, v_cache, block_tables, context_lens, out, part, hd ** -0.5,
+                                    q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                                    block_tables.stride(0), out.stride(0), out.stride(1),
+                                    G=G, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
+                                    BLOCK_N=block_n, PAGE=page, PREC=precision(q), SPLITS=splits)
+    if splits > 1:
+        _paged_decode_combine[(B, H)](part, out, out.stride(0), out.stride(1), H, HD=hd, BLOCK_D=block_d, SPLITS=splits)
     return out
 
 
