@@ -15,7 +15,8 @@ between CUDA events: microseconds per call, with the bytes it must read and the 
 - greedy sampling's argmax over the vocabulary: torch on fp32 logits, torch after the fp32 copy of the LM head's
   output, and `serve/argmax_triton.py` on that output as it is;
 - the gate/up GEMM with and without the SwiGLU epilogue (`moe_gemm(swiglu_f=)`);
-- the router's top-k then the fused MoE's plan (two kernels) against `router_triton.topk_plan` (one).
+- the router: cuBLAS gate, top-k, then the fused MoE's plan (three kernels); cuBLAS then `router_triton.topk_plan`;
+  `router_triton.gate_topk_plan` (the gate as Triton partial products summed by the top-k kernel).
 Results: one JSON line per piece in $OUT/decode_pieces.jsonl (device runs) or bench/results/.
 """
 
@@ -142,16 +143,19 @@ def pieces(name: str, s: dict, device, dtype, T: int) -> list[dict]:
         from moestack.moe import router_triton
         from moestack.moe.router import plan_rows
 
-        logits = rnd(T, E)
+        gate = rnd(E, D)
         cap = plan_rows(T * k, E, fused.BLOCK_M)
 
         def apart():
-            ids, _, _ = router_triton.topk_softmax(logits, k, True)
+            ids, _, _ = router_triton.topk_softmax(F.linear(x, gate), k, True)
             return fused.align(ids.flatten(), E)
 
-        add("route_and_plan", "topk_then_align", time_graphed(apart, device), logits.numel() * el)
-        add("route_and_plan", "topk_plan", time_graphed(
-            lambda: router_triton.topk_plan(logits, k, True, None, fused.BLOCK_M, cap), device), logits.numel() * el)
+        nbytes = gate.numel() * el
+        add("route_and_plan", "cublas_topk_align", time_graphed(apart, device), nbytes)
+        add("route_and_plan", "cublas_topk_plan", time_graphed(
+            lambda: router_triton.topk_plan(F.linear(x, gate), k, True, None, fused.BLOCK_M, cap), device), nbytes)
+        add("route_and_plan", "gate_topk_plan", time_graphed(
+            lambda: router_triton.gate_topk_plan(x, gate, k, True, None, fused.BLOCK_M, cap), device), nbytes)
 
     # paged decode: T sequences of `ctx` keys each, blocks of 16 positions, scattered
     if triton_ok:

@@ -101,21 +101,25 @@ def test_fused_topk_routes_as_the_eager_router(triton_device, E, k, renormalize,
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("T, E, k, block_m, bias", [(8, 128, 8, 16, False), (37, 16, 2, 16, True), (1, 6, 1, 4, False),
-                                                    (13, 64, 8, 16, False), (3, 5, 3, 2, True)])
-def test_topk_plan_routes_and_plans_as_topk_then_align(triton_device, T, E, k, block_m, bias):
+@pytest.mark.parametrize("T, E, k, block_m, bias, D, fp32", [
+    (8, 128, 8, 16, False, 16, True), (37, 16, 2, 16, True, 16, True), (1, 6, 1, 4, False, 16, True),
+    (13, 64, 8, 16, False, 16, True), (3, 5, 3, 2, True, 16, True),
+    (8, 128, 8, 16, False, 300, False), (5, 6, 2, 4, True, 16, False), (64, 64, 8, 16, False, 256, False)])
+def test_topk_plan_routes_and_plans_as_topk_then_align(triton_device, T, E, k, block_m, bias, D, fp32):
     """The decode router's kernel with the fused MoE's plan: the routing of the top-k kernel and the plan of
-    `fused.align` (entries sorted by expert in token order, blocks padded with the sentinel, block experts)."""
+    `fused.align` (entries sorted by expert in token order, blocks padded with the sentinel, block experts).
+    Logits in the model's dtype (fp32 False): the gate runs as Triton partial products the kernel sums."""
     from moestack.moe import fused
     from moestack.moe.router import plan_rows
 
     importlib.import_module("moestack.moe.fused_triton")
-    r = Router(16, E, k, renormalize=True, aux_loss_coef=0, z_loss_coef=0, bias_balancing=bias)
+    r = Router(D, E, k, renormalize=True, aux_loss_coef=0, z_loss_coef=0, bias_balancing=bias)
+    r.logits_in_fp32 = fp32
     if bias:
         r.expert_bias.copy_(torch.randn(E) * 0.05)
     r = r.to(triton_device)
     r.fused_topk = True
-    x = torch.randn(T, 16, generator=torch.Generator().manual_seed(T)).to(triton_device)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T)).to(triton_device)
     with torch.no_grad():
         ref, got = r(x), r(x, plan_block_m=block_m)
     assert torch.equal(got.expert_ids, ref.expert_ids) and torch.equal(got.counts, ref.counts)

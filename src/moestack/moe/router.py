@@ -89,24 +89,30 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, plan_block_m: int = 0) -> Routing:
         """x [T, D] -> Routing. plan_block_m > 0 (the fused MoE's decode blocks): where the top-k runs as a Triton
-        kernel and the batch fits one program, the same kernel also plans the fused MoE (Routing.plan)."""
-        if self.logits_in_fp32:
-            logits = F.linear(x.float(), self.gate.weight.float())  # [T, E] in fp32
-        else:
-            logits = F.linear(x, self.gate.weight)  # [T, E], rounded to x's dtype, then fp32 for the softmax
-        if self.fused_topk and self.aux_loss_coef == 0 and self.z_loss_coef == 0 and not logits.requires_grad:
+        kernel and the batch fits one program, the same kernel also plans the fused MoE (Routing.plan), and a
+        gate in the model's dtype runs as Triton partial products that kernel sums (no cuBLAS launch)."""
+        fused = self.fused_topk and self.aux_loss_coef == 0 and self.z_loss_coef == 0 and not (
+            torch.is_grad_enabled() and (x.requires_grad or self.gate.weight.requires_grad))
+        w = self.gate.weight
+        if fused and plan_block_m:
             from moestack.moe import router_triton
 
+            if x.shape[0] * triton_pow2(self.num_experts) <= router_triton.PLAN_MAX_CELLS:
+                bias = self.expert_bias if self.bias_balancing else None
+                args = (self.top_k, self.renormalize and self.top_k > 1, bias, plan_block_m,
+                        plan_rows(x.shape[0] * self.top_k, self.num_experts, plan_block_m))
+                if not self.logits_in_fp32 and x.dtype == w.dtype:
+                    return self._fused(*router_triton.gate_topk_plan(x, w, *args))
+                return self._fused(*router_triton.topk_plan(F.linear(x.float(), w.float()), *args))
+        if self.logits_in_fp32:
+            logits = F.linear(x.float(), w.float())  # [T, E] in fp32
+        else:
+            logits = F.linear(x, w)  # [T, E], rounded to x's dtype, then fp32 for the softmax
+        if fused:
+            from moestack.moe.router_triton import topk_softmax
+
             bias = self.expert_bias if self.bias_balancing else None
-            renorm, plan = self.renormalize and self.top_k > 1, None
-            if plan_block_m and x.shape[0] * triton_pow2(self.num_experts) <= router_triton.PLAN_MAX_CELLS:
-                cap = plan_rows(x.shape[0] * self.top_k, self.num_experts, plan_block_m)
-                ids, weights, counts, plan = router_triton.topk_plan(logits, self.top_k, renorm, bias, plan_block_m, cap)
-            else:
-                ids, weights, counts = router_triton.topk_softmax(logits, self.top_k, renorm, bias)
-            if self._zero is None or self._zero.device != logits.device:
-                self._zero = logits.new_zeros((), dtype=torch.float32)  # the losses: none (read, never written)
-            return Routing(ids, weights, counts, self._zero, self._zero, plan)
+            return self._fused(*topk_softmax(logits, self.top_k, self.renormalize and self.top_k > 1, bias))
         logits = logits.float()
         probs = logits.softmax(dim=-1)  # [T, E]
         select = probs + self.expert_bias if self.bias_balancing else probs
@@ -117,6 +123,11 @@ class Router(nn.Module):
         counts = count_ids(expert_ids.flatten(), self.num_experts)  # [E]
         aux, z = self.losses(logits, probs, counts)
         return Routing(expert_ids, weights, counts, aux, z)
+
+    def _fused(self, ids, weights, counts, plan=None) -> Routing:
+        if self._zero is None or self._zero.device != ids.device:
+            self._zero = torch.zeros((), dtype=torch.float32, device=ids.device)  # the losses: none (read, never written)
+        return Routing(ids, weights, counts, self._zero, self._zero, plan)
 
     def losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor):
         """Switch load-balancing loss E * sum_e f_e * P_e and z-loss mean(logsumexp^2), over all ranks."""

@@ -65,17 +65,42 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool,
 
 
 @triton.jit
+def _gate_partials(x_ptr, w_ptr, part_ptr, T, E, D, stride_x, stride_w, BLOCK_T: tl.constexpr,
+                   BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    s = tl.program_id(0)  # this program's slice of the reduction: columns s * BLOCK_D ...
+    t = tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)
+    d = s * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = d < D
+    x = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_x + d[None, :], mask=(t < T)[:, None] & dm[None, :], other=0.0)
+    w = tl.load(w_ptr + e[:, None] * stride_w + d[None, :], mask=(e < E)[:, None] & dm[None, :], other=0.0)
+    acc = tl.dot(x, tl.trans(w), input_precision=PREC)  # [BLOCK_T, BLOCK_E] fp32
+    tl.store(part_ptr + (s * BLOCK_T + t[:, None]) * BLOCK_E + e[None, :], acc)
+
+
+@triton.jit
 def _topk_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, counts_ptr, sorted_ptr, block_expert_ptr, total_ptr,
                T, E, stride_t, cap, num_blocks, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
                BLOCK_K: tl.constexpr, RENORM: tl.constexpr, BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-               FILL: tl.constexpr, CH: tl.constexpr):
+               FILL: tl.constexpr, CH: tl.constexpr, PARTS: tl.constexpr, ROUND: tl.constexpr):
     t = tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
     tm = t < T
     em = e < E
     m2 = tm[:, None] & em[None, :]
-    logit = tl.load(logits_ptr + t[:, None].to(tl.int64) * stride_t + e[None, :], mask=m2,
-                    other=float("-inf")).to(tl.float32)
+    if PARTS == 0:
+        logit = tl.load(logits_ptr + t[:, None].to(tl.int64) * stride_t + e[None, :], mask=m2,
+                        other=float("-inf")).to(tl.float32)
+    else:  # the gate's partial products [PARTS, BLOCK_T, BLOCK_E] (`_gate_partials`), summed and rounded as a
+        # GEMM in the model's dtype stores its logits
+        logit = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for part in tl.static_range(PARTS):
+            logit += tl.load(logits_ptr + (part * BLOCK_T + t[:, None]) * BLOCK_E + e[None, :])
+        if ROUND == 1:
+            logit = logit.to(tl.bfloat16).to(tl.float32)
+        elif ROUND == 2:
+            logit = logit.to(tl.float16).to(tl.float32)
+        logit = tl.where(m2, logit, float("-inf"))
     logit = tl.where(tm[:, None], logit, 0.0)  # rows past T: finite, never stored
     p = tl.exp(logit - tl.max(logit, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
@@ -121,7 +146,11 @@ def _topk_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, counts_ptr, sorted_ptr, blo
         tl.store(block_expert_ptr + b, tl.minimum(ends, E - 1), mask=b < num_blocks)
 
 
+ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # `_topk_plan`'s rounding of summed partials
 PLAN_MAX_CELLS = 1 << 13  # tokens x experts up to which `topk_plan` runs (one program holds them all)
+
+
+GATE_BLOCK_D = 128  # reduction columns per program of the gate's partial products
 
 
 def topk_plan(logits: torch.Tensor, k: int, renormalize: bool, bias: torch.Tensor | None, block_m: int, cap: int):
@@ -131,20 +160,43 @@ def topk_plan(logits: torch.Tensor, k: int, renormalize: bool, bias: torch.Tenso
     In a batch-8 decode step the router's top-k (4.7 us), the zeroing of its counts and the plan's kernel
     (5.5 us) ran one after another at Qwen3-30B-A3B's shapes on an H100 (profile_decode, 2026-12-07)."""
     T, E = logits.shape
+    logits = logits.contiguous()
+    return _plan(logits, logits.stride(0), 0, T, E, 0, k, renormalize, bias, block_m, cap,
+                 triton.next_power_of_2(T), triton.next_power_of_2(E))
+
+
+def gate_topk_plan(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, bias: torch.Tensor | None,
+                   block_m: int, cap: int):
+    """`topk_plan` of the gate's logits x [T, D] @ weight [E, D].T rounded to x's dtype (a GEMM in the model's
+    dtype stores them so), the GEMM in two kernels of its own: one program per GATE_BLOCK_D columns writes fp32
+    partial products, and the top-k kernel sums them as it loads its logits. A batch-8 step's gate is 0.26-0.5 MB
+    of weights, and cuBLAS took 5 us for it, all latency (profile_decode, 2026-12-07)."""
+    T, D = x.shape
+    E = weight.shape[0]
+    if weight.shape[1] != D or x.dtype != weight.dtype:
+        raise ValueError(f"gate_topk_plan: x {tuple(x.shape)} {x.dtype} and gate {tuple(weight.shape)} {weight.dtype} "
+                         "must be [T, D] and [E, D] of one dtype")
+    block_t, block_e = max(16, triton.next_power_of_2(T)), max(16, triton.next_power_of_2(E))  # tl.dot's least
+    parts = triton.cdiv(D, GATE_BLOCK_D)
+    partials = torch.empty(parts, block_t, block_e, dtype=torch.float32, device=x.device)
+    _gate_partials[(parts,)](x, weight, partials, T, E, D, x.stride(0), weight.stride(0), BLOCK_T=block_t,
+                             BLOCK_E=block_e, BLOCK_D=GATE_BLOCK_D, PREC="ieee" if x.dtype == torch.float32 else "tf32")
+    return _plan(partials, 0, parts, T, E, ROUND[x.dtype], k, renormalize, bias, block_m, cap, block_t, block_e)
+
+
+def _plan(src, stride_t, parts, T, E, round_to, k, renormalize, bias, block_m, cap, block_t, block_e):
     if T * triton.next_power_of_2(E) > PLAN_MAX_CELLS:
         raise ValueError(f"topk_plan: {T} tokens x {E} experts is past one program ({PLAN_MAX_CELLS} cells); "
                          "use topk_softmax and fused.align")
-    logits = logits.contiguous()
-    dev = logits.device
+    dev = src.device
     ids = torch.empty(T, k, dtype=torch.int64, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     counts = torch.empty(E, dtype=torch.int64, device=dev)
     sorted_ids = torch.empty(cap, dtype=torch.int32, device=dev)
     block_expert = torch.empty(cap // block_m, dtype=torch.int32, device=dev)
     total = torch.empty(1, dtype=torch.int32, device=dev)
-    e_block = triton.next_power_of_2(E)
-    _topk_plan[(1,)](logits, bias if bias is not None else logits, ids, weights, counts, sorted_ids, block_expert,
-                     total, T, E, logits.stride(0), cap, cap // block_m, K=k, BLOCK_T=max(2, triton.next_power_of_2(T)),
-                     BLOCK_E=e_block, BLOCK_K=max(2, triton.next_power_of_2(k)), RENORM=renormalize,
-                     BIAS=bias is not None, BLOCK_M=block_m, FILL=1024, CH=max(16, 4096 // e_block), num_warps=4)
+    _topk_plan[(1,)](src, bias if bias is not None else src, ids, weights, counts, sorted_ids, block_expert,
+                     total, T, E, stride_t, cap, cap // block_m, K=k, BLOCK_T=max(2, block_t), BLOCK_E=block_e,
+                     BLOCK_K=max(2, triton.next_power_of_2(k)), RENORM=renormalize, BIAS=bias is not None,
+                     BLOCK_M=block_m, FILL=1024, CH=max(16, 4096 // block_e), num_warps=4, PARTS=parts, ROUND=round_to)
     return ids, weights, counts, (sorted_ids, block_expert, total)
