@@ -97,7 +97,8 @@ class Router(nn.Module):
         if fused and plan_block_m:
             from moestack.moe import router_triton
 
-            if x.shape[0] * triton_pow2(self.num_experts) <= router_triton.PLAN_MAX_CELLS:
+            T = x.shape[0]
+            if T <= router_triton.PLAN_MAX_TOKENS and T * triton_pow2(self.num_experts) <= router_triton.PLAN_MAX_CELLS:
                 bias = self.expert_bias if self.bias_balancing else None
                 args = (self.top_k, self.renormalize and self.top_k > 1, bias, plan_block_m,
                         plan_rows(x.shape[0] * self.top_k, self.num_experts, plan_block_m))

@@ -148,6 +148,7 @@ def _topk_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, counts_ptr, sorted_ptr, blo
 
 ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # `_topk_plan`'s rounding of summed partials
 PLAN_MAX_CELLS = 1 << 13  # tokens x experts up to which `topk_plan` runs (one program holds them all)
+PLAN_MAX_TOKENS = 64  # and tokens: decode batches (the gate's partial products hold a [T, 128] tile of x)
 
 
 GATE_BLOCK_D = 128  # reduction columns per program of the gate's partial products
@@ -176,6 +177,7 @@ def gate_topk_plan(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: b
     if weight.shape[1] != D or x.dtype != weight.dtype:
         raise ValueError(f"gate_topk_plan: x {tuple(x.shape)} {x.dtype} and gate {tuple(weight.shape)} {weight.dtype} "
                          "must be [T, D] and [E, D] of one dtype")
+    x, weight = (t if t.stride(1) == 1 else t.contiguous() for t in (x, weight))
     block_t, block_e = max(16, triton.next_power_of_2(T)), max(16, triton.next_power_of_2(E))  # tl.dot's least
     parts = triton.cdiv(D, GATE_BLOCK_D)
     partials = torch.empty(parts, block_t, block_e, dtype=torch.float32, device=x.device)
@@ -185,9 +187,9 @@ def gate_topk_plan(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: b
 
 
 def _plan(src, stride_t, parts, T, E, round_to, k, renormalize, bias, block_m, cap, block_t, block_e):
-    if T * triton.next_power_of_2(E) > PLAN_MAX_CELLS:
-        raise ValueError(f"topk_plan: {T} tokens x {E} experts is past one program ({PLAN_MAX_CELLS} cells); "
-                         "use topk_softmax and fused.align")
+    if T * triton.next_power_of_2(E) > PLAN_MAX_CELLS or T > PLAN_MAX_TOKENS:
+        raise ValueError(f"topk_plan: {T} tokens x {E} experts is past one program ({PLAN_MAX_CELLS} cells, "
+                         f"{PLAN_MAX_TOKENS} tokens); use topk_softmax and fused.align")
     dev = src.device
     ids = torch.empty(T, k, dtype=torch.int64, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
