@@ -140,3 +140,18 @@ def test_fused_topk_keeps_nan_rows_in_range(triton_device):
     logits[1, 2] = float("nan")
     ids, _, counts = rt.topk_softmax(logits.to(triton_device), 2, True)
     assert int(ids.max()) < 6 and counts.numel() == 6
+
+
+@pytest.mark.triton
+def test_topk_plan_gives_nan_rows_distinct_experts_and_rows(triton_device):
+    """A row of NaN logits takes k distinct experts (its lowest), so every one of its entries gets a plan row."""
+    rt = importlib.import_module("moestack.moe.router_triton")
+    importlib.import_module("moestack.moe.fused_triton")
+    logits = torch.randn(3, 6)
+    logits[1, 2] = float("nan")
+    ids, _, counts, (sorted_ids, _, total) = rt.topk_plan(logits.to(triton_device), 3, True, None, 4, 24)
+    assert ids[1].tolist() == [0, 1, 2] and len(set(ids[0].tolist())) == 3
+    assert int(counts.sum()) == 9
+    placed = sorted(i for i in sorted_ids[: int(total)].tolist() if i < 9)
+    assert placed == list(range(9))
+    assert counts.tolist() == torch.bincount(ids.flatten().cpu(), minlength=6).tolist()

@@ -80,6 +80,8 @@ def test_add_rms_norm_equals_the_add_then_the_norm(triton_device, T, D, dtype):
     torch.testing.assert_close(out.float(), F.rms_norm(h + y, (D,), w, 1e-6).float(), **tol)
     with pytest.raises(ValueError, match="one shape and dtype"):
         norm_triton.add_rms_norm(h, y[:, :-1], w, 1e-6)
+    twice, _ = norm_triton.add_rms_norm(h, h, w, 1e-6)  # y is h: still an addend
+    torch.testing.assert_close(twice, h + h, **tol)
     same, normed = norm_triton.add_rms_norm(h, None, w, 1e-6)  # no addend: the norm alone
     assert same is h
     torch.testing.assert_close(normed.float(), F.rms_norm(h, (D,), w, 1e-6).float(), **tol)

@@ -102,9 +102,12 @@ class Router(nn.Module):
                 bias = self.expert_bias if self.bias_balancing else None
                 args = (self.top_k, self.renormalize and self.top_k > 1, bias, plan_block_m,
                         plan_rows(x.shape[0] * self.top_k, self.num_experts, plan_block_m))
-                if not self.logits_in_fp32 and x.dtype == w.dtype:
+                if self.logits_in_fp32:
+                    return self._fused(*router_triton.topk_plan(F.linear(x.float(), w.float()), *args))
+                if (x.dtype == w.dtype and self.num_experts <= router_triton.GATE_MAX_EXPERTS
+                        and not torch.is_autocast_enabled(x.device.type)):
                     return self._fused(*router_triton.gate_topk_plan(x, w, *args))
-                return self._fused(*router_triton.topk_plan(F.linear(x.float(), w.float()), *args))
+                return self._fused(*router_triton.topk_plan(F.linear(x, w), *args))  # autocast rounds as it would
         if self.logits_in_fp32:
             logits = F.linear(x.float(), w.float())  # [T, E] in fp32
         else:

@@ -114,7 +114,11 @@ def _topk_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, counts_ptr, sorted_ptr, blo
     choice = tl.full([BLOCK_T, BLOCK_E], -1, tl.int32)  # which choice of its token picked expert e (-1: none)
     for j in tl.static_range(K):
         best = tl.max(select, axis=1)
-        idx = tl.minimum(tl.min(tl.where(select == best[:, None], e[None, :], BLOCK_E), axis=1), E - 1)  # [T]
+        # the lowest untaken expert among the best; a row without one (NaN scores) takes its lowest untaken
+        # expert, so a token's k choices are k distinct experts and each gets its own row in the plan
+        free = em[None, :] & (choice < 0)
+        top = tl.min(tl.where(free & (select == best[:, None]), e[None, :], BLOCK_E), axis=1)
+        idx = tl.where(top < BLOCK_E, top, tl.min(tl.where(free, e[None, :], BLOCK_E), axis=1))  # [T]
         hit = e[None, :] == idx[:, None]
         ids = tl.where(kk[None, :] == j, idx[:, None], ids)
         ws = tl.where(kk[None, :] == j, tl.sum(tl.where(hit, p, 0.0), axis=1)[:, None], ws)
@@ -152,6 +156,7 @@ PLAN_MAX_TOKENS = 64  # and tokens: decode batches (the gate's partial products 
 
 
 GATE_BLOCK_D = 128  # reduction columns per program of the gate's partial products
+GATE_MAX_EXPERTS = 256  # experts up to which the gate runs so (each program holds a [experts, 128] tile)
 
 
 def topk_plan(logits: torch.Tensor, k: int, renormalize: bool, bias: torch.Tensor | None, block_m: int, cap: int):

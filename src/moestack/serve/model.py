@@ -140,7 +140,8 @@ def ffn_out(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def add_norm(h: torch.Tensor, y: torch.Tensor | None, norm: RMSNorm, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + y, norm(h + y)), or (h, norm(h)) for y None; fused (the serving steps on CUDA): one Triton kernel
     (serve/norm_triton.py) where no gradient is wanted."""
-    if fused and h.is_cuda and (y is None or h.dtype == y.dtype) and fused_inference(h, y, norm.weight):
+    if fused and h.is_cuda and (y is None or h.dtype == y.dtype) and fused_inference(
+            *(t for t in (h, y, norm.weight) if t is not None)):
         from moestack.serve.norm_triton import add_rms_norm
 
         return add_rms_norm(h, y, norm.weight, norm.eps)

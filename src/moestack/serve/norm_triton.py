@@ -38,11 +38,12 @@ def add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor,
         got = "None" if y is None else f"{tuple(y.shape)} {y.dtype}"
         raise ValueError(f"add_rms_norm: h {tuple(h.shape)} {h.dtype} and y {got} must be [T, D] of one shape and dtype")
     T, D = h.shape
+    add = y is not None
     h = h if h.stride(1) == 1 else h.contiguous()
-    y = h if y is None else y if y.stride(1) == 1 else y.contiguous()
-    total = torch.empty_like(h, memory_format=torch.contiguous_format) if y is not h else h
+    y = h if not add else y if y.stride(1) == 1 else y.contiguous()
+    total = torch.empty_like(h, memory_format=torch.contiguous_format) if add else h
     out = torch.empty(T, D, dtype=h.dtype, device=h.device)
     if T:
         _add_rms_norm[(T,)](h, y, weight, total, out, D, float(eps), h.stride(0), y.stride(0),
-                            BLOCK_D=triton.next_power_of_2(D), num_warps=8 if D > 2048 else 4, ADD=y is not h)
+                            BLOCK_D=triton.next_power_of_2(D), num_warps=8 if D > 2048 else 4, ADD=add)
     return total, out

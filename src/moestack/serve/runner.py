@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 
+import numpy as np
 import torch
 
 from moestack.moe.experts import triton_runs
@@ -181,6 +182,10 @@ class ModelRunner:
         if graph is not None:
             logits, greedy, loads = self._replay(graph, batch, ahead)
             logits, greedy = logits[: len(batch)], greedy[: len(batch)]
+            if len(sample_for) != len(batch):  # a one-token chunk of a longer prompt samples nothing
+                wanted = {id(seq) for seq in sample_for}
+                rows = torch.tensor([i for i, (seq, _) in enumerate(batch) if id(seq) in wanted], device=self.device)
+                logits, greedy = logits.index_select(0, rows), greedy.index_select(0, rows)
         elif prefill is not None:
             h, loads, last = self._replay_prefill(prefill, batch)
             logits = self.model.logits(h.index_select(0, last))
@@ -249,16 +254,30 @@ class ModelRunner:
         tokens = [0] * n if step else [seq.token_ids[seq.num_computed] for seq, _ in batch]
         positions = [seq.num_computed + step for seq, _ in batch]
         slots = [self._slots(seq, p, 1)[0] for (seq, _), p in zip(batch, positions)]
-        m, width, scratch = self.g_long.shape[1], self.max_blocks, self.scratch
+        m, scratch = self.g_long.shape[1], self.scratch
         pad = m - n  # rows past the batch: token 0 at position 0 on the scratch block, length 1, not valid
         longs = torch.tensor([tokens + [0] * pad, positions + [0] * pad, slots + [scratch * self.block_size] * pad,
                               [1] * n + [0] * pad], dtype=torch.long).pin_memory()
-        tables = [(seq.block_table + [scratch] * width)[:width] for seq, _ in batch]
-        ints = torch.tensor([p + 1 for p in positions] + [1] * pad + [b for row in tables for b in row]
-                            + [scratch] * (width * (size - n)), dtype=torch.int32).pin_memory()
-        # pinned sources: two asynchronous copies (the host allocator keeps each buffer until its copy ran)
+        # the kernel reads a row's table up to its context length: only the columns the batch uses are sent
+        # (the padding rows, length 1, read their first column: the scratch block)
+        width = min(max(len(seq.block_table) for seq, _ in batch), self.max_blocks)
+        tables = np.full((size, width), scratch, dtype=np.int32)
+        for b, (seq, _) in enumerate(batch):
+            row = seq.block_table[:width]
+            tables[b, :len(row)] = row
+        lens = np.ones(m, dtype=np.int32)
+        lens[:n] = [p + 1 for p in positions]
+        # pinned sources: asynchronous copies (the host allocator keeps each buffer until its copy ran); whole
+        # table rows follow the lengths in one copy while they are small, else the used columns go apart
+        if size * self.max_blocks <= WHOLE_TABLE_ROWS:
+            full = np.full((size, self.max_blocks), scratch, dtype=np.int32)
+            full[:, :width] = tables
+            ints = torch.from_numpy(np.concatenate([lens, full.ravel()])).pin_memory()
+            self.g_int[:ints.numel()].copy_(ints, non_blocking=True)
+        else:
+            self.g_lens.copy_(torch.from_numpy(lens).pin_memory(), non_blocking=True)
+            self.g_tables[:size, :width].copy_(torch.from_numpy(tables).pin_memory(), non_blocking=True)
         self.g_long.copy_(longs, non_blocking=True)
-        self.g_int[:ints.numel()].copy_(ints, non_blocking=True)
         if ahead is not None:
             self.g_tokens[:n].copy_(ahead)
         graph.replay()
@@ -324,6 +343,11 @@ class ModelRunner:
         last = torch.tensor(inp["last"], dtype=torch.long).to(self.device, non_blocking=True)
         graph.replay()
         return h, (snapshot, self.p_long[3, :size]), last
+
+
+# up to this many block-table entries (graph rows x max blocks) a decode step sends whole table rows with the
+# context lengths in one host copy; past it, the columns in use in a copy of their own (and a strided device copy)
+WHOLE_TABLE_ROWS = 8192
 
 
 def prefill_graph_sizes(max_tokens: int) -> list[int]:
