@@ -59,3 +59,26 @@ def test_abort_while_a_step_is_queued_ahead():
     assert [texts[rids[0]], texts[rids[2]]] == [o.token_ids for o in ref]
     llm.check_blocks()
     assert llm.blocks.num_free == llm.blocks.num_blocks
+
+
+def test_decode_graph_inputs_and_sampled_rows():
+    """What a decode-graph replay sends (CUDA only, so built and checked here on the host): per row its token,
+    position, cache slot and valid flag, its context length, its block table up to the columns in use; rows
+    past the batch on the scratch block with length 1; and which rows a step samples."""
+    from moestack.serve.sequence import Sequence
+
+    llm = engine(False)
+    r = llm.runner
+    a, b = Sequence("a", [5, 6, 7, 8, 9], SamplingParams()), Sequence("b", [1, 2], SamplingParams())
+    a.block_table, a.num_computed = [3, 7], 4  # 5 tokens, 4 computed: position 4 (block 7, offset 0)
+    b.block_table, b.num_computed = [2], 1
+    longs, lens, tables = r.decode_inputs([(a, 1), (b, 1)], size=4, rows=6)
+    bs, scratch = r.block_size, r.scratch
+    assert longs.tolist() == [[9, 2, 0, 0, 0, 0], [4, 1, 0, 0, 0, 0], [7 * bs, 2 * bs + 1] + [scratch * bs] * 4,
+                              [1, 1, 0, 0, 0, 0]]
+    assert lens.tolist() == [5, 2, 1, 1, 1, 1]
+    assert tables.tolist() == [[3, 7], [2, scratch], [scratch] * 2, [scratch] * 2]
+    ahead_longs, ahead_lens, _ = r.decode_inputs([(a, 1)], size=1, rows=2, ahead=True)  # one position further
+    assert ahead_longs[:2].tolist() == [[0, 0], [5, 0]] and ahead_lens.tolist() == [6, 1]
+    assert runner_mod.sampled_rows([(a, 1), (b, 1)], [a, b]) is None
+    assert runner_mod.sampled_rows([(a, 1), (b, 1)], [b]) == [1]

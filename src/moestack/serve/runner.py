@@ -182,9 +182,9 @@ class ModelRunner:
         if graph is not None:
             logits, greedy, loads = self._replay(graph, batch, ahead)
             logits, greedy = logits[: len(batch)], greedy[: len(batch)]
-            if len(sample_for) != len(batch):  # a one-token chunk of a longer prompt samples nothing
-                wanted = {id(seq) for seq in sample_for}
-                rows = torch.tensor([i for i, (seq, _) in enumerate(batch) if id(seq) in wanted], device=self.device)
+            rows = sampled_rows(batch, sample_for)
+            if rows is not None:  # a one-token chunk of a longer prompt samples nothing
+                rows = torch.tensor(rows, dtype=torch.long, device=self.device)
                 logits, greedy = logits.index_select(0, rows), greedy.index_select(0, rows)
         elif prefill is not None:
             h, loads, last = self._replay_prefill(prefill, batch)
@@ -249,40 +249,46 @@ class ModelRunner:
         """Replay the decode graph of `size` rows for `batch`: (logits [size, V] in the model's dtype, their
         argmax [size], (routing snapshot, valid rows) for `last_loads`)."""
         graph, logits, greedy, snapshot = self.graphs[size]
-        n = len(batch)
-        step = 0 if ahead is None else 1
-        tokens = [0] * n if step else [seq.token_ids[seq.num_computed] for seq, _ in batch]
-        positions = [seq.num_computed + step for seq, _ in batch]
-        slots = [self._slots(seq, p, 1)[0] for (seq, _), p in zip(batch, positions)]
-        m, scratch = self.g_long.shape[1], self.scratch
-        pad = m - n  # rows past the batch: token 0 at position 0 on the scratch block, length 1, not valid
-        longs = torch.tensor([tokens + [0] * pad, positions + [0] * pad, slots + [scratch * self.block_size] * pad,
-                              [1] * n + [0] * pad], dtype=torch.long).pin_memory()
-        # the kernel reads a row's table up to its context length: only the columns the batch uses are sent
-        # (the padding rows, length 1, read their first column: the scratch block)
-        width = min(max(len(seq.block_table) for seq, _ in batch), self.max_blocks)
-        tables = np.full((size, width), scratch, dtype=np.int32)
-        for b, (seq, _) in enumerate(batch):
-            row = seq.block_table[:width]
-            tables[b, :len(row)] = row
-        lens = np.ones(m, dtype=np.int32)
-        lens[:n] = [p + 1 for p in positions]
+        longs, lens, tables = self.decode_inputs(batch, size, self.g_long.shape[1], ahead is not None)
+        width = tables.shape[1]
         # pinned sources: asynchronous copies (the host allocator keeps each buffer until its copy ran); whole
         # table rows follow the lengths in one copy while they are small, else the used columns go apart
         if size * self.max_blocks <= WHOLE_TABLE_ROWS:
-            full = np.full((size, self.max_blocks), scratch, dtype=np.int32)
+            full = np.full((size, self.max_blocks), self.scratch, dtype=np.int32)
             full[:, :width] = tables
             ints = torch.from_numpy(np.concatenate([lens, full.ravel()])).pin_memory()
             self.g_int[:ints.numel()].copy_(ints, non_blocking=True)
         else:
             self.g_lens.copy_(torch.from_numpy(lens).pin_memory(), non_blocking=True)
             self.g_tables[:size, :width].copy_(torch.from_numpy(tables).pin_memory(), non_blocking=True)
-        self.g_long.copy_(longs, non_blocking=True)
+        self.g_long.copy_(longs.pin_memory(), non_blocking=True)
         if ahead is not None:
-            self.g_tokens[:n].copy_(ahead)
+            self.g_tokens[:len(batch)].copy_(ahead)
         graph.replay()
         return logits, greedy, (snapshot, self.g_valid[:size])
 
+
+    def decode_inputs(self, batch: list[tuple[Sequence, int]], size: int, rows: int, ahead: bool = False):
+        """A decode graph's inputs for `batch` on the host: (int64 [4, rows]: tokens, positions, cache slots,
+        valid; context lengths [rows] int32; block tables [size, width] int32, width = the columns the batch
+        uses). Rows past the batch: token 0 at position 0 on the scratch block, length 1, not valid; their
+        tables hold the scratch block (the kernel reads a row's table up to its length only). ahead: the step
+        one position past num_computed, its tokens filled from the device afterwards (zeros here)."""
+        n, step, scratch = len(batch), int(ahead), self.scratch
+        tokens = [0] * n if ahead else [seq.token_ids[seq.num_computed] for seq, _ in batch]
+        positions = [seq.num_computed + step for seq, _ in batch]
+        slots = [self._slots(seq, p, 1)[0] for (seq, _), p in zip(batch, positions)]
+        pad = rows - n
+        longs = torch.tensor([tokens + [0] * pad, positions + [0] * pad, slots + [scratch * self.block_size] * pad,
+                              [1] * n + [0] * pad], dtype=torch.long)
+        width = min(max(len(seq.block_table) for seq, _ in batch), self.max_blocks)
+        tables = np.full((size, width), scratch, dtype=np.int32)
+        for b, (seq, _) in enumerate(batch):
+            row = seq.block_table[:width]
+            tables[b, :len(row)] = row
+        lens = np.ones(rows, dtype=np.int32)
+        lens[:n] = [p + 1 for p in positions]
+        return longs, lens, tables
 
     # -- CUDA graphs of the other steps (prefill chunks, prompts, decodes mixed in) -------------------------
     def _prefill_graph_for(self, n_tokens: int):
@@ -343,6 +349,14 @@ class ModelRunner:
         last = torch.tensor(inp["last"], dtype=torch.long).to(self.device, non_blocking=True)
         graph.replay()
         return h, (snapshot, self.p_long[3, :size]), last
+
+
+def sampled_rows(batch: list[tuple[Sequence, int]], sample_for: list[Sequence]) -> list[int] | None:
+    """The rows of `batch` whose sequence is in `sample_for` (in batch order), or None for all of them."""
+    if len(sample_for) == len(batch):
+        return None
+    wanted = {id(seq) for seq in sample_for}
+    return [i for i, (seq, _) in enumerate(batch) if id(seq) in wanted]
 
 
 # up to this many block-table entries (graph rows x max blocks) a decode step sends whole table rows with the
