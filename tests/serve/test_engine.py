@@ -66,6 +66,21 @@ def test_expert_loads_count_every_choice(family_folder):
     assert (llm.expert_loads().sum(1) == 2 * top_k).all()
 
 
+def test_normed_hidden_states_are_the_final_norm_of_the_hidden_states(family_folder):
+    """What the decode graphs feed the LM head (`hidden(normed=True)`, the last residual add fused with the final
+    norm) equals the final norm of the plain hidden states, and its argmax the logits' argmax."""
+    _, path, _ = family_folder
+    llm = LLM(str(path), device="cpu", block_size=4)
+    model = llm.model
+    tokens = torch.tensor(PROMPTS[0])
+    positions = torch.arange(len(PROMPTS[0]))
+    with torch.inference_mode():
+        h = model.hidden(tokens, positions, None, 1)
+        x = model.hidden(tokens, positions, None, 1, normed=True)
+        torch.testing.assert_close(x, model.norm(h))
+        assert torch.equal(model.lm_head(x).argmax(-1), model.logits(h).argmax(-1))
+
+
 def test_unsupported_architecture_is_one_clear_error(tmp_path):
     import transformers
 
