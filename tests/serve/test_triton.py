@@ -206,6 +206,11 @@ def test_fused_experts_match_a_loop(triton_device, monkeypatch, T, E, k, parts, 
     dev = triton_device
     y = fused.fused_experts(x.to(dev), ids.to(dev), w.to(dev), w13.to(dev), w2.to(dev), parts,
                             None if run is None else run.to(dev)).cpu()
+    if T * k < fused.LARGE_MIN_ROWS:  # decode-sized: also with the router's plan of every choice (Routing.plan)
+        p = fused.align(ids.flatten().to(dev), E)
+        y_plan = fused.fused_experts(x.to(dev), ids.to(dev), w.to(dev), w13.to(dev), w2.to(dev), parts,
+                                     None if run is None else run.to(dev), (p.sorted_ids, p.block_expert, p.total)).cpu()
+        assert torch.allclose(y_plan, y, atol=1e-5)
     ref = torch.zeros(T, D)
     for t in range(T):
         for j in range(k):
@@ -257,6 +262,8 @@ def test_dualsparse_engine_with_the_fused_kernels_equals_the_eager_engine(triton
     for llm in (eager, fast):
         for layer in llm.model.moe_layers():
             layer.dispatcher.reset_stats()
+    for layer in fast.model.moe_layers():  # the decode router too (on CUDA the runner turns it on): gate
+        layer.router.fused_topk = True  # partials, top-k and the plan in Triton, the drops on that plan
     layer = fast.model.moe_layers()[0]
     real, fused_steps = layer.fused, []
     layer.fused = lambda x, routing: fused_steps.append(real(x, routing)) or fused_steps[-1]
@@ -264,6 +271,7 @@ def test_dualsparse_engine_with_the_fused_kernels_equals_the_eager_engine(triton
     got = fast.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
     assert fused_steps and all(y is not None for y in fused_steps)
+    assert layer.last_routing.plan is not None  # the last (decode) step ran on the router's plan
     for a, b in zip(eager.model.moe_layers(), fast.model.moe_layers()):
         assert a.dispatcher._stats.tolist() == b.dispatcher._stats.tolist()
         assert 0 < a.dispatcher.skipped < a.dispatcher.total

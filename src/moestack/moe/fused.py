@@ -95,8 +95,9 @@ def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
     `partition.to_parts` layout) and w2 [E, F, D]; parts_run [T, k] in 0..P or None for all parts.
     One entry per choice, blocks per expert, as without parts: a block computes the gate/up columns and
     reads the w2 rows of the parts its rows need (the most any of them runs), and each row's down product
-    stops at its own parts. plan: the router's plan of expert_ids in BLOCK_M blocks (Routing.plan), used
-    where every choice runs. So DualSparse costs no more entries, blocks or output rows than the plain layer,
+    stops at its own parts. plan: the router's plan of expert_ids in BLOCK_M blocks (Routing.plan); a choice
+    that runs no part keeps its row there, its block reads only what its other rows run (nothing when none
+    runs a part) and its output row is zeros. So DualSparse costs no more entries, blocks or output rows than the plain layer,
     and an expert whose rows all drop a part never reads that part's weights. Prefill-sized batches (see
     LARGE_ROWS_PER_EXPERT) group the blocks by (expert, parts run) too, so no block computes a part one of
     its rows drops: the kept (token, part) work in one launch per projection.
@@ -119,7 +120,7 @@ def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
         gid = flat * parts + (j.long() - 1 if j is not None else parts - 1)
         plan = align(torch.where(flat < E, gid, torch.full_like(gid, groups)), groups, BLOCK_M_LARGE)
         plan = replace(plan, block_expert=torch.div(plan.block_expert, parts, rounding_mode="floor"))
-    elif plan is not None and j is None:
+    elif plan is not None:  # the router's: a choice DualSparse drops keeps its row, and its products are zeros
         plan = AlignPlan(*plan, R, plan[1].numel(), BLOCK_M)
     else:
         plan = align(flat, E)
