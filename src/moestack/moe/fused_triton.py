@@ -157,23 +157,35 @@ def _align(ids_ptr, rank_ptr, sorted_ptr, block_expert_ptr, total_ptr, R, E, cap
         running = tl.cumsum(onehot, axis=0) + counts[None, :]
         tl.store(rank_ptr + r, tl.sum(onehot * (running - 1), axis=1), mask=r < R)
         counts += tl.sum(onehot, axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    pad_end = tl.cumsum(padded, axis=0)
-    tl.store(total_ptr, tl.sum(padded, axis=0))
-    for start in range(0, cap, FILL):  # padding rows hold the sentinel R
-        c = start + tl.arange(0, FILL)
-        tl.store(sorted_ptr + c, tl.full([FILL], 0, tl.int32) + R, mask=c < cap)
-    tl.debug_barrier()  # the fill and the ranks are written before any thread reads or overwrites them
+    starts = plan_blocks(counts, e < E, sorted_ptr, block_expert_ptr, total_ptr, R, E, cap, num_blocks,
+                         BLOCK_M=BLOCK_M, FILL=FILL, CH=CH)  # the barrier in it covers the ranks too
     for start in range(0, R, CH):
         r = start + tl.arange(0, CH)
         ids = tl.load(ids_ptr + r, mask=r < R, other=E)
         onehot = ((ids[:, None] == e[None, :]) & em).to(tl.int32)
-        dest = tl.sum(onehot * (pad_end - padded)[None, :], axis=1) + tl.load(rank_ptr + r, mask=r < R, other=0)
+        dest = tl.sum(onehot * starts[None, :], axis=1) + tl.load(rank_ptr + r, mask=r < R, other=0)
         tl.store(sorted_ptr + dest, r.to(tl.int32), mask=(r < R) & (ids < E))
+
+
+@triton.jit
+def plan_blocks(counts, em, sorted_ptr, block_expert_ptr, total_ptr, sentinel, E, cap, num_blocks,
+                BLOCK_M: tl.constexpr, FILL: tl.constexpr, CH: tl.constexpr):
+    """A plan's blocks from its experts' entry counts [E_BLOCK] (em: which are experts), inside a single-program
+    kernel: each expert padded to BLOCK_M rows, the padded total, each block's expert, every row of sorted_ptr
+    [cap] set to the sentinel; then a barrier, so the caller's entries land after the fill. Returns each
+    expert's first row, where the caller stores its entries (their rank among the expert's entries past it)."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    tl.store(total_ptr, tl.sum(padded, axis=0))
     for start in range(0, num_blocks, CH):  # a block's expert: how many experts' rows end at or before it
         b = start + tl.arange(0, CH)
-        ends = tl.sum(((pad_end[None, :] <= (b * BLOCK_M)[:, None]) & em).to(tl.int32), axis=1)
+        ends = tl.sum(((pad_end[None, :] <= (b * BLOCK_M)[:, None]) & em[None, :]).to(tl.int32), axis=1)
         tl.store(block_expert_ptr + b, tl.minimum(ends, E - 1), mask=b < num_blocks)
+    for start in range(0, cap, FILL):  # padding rows hold the sentinel
+        c = start + tl.arange(0, FILL)
+        tl.store(sorted_ptr + c, tl.full([FILL], 0, tl.int32) + sentinel, mask=c < cap)
+    tl.debug_barrier()  # everything above is written before any thread reads or overwrites it
+    return pad_end - padded
 
 
 def align(ids: torch.Tensor, num_experts: int, block_m: int, cap: int):

@@ -35,11 +35,6 @@ class Routing:
     plan: tuple | None = None
 
 
-def triton_pow2(n: int) -> int:
-    """The power of two at or above n (a Triton block's size)."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def plan_rows(entries: int, num_experts: int, block_m: int) -> int:
     """The most rows a plan of `entries` choices over `num_experts` experts needs, each expert's rows padded to
     a multiple of block_m (the fused MoE's static grid: moe/fused.py)."""
@@ -94,13 +89,13 @@ class Router(nn.Module):
         fused = self.fused_topk and self.aux_loss_coef == 0 and self.z_loss_coef == 0 and not (
             torch.is_grad_enabled() and (x.requires_grad or self.gate.weight.requires_grad))
         w = self.gate.weight
+        bias = self.expert_bias if self.bias_balancing else None
+        renorm = self.renormalize and self.top_k > 1
         if fused and plan_block_m:
             from moestack.moe import router_triton
 
-            T = x.shape[0]
-            if T <= router_triton.PLAN_MAX_TOKENS and T * triton_pow2(self.num_experts) <= router_triton.PLAN_MAX_CELLS:
-                bias = self.expert_bias if self.bias_balancing else None
-                args = (self.top_k, self.renormalize and self.top_k > 1, bias, plan_block_m,
+            if router_triton.plan_fits(x.shape[0], self.num_experts):
+                args = (self.top_k, renorm, bias, plan_block_m,
                         plan_rows(x.shape[0] * self.top_k, self.num_experts, plan_block_m))
                 if self.logits_in_fp32:
                     return self._fused(*router_triton.topk_plan(F.linear(x.float(), w.float()), *args))
@@ -115,14 +110,13 @@ class Router(nn.Module):
         if fused:
             from moestack.moe.router_triton import topk_softmax
 
-            bias = self.expert_bias if self.bias_balancing else None
-            return self._fused(*topk_softmax(logits, self.top_k, self.renormalize and self.top_k > 1, bias))
+            return self._fused(*topk_softmax(logits, self.top_k, renorm, bias))
         logits = logits.float()
         probs = logits.softmax(dim=-1)  # [T, E]
-        select = probs + self.expert_bias if self.bias_balancing else probs
+        select = probs + bias if bias is not None else probs
         _, expert_ids = select.topk(self.top_k, dim=-1)  # [T, k]
         weights = probs.gather(-1, expert_ids)  # [T, k]
-        if self.renormalize and self.top_k > 1:
+        if renorm:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         counts = count_ids(expert_ids.flatten(), self.num_experts)  # [E]
         aux, z = self.losses(logits, probs, counts)

@@ -6,6 +6,8 @@ on an H100 (`bash bench/suite.sh profile_decode`, 2026-12-07), the routers compi
 loads its E logits (any float dtype; fp32 math), takes the softmax, picks the k largest probabilities (plus the
 balancing bias, for selection only) by k rounds of max (the lowest expert id among equals), writes ids and
 weights in descending order, and adds its choices to the counts with atomics (integer adds: exact, any order).
+Decode batches (`topk_plan`, `gate_topk_plan`): one program takes every token at once, and also writes the
+fused MoE's plan of the choices (`fused_triton.plan_blocks`), after the gate's partial products when it sums them.
 Notation: T = tokens, E = experts, k = choices per token.
 """
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from moestack.moe.fused_triton import plan_blocks
 
 
 @triton.jit
@@ -135,19 +139,9 @@ def _topk_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, counts_ptr, sorted_ptr, blo
     before = tl.cumsum(sel, axis=0) - sel  # an entry's rank among its expert's entries
     counts = tl.sum(sel, axis=0)
     tl.store(counts_ptr + e, counts.to(tl.int64), mask=em)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    pad_end = tl.cumsum(padded, axis=0)
-    tl.store(total_ptr, tl.sum(padded, axis=0))
-    for start in range(0, cap, FILL):  # padding rows hold the sentinel T * K
-        c = start + tl.arange(0, FILL)
-        tl.store(sorted_ptr + c, tl.full([FILL], 0, tl.int32) + T * K, mask=c < cap)
-    tl.debug_barrier()  # the fill lands before the entries overwrite it
-    dest = (pad_end - padded)[None, :] + before
-    tl.store(sorted_ptr + dest, t[:, None] * K + choice, mask=sel > 0)
-    for start in range(0, num_blocks, CH):  # a block's expert: how many experts' rows end at or before it
-        b = start + tl.arange(0, CH)
-        ends = tl.sum(((pad_end[None, :] <= (b * BLOCK_M)[:, None]) & em[None, :]).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b, tl.minimum(ends, E - 1), mask=b < num_blocks)
+    starts = plan_blocks(counts, em, sorted_ptr, block_expert_ptr, total_ptr, T * K, E, cap, num_blocks,
+                         BLOCK_M=BLOCK_M, FILL=FILL, CH=CH)
+    tl.store(sorted_ptr + starts[None, :] + before, t[:, None] * K + choice, mask=sel > 0)
 
 
 ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # `_topk_plan`'s rounding of summed partials
@@ -191,8 +185,13 @@ def gate_topk_plan(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: b
     return _plan(partials, 0, parts, T, E, ROUND[x.dtype], k, renormalize, bias, block_m, cap, block_t, block_e)
 
 
+def plan_fits(tokens: int, experts: int) -> bool:
+    """Whether `topk_plan`'s one program holds a batch of this size (decode batches)."""
+    return tokens <= PLAN_MAX_TOKENS and tokens * triton.next_power_of_2(experts) <= PLAN_MAX_CELLS
+
+
 def _plan(src, stride_t, parts, T, E, round_to, k, renormalize, bias, block_m, cap, block_t, block_e):
-    if T * triton.next_power_of_2(E) > PLAN_MAX_CELLS or T > PLAN_MAX_TOKENS:
+    if not plan_fits(T, E):
         raise ValueError(f"topk_plan: {T} tokens x {E} experts is past one program ({PLAN_MAX_CELLS} cells, "
                          f"{PLAN_MAX_TOKENS} tokens); use topk_softmax and fused.align")
     dev = src.device
