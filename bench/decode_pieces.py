@@ -7,16 +7,16 @@
 could go. Each piece runs 50 times inside one CUDA graph (as the engine replays its steps) and is timed
 between CUDA events: microseconds per call, with the bytes it must read and the rate that makes (TB/s).
 - dense projections at 8 rows (qkv, out, router gate, LM head): cuBLAS (`F.linear`) against the fused MoE
-  GEMM run as one expert (`fused_triton.moe_gemm`, weights read in place through their strides);
+  GEMM run as one expert (`fused.few_rows_linear`, weights read in place through their strides), each call on
+  the next of enough weight copies to overflow L2 (a step reads every other layer's weights in between);
 - the expert GEMMs of one MoE layer on a routed batch-8 step (`_moe_gemm` for w13 and w2 separately, then
   `fused.fused_experts` whole), with the bytes of the experts the step touches;
 - paged decode attention at 192 and 2048 keys per sequence: key tiles of 32, 64 (the engine's) and 128, and
-  split-KV over 2 to 8 programs per (sequence, KV head) (the engine picks `attention_triton.decode_splits`);
+  split-KV over 2 to 8 programs per (sequence, KV head) (the engine picks `attention_triton.decode_tiles`);
 - greedy sampling's argmax over the vocabulary: torch on fp32 logits, torch after the fp32 copy of the LM head's
   output, and `serve/argmax_triton.py` on that output as it is;
 - the gate/up GEMM with and without the SwiGLU epilogue (`moe_gemm(swiglu_f=)`);
-- the router: cuBLAS gate, top-k, then the fused MoE's plan (three kernels); cuBLAS then `router_triton.topk_plan`;
-  `router_triton.gate_topk_plan` (the gate as Triton partial products summed by the top-k kernel).
+- the router: cuBLAS gate, top-k, then the fused MoE's plan (three kernels); cuBLAS then `router_triton.topk_plan`.
 Results: one JSON line per piece in $OUT/decode_pieces.jsonl (device runs) or bench/results/.
 """
 
@@ -70,20 +70,13 @@ def time_graphed(fn, device, calls: int = 50, reps: int = 10) -> float:
     return statistics.median(times)
 
 
-def one_expert_linear(x: torch.Tensor, w: torch.Tensor):
-    """x @ w.T through the fused MoE GEMM as a single expert: w [N, K] read in place (B = w viewed [1, K, N])."""
-    from moestack.moe import fused
-    from moestack.moe.fused_triton import moe_gemm
+COLD_BYTES = 160 * 2**20  # past an H100's 50 MB and an H200's 60 MB of L2
 
-    plan = fused.align(torch.zeros(x.shape[0], dtype=torch.long, device=x.device), 1)
-    out = x.new_empty(x.shape[0], w.shape[0])
-    b = w.t().unsqueeze(0)  # [1, K, N], strides (N K, 1, K)
 
-    def run():
-        moe_gemm(x, b, out, plan, n=w.shape[0], k=w.shape[1], a_div=1, stride_bk=b.stride(1), stride_bn=b.stride(2))
-        return out
-
-    return run
+def rotating(weights: list[torch.Tensor], fn):
+    """A call that runs fn on the next of `weights` each time (a graph's captured calls each keep their own)."""
+    turn = iter(range(1 << 62))
+    return lambda: fn(weights[next(turn) % len(weights)])
 
 
 def pieces(name: str, s: dict, device, dtype, T: int) -> list[dict]:
@@ -105,13 +98,16 @@ def pieces(name: str, s: dict, device, dtype, T: int) -> list[dict]:
 
     x = rnd(T, D)
     for piece, n_out, n_in in (("qkv", (H + 2 * Hkv) * hd, D), ("out", D, H * hd), ("router", E, D), ("lm_head", V, D)):
-        w = rnd(n_out, n_in)
+        # as in a step, where the layers' other weights pass through L2 between two reads of this one: each call
+        # reads the next of enough copies to overflow the cache (COLD_BYTES in all)
+        copies = min(256, max(1, -(-COLD_BYTES // (n_out * n_in * el))))
+        ws = [rnd(n_out, n_in) for _ in range(copies)]
         xi = x if n_in == D else rnd(T, n_in)
-        nbytes = w.numel() * el
-        add(piece, "cublas", time_graphed(lambda: F.linear(xi, w), device), nbytes)
+        nbytes = ws[0].numel() * el
+        add(piece, "cublas", time_graphed(rotating(ws, lambda w: F.linear(xi, w)), device), nbytes)
         if triton_ok:
-            add(piece, "moe_gemm", time_graphed(one_expert_linear(xi, w), device), nbytes)
-        del w
+            add(piece, "moe_gemm", time_graphed(rotating(ws, lambda w: fused.few_rows_linear(xi, w)), device), nbytes)
+        del ws
 
     # one MoE layer's experts on a routed step: uniform random routing, as the bench's random-weight routers give
     w13, w2 = rnd(E, D, 2 * Fw), rnd(E, Fw, D)
@@ -154,8 +150,6 @@ def pieces(name: str, s: dict, device, dtype, T: int) -> list[dict]:
         add("route_and_plan", "cublas_topk_align", time_graphed(apart, device), nbytes)
         add("route_and_plan", "cublas_topk_plan", time_graphed(
             lambda: router_triton.topk_plan(F.linear(x, gate), k, True, None, fused.BLOCK_M, cap), device), nbytes)
-        add("route_and_plan", "gate_topk_plan", time_graphed(
-            lambda: router_triton.gate_topk_plan(x, gate, k, True, None, fused.BLOCK_M, cap), device), nbytes)
 
     # paged decode: T sequences of `ctx` keys each, blocks of 16 positions, scattered
     if triton_ok:
@@ -166,7 +160,7 @@ def pieces(name: str, s: dict, device, dtype, T: int) -> list[dict]:
             tables = torch.randperm(nb, generator=g).view(T, -1).to(device, torch.int32)
             lens = torch.full((T,), ctx, dtype=torch.int32, device=device)
             q = rnd(T, H, hd)
-            for block_n, splits in ((64, 1), (128, 1), (64, 2), (64, 4), (64, 8), (32, 8)):
+            for block_n, splits in ((64, 1), (128, 1), (64, 2), (64, 4), (64, 8), (32, 8), (128, 2), (128, 4)):
                 add(f"paged_decode_{ctx}", f"block_n{block_n}" + (f"_splits{splits}" if splits > 1 else ""),
                     time_graphed(lambda: paged_decode(q, kc, vc, tables, lens, block_n=block_n, splits=splits), device),
                     2 * T * ctx * Hkv * hd * el)

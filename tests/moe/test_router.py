@@ -108,7 +108,7 @@ def test_fused_topk_routes_as_the_eager_router(triton_device, E, k, renormalize,
 def test_topk_plan_routes_and_plans_as_topk_then_align(triton_device, T, E, k, block_m, bias, D, fp32):
     """The decode router's kernel with the fused MoE's plan: the routing of the top-k kernel and the plan of
     `fused.align` (entries sorted by expert in token order, blocks padded with the sentinel, block experts).
-    Logits in the model's dtype (fp32 False): the gate runs as Triton partial products the kernel sums."""
+    Logits in fp32 (the gate too) or in the model's dtype."""
     from moestack.moe import fused
     from moestack.moe.router import plan_rows
 

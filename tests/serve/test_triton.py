@@ -37,6 +37,15 @@ def test_paged_decode_matches_sdpa(triton_device, page, H, Hkv, hd, block_n, spl
         assert torch.allclose(out[b], ref, atol=1e-5), b
 
 
+def test_decode_tiles_split_few_pairs_and_widen_one_wave():
+    from moestack.serve.attention_triton import decode_tiles
+
+    assert decode_tiles(8, 4) == (8, 64)  # Qwen3-30B-A3B at batch 8: 32 pairs on 132 SMs
+    assert decode_tiles(8, 8) == (4, 64)  # Mixtral: 64 pairs
+    assert decode_tiles(8, 16) == (1, 128)  # OLMoE: 128 pairs, one wave
+    assert decode_tiles(64, 16) == (1, 64) and decode_tiles(1, 1) == (8, 64) and decode_tiles(3, 2, sms=4) == (1, 64)
+
+
 @pytest.mark.parametrize("qk_norm, clip, H, Hkv, hd", [("none", None, 4, 2, 8), ("full", None, 4, 2, 16),
                                                       ("head", None, 6, 2, 8), ("full", 0.5, 4, 4, 8),
                                                       ("head", 0.5, 4, 2, 12), ("none", 0.5, 3, 1, 8)])
@@ -111,6 +120,44 @@ def test_sum_choices_equals_a_sum_over_each_tokens_rows(triton_device, T, k, D):
     fused_triton = importlib.import_module("moestack.moe.fused_triton")
     x = torch.randn(T * k, D, generator=torch.Generator().manual_seed(4)).to(triton_device)
     assert torch.allclose(fused_triton.sum_choices(x, k), x.view(T, k, D).sum(dim=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T, N, K", [(1, 70, 24), (8, 300, 64), (16, 33, 48)])
+def test_few_rows_linear_equals_f_linear(triton_device, T, N, K, dtype):
+    """The LM head's decode path: the fused MoE GEMM as one expert, w read in place ([N, K] through strides)."""
+    fused = importlib.import_module("moestack.moe.fused")
+    importlib.import_module("moestack.moe.fused_triton")
+    g = torch.Generator().manual_seed(T)
+    x, w = (torch.randn(*shape, generator=g).to(triton_device, dtype) for shape in ((T, K), (N, K)))
+    got = fused.few_rows_linear(x, w)
+    assert got.shape == (T, N) and got.dtype == dtype
+    want = F.linear(x.float(), w.float())
+    assert torch.allclose(got.float(), want, atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=1e-3)
+    assert torch.equal(fused.few_rows_linear(x, w), got)  # the cached plan gives the same rows again
+    with pytest.raises(ValueError, match="T <= 16"):
+        fused.few_rows_linear(torch.zeros(17, K, dtype=dtype, device=triton_device), w)
+
+
+def test_model_head_takes_the_few_rows_gemm_for_decode_batches_in_half_precision(triton_device, monkeypatch):
+    """ServeModel.head: up to fused.BLOCK_M rows in fp16/bf16 through `few_rows_linear`, else the nn.Linear."""
+    from moestack.serve import model as serve_model
+
+    fused = importlib.import_module("moestack.moe.fused")
+    importlib.import_module("moestack.moe.fused_triton")
+    calls = []
+    monkeypatch.setattr(serve_model, "few_rows_linear", lambda x, w: calls.append(x.shape[0]) or fused.few_rows_linear(x, w))
+    head = serve_model.ServeModel.head
+    holder = torch.nn.Module()
+    holder.lm_head = torch.nn.Linear(32, 90, bias=False)
+    for rows, dtype, taken in ((8, torch.float16, True), (17, torch.float16, False), (8, torch.float32, False)):
+        holder.lm_head.to(triton_device, dtype)
+        x = torch.randn(rows, 32).to(triton_device, dtype)
+        before = len(calls)
+        with torch.inference_mode():
+            got = head(holder, x)
+        assert calls[before:] == ([rows] if taken else [])
+        assert torch.allclose(got.float(), F.linear(x.float(), holder.lm_head.weight.float()), atol=2e-2, rtol=1e-3)
 
 
 @pytest.mark.parametrize("page, H, Hkv, hd", [(4, 4, 2, 8), (16, 4, 4, 16), (3, 6, 2, 8)])
@@ -262,8 +309,8 @@ def test_dualsparse_engine_with_the_fused_kernels_equals_the_eager_engine(triton
     for llm in (eager, fast):
         for layer in llm.model.moe_layers():
             layer.dispatcher.reset_stats()
-    for layer in fast.model.moe_layers():  # the decode router too (on CUDA the runner turns it on): gate
-        layer.router.fused_topk = True  # partials, top-k and the plan in Triton, the drops on that plan
+    for layer in fast.model.moe_layers():  # the decode router too (on CUDA the runner turns it on): top-k and
+        layer.router.fused_topk = True  # the plan in one Triton kernel, the drops on that plan
     layer = fast.model.moe_layers()[0]
     real, fused_steps = layer.fused, []
     layer.fused = lambda x, routing: fused_steps.append(real(x, routing)) or fused_steps[-1]

@@ -84,33 +84,23 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, plan_block_m: int = 0) -> Routing:
         """x [T, D] -> Routing. plan_block_m > 0 (the fused MoE's decode blocks): where the top-k runs as a Triton
-        kernel and the batch fits one program, the same kernel also plans the fused MoE (Routing.plan), and a
-        gate in the model's dtype runs as Triton partial products that kernel sums (no cuBLAS launch)."""
+        kernel and the batch fits one program, the same kernel also plans the fused MoE (Routing.plan)."""
         fused = self.fused_topk and self.aux_loss_coef == 0 and self.z_loss_coef == 0 and not (
             torch.is_grad_enabled() and (x.requires_grad or self.gate.weight.requires_grad))
         w = self.gate.weight
         bias = self.expert_bias if self.bias_balancing else None
         renorm = self.renormalize and self.top_k > 1
-        if fused and plan_block_m:
-            from moestack.moe import router_triton
-
-            if router_triton.plan_fits(x.shape[0], self.num_experts):
-                args = (self.top_k, renorm, bias, plan_block_m,
-                        plan_rows(x.shape[0] * self.top_k, self.num_experts, plan_block_m))
-                if self.logits_in_fp32:
-                    return self._fused(*router_triton.topk_plan(F.linear(x.float(), w.float()), *args))
-                if (x.dtype == w.dtype and self.num_experts <= router_triton.GATE_MAX_EXPERTS
-                        and not torch.is_autocast_enabled(x.device.type)):
-                    return self._fused(*router_triton.gate_topk_plan(x, w, *args))
-                return self._fused(*router_triton.topk_plan(F.linear(x, w), *args))  # autocast rounds as it would
         if self.logits_in_fp32:
             logits = F.linear(x.float(), w.float())  # [T, E] in fp32
         else:
             logits = F.linear(x, w)  # [T, E], rounded to x's dtype, then fp32 for the softmax
         if fused:
-            from moestack.moe.router_triton import topk_softmax
+            from moestack.moe import router_triton
 
-            return self._fused(*topk_softmax(logits, self.top_k, renorm, bias))
+            if plan_block_m and router_triton.plan_fits(x.shape[0], self.num_experts):
+                return self._fused(*router_triton.topk_plan(logits, self.top_k, renorm, bias, plan_block_m, plan_rows(
+                    x.shape[0] * self.top_k, self.num_experts, plan_block_m)))
+            return self._fused(*router_triton.topk_softmax(logits, self.top_k, renorm, bias))
         logits = logits.float()
         probs = logits.softmax(dim=-1)  # [T, E]
         select = probs + bias if bias is not None else probs

@@ -6,8 +6,8 @@ on an H100 (`bash bench/suite.sh profile_decode`, 2026-12-07), the routers compi
 loads its E logits (any float dtype; fp32 math), takes the softmax, picks the k largest probabilities (plus the
 balancing bias, for selection only) by k rounds of max (the lowest expert id among equals), writes ids and
 weights in descending order, and adds its choices to the counts with atomics (integer adds: exact, any order).
-Decode batches (`topk_plan`, `gate_topk_plan`): one program takes every token at once, and also writes the
-fused MoE's plan of the choices (`fused_triton.plan_blocks`), after the gate's partial products when it sums them.
+Decode batches (`topk_plan`): one program takes every token at once, and also writes the fused MoE's plan of
+the choices (`fused_triton.plan_blocks`).
 Notation: T = tokens, E = experts, k = choices per token.
 """
 
@@ -69,42 +69,17 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool,
 
 
 @triton.jit
-def _gate_partials(x_ptr, w_ptr, part_ptr, T, E, D, stride_x, stride_w, BLOCK_T: tl.constexpr,
-                   BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    s = tl.program_id(0)  # this program's slice of the reduction: columns s * BLOCK_D ...
-    t = tl.arange(0, BLOCK_T)
-    e = tl.arange(0, BLOCK_E)
-    d = s * BLOCK_D + tl.arange(0, BLOCK_D)
-    dm = d < D
-    x = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_x + d[None, :], mask=(t < T)[:, None] & dm[None, :], other=0.0)
-    w = tl.load(w_ptr + e[:, None] * stride_w + d[None, :], mask=(e < E)[:, None] & dm[None, :], other=0.0)
-    acc = tl.dot(x, tl.trans(w), input_precision=PREC)  # [BLOCK_T, BLOCK_E] fp32
-    tl.store(part_ptr + (s * BLOCK_T + t[:, None]) * BLOCK_E + e[None, :], acc)
-
-
-@triton.jit
 def _topk_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, counts_ptr, sorted_ptr, block_expert_ptr, total_ptr,
                T, E, stride_t, cap, num_blocks, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
                BLOCK_K: tl.constexpr, RENORM: tl.constexpr, BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-               FILL: tl.constexpr, CH: tl.constexpr, PARTS: tl.constexpr, ROUND: tl.constexpr):
+               FILL: tl.constexpr, CH: tl.constexpr):
     t = tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
     tm = t < T
     em = e < E
     m2 = tm[:, None] & em[None, :]
-    if PARTS == 0:
-        logit = tl.load(logits_ptr + t[:, None].to(tl.int64) * stride_t + e[None, :], mask=m2,
-                        other=float("-inf")).to(tl.float32)
-    else:  # the gate's partial products [PARTS, BLOCK_T, BLOCK_E] (`_gate_partials`), summed and rounded as a
-        # GEMM in the model's dtype stores its logits
-        logit = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-        for part in tl.static_range(PARTS):
-            logit += tl.load(logits_ptr + (part * BLOCK_T + t[:, None]) * BLOCK_E + e[None, :])
-        if ROUND == 1:
-            logit = logit.to(tl.bfloat16).to(tl.float32)
-        elif ROUND == 2:
-            logit = logit.to(tl.float16).to(tl.float32)
-        logit = tl.where(m2, logit, float("-inf"))
+    logit = tl.load(logits_ptr + t[:, None].to(tl.int64) * stride_t + e[None, :], mask=m2,
+                    other=float("-inf")).to(tl.float32)
     logit = tl.where(tm[:, None], logit, 0.0)  # rows past T: finite, never stored
     p = tl.exp(logit - tl.max(logit, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
@@ -144,13 +119,8 @@ def _topk_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, counts_ptr, sorted_ptr, blo
     tl.store(sorted_ptr + starts[None, :] + before, t[:, None] * K + choice, mask=sel > 0)
 
 
-ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # `_topk_plan`'s rounding of summed partials
 PLAN_MAX_CELLS = 1 << 13  # tokens x experts up to which `topk_plan` runs (one program holds them all)
-PLAN_MAX_TOKENS = 64  # and tokens: decode batches (the gate's partial products hold a [T, 128] tile of x)
-
-
-GATE_BLOCK_D = 128  # reduction columns per program of the gate's partial products
-GATE_MAX_EXPERTS = 256  # experts up to which the gate runs so (each program holds a [experts, 128] tile)
+PLAN_MAX_TOKENS = 64  # and tokens: decode batches
 
 
 def topk_plan(logits: torch.Tensor, k: int, renormalize: bool, bias: torch.Tensor | None, block_m: int, cap: int):
@@ -158,51 +128,28 @@ def topk_plan(logits: torch.Tensor, k: int, renormalize: bool, bias: torch.Tenso
     single-program kernel, for decode-sized batches (T x E up to PLAN_MAX_CELLS): (ids, weights, counts,
     (sorted entry ids [cap] int32, block experts [cap // block_m] int32, padded total [1] int32)).
     In a batch-8 decode step the router's top-k (4.7 us), the zeroing of its counts and the plan's kernel
-    (5.5 us) ran one after another at Qwen3-30B-A3B's shapes on an H100 (profile_decode, 2026-12-07)."""
+    (5.5 us) ran one after another at Qwen3-30B-A3B's shapes on an H100 (profile_decode, 2026-12-07).
+    The gate stays cuBLAS: as Triton partial products summed by this kernel it was slower at 128 experts (14.6
+    against 11.1 us for gate + top-k + plan in bench/decode_pieces.py; 19 us in the step, 2026-12-07 14:35 UTC)."""
     T, E = logits.shape
-    logits = logits.contiguous()
-    return _plan(logits, logits.stride(0), 0, T, E, 0, k, renormalize, bias, block_m, cap,
-                 triton.next_power_of_2(T), triton.next_power_of_2(E))
-
-
-def gate_topk_plan(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, bias: torch.Tensor | None,
-                   block_m: int, cap: int):
-    """`topk_plan` of the gate's logits x [T, D] @ weight [E, D].T rounded to x's dtype (a GEMM in the model's
-    dtype stores them so), the GEMM in two kernels of its own: one program per GATE_BLOCK_D columns writes fp32
-    partial products, and the top-k kernel sums them as it loads its logits. A batch-8 step's gate is 0.26-0.5 MB
-    of weights, and cuBLAS took 5 us for it, all latency (profile_decode, 2026-12-07)."""
-    T, D = x.shape
-    E = weight.shape[0]
-    if weight.shape[1] != D or x.dtype != weight.dtype:
-        raise ValueError(f"gate_topk_plan: x {tuple(x.shape)} {x.dtype} and gate {tuple(weight.shape)} {weight.dtype} "
-                         "must be [T, D] and [E, D] of one dtype")
-    x, weight = (t if t.stride(1) == 1 else t.contiguous() for t in (x, weight))
-    block_t, block_e = max(16, triton.next_power_of_2(T)), max(16, triton.next_power_of_2(E))  # tl.dot's least
-    parts = triton.cdiv(D, GATE_BLOCK_D)
-    partials = torch.empty(parts, block_t, block_e, dtype=torch.float32, device=x.device)
-    _gate_partials[(parts,)](x, weight, partials, T, E, D, x.stride(0), weight.stride(0), BLOCK_T=block_t,
-                             BLOCK_E=block_e, BLOCK_D=GATE_BLOCK_D, PREC="ieee" if x.dtype == torch.float32 else "tf32")
-    return _plan(partials, 0, parts, T, E, ROUND[x.dtype], k, renormalize, bias, block_m, cap, block_t, block_e)
-
-
-def plan_fits(tokens: int, experts: int) -> bool:
-    """Whether `topk_plan`'s one program holds a batch of this size (decode batches)."""
-    return tokens <= PLAN_MAX_TOKENS and tokens * triton.next_power_of_2(experts) <= PLAN_MAX_CELLS
-
-
-def _plan(src, stride_t, parts, T, E, round_to, k, renormalize, bias, block_m, cap, block_t, block_e):
     if not plan_fits(T, E):
         raise ValueError(f"topk_plan: {T} tokens x {E} experts is past one program ({PLAN_MAX_CELLS} cells, "
                          f"{PLAN_MAX_TOKENS} tokens); use topk_softmax and fused.align")
-    dev = src.device
+    logits, dev = logits.contiguous(), logits.device
     ids = torch.empty(T, k, dtype=torch.int64, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     counts = torch.empty(E, dtype=torch.int64, device=dev)
     sorted_ids = torch.empty(cap, dtype=torch.int32, device=dev)
     block_expert = torch.empty(cap // block_m, dtype=torch.int32, device=dev)
     total = torch.empty(1, dtype=torch.int32, device=dev)
-    _topk_plan[(1,)](src, bias if bias is not None else src, ids, weights, counts, sorted_ids, block_expert,
-                     total, T, E, stride_t, cap, cap // block_m, K=k, BLOCK_T=max(2, block_t), BLOCK_E=block_e,
-                     BLOCK_K=max(2, triton.next_power_of_2(k)), RENORM=renormalize, BIAS=bias is not None,
-                     BLOCK_M=block_m, FILL=1024, CH=max(16, 4096 // block_e), num_warps=4, PARTS=parts, ROUND=round_to)
+    block_e = triton.next_power_of_2(E)
+    _topk_plan[(1,)](logits, bias if bias is not None else logits, ids, weights, counts, sorted_ids, block_expert,
+                     total, T, E, logits.stride(0), cap, cap // block_m, K=k, BLOCK_T=max(2, triton.next_power_of_2(T)),
+                     BLOCK_E=block_e, BLOCK_K=max(2, triton.next_power_of_2(k)), RENORM=renormalize,
+                     BIAS=bias is not None, BLOCK_M=block_m, FILL=1024, CH=max(16, 4096 // block_e), num_warps=4)
     return ids, weights, counts, (sorted_ids, block_expert, total)
+
+
+def plan_fits(tokens: int, experts: int) -> bool:
+    """Whether `topk_plan`'s one program holds a batch of this size (decode batches)."""
+    return tokens <= PLAN_MAX_TOKENS and tokens * triton.next_power_of_2(experts) <= PLAN_MAX_CELLS

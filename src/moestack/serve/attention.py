@@ -103,11 +103,12 @@ def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   rows: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, hd] (one new token per sequence) -> [B, H, hd] through the Triton paged kernel (rows: which
     sequences q holds, None: all)."""
-    from moestack.serve.attention_triton import decode_splits, paged_decode
+    from moestack.serve.attention_triton import decode_tiles, paged_decode
 
     tables, lens = (meta.block_tables, meta.context_lens) if rows is None else (meta.block_tables[rows], meta.context_lens[rows])
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    return paged_decode(q, k_cache, v_cache, tables, lens, splits=decode_splits(q.shape[0], k_cache.shape[2], sms))
+    splits, block_n = decode_tiles(q.shape[0], k_cache.shape[2], sms)
+    return paged_decode(q, k_cache, v_cache, tables, lens, block_n=block_n, splits=splits)
 
 
 def prefill_block_q(n_heads: int, n_kv_heads: int) -> int:

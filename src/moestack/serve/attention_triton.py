@@ -88,9 +88,16 @@ def _paged_decode_combine(part_ptr, out_ptr, stride_ob, stride_oh, H, HD: tl.con
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HD)
 
 
-def decode_splits(batch: int, kv_heads: int, sms: int = 132) -> int:
-    """Key splits of a decode step: enough (sequence, KV head, split) programs to cover every SM once, at most 8."""
-    return max(1, min(8, triton.next_power_of_2(triton.cdiv(sms, max(batch * kv_heads, 1)))))
+def decode_tiles(batch: int, kv_heads: int, sms: int = 132) -> tuple[int, int]:
+    """(key splits, keys per tile) of a decode step's `paged_decode`. Up to half as many (sequence, KV head)
+    pairs as SMs: enough splits for a program on every SM (at most 8), tiles of 64. Up to one pair per SM: no
+    split, tiles of 128 (at OLMoE's batch 8, 128 pairs, 6.7 us against 7.9 with two splits of 64-key tiles and
+    7.6 with one, on an H100: bench/decode_pieces.py, 2026-12-07 14:34 UTC). More pairs: tiles of 64, as measured
+    in the batch-64 rows of docs/BENCHMARKS.md."""
+    pairs = max(batch * kv_heads, 1)
+    if 2 * pairs <= sms:
+        return min(8, triton.next_power_of_2(triton.cdiv(sms, pairs))), 64
+    return 1, 128 if pairs <= sms else 64
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

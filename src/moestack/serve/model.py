@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from moestack.models.transformer import RMSNorm
 from moestack.moe.dispatch import Done
 from moestack.moe.experts import SwiGLU, fused_inference
+from moestack.moe.fused import BLOCK_M, few_rows_linear
 from moestack.moe.layer import MoELayer
 from moestack.serve.attention import AttnMeta, attend, attend_dense, write_kv
 
@@ -270,7 +271,16 @@ class ServeModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[N, D] -> [N, V] in fp32."""
-        return self.lm_head(self.norm(h)).float()
+        return self.head(self.norm(h)).float()
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head of final-normed rows x [N, D]: [N, V] in the model's dtype. A decode batch (N <=
+        fused.BLOCK_M) in bf16 / fp16 where the Triton kernels run takes `fused.few_rows_linear` (read once, in
+        place: faster than cuBLAS at these shapes, measured in bench/decode_pieces.py)."""
+        w = self.lm_head.weight
+        if x.dtype != torch.float32 and x.dtype == w.dtype and x.shape[0] <= BLOCK_M and fused_inference(x, w):
+            return few_rows_linear(x, w)
+        return self.lm_head(x)
 
     def routing_snapshot(self) -> list[torch.Tensor]:
         """What `expert_loads` reads of the last step, per MoE layer: its expert ids [T, k] (its counts [E] under

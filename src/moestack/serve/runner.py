@@ -230,7 +230,7 @@ class ModelRunner:
 
             def step():
                 x = self.model.hidden(self.g_tokens[:size], self.g_positions[:size], self.kv, meta, normed=True)
-                raw = self.model.lm_head(x)  # the model's dtype: fp32 copies only for rows that need them
+                raw = self.model.head(x)  # the model's dtype: fp32 copies only for rows that need them
                 return raw, argmax_rows(raw), self.model.routing_snapshot()
 
             with torch.inference_mode():
