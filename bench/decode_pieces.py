@@ -8,7 +8,8 @@ could go. Each piece runs 50 times inside one CUDA graph (as the engine replays 
 between CUDA events: microseconds per call, with the bytes it must read and the rate that makes (TB/s).
 - dense projections at 8 rows (qkv, out, router gate, LM head): cuBLAS (`F.linear`) against the fused MoE
   GEMM run as one expert (`fused.few_rows_linear`, weights read in place through their strides), each call on
-  the next of enough weight copies to overflow L2 (a step reads every other layer's weights in between);
+  the next of enough weight copies to overflow L2 (a step reads every other layer's weights in between); and
+  the out projection with the residual add + norm after it: cuBLAS, or split-K partials that the add sums;
 - the expert GEMMs of one MoE layer on a routed batch-8 step (`_moe_gemm` for w13 and w2 separately, then
   `fused.fused_experts` whole), with the bytes of the experts the step touches;
 - paged decode attention at 192 and 2048 keys per sequence: key tiles of 32, 64 (the engine's) and 128, and
@@ -107,6 +108,15 @@ def pieces(name: str, s: dict, device, dtype, T: int) -> list[dict]:
         add(piece, "cublas", time_graphed(rotating(ws, lambda w: F.linear(xi, w)), device), nbytes)
         if triton_ok:
             add(piece, "moe_gemm", time_graphed(rotating(ws, lambda w: fused.few_rows_linear(xi, w)), device), nbytes)
+        if triton_ok and piece == "out" and device != "cpu":  # with the residual add + norm after it, as served
+            from moestack.serve.norm_triton import add_rms_norm
+
+            h, nw = rnd(T, D), rnd(D)
+            splits = fused.few_rows_splits(n_out, n_in, torch.cuda.get_device_properties(device).multi_processor_count)
+            add("out_add_norm", "cublas", time_graphed(rotating(ws, lambda w: add_rms_norm(h, F.linear(xi, w), nw, 1e-6)),
+                                                       device), nbytes)
+            add("out_add_norm", f"moe_gemm_split{splits}", time_graphed(rotating(ws, lambda w: add_rms_norm(
+                h, fused.few_rows_linear(xi, w, splits).transpose(0, 1), nw, 1e-6)), device), nbytes)
         del ws
 
     # one MoE layer's experts on a routed step: uniform random routing, as the bench's random-weight routers give

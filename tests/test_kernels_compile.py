@@ -47,7 +47,7 @@ TOPK_PLAN_ARGS = dict(logits_ptr="*bf16", bias_ptr="*bf16", ids_ptr="*i64", w_pt
                       sorted_ptr="*i32", block_expert_ptr="*i32", total_ptr="*i32", T="i32", E="i32", stride_t="i32",
                       cap="i32", num_blocks="i32")
 NORM_ARGS = dict(h_ptr="*bf16", y_ptr="*bf16", w_ptr="*bf16", sum_ptr="*bf16", out_ptr="*bf16", D="i32", eps="fp32",
-                 stride_h="i32", stride_y="i32")
+                 stride_h="i32", stride_y="i32", stride_ys="i32")
 
 DECODE_ARGS = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", bt_ptr="*i32", lens_ptr="*i32", out_ptr="*bf16",
                    part_ptr="*fp32", scale="fp32", stride_qb="i32", stride_qh="i32", stride_kb="i32", stride_ks="i32",
@@ -63,13 +63,16 @@ CASES = {
                              dict(HD=128, BLOCK_D=128, SPLITS=8)),
     "moe_gemm_swiglu": ("moestack.moe.fused_triton", "_moe_gemm", MOE_GEMM_ARGS,
                         dict(A_DIV=8, MUL_W=False, PARTS_N=False, PARTS_K=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
-                             PREC="tf32", SWIGLU=True)),
+                             PREC="tf32", SWIGLU=True, SPLIT=1)),
     "moe_gemm_swiglu_parts": ("moestack.moe.fused_triton", "_moe_gemm", MOE_GEMM_ARGS,
                               dict(A_DIV=8, MUL_W=False, PARTS_N=True, PARTS_K=False, BLOCK_M=16, BLOCK_N=64,
-                                   BLOCK_K=128, PREC="tf32", SWIGLU=True)),
+                                   BLOCK_K=128, PREC="tf32", SWIGLU=True, SPLIT=1)),
     "moe_gemm_down": ("moestack.moe.fused_triton", "_moe_gemm", MOE_GEMM_ARGS,
                       dict(A_DIV=1, MUL_W=True, PARTS_N=False, PARTS_K=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64,
-                           PREC="tf32", SWIGLU=False)),
+                           PREC="tf32", SWIGLU=False, SPLIT=1)),
+    "moe_gemm_split4": ("moestack.moe.fused_triton", "_moe_gemm", {**MOE_GEMM_ARGS, "c_ptr": "*fp32"},
+                        dict(A_DIV=1, MUL_W=False, PARTS_N=False, PARTS_K=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+                             PREC="tf32", SWIGLU=False, SPLIT=4)),
     "topk_plan_b8": ("moestack.moe.router_triton", "_topk_plan", TOPK_PLAN_ARGS,
                      dict(K=8, BLOCK_T=8, BLOCK_E=128, BLOCK_K=8, RENORM=True, BIAS=False, BLOCK_M=16, FILL=1024, CH=32)),
     "topk_plan_b64_bias": ("moestack.moe.router_triton", "_topk_plan", TOPK_PLAN_ARGS,
@@ -83,8 +86,11 @@ CASES = {
                       dict(BLOCK=4096)),
     "argmax_rows": ("moestack.serve.argmax_triton", "_row_max",
                     dict(val_ptr="*fp32", idx_ptr="*i32", out_ptr="*i64", CHUNKS="i32"), dict(BLOCK_C=64)),
-    "rms_norm": ("moestack.serve.norm_triton", "_add_rms_norm", NORM_ARGS, dict(BLOCK_D=2048, ADD=False)),
-    "add_rms_norm": ("moestack.serve.norm_triton", "_add_rms_norm", NORM_ARGS, dict(BLOCK_D=4096, ADD=True)),
+    "rms_norm": ("moestack.serve.norm_triton", "_add_rms_norm", NORM_ARGS, dict(BLOCK_D=2048, ADD=False, S=1)),
+    "add_rms_norm": ("moestack.serve.norm_triton", "_add_rms_norm", NORM_ARGS, dict(BLOCK_D=4096, ADD=True, S=1)),
+    "add_rms_norm_partials": ("moestack.serve.norm_triton", "_add_rms_norm", {**NORM_ARGS, "y_ptr": "*fp32"},
+                              dict(BLOCK_D=2048, ADD=True, S=4)),
+    "add_rms_norm_choices": ("moestack.serve.norm_triton", "_add_rms_norm", NORM_ARGS, dict(BLOCK_D=2048, ADD=True, S=8)),
 }
 
 

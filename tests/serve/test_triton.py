@@ -97,6 +97,49 @@ def test_add_rms_norm_equals_the_add_then_the_norm(triton_device, T, D, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16_ON_GPU])
+@pytest.mark.parametrize("T, S, D, partials", [(3, 2, 24, True), (8, 8, 64, False), (1, 4, 100, True)])
+def test_add_rms_norm_sums_a_stack_of_addends_first(triton_device, T, S, D, partials, dtype):
+    """y a stack [T, S, D]: the MoE's choice rows (the stream's dtype, contiguous) or split-K partials (fp32,
+    [S, T, D] transposed): summed in fp32 and rounded to h's dtype (`serve.model.addend`), then added."""
+    from moestack.serve.model import addend
+
+    norm_triton = importlib.import_module("moestack.serve.norm_triton")
+    g = torch.Generator().manual_seed(S)
+    h, w = torch.randn(T, D, generator=g).to(triton_device, dtype), torch.randn(D, generator=g).to(triton_device, dtype)
+    y = (torch.randn(S, T, D, generator=g).to(triton_device).transpose(0, 1) if partials
+         else torch.randn(T, S, D, generator=g).to(triton_device, dtype))
+    total, out = norm_triton.add_rms_norm(h, y, w, 1e-6)
+    want = h + addend(y, dtype)
+    assert addend(y, dtype).shape == (T, D) and not torch.equal(want, h + y[:, 0])  # every row counts
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(total, want, **tol)
+    torch.testing.assert_close(out.float(), F.rms_norm(want, (D,), w, 1e-6).float(), **tol)
+    with pytest.raises(ValueError, match="stack"):
+        norm_triton.add_rms_norm(h, y[:, :, :-1], w, 1e-6)
+
+
+def test_out_summands_are_split_k_partials_of_the_out_projection(triton_device):
+    """PagedAttention.out_summands: half-precision decode rows give [T, S, D] fp32 partials summing to out(o);
+    fp32 rows or more than fused.BLOCK_M of them give out(o) itself."""
+    from moestack.serve.model import PagedAttention, addend
+
+    importlib.import_module("moestack.moe.fused_triton")
+    holder = torch.nn.Module()
+    holder.out = torch.nn.Linear(1024, 32, bias=False).to(triton_device, torch.float16)
+    o = torch.randn(5, 1024).to(triton_device, torch.float16)
+    sms = torch.cuda.get_device_properties(o.device).multi_processor_count if o.is_cuda else 4
+    with torch.inference_mode():
+        got = PagedAttention.out_summands(holder, o)
+        want = holder.out(o)
+        assert got.dim() == 3 and got.shape[::2] == (5, 32) and got.dtype == torch.float32
+        assert got.shape[1] == (2 if sms == 4 else got.shape[1]) > 1
+        torch.testing.assert_close(addend(got, torch.float16).float(), want.float(), atol=2e-2, rtol=1e-2)
+        assert PagedAttention.out_summands(holder, torch.randn(17, 1024).to(triton_device, torch.float16)).dim() == 2
+        holder.out.float()
+        assert torch.equal(PagedAttention.out_summands(holder, o.float()), holder.out(o.float()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16_ON_GPU])
 @pytest.mark.parametrize("N, V, block", [(3, 1000, 128), (8, 5000, 4096), (1, 7, 4096)])
 def test_argmax_rows_equals_torch_argmax(triton_device, N, V, block, dtype):
     """Chunked argmax: the first index of the largest value, ties and NaN as torch.argmax has them."""
@@ -279,17 +322,18 @@ def test_engine_with_the_fused_kernels_equals_the_eager_engine(triton_device, tm
                 cuda_graphs=False)
     ref = eager.generate(prompts, params, use_tqdm=False)
     fast = LLM(str(tmp_path), device=triton_device, dtype="float32", block_size=4, num_blocks=64, fused_rows=1024)
+    fast.model.fused_norms = True  # as on CUDA: the MoE's choice rows go unsummed to the next add (`add_norm`)
     calls = []
     real = fast.model.moe_layers()[0].fused
 
-    def spy(x, routing):
-        y = real(x, routing)
-        calls.append(y is not None)
+    def spy(x, routing, summed=True):
+        y = real(x, routing, summed)
+        calls.append(None if y is None else y.dim())
         return y
 
     fast.model.moe_layers()[0].fused = spy
     got = fast.generate(prompts, params, use_tqdm=False)
-    assert calls and all(calls)  # every step of that layer went through the fused kernels
+    assert calls and all(d == 3 for d in calls)  # every step of that layer: fused kernels, rows left to the add
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
 
 
@@ -313,7 +357,7 @@ def test_dualsparse_engine_with_the_fused_kernels_equals_the_eager_engine(triton
         layer.router.fused_topk = True  # the plan in one Triton kernel, the drops on that plan
     layer = fast.model.moe_layers()[0]
     real, fused_steps = layer.fused, []
-    layer.fused = lambda x, routing: fused_steps.append(real(x, routing)) or fused_steps[-1]
+    layer.fused = lambda x, routing, summed=True: fused_steps.append(real(x, routing, summed)) or fused_steps[-1]
     ref = eager.generate(prompts, params, use_tqdm=False)
     got = fast.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]

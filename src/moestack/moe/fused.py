@@ -88,8 +88,9 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M) -> AlignP
 
 def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                   w2: torch.Tensor, parts: int = 1, parts_run: torch.Tensor | None = None,
-                  plan: tuple | None = None) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over the first parts_run[t, k] parts: [T, D].
+                  plan: tuple | None = None, summed: bool = True) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over the first parts_run[t, k] parts: [T, D] (summed
+    False: the weighted terms [T, k, D], for a consumer that sums them as it reads them).
 
     x [T, D]; expert_ids, weights [T, k]; w13 [E, D, 2F] (per part (gate, up) columns when parts > 1, the
     `partition.to_parts` layout) and w2 [E, F, D]; parts_run [T, k] in 0..P or None for all parts.
@@ -138,6 +139,8 @@ def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
     out = (x.new_zeros if j is not None else x.new_empty)(R, D)  # rows of choices with nothing to run stay 0
     moe_gemm(act, w2, out, plan, n=D, k=F, a_div=1, stride_bk=w2.stride(1), stride_bn=w2.stride(2),
              weights=weights.reshape(-1).float().contiguous(), parts_run=j, part_k=F // parts)
+    if not summed:
+        return out.view(T, k, D)
     if x.is_cuda:
         from moestack.moe.fused_triton import sum_choices
 
@@ -148,11 +151,13 @@ def fused_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
 _ONE_EXPERT_PLANS: dict[tuple[int, torch.device], AlignPlan] = {}
 
 
-def few_rows_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def few_rows_linear(x: torch.Tensor, w: torch.Tensor, splits: int = 1) -> torch.Tensor:
     """x [T, K] @ w [N, K].T for at most BLOCK_M rows, through `fused_triton.moe_gemm` as a single expert: w is
     read once, in place. A batch-8 decode step's LM head on an H100 (bench/decode_pieces.py, 2026-12-07 14:34
     UTC): 206 us against cuBLAS's 220 at Qwen3-30B-A3B's 622 MB, 71 against 77 at OLMoE's. The plan (one block,
-    rows past T padding) is built once per (T, device), so a CUDA graph capturing the call holds no plan kernels."""
+    rows past T padding) is built once per (T, device), so a CUDA graph capturing the call holds no plan kernels.
+    splits > 1 (split-K, for a narrow N over a long K): the fp32 partial products [splits, T, N], which sum to
+    the product; the next residual add sums them as it reads (`serve/norm_triton.add_rms_norm`)."""
     from moestack.moe.fused_triton import moe_gemm
 
     T, K = x.shape
@@ -166,7 +171,18 @@ def few_rows_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                          torch.full((1,), BLOCK_M, dtype=torch.int32, device=x.device), T, 1, BLOCK_M)
         _ONE_EXPERT_PLANS[(T, x.device)] = plan
     x = x if x.stride(1) == 1 else x.contiguous()
-    out = x.new_empty(T, w.shape[0])
+    out = x.new_empty(T, w.shape[0]) if splits == 1 else x.new_empty(splits, T, w.shape[0], dtype=torch.float32)
     b = w.t().unsqueeze(0)  # [1, K, N]: strides (N K, 1, K)
-    moe_gemm(x, b, out, plan, n=w.shape[0], k=K, a_div=1, stride_bk=b.stride(1), stride_bn=b.stride(2))
+    moe_gemm(x, b, out.view(-1, w.shape[0]), plan, n=w.shape[0], k=K, a_div=1, stride_bk=b.stride(1),
+             stride_bn=b.stride(2), split=splits)
     return out
+
+
+def few_rows_splits(n: int, k: int, sms: int) -> int:
+    """Split-K for `few_rows_linear` of an [n, k] weight: doubled (up to 8) while the 64-column tiles times the
+    splits stay within the SMs and each split keeps at least 512 of the reduction (a narrow out projection
+    over a long K: 2048 x 4096 at Qwen3-30B-A3B gives 4 splits, 128 programs on an H100's 132 SMs)."""
+    splits = 1
+    while splits < 8 and -(-n // 64) * splits * 2 <= sms and k // (splits * 2) >= 512:
+        splits *= 2
+    return splits

@@ -24,7 +24,7 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, j_ptr, sorted_ptr, block_expert_ptr, t
               N, K, num_valid, stride_am, stride_be, stride_bk, stride_bn, stride_cm, R_BUCKET, PART,
               A_DIV: tl.constexpr, MUL_W: tl.constexpr, PARTS_N: tl.constexpr, PARTS_K: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-              SWIGLU: tl.constexpr = False):
+              SWIGLU: tl.constexpr = False, SPLIT: tl.constexpr = 1):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     total = tl.load(total_ptr)
@@ -41,6 +41,11 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, j_ptr, sorted_ptr, block_expert_ptr, t
             b_cols = cols + (cols // PART) * PART
         a_rows = a_ptr + (entry // A_DIV) * stride_am
         k_end = K
+        k_start = 0
+        if SPLIT > 1:  # split-K: this program's run of the reduction, its fp32 partial product in slab pid_k of c
+            k_start = tl.program_id(2) * tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+            k_end = tl.minimum(K, k_start + tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K)
+            c_ptr += tl.program_id(2).to(tl.int64) * num_valid * stride_cm
         if PARTS_N or PARTS_K:  # DualSparse: row r runs the first j_r parts (PART columns or rows of B each)
             j = tl.load(j_ptr + entry, mask=valid, other=0)  # [BLOCK_M]
             need = tl.max(j, axis=0) * PART  # the block's rows need B's first `need` columns / rows
@@ -50,7 +55,7 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, w_ptr, j_ptr, sorted_ptr, block_expert_ptr, t
                 k_end = tl.minimum(need, K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, k_end, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             kcheck = ks < K
             a_mask = valid[:, None] & kcheck[None, :]
@@ -85,8 +90,8 @@ def precision(x: torch.Tensor) -> str:
 TUNE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                 for bn, bk, w, st in ((64, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3),
                                       (128, 128, 8, 4), (256, 64, 8, 3), (32, 128, 4, 4), (64, 256, 4, 3))]
-_moe_gemm_tuned = triton.autotune(TUNE_CONFIGS, key=["N", "K", "R_BUCKET", "PARTS_N", "PARTS_K", "SWIGLU"], warmup=5,
-                                  rep=20)(_moe_gemm)
+_moe_gemm_tuned = triton.autotune(TUNE_CONFIGS, key=["N", "K", "R_BUCKET", "PARTS_N", "PARTS_K", "SWIGLU", "SPLIT"],
+                                  warmup=5, rep=20)(_moe_gemm)
 # Prefill-sized batches (blocks of fused.BLOCK_M_LARGE rows) are compute-bound: wider tiles, more stages.
 LARGE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                  for bn, bk, w, st in ((128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (128, 128, 8, 3),
@@ -97,14 +102,21 @@ _moe_gemm_large = triton.autotune(LARGE_CONFIGS, key=["N", "K", "R_BUCKET", "PAR
 
 def moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plan, *, n: int, k: int, a_div: int,
              stride_bk: int, stride_bn: int, weights: torch.Tensor | None = None,
-             parts_run: torch.Tensor | None = None, part_n: int = 0, part_k: int = 0, swiglu_f: int = 0) -> None:
+             parts_run: torch.Tensor | None = None, part_n: int = 0, part_k: int = 0, swiglu_f: int = 0,
+             split: int = 1) -> None:
     """out[entry] = a[entry // a_div] @ B_e (times weights[entry]) for every valid entry, B_e = b[e] of the
     entry's block. With parts_run [entries] (DualSparse): only the first parts_run x part_n output columns
     (part_n > 0) or the products over B's first parts_run x part_k rows (part_k > 0) count for a row.
     swiglu_f > 0: B's columns are per part (swiglu_f gate, swiglu_f up) and out [entries, n] is their SwiGLU
-    activation (`experts.swiglu` of the product), n = parts x swiglu_f; part_n is then swiglu_f."""
+    activation (`experts.swiglu` of the product), n = parts x swiglu_f; part_n is then swiglu_f.
+    split > 1 (split-K, decode-sized plans): out is fp32 [split, entries, n], slab s the product over the s-th run
+    of the reduction (their sum is the product), for a consumer that sums them as it reads."""
     if swiglu_f and (weights is not None or part_k or (parts_run is not None and part_n != swiglu_f)):
         raise ValueError("moe_gemm: swiglu_f is the gate/up GEMM's epilogue (no weights, no part_k, part_n = swiglu_f)")
+    if split > 1 and (weights is not None or parts_run is not None or swiglu_f or plan.large
+                      or out.dtype != torch.float32 or out.shape[0] != split * plan.num_valid):
+        raise ValueError("moe_gemm: split-K takes a decode-sized plan, no weights, parts or SwiGLU, and an fp32 "
+                         "out of split x entries rows")
     w = weights if weights is not None else out
     j = parts_run if parts_run is not None else plan.sorted_ids
     args = (a, b, out, w, j, plan.sorted_ids, plan.block_expert, plan.total, n, k, plan.num_valid,
@@ -112,13 +124,13 @@ def moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, plan, *, n: in
             min(triton.next_power_of_2(plan.num_valid), 1 << 20 if plan.large else 4096), max(part_n, part_k, swiglu_f, 1))
     flags = dict(A_DIV=a_div, MUL_W=weights is not None, PARTS_N=parts_run is not None and part_n > 0,
                  PARTS_K=parts_run is not None and part_k > 0, BLOCK_M=plan.block_m, PREC=precision(a),
-                 SWIGLU=swiglu_f > 0)
+                 SWIGLU=swiglu_f > 0, SPLIT=split)
     if a.is_cuda:
         kernel = _moe_gemm_large if plan.large else _moe_gemm_tuned
-        kernel[lambda meta: (plan.num_blocks, triton.cdiv(n, meta["BLOCK_N"]))](*args, **flags)
+        kernel[lambda meta: (plan.num_blocks, triton.cdiv(n, meta["BLOCK_N"]), split)](*args, **flags)
     else:  # Triton's interpreter (CPU tests): one small tile
         block = 64 if n >= 64 else 16
-        _moe_gemm[(plan.num_blocks, triton.cdiv(n, block))](*args, **flags, BLOCK_N=block, BLOCK_K=min(block, 32))
+        _moe_gemm[(plan.num_blocks, triton.cdiv(n, block), split)](*args, **flags, BLOCK_N=block, BLOCK_K=min(block, 32))
 
 
 @triton.jit

@@ -88,9 +88,10 @@ class MoELayer(nn.Module):
         y = self.experts(d.x, d.counts)
         return self.dispatcher.combine(y, d)
 
-    def fused(self, x: torch.Tensor, routing: Routing) -> torch.Tensor | None:
+    def fused(self, x: torch.Tensor, routing: Routing, summed: bool = True) -> torch.Tensor | None:
         """The routed experts' output [T, D] through the fused small-batch kernels, or None where they do not
-        apply (off, too many rows, gradients wanted, no Triton, or a dispatcher without `fused_parts`)."""
+        apply (off, too many rows, gradients wanted, no Triton, or a dispatcher without `fused_parts`).
+        summed False: each token's k weighted choice rows [T, k, D], for a consumer that sums them as it reads."""
         rows = routing.expert_ids.numel()
         plan = getattr(self.dispatcher, "fused_parts", None)
         if not (self.fused_rows and rows <= self.fused_rows and plan is not None and fused_inference(x, routing.weights)):
@@ -105,19 +106,21 @@ class MoELayer(nn.Module):
         if self.rows_in_autocast_dtype and torch.is_autocast_enabled(kind):
             x = x.to(torch.get_autocast_dtype(kind))
         return fused_experts(x, routing.expert_ids, routing.weights, self.experts.w13, self.experts.w2, P, parts_run,
-                             routing.plan)
+                             routing.plan, summed)
 
-    def routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """The routed experts' weighted output for flat tokens x [T, D] (no shared experts): [T, D]."""
-        y = self.fused(x, routing)
+    def routed(self, x: torch.Tensor, routing: Routing, summed: bool = True) -> torch.Tensor:
+        """The routed experts' weighted output for flat tokens x [T, D] (no shared experts): [T, D]; with summed
+        False, where the fused kernels run, each token's choice rows [T, k, D] (`fused`)."""
+        y = self.fused(x, routing, summed)
         if y is None:
             y = self.compute(self.dispatch(x, routing)).wait()
         return y
 
-    def output(self, flat: torch.Tensor) -> torch.Tensor:
-        """The layer's output for flat tokens [T, D] without its losses (inference; `last_routing` has them)."""
+    def output(self, flat: torch.Tensor, summed: bool = True) -> torch.Tensor:
+        """The layer's output for flat tokens [T, D] without its losses (inference; `last_routing` has them).
+        summed False: may be a stack [T, k, D] of rows whose sum is the output (see `routed`)."""
         routing = self.route(flat)
-        y = self.routed(flat, routing)
+        y = self.routed(flat, routing, summed or self.shared is not None)
         return y if self.shared is None else y + self.shared(flat)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

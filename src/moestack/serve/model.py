@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from moestack.models.transformer import RMSNorm
 from moestack.moe.dispatch import Done
 from moestack.moe.experts import SwiGLU, fused_inference
-from moestack.moe.fused import BLOCK_M, few_rows_linear
+from moestack.moe.fused import BLOCK_M, few_rows_linear, few_rows_splits
 from moestack.moe.layer import MoELayer
 from moestack.serve.attention import AttnMeta, attend, attend_dense, write_kv
 
@@ -104,6 +104,19 @@ class PagedAttention(nn.Module):
         elif spec.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(H * hd, spec.norm_eps), RMSNorm(Hkv * hd, spec.norm_eps)
 
+    def out_summands(self, o: torch.Tensor) -> torch.Tensor:
+        """The out projection of o [T, H hd]: a decode batch (T <= fused.BLOCK_M) in bf16 / fp16 where the Triton
+        kernels run gives split-K fp32 partial products [T, S, D] whose sum is the projection, for the residual
+        add after it to sum (`add_norm`); else out(o) [T, D]. cuBLAS took a split-K GEMM and a reduce kernel for
+        it at batch 8 (8.5 + 1.7 us at Qwen3-30B-A3B's 16.8 MB, H100, profile_decode 2026-12-07)."""
+        w = self.out.weight
+        if (self.out.bias is not None or o.dtype == torch.float32 or o.dtype != w.dtype or o.shape[0] > BLOCK_M
+                or not fused_inference(o, w)):
+            return self.out(o)
+        sms = torch.cuda.get_device_properties(o.device).multi_processor_count if o.is_cuda else 4
+        splits = few_rows_splits(*w.shape, sms)
+        return few_rows_linear(o, w, splits).transpose(0, 1) if splits > 1 else self.out(o)
+
     def norms(self):
         """(q norm weight, k norm weight, eps), or None without q/k norms: what post_qkv and its kernel take."""
         return (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm != "none" else None
@@ -114,14 +127,15 @@ class PagedAttention(nn.Module):
         return post(self.qkv(x), cos, sin, self.n_heads, self.n_kv_heads, self.head_dim, self.qk_norm, self.norms(),
                     self.clip)
 
-    def forward(self, x, cos, sin, kv, meta) -> torch.Tensor:
+    def forward(self, x, cos, sin, kv, meta, summands: bool = False) -> torch.Tensor:
         # x: [T, D]; cos/sin: [T, hd/2]; kv: (k_cache, v_cache) or None (meta = the batch size, whole sequences)
         if kv is not None and (meta.decode or meta.prefill):  # the Triton attention kernels read the cache:
             from moestack.serve.qkv_triton import qkv_rope_write  # norms, RoPE and the cache stores in one kernel
 
             q = qkv_rope_write(self.qkv(x), cos, sin, self.n_heads, self.n_kv_heads, self.head_dim, self.qk_norm,
                                self.norms(), self.clip, kv[0], kv[1], meta.slots)
-            return self.out(attend(q, None, None, kv, meta).reshape(x.shape[0], -1))
+            o = attend(q, None, None, kv, meta).reshape(x.shape[0], -1)
+            return self.out_summands(o) if summands else self.out(o)
         q, k, v = self.project(x, cos, sin)
         if kv is None:
             o = attend_dense(q, k, v, meta)
@@ -131,22 +145,29 @@ class PagedAttention(nn.Module):
         return self.out(o.reshape(x.shape[0], -1))
 
 
-def ffn_out(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A block's FFN on flat tokens [T, D]: an MoELayer (routed + shared experts) or a dense SwiGLU."""
+def ffn_out(ffn: nn.Module, x: torch.Tensor, summands: bool = False) -> torch.Tensor:
+    """A block's FFN on flat tokens [T, D]: an MoELayer (routed + shared experts) or a dense SwiGLU. summands:
+    an MoE's output may be its choice rows [T, k, D] unsummed, for `add_norm` to sum."""
     if isinstance(ffn, MoELayer):
-        return ffn.output(x)  # no loss to add up
+        return ffn.output(x, summed=not summands)  # no loss to add up
     return ffn(x)
 
 
+def addend(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A residual addend as rows [T, D] of dtype: y itself, or for a stack y [T, S, D] (a sublayer's output left
+    unsummed, `summands=True`) its sum in fp32 rounded to dtype, as its producer's sum kernel would store it."""
+    return y if y.dim() == 2 else y.float().sum(dim=1).to(dtype)
+
+
 def add_norm(h: torch.Tensor, y: torch.Tensor | None, norm: RMSNorm, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h + y, norm(h + y)), or (h, norm(h)) for y None; fused (the serving steps on CUDA): one Triton kernel
-    (serve/norm_triton.py) where no gradient is wanted."""
-    if fused and h.is_cuda and (y is None or h.dtype == y.dtype) and fused_inference(
+    """(h + y, norm(h + y)), or (h, norm(h)) for y None; y may be a stack of rows to sum (`addend`). fused (the
+    serving steps on CUDA): one Triton kernel (serve/norm_triton.py) where no gradient is wanted."""
+    if fused and h.is_cuda and (y is None or h.dtype == y.dtype or y.dim() == 3) and fused_inference(
             *(t for t in (h, y, norm.weight) if t is not None)):
         from moestack.serve.norm_triton import add_rms_norm
 
         return add_rms_norm(h, y, norm.weight, norm.eps)
-    h = h if y is None else h + y
+    h = h if y is None else h + addend(y, h.dtype)
     return h, norm(h)
 
 
@@ -164,10 +185,12 @@ class ServeBlock(nn.Module):
 
     def step(self, h, pending, cos, sin, kv, meta, fused: bool = False):
         """The block on h + pending (the previous block's FFN output, None for none): (the residual stream after
-        the attention, this block's FFN output), so each residual add fuses with the norm after it (`add_norm`)."""
+        the attention, this block's FFN output), so each residual add fuses with the norm after it (`add_norm`).
+        fused: the adds and norms as Triton kernels, which also sum the sublayers' unsummed outputs (stacks of
+        rows: the out projection's split-K partials, the MoE's choice rows), so those sums cost no kernel."""
         h, x = add_norm(h, pending, self.norm1, fused)
-        h, x = add_norm(h, self.attn(x, cos, sin, kv, meta), self.norm2, fused)
-        return h, ffn_out(self.ffn, x)
+        h, x = add_norm(h, self.attn(x, cos, sin, kv, meta, summands=fused), self.norm2, fused)
+        return h, ffn_out(self.ffn, x, summands=fused)
 
 
 class ServeScMoEBlock(nn.Module):
@@ -247,7 +270,7 @@ class ServeModel(nn.Module):
                 h, pending = block.step(h, pending, cos, sin, kv, meta, self.fused_norms)
             if normed and rows is None:
                 return add_norm(h, pending, self.norm, self.fused_norms)[1]
-            h = h if pending is None else h + pending
+            h = h if pending is None else h + addend(pending, h.dtype)
         h = h if rows is None else h.index_select(0, rows)
         return self.norm(h) if normed else h
 
