@@ -98,6 +98,49 @@ def test_graph_decode_bf16_is_greedy_under_the_dense_forward():
     assert_greedy_under_dense(s.model, PROMPTS, outs)
 
 
+def test_graph_decode_bf16_with_split_out_projections_is_greedy_under_the_dense_forward(monkeypatch):
+    """The tiny model's out projections split too (the real shapes do: `fused.few_rows_splits`), so the decode
+    graphs run split-K partials summed by the add + norm, the MoE's unsummed choice rows and the few-rows head."""
+    from moestack.serve import model as serve_model
+
+    monkeypatch.setattr(serve_model, "few_rows_splits", lambda n, k, sms: 2)
+    splits = []
+    real = serve_model.few_rows_linear
+    monkeypatch.setattr(serve_model, "few_rows_linear", lambda x, w, s=1: splits.append(s) or real(x, w, s))
+    s, _ = served("qwen3_moe", torch.bfloat16)
+    llm = LLM(s, device="cuda", num_blocks=64, block_size=4, max_num_seqs=4)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert 2 in splits and 1 in splits and llm.stats.graph_steps == llm.stats.steps
+    assert_greedy_under_dense(s.model, PROMPTS, outs)
+
+
+def test_few_rows_gemms_and_stacked_adds_at_real_shapes_bf16():
+    """At Qwen3-30B-A3B's shapes, batch 8: the LM head through `few_rows_linear` against cuBLAS, the split-K out
+    projection summed by the add + norm against cuBLAS + add, the MoE's choice rows summed by it against torch."""
+    import torch.nn.functional as F
+
+    from moestack.moe.fused import few_rows_linear, few_rows_splits
+    from moestack.serve.norm_triton import add_rms_norm
+
+    torch.manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, head = torch.randn(8, 2048, **bf), torch.randn(151936, 2048, **bf) / 45
+    got, ref = few_rows_linear(x, head).float(), F.linear(x, head).float()
+    assert (got - ref).abs().max() < 1e-2 * ref.abs().max()
+    o, w = torch.randn(8, 4096, **bf), torch.randn(2048, 4096, **bf) / 64
+    h, nw = torch.randn(8, 2048, **bf), torch.rand(2048, **bf)
+    n = few_rows_splits(2048, 4096, torch.cuda.get_device_properties(0).multi_processor_count)
+    assert n > 1
+    total, normed = add_rms_norm(h, few_rows_linear(o, w, n).transpose(0, 1), nw, 1e-6)
+    want = h + F.linear(o, w)
+    assert (total.float() - want.float()).abs().max() < 2e-2 * want.float().abs().max()
+    assert (normed.float() - F.rms_norm(want, (2048,), nw, 1e-6).float()).abs().max() < 5e-2
+    rows = torch.randn(8, 8, 2048, **bf)
+    total, _ = add_rms_norm(h, rows, nw, 1e-6)
+    torch.testing.assert_close(total, (h.float() + rows.float().sum(1).to(torch.bfloat16).float()).to(torch.bfloat16),
+                               atol=2e-2, rtol=1e-2)
+
+
 @contextlib.contextmanager
 def eager(model):
     """The model's eager paths (no fused MoE, router or add + norm kernels) while inside."""

@@ -337,6 +337,37 @@ def test_engine_with_the_fused_kernels_equals_the_eager_engine(triton_device, tm
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
 
 
+def test_half_precision_decode_with_split_out_projection_and_few_rows_head(triton_device, tmp_path, monkeypatch):
+    """fp16, the serving paths of a CUDA engine: the out projection as split-K partials and the MoE's choice rows,
+    both summed by the add + norm after them, the LM head through `few_rows_linear`. Each token is the argmax of
+    the eager model's logits over the same sequence (no fused kernels, summed outputs), up to fp16 noise."""
+    from moestack.serve import LLM, SamplingParams
+    from moestack.serve import model as serve_model
+
+    importlib.import_module("moestack.moe.fused_triton")
+    hf_folder(tmp_path, "qwen3_moe")
+    monkeypatch.setattr(serve_model, "few_rows_splits", lambda n, k, sms: 2)  # the tiny out projection splits too
+    splits = []
+    real = serve_model.few_rows_linear
+    monkeypatch.setattr(serve_model, "few_rows_linear", lambda x, w, s=1: splits.append(s) or real(x, w, s))
+    llm = LLM(str(tmp_path), device=triton_device, dtype="float16", block_size=4, num_blocks=64, fused_rows=1024,
+              cuda_graphs=False)
+    model = llm.model
+    model.fused_norms = True  # as on CUDA
+    prompts = [[2, 3, 4, 5], [9, 8, 7, 6, 5, 4, 3], [11] * 6]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert 2 in splits and 1 in splits  # out projections split, LM heads whole
+    model.fused_norms = False
+    for m in model.moe_layers():
+        m.fused_rows = 0
+    with torch.inference_mode():
+        for p, o in zip(prompts, outs):
+            seq = torch.tensor([p + o.token_ids], device=triton_device)
+            logits = model(seq)[0, len(p) - 1:-1].float()
+            chosen = logits.gather(1, torch.tensor(o.token_ids, device=triton_device)[:, None])[:, 0]
+            assert (logits.max(1).values - chosen).max() < 0.02 * logits.abs().max(), p
+
+
 def test_dualsparse_engine_with_the_fused_kernels_equals_the_eager_engine(triton_device, tmp_path):
     """At 50% dropped, decode steps through the fused kernels (parts to run from one Triton kernel, unrun
     parts skipped inside the GEMMs) give the eager dropping engine's tokens and skip the same computations."""

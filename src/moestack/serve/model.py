@@ -134,15 +134,16 @@ class PagedAttention(nn.Module):
 
             q = qkv_rope_write(self.qkv(x), cos, sin, self.n_heads, self.n_kv_heads, self.head_dim, self.qk_norm,
                                self.norms(), self.clip, kv[0], kv[1], meta.slots)
-            o = attend(q, None, None, kv, meta).reshape(x.shape[0], -1)
-            return self.out_summands(o) if summands else self.out(o)
-        q, k, v = self.project(x, cos, sin)
-        if kv is None:
-            o = attend_dense(q, k, v, meta)
+            o = attend(q, None, None, kv, meta)
         else:
-            write_kv(kv[0], kv[1], k, v, meta.slots)
-            o = attend(q, k, v, kv, meta)
-        return self.out(o.reshape(x.shape[0], -1))
+            q, k, v = self.project(x, cos, sin)
+            if kv is None:
+                o = attend_dense(q, k, v, meta)
+            else:
+                write_kv(kv[0], kv[1], k, v, meta.slots)
+                o = attend(q, k, v, kv, meta)
+        o = o.reshape(x.shape[0], -1)
+        return self.out_summands(o) if summands else self.out(o)
 
 
 def ffn_out(ffn: nn.Module, x: torch.Tensor, summands: bool = False) -> torch.Tensor:
