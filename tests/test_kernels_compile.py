@@ -58,6 +58,8 @@ CASES = {
                             dict(G=8, HD=128, BLOCK_G=16, BLOCK_D=128, BLOCK_N=64, PAGE=16, PREC="tf32", SPLITS=8)),
     "paged_decode_whole": ("moestack.serve.attention_triton", "_paged_decode", DECODE_ARGS,
                            dict(G=1, HD=128, BLOCK_G=16, BLOCK_D=128, BLOCK_N=64, PAGE=16, PREC="tf32", SPLITS=1)),
+    "paged_decode_whole_128": ("moestack.serve.attention_triton", "_paged_decode", DECODE_ARGS,
+                               dict(G=1, HD=128, BLOCK_G=16, BLOCK_D=128, BLOCK_N=128, PAGE=16, PREC="tf32", SPLITS=1)),
     "paged_decode_combine": ("moestack.serve.attention_triton", "_paged_decode_combine",
                              dict(part_ptr="*fp32", out_ptr="*bf16", stride_ob="i32", stride_oh="i32", H="i32"),
                              dict(HD=128, BLOCK_D=128, SPLITS=8)),

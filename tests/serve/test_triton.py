@@ -182,6 +182,18 @@ def test_few_rows_linear_equals_f_linear(triton_device, T, N, K, dtype):
         fused.few_rows_linear(torch.zeros(17, K, dtype=dtype, device=triton_device), w)
 
 
+@pytest.mark.parametrize("T, N, K, splits", [(3, 70, 100, 4), (1, 33, 24, 8), (5, 130, 77, 2), (8, 64, 512, 4)])
+def test_few_rows_linear_split_k_partials_sum_to_the_product(triton_device, T, N, K, splits):
+    """Split-K runs of the reduction, K not a multiple of splits x the tile: no column counted twice or missed."""
+    fused = importlib.import_module("moestack.moe.fused")
+    importlib.import_module("moestack.moe.fused_triton")
+    g = torch.Generator().manual_seed(K)
+    x, w = (torch.randn(*shape, generator=g).to(triton_device) for shape in ((T, K), (N, K)))
+    parts = fused.few_rows_linear(x, w, splits)
+    assert parts.shape == (splits, T, N) and parts.dtype == torch.float32
+    torch.testing.assert_close(parts.sum(0), F.linear(x, w), atol=1e-4, rtol=1e-4)
+
+
 def test_model_head_takes_the_few_rows_gemm_for_decode_batches_in_half_precision(triton_device, monkeypatch):
     """ServeModel.head: up to fused.BLOCK_M rows in fp16/bf16 through `few_rows_linear`, else the nn.Linear."""
     from moestack.serve import model as serve_model

@@ -161,21 +161,30 @@ def few_rows_linear(x: torch.Tensor, w: torch.Tensor, splits: int = 1) -> torch.
     from moestack.moe.fused_triton import moe_gemm
 
     T, K = x.shape
-    if T > BLOCK_M or w.shape[1] != K or x.dtype != w.dtype:
+    if not few_rows_fit(T, w) or w.shape[1] != K or x.dtype != w.dtype:
         raise ValueError(f"few_rows_linear: x {tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} {w.dtype} must be "
-                         f"[T <= {BLOCK_M}, K] and [N, K] of one dtype")
+                         f"[T <= {BLOCK_M}, K] and [N, K] of one dtype, N x K < 2^31")
     plan = _ONE_EXPERT_PLANS.get((T, x.device))
     if plan is None:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():  # its tensors would be filled only on replay
+            raise RuntimeError(f"few_rows_linear: first call for {T} rows inside a CUDA graph capture; run it once "
+                               "before capturing (the engine's warm-up does)")
         rows = torch.arange(BLOCK_M, dtype=torch.int32, device=x.device)
         plan = AlignPlan(torch.where(rows < T, rows, T), torch.zeros(1, dtype=torch.int32, device=x.device),
                          torch.full((1,), BLOCK_M, dtype=torch.int32, device=x.device), T, 1, BLOCK_M)
         _ONE_EXPERT_PLANS[(T, x.device)] = plan
     x = x if x.stride(1) == 1 else x.contiguous()
     out = x.new_empty(T, w.shape[0]) if splits == 1 else x.new_empty(splits, T, w.shape[0], dtype=torch.float32)
-    b = w.t().unsqueeze(0)  # [1, K, N]: strides (N K, 1, K)
+    b = w.t().unsqueeze(0)  # [1, K, N]: strides (K, 1, K), only expert 0
     moe_gemm(x, b, out.view(-1, w.shape[0]), plan, n=w.shape[0], k=K, a_div=1, stride_bk=b.stride(1),
              stride_bn=b.stride(2), split=splits)
     return out
+
+
+def few_rows_fit(rows: int, w: torch.Tensor) -> bool:
+    """Whether `few_rows_linear` takes rows x w [N, K]: at most BLOCK_M rows (one block), and N x K under 2^31
+    (the kernel's column offsets into w are 32-bit)."""
+    return rows <= BLOCK_M and w.numel() < 2 ** 31
 
 
 def few_rows_splits(n: int, k: int, sms: int) -> int:
