@@ -82,7 +82,7 @@ def rotating(weights: list[torch.Tensor], fn):
 
 def pieces(name: str, s: dict, device, dtype, T: int) -> list[dict]:
     from moestack.moe import fused
-    from moestack.moe.experts import fused_inference
+    from moestack.moe.experts import fused_inference, sm_count
     from moestack.moe.fused_triton import moe_gemm
     from moestack.serve.attention_triton import paged_decode
 
@@ -112,7 +112,7 @@ def pieces(name: str, s: dict, device, dtype, T: int) -> list[dict]:
             from moestack.serve.norm_triton import add_rms_norm
 
             h, nw = rnd(T, D), rnd(D)
-            splits = fused.few_rows_splits(n_out, n_in, torch.cuda.get_device_properties(device).multi_processor_count)
+            splits = fused.few_rows_splits(n_out, n_in, sm_count(xi))
             add("out_add_norm", "cublas", time_graphed(rotating(ws, lambda w: add_rms_norm(h, F.linear(xi, w), nw, 1e-6)),
                                                        device), nbytes)
             add("out_add_norm", f"moe_gemm_split{splits}", time_graphed(rotating(ws, lambda w: add_rms_norm(

@@ -121,13 +121,14 @@ def test_add_rms_norm_sums_a_stack_of_addends_first(triton_device, T, S, D, part
 def test_out_summands_are_split_k_partials_of_the_out_projection(triton_device):
     """PagedAttention.out_summands: half-precision decode rows give [T, S, D] fp32 partials summing to out(o);
     fp32 rows or more than fused.BLOCK_M of them give out(o) itself."""
+    from moestack.moe.experts import sm_count
     from moestack.serve.model import PagedAttention, addend
 
     importlib.import_module("moestack.moe.fused_triton")
     holder = torch.nn.Module()
     holder.out = torch.nn.Linear(1024, 32, bias=False).to(triton_device, torch.float16)
     o = torch.randn(5, 1024).to(triton_device, torch.float16)
-    sms = torch.cuda.get_device_properties(o.device).multi_processor_count if o.is_cuda else 4
+    sms = sm_count(o)
     with torch.inference_mode():
         got = PagedAttention.out_summands(holder, o)
         want = holder.out(o)

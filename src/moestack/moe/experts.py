@@ -82,6 +82,12 @@ def fused_inference(*tensors: torch.Tensor) -> bool:
     return triton_runs(tensors[0]) and not grad
 
 
+def sm_count(t: torch.Tensor) -> int:
+    """The streaming multiprocessors of t's GPU (what decode kernels size their grids to); 4 off CUDA, where
+    Triton's interpreter runs the same choices at toy sizes."""
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 4
+
+
 def triton_runs(t: torch.Tensor) -> bool:
     """Whether the Triton kernels take tensors like t: on CUDA with triton installed, or on the CPU under
     Triton's interpreter (TRITON_INTERPRET=1, read per call: slow, the same kernel code; CI tests it so)."""

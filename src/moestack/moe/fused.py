@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from moestack.moe.experts import swiglu
+from moestack.moe.experts import fused_inference, swiglu
 from moestack.moe.router import count_ids, plan_rows
 
 BLOCK_M = 16
@@ -161,7 +161,7 @@ def few_rows_linear(x: torch.Tensor, w: torch.Tensor, splits: int = 1) -> torch.
     from moestack.moe.fused_triton import moe_gemm
 
     T, K = x.shape
-    if not few_rows_fit(T, w) or w.shape[1] != K or x.dtype != w.dtype:
+    if T > BLOCK_M or w.numel() >= 2 ** 31 or w.shape[1] != K or x.dtype != w.dtype:
         raise ValueError(f"few_rows_linear: x {tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} {w.dtype} must be "
                          f"[T <= {BLOCK_M}, K] and [N, K] of one dtype, N x K < 2^31")
     plan = _ONE_EXPERT_PLANS.get((T, x.device))
@@ -181,10 +181,12 @@ def few_rows_linear(x: torch.Tensor, w: torch.Tensor, splits: int = 1) -> torch.
     return out
 
 
-def few_rows_fit(rows: int, w: torch.Tensor) -> bool:
-    """Whether `few_rows_linear` takes rows x w [N, K]: at most BLOCK_M rows (one block), and N x K under 2^31
-    (the kernel's column offsets into w are 32-bit)."""
-    return rows <= BLOCK_M and w.numel() < 2 ** 31
+def few_rows_fit(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the serving paths take `few_rows_linear` for x @ w.T: half-precision rows of w's dtype (fp32 runs
+    the kernel's slow full-precision dot), at most BLOCK_M of them (one block), N x K under 2^31 (the kernel's
+    column offsets into w are 32-bit), where the Triton kernels run and no gradient is wanted."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype and x.shape[0] <= BLOCK_M
+            and w.numel() < 2 ** 31 and fused_inference(x, w))
 
 
 def few_rows_splits(n: int, k: int, sms: int) -> int:

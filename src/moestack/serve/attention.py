@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moestack.moe.experts import sm_count
+
 
 @dataclass
 class AttnMeta:
@@ -106,8 +108,7 @@ def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     from moestack.serve.attention_triton import decode_tiles, paged_decode
 
     tables, lens = (meta.block_tables, meta.context_lens) if rows is None else (meta.block_tables[rows], meta.context_lens[rows])
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    splits, block_n = decode_tiles(q.shape[0], k_cache.shape[2], sms)
+    splits, block_n = decode_tiles(q.shape[0], k_cache.shape[2], sm_count(q))
     return paged_decode(q, k_cache, v_cache, tables, lens, block_n=block_n, splits=splits)
 
 

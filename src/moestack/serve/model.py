@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from moestack.models.transformer import RMSNorm
 from moestack.moe.dispatch import Done
-from moestack.moe.experts import SwiGLU, fused_inference
+from moestack.moe.experts import SwiGLU, fused_inference, sm_count
 from moestack.moe.fused import few_rows_fit, few_rows_linear, few_rows_splits
 from moestack.moe.layer import MoELayer
 from moestack.serve.attention import AttnMeta, attend, attend_dense, write_kv
@@ -110,11 +110,7 @@ class PagedAttention(nn.Module):
         add after it to sum (`add_norm`); else out(o) [T, D]. cuBLAS took a split-K GEMM and a reduce kernel for
         it at batch 8 (8.5 + 1.7 us at Qwen3-30B-A3B's 16.8 MB, H100, profile_decode 2026-12-07)."""
         w = self.out.weight
-        if (self.out.bias is not None or o.dtype == torch.float32 or o.dtype != w.dtype
-                or not few_rows_fit(o.shape[0], w) or not fused_inference(o, w)):
-            return self.out(o)
-        sms = torch.cuda.get_device_properties(o.device).multi_processor_count if o.is_cuda else 4
-        splits = few_rows_splits(*w.shape, sms)
+        splits = few_rows_splits(*w.shape, sm_count(o)) if self.out.bias is None and few_rows_fit(o, w) else 1
         return few_rows_linear(o, w, splits).transpose(0, 1) if splits > 1 else self.out(o)
 
     def norms(self):
@@ -302,7 +298,7 @@ class ServeModel(nn.Module):
         fused.BLOCK_M) in bf16 / fp16 where the Triton kernels run takes `fused.few_rows_linear` (read once, in
         place: faster than cuBLAS at these shapes, measured in bench/decode_pieces.py)."""
         w = self.lm_head.weight
-        if x.dtype != torch.float32 and x.dtype == w.dtype and few_rows_fit(x.shape[0], w) and fused_inference(x, w):
+        if few_rows_fit(x, w):
             return few_rows_linear(x, w)
         return self.lm_head(x)
 
