@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import statistics
 import sys
@@ -51,25 +52,33 @@ SHAPES = {  # name: (d_model, d_ff, experts, top_k)
     "olmoe": (2048, 1024, 64, 8),
     "cpu": (256, 1024, 8, 2),
 }
-METHODS = ("naive", "partition", "dualsparse", "dualsparse+load-aware")
+METHODS = ("naive", "partition", "dualsparse", "dualsparse+load-aware", "dualsparse+whole")
 
 
 # ---- (i) quality ----------------------------------------------------------------------------------
 def quality(run_dir: str, rates: list[float], args, device: str) -> list[dict]:
-    """Val loss at each drop rate for every method; each method calibrated once, then re-thresholded."""
+    """Val loss at each drop rate for every method; each method calibrated once, then re-thresholded.
+    dualsparse+whole evaluates what decode batches of --eval-batch sequences drop: a [B, S] validation batch
+    is S steps of B tokens (one position of every sequence), each dropping whole sub-experts."""
     from moestack.runs import evaluate, load_model
 
     rows = []
     for method in METHODS:
         model, cfg, ctx = load_model(run_dir, device)
-        load_aware = method.endswith("load-aware")
+        if args.eval_batch:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=args.eval_batch))
+        load_aware, whole = method.endswith("load-aware"), method.endswith("whole")
         transform(model, cfg, ctx.device, method.split("+")[0], 0.0, args.parts, args.calib_batches)
         ranks = contiguous_ranks(cfg.moe.num_experts, args.ranks)
+        for layer in moe_layers(model) if whole else []:
+            layer.dispatcher.steps = cfg.model.seq_len
         for rate in rates:
-            set_drop_rate(model, rate, load_aware=load_aware, expert_rank=[ranks] * len(moe_layers(model)))
+            set_drop_rate(model, rate, load_aware=load_aware, expert_rank=[ranks] * len(moe_layers(model)),
+                          whole_rows=cfg.train.batch_size * cfg.moe.top_k if whole else 0)
             reset_drop_stats(model)
             res = evaluate(model, cfg, ctx, args.batches)
-            rows.append({"study": "quality", "run_dir": run_dir, "method": method, "target": rate,
+            rows.append({"study": "quality", "run_dir": run_dir, "method": method, "eval_batch": cfg.train.batch_size,
+                         "target": rate,
                          "drop_rate": drop_stats(model)["drop_rate"], "val_loss": res["val_loss"],
                          "perplexity": res["perplexity"], "device": device_name(ctx.device)})
             print(rows[-1], flush=True)
@@ -362,6 +371,9 @@ def main() -> None:
     ap.add_argument("--parts", type=int, default=2)
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--batches", type=int, default=16, help="validation batches (quality)")
+    ap.add_argument("--eval-batch", type=int, default=0,
+                    help="sequences per validation batch (quality; default the run's batch size): the decode batch "
+                         "dualsparse+whole drops whole sub-experts over")
     ap.add_argument("--shapes", default=None, help="speed/load shapes (GPU default mixtral,qwen3_moe; CPU: cpu)")
     ap.add_argument("--tokens", default=None, help="tokens per forward, comma-separated (GPU 16384, CPU 8192)")
     ap.add_argument("--ranks", type=int, default=4, help="simulated EP ranks (load study, load-aware quality)")

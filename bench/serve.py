@@ -4,6 +4,7 @@
     python bench/serve.py --models olmoe --layers 16       # every layer of OLMoE-1B-7B
     python bench/serve.py --quick                          # tiny shapes: a CPU smoke run
     python bench/serve.py --drop-rates 0.25                # + DualSparse at 25% drop against no dropping
+                                                           #   (policies auto and token, timed runs taking turns)
 
 Models are built from their real configs (per-layer shapes, GQA, q/k norms, experts) with random weights and
 `--layers` decoder layers. For each model and batch size B: B prompts of --prompt-len random tokens,
@@ -38,6 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, print_table, sync, write_results  # noqa: E402
 
+from moestack.inference.dropping import DualSparseDispatcher  # noqa: E402
+from moestack.inference.dualsparse import drop_stats, reset_drop_stats  # noqa: E402
 from moestack.serve import LLM, SamplingParams  # noqa: E402
 from moestack.serve import loader  # noqa: E402
 
@@ -283,7 +286,7 @@ def free(llm: LLM) -> None:
 
 
 # -- driver ---------------------------------------------------------------------------------------------
-def engine_for(hf, args, device, dtype, batch: int, drop_rate=None) -> LLM:
+def engine_for(hf, args, device, dtype, batch: int, drop_rate=None, drop_policy: str = "auto") -> LLM:
     model = loader.build_hf(hf.config, hf.state_dict(), device, dtype, max_len=args.max_model_len)
     vocab = hf.config.vocab_size
     gen = torch.Generator().manual_seed(7)
@@ -295,21 +298,42 @@ def engine_for(hf, args, device, dtype, batch: int, drop_rate=None) -> LLM:
                            hf.config.model_type, calib)
     blocks = args.num_blocks or batch * -(-(2 * args.prompt_len + 2 * args.new_tokens) // 16) + 64
     return LLM(served, max_num_seqs=batch, max_num_batched_tokens=args.max_batched_tokens,
-               cuda_graphs=not args.no_graphs, drop_rate=drop_rate, num_blocks=blocks, fused_rows=args.fused_rows,
+               cuda_graphs=not args.no_graphs, drop_rate=drop_rate, drop_policy=drop_policy, num_blocks=blocks,
+               fused_rows=args.fused_rows,
                prefill_graph_tokens=args.prefill_graph_tokens)
 
 
 def timed_engine(llm: LLM, prompts, max_tokens, reps: int = 3) -> dict:
     """run_engine on the workload once to warm up (kernels compile, caches fill), then `reps` timed runs: the
     median of each figure (HF's are medians of 3 too; a batch-64 prefill is one step, one sample per run)."""
-    warm = run_engine(llm, prompts, max_tokens, count_active=True)  # greedy: the timed runs route the same
-    runs = []
+    return timed_engines([llm], prompts, max_tokens, reps)[0]
+
+
+def timed_engines(llms: list[LLM], prompts, max_tokens, reps: int = 3) -> list[dict]:
+    """timed_engine for engines compared with each other: each warms up, then their timed runs take turns
+    (1, 2, .., 1, 2, ..), so a drift of the clocks or the host meets them alike. A DualSparse engine's row
+    also has the share of sub-expert computations its timed runs skipped."""
+    warm = [run_engine(llm, prompts, max_tokens, count_active=True) for llm in llms]  # greedy: timed runs route alike
+    runs: list[list[dict]] = [[] for _ in llms]
+    for llm in llms:
+        if _sparse(llm):
+            reset_drop_stats(llm.model)
     for _ in range(reps):
-        llm.blocks.reset_prefix_cache()  # every timed run computes every prompt again
-        runs.append(run_engine(llm, prompts, max_tokens))
-    out = {k: (statistics.median(v) if (v := [r[k] for r in runs if r[k] is not None]) else None) for k in runs[0]}
-    out["active_experts"] = warm["active_experts"]
+        for llm, got in zip(llms, runs):
+            llm.blocks.reset_prefix_cache()  # every timed run computes every prompt again
+            got.append(run_engine(llm, prompts, max_tokens))
+    out = []
+    for llm, got, w in zip(llms, runs, warm):
+        row = {k: (statistics.median(v) if (v := [r[k] for r in got if r[k] is not None]) else None) for k in got[0]}
+        row["active_experts"] = w["active_experts"]
+        if _sparse(llm):
+            row["achieved_drop"] = drop_stats(llm.model)["drop_rate"]
+        out.append(row)
     return out
+
+
+def _sparse(llm: LLM) -> bool:
+    return any(isinstance(layer.dispatcher, DualSparseDispatcher) for layer in llm.model.moe_layers())
 
 
 def main() -> None:
@@ -321,6 +345,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--drop-rates", default="", help="DualSparse drop rates to run beside no dropping, e.g. 0.25")
     ap.add_argument("--drop-batches", default="8,64", help="batch sizes of the DualSparse rows")
+    ap.add_argument("--drop-policies", default="auto,token",
+                    help="the engine's drop policies to run at each drop rate (auto: whole sub-experts in decode steps)")
+    ap.add_argument("--drop-reps", type=int, default=5, help="timed runs per DualSparse engine, taking turns")
     ap.add_argument("--mixed", type=int, default=128, help="requests of the mixed workload (0: skip)")
     ap.add_argument("--mixed-batch", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=1024)
@@ -341,6 +368,7 @@ def main() -> None:
         args.mixed, args.mixed_batch, args.drop_batches = 8, 4, "4"
     batches = [int(b) for b in args.batches.split(",")]
     rates = [float(r) for r in args.drop_rates.split(",") if r]
+    policies = args.drop_policies.split(",")
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name in args.models.split(","):
@@ -374,18 +402,22 @@ def main() -> None:
                                 "startup_s"])
         for B in [int(b) for b in args.drop_batches.split(",")] if rates else []:
             prompts = torch.randint(0, vocab, (B, args.prompt_len), generator=gen).tolist()
-            for rate in [None] + rates:
-                llm = engine_for(hf, args, device, dtype, B, drop_rate=rate)
-                eng = timed_engine(llm, prompts, [args.new_tokens] * B)
+            variants = [(None, "-")] + [(rate, policy) for rate in rates for policy in policies]
+            llms = [engine_for(hf, args, device, dtype, B, rate, "auto" if policy == "-" else policy)
+                    for rate, policy in variants]
+            got = timed_engines(llms, prompts, [args.new_tokens] * B, reps=args.drop_reps)
+            for (rate, policy), eng in zip(variants, got):
                 rows.append(dict(bench="dualsparse", model=name, layers=args.layers, batch=B, prompt=args.prompt_len,
-                                 new=args.new_tokens, device=device_name(device), drop_rate=rate, **eng))
+                                 new=args.new_tokens, device=device_name(device), drop_rate=rate, drop_policy=policy,
+                                 **eng))
+            for llm in llms:
                 free(llm)
-            base = rows[-1 - len(rates)]
-            for r in rows[-len(rates):]:
+            base = rows[-len(variants)]
+            for r in rows[1 - len(variants):]:
                 r["total_x_nodrop"] = base["total_s"] / r["total_s"]
                 r["decode_x_nodrop"] = r["decode_tok_s"] / base["decode_tok_s"]
-            print_table(rows[-1 - len(rates):], ["model", "batch", "drop_rate", "total_s", "decode_tok_s", "prefill_tok_s",
-                                                 "total_x_nodrop", "decode_x_nodrop"])
+            print_table(rows[-len(variants):], ["model", "batch", "drop_rate", "drop_policy", "achieved_drop", "total_s",
+                                                "decode_tok_s", "prefill_tok_s", "total_x_nodrop", "decode_x_nodrop"])
         if args.mixed:
             lo, hi = max(4, args.prompt_len // 4), args.prompt_len * 2
             plens = torch.randint(lo, hi + 1, (args.mixed,), generator=gen).tolist()

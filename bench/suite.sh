@@ -33,7 +33,7 @@ declare -A HELP=(
   [profile_decode]="bench/serve.py --profile --batches 8: kernel tables of the engine's steps at OLMoE and Qwen3-30B-A3B shapes, batch 8 (where decode is under 5x HF)"
   [decode_pieces]="bench/decode_pieces.py: the batch-8 decode step's pieces alone in CUDA graphs (dense projections cuBLAS vs the fused MoE GEMM, expert GEMMs, paged decode key tiles, argmax) with their HBM rates"
   [serve_full]="bench/serve.py --models olmoe --layers 16: every layer of OLMoE-1B-7B"
-  [serve_dualsparse]="bench/serve.py --drop-rates 0.25: DualSparse at 25% drop against no dropping, end to end in the engine"
+  [serve_dualsparse]="bench/serve.py --drop-rates 0.25: DualSparse at 25% drop (policies auto and token) against no dropping, end to end in the engine, timed runs taking turns"
   [serve_http]="bench/serve_http.py: the HTTP server at 1/8/32 clients against the offline engine"
   [realb]="bench/realb_kernels.py (the FP8 path piece by piece), then bench/realb.py --study speed: ReaLB vs BF16 / FP8 everywhere / EPLB per EP rank at Qwen3-VL-30B-A3B and Mixtral shapes, traced VLM routing"
   [fssdp]="bench/fssdp_sim.py: EP vs FSSDP vs FSSDP-RM step-time model at 8-64 GPUs, GEMM and attention times measured here"
@@ -85,7 +85,7 @@ run_group() {
   profile_decode) py 240 bench/serve.py --models olmoe,qwen3_moe --batches 8 --mixed 0 --no-hf --profile ;;
   decode_pieces) py 180 bench/decode_pieces.py ;;
   serve_full) py 300 bench/serve.py --models olmoe --layers 16 --batches 8,64 --mixed 0 ;;
-  serve_dualsparse) py 300 bench/serve.py --batches 8 --mixed 0 --no-hf --drop-rates 0.25 --drop-batches 8,64 ;;
+  serve_dualsparse) py 420 bench/serve.py --batches 8 --mixed 0 --no-hf --drop-rates 0.25 --drop-batches 8,64 ;;
   serve_http) py 300 bench/serve_http.py ;;
   realb) py 120 bench/realb_kernels.py; py 420 bench/realb.py --study speed --reps 10 ;;
   esac

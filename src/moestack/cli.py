@@ -101,8 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=positive_int, default=50, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--drop-rate", type=non_negative_float, default=None,
-                   help="DualSparse: partition the experts and drop this share of expert computation")
+    add_engine_drop_args(p)
     p.add_argument("--realb", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
                    help="ReaLB: run overloaded, vision-dominated EP ranks' experts in FP8; optional KEY=VALUE,... "
                         "(load_ratio, modality, min_tokens, min_expert_rows, precision, ranks, everywhere). In one "
@@ -127,8 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=positive_int, default=None, help="context length (default: the model's)")
     p.add_argument("--num-blocks", type=positive_int, default=None,
                    help="KV-cache blocks (default: sized from free GPU memory, or room for every sequence on the CPU)")
-    p.add_argument("--drop-rate", type=non_negative_float, default=None,
-                   help="DualSparse: partition the experts and drop this share of expert computation")
+    add_engine_drop_args(p)
     p.add_argument("--realb", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
                    help="ReaLB: run overloaded, vision-dominated EP ranks' experts in FP8; optional KEY=VALUE,... "
                         "(load_ratio, modality, min_tokens, min_expert_rows, precision, ranks, everywhere). In one "
@@ -238,6 +236,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+def add_engine_drop_args(p) -> None:
+    """--drop-rate and --drop-policy: DualSparse dropping in the serving engine."""
+    p.add_argument("--drop-rate", type=non_negative_float, default=None,
+                   help="DualSparse: partition the experts and drop this share of expert computation")
+    p.add_argument("--drop-policy", choices=("auto", "token"), default="auto",
+                   help="with --drop-rate: auto drops whole sub-experts in decode-sized steps (memory-bound: a skipped "
+                        "weight read saves the time) and per token in larger ones; token drops per token everywhere")
+
+
 def add_ep_serving_args(p) -> None:
     """--placement and --parallel.ep_flow: expert-parallel serving under torchrun (serve/ep.py)."""
     p.add_argument("--placement", default="", help="under torchrun: expert placement JSON from `moestack plan` "
@@ -273,7 +280,8 @@ def _engine_generate(args, path, ctx=None) -> int:
     from moestack.serve import LLM, SamplingParams
 
     try:  # the engine's errors for a bad model folder, prompt or flag combination say what to do
-        llm = LLM(path, device=str(ctx.device) if ctx else args.device, drop_rate=args.drop_rate, max_num_seqs=1,
+        llm = LLM(path, device=str(ctx.device) if ctx else args.device, drop_rate=args.drop_rate,
+                  drop_policy=args.drop_policy, max_num_seqs=1,
                   realb=_realb(args), parallel=ctx, placement=args.placement or None, ep_flow=args.ep_flow)
         params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 seed=args.seed)
@@ -310,7 +318,7 @@ def cmd_serve(args) -> int:
         try:
             llm = LLM(args.model, device=str(ctx.device) if ctx else args.device, dtype=args.dtype,
                       max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, num_blocks=args.num_blocks,
-                      drop_rate=args.drop_rate, realb=_realb(args), parallel=ctx,
+                      drop_rate=args.drop_rate, drop_policy=args.drop_policy, realb=_realb(args), parallel=ctx,
                       placement=args.placement or None, ep_flow=args.ep_flow)
         except ValueError as err:
             print(f"moestack serve: error: {err}", file=sys.stderr)

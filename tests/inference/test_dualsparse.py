@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moestack.inference.dropping import DualSparseDispatcher, work_per_expert
+from moestack.inference.dropping import DualSparseDispatcher, keep_whole_subexperts, work_per_expert
 from moestack.inference.dualsparse import (
     drop_stats,
     moe_layers,
@@ -93,6 +93,64 @@ def test_dropping_skips_the_smallest_contributions_first():
     score = routing.weights.unsqueeze(-1) * disp.scale[routing.expert_ids]  # [T, k, P]
     assert score[keep].min() >= score[~keep].max()
     assert keep[..., 0].float().mean() > keep[..., 1].float().mean()  # minor parts drop first
+
+
+def greedy_whole_reference(score, sub, num_subs, rate):
+    """One step's whole sub-expert drops, slowly: sub-experts by ascending summed score (later parts first
+    among equals), each dropped while at least half of it fits in rate x computations."""
+    total = [float(score[sub == s].sum()) for s in range(num_subs)]
+    size = [int((sub == s).sum()) for s in range(num_subs)]
+    budget, used, dropped = rate * score.numel(), 0, set()
+    for s in sorted(range(num_subs), key=lambda s: (total[s], -s)):
+        if used + size[s] / 2 <= budget:
+            dropped.add(s)
+            used += size[s]
+        else:
+            break
+    return torch.tensor([int(s) not in dropped for s in sub])
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.25, 0.5])
+def test_whole_subexpert_dropping_drops_the_lowest_summed_sub_experts_whole(rate):
+    layer = sparsify(moe_layer(), hidden_batches(4), rate, whole_rows=1024)
+    disp, x = layer.dispatcher, hidden_batches(1, tokens=48, seed=5)[0]
+    with torch.no_grad():
+        routing = layer.router(x)
+    assert disp.whole(routing)
+    keep = disp.keep(routing)  # [T*k*P]
+    score = (routing.weights.unsqueeze(-1) * disp.scale[routing.expert_ids]).flatten()
+    sub = (routing.expert_ids.unsqueeze(-1) * 2 + torch.arange(2)).flatten()
+    assert torch.equal(keep, greedy_whole_reference(score, sub, E * 2, rate))
+    for s in sub.unique():  # a sub-expert is read by all of its choices or by none
+        assert keep[sub == s].all() or not keep[sub == s].any()
+    per_sub = torch.bincount(sub, minlength=E * 2)
+    assert abs((~keep).float().mean() - rate) <= per_sub.max() / 2 / keep.numel()
+    k2 = keep.view(-1, 2)
+    assert not (k2[:, 1] & ~k2[:, 0]).any()  # kept parts stay a prefix: the minor part drops first
+
+
+def test_whole_subexpert_dropping_over_interleaved_steps_equals_one_step_at_a_time():
+    """steps = S: a [B, S] batch flattened drops what S batches of B tokens (one position each) drop alone."""
+    layer = sparsify(moe_layer(), hidden_batches(4), 0.3, whole_rows=64)
+    disp, x = layer.dispatcher, hidden_batches(1, tokens=8 * 5, seed=6)[0]  # B = 8 sequences, S = 5 positions
+    routing = layer.router(x)
+    disp.steps = 5
+    together = disp.keep(routing).view(8, 5, K * 2)
+    disp.steps = 1
+    for s in range(5):
+        alone = disp.keep(layer.router(x.view(8, 5, -1)[:, s]))
+        assert torch.equal(together[:, s].flatten(), alone)
+
+
+def test_whole_subexpert_dropping_applies_only_up_to_whole_rows():
+    layer = sparsify(moe_layer(), hidden_batches(4), 0.3, whole_rows=16 * K)
+    small, large = (layer.router(hidden_batches(1, tokens=t, seed=5)[0]) for t in (16, 17))
+    assert layer.dispatcher.whole(small) and not layer.dispatcher.whole(large)
+    score = large.weights.unsqueeze(-1) * layer.dispatcher.scale[large.expert_ids]  # per token: a threshold
+    keep = layer.dispatcher.keep(large).view(17, K, 2)
+    assert score[keep].min() >= score[~keep].max()
+    set_drop_rate(layer, 0.3)  # whole_rows back to 0: the per-token rule at every size
+    assert not layer.dispatcher.whole(small)
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])
@@ -256,12 +314,16 @@ def test_triton_segment_kernels_match_the_eager_path(parts, load_aware, monkeypa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_cuda_graph_of_the_sparse_layer_replays_its_output_and_its_drop_counts():
+@pytest.mark.parametrize("whole_rows", [0, 1 << 20])
+def test_a_cuda_graph_of_the_sparse_layer_replays_its_output_and_its_drop_counts(whole_rows):
+    """Per token and dropping whole sub-experts (sorts and scatters on the device): no host sync, so a graph
+    captures the layer, and its replays give the eager output and drop counts."""
     # bf16: torch._grouped_mm's fp32 path on CUDA is a fallback that copies the offsets to the host
     layer, batches = grouped_layer(192, torch.bfloat16)
     x = batches[0]
     with torch.no_grad():
-        sparsify(layer, batches[1:], 0.3)
+        sparsify(layer, batches[1:], 0.3, whole_rows=whole_rows)
+        assert layer.dispatcher.whole(layer.router(x)) == bool(whole_rows)
         reset_drop_stats(layer)
         want = layer(x)[0].clone()
         once = drop_stats(layer)

@@ -381,9 +381,11 @@ def test_half_precision_decode_with_split_out_projection_and_few_rows_head(trito
             assert (logits.max(1).values - chosen).max() < 0.02 * logits.abs().max(), p
 
 
-def test_dualsparse_engine_with_the_fused_kernels_equals_the_eager_engine(triton_device, tmp_path):
+@pytest.mark.parametrize("policy", ["token", "auto"])
+def test_dualsparse_engine_with_the_fused_kernels_equals_the_eager_engine(triton_device, tmp_path, policy):
     """At 50% dropped, decode steps through the fused kernels (parts to run from one Triton kernel, unrun
-    parts skipped inside the GEMMs) give the eager dropping engine's tokens and skip the same computations."""
+    parts skipped inside the GEMMs) give the eager dropping engine's tokens and skip the same computations:
+    per token, and (auto) dropping whole sub-experts in the decode steps."""
     from moestack.serve import LLM, SamplingParams
 
     importlib.import_module("moestack.moe.fused_triton")
@@ -392,7 +394,7 @@ def test_dualsparse_engine_with_the_fused_kernels_equals_the_eager_engine(triton
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     prompts = [[2, 3, 4, 5], [9, 8, 7, 6, 5, 4, 3], [11] * 6]
     kw = dict(device=triton_device, dtype="float32", block_size=4, num_blocks=64, cuda_graphs=False,
-              drop_rate=0.5, calib_batches=2)
+              drop_rate=0.5, drop_policy=policy, calib_batches=2)
     eager, fast = LLM(str(tmp_path), fused_rows=0, **kw), LLM(str(tmp_path), fused_rows=1024, **kw)
     for llm in (eager, fast):
         for layer in llm.model.moe_layers():
@@ -407,6 +409,7 @@ def test_dualsparse_engine_with_the_fused_kernels_equals_the_eager_engine(triton
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
     assert fused_steps and all(y is not None for y in fused_steps)
     assert layer.last_routing.plan is not None  # the last (decode) step ran on the router's plan
+    assert layer.dispatcher.whole(layer.last_routing) == (policy == "auto")
     for a, b in zip(eager.model.moe_layers(), fast.model.moe_layers()):
         assert a.dispatcher._stats.tolist() == b.dispatcher._stats.tolist()
         assert 0 < a.dispatcher.skipped < a.dispatcher.total

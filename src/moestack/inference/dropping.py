@@ -10,6 +10,11 @@ threshold: the calibration score distribution's (`table`) quantile at the target
 gives each EP rank its own rate from this batch's per-rank loads (`load_aware_rates`) and drops exactly
 that fraction of the rank's lowest scores in this batch (a per-rank batch quantile: skewed loads also skew
 the scores, so a calibrated table would miss).
+Whole sub-expert dropping (`whole_rows`) is for memory-bound batches (decode): reading an expert's weights,
+not multiplying them, sets the time there, and a sub-expert is read while any token of the batch keeps it, so
+per-token drops at 25% of a batch of 64 (about 8 choices per expert at 64 experts, top-8) skip almost no
+weights. Such a batch drops whole sub-experts instead, those of lowest summed score, up to the drop rate of the
+batch's computations (`keep_whole_subexperts`): the same share of computations, each skipped one a weight read.
 Notation: T = tokens, k = choices per token, E = experts, P = parts, G = EP ranks, N = kept rows, D = hidden.
 """
 
@@ -76,6 +81,35 @@ def keep_top_per_group(score: torch.Tensor, group: torch.Tensor, rates: torch.Te
     g = group[order]
     dropped = torch.arange(score.numel(), device=score.device) - starts[g] < n_drop[g]  # [M] in sorted order
     return torch.empty_like(dropped).scatter_(0, order, ~dropped)
+
+
+def keep_whole_subexperts(score: torch.Tensor, sub: torch.Tensor, step: torch.Tensor, num_subs: int, steps: int,
+                          rate: float) -> torch.Tensor:
+    """Keep mask [M] dropping whole sub-experts per step: in each step (a batch), the sub-experts of lowest
+    summed score, as many as bring the computations dropped nearest to `rate` of the step's.
+
+    score, sub, step: [M] each computation's score, sub-expert (expert * P + part) and step (0..steps-1).
+    Ties go to the later part, so with parts stored largest first (scale[e, 0] >= scale[e, 1] ..., the same
+    choices), an expert's later parts drop before its earlier ones: a choice's kept parts stay a prefix. No
+    host sync (sorts and scatters of steps * num_subs entries), so a CUDA graph captures it.
+    """
+    n = steps * num_subs
+    key = step * num_subs + sub  # [M]
+    total = torch.zeros(n, dtype=torch.float32, device=score.device).index_add_(0, key, score.float())
+    size = count_ids(key, n)  # [n] computations per (step, sub-expert)
+    ids = torch.arange(n, device=score.device)
+    order = torch.argsort(-(ids % num_subs), stable=True)  # later sub-experts (parts) first among equal totals
+    order = order[torch.argsort(total[order], stable=True)]
+    order = order[torch.argsort(order // num_subs, stable=True)]  # grouped by step, ascending total within
+    cum = torch.cumsum(size[order], 0)  # [n]
+    per_step = size.view(steps, num_subs).sum(dim=1)  # [steps]
+    before = torch.cumsum(per_step, 0) - per_step  # computations of the earlier steps
+    s = order // num_subs
+    # drop a sub-expert while at least half of it fits in the step's budget: the achieved rate is the target's
+    # nearest (a sub-expert at 64 experts, top-8, batch 64 is about 8 of 1024 computations)
+    dropped = 2 * (cum - before[s]) - size[order] <= 2 * rate * per_step[s].double()
+    drop = torch.empty_like(dropped).scatter_(0, order, dropped)  # [n] by (step, sub-expert)
+    return ~drop[key]
 
 
 class ThenHandle:
@@ -151,6 +185,10 @@ class DualSparseDispatcher(nn.Module):
         # "auto": padded segments where the Triton kernels run (they skip the padding), packed rows elsewhere
         # (eager SwiGLU and the CPU's grouped GEMM would compute the padding); "padded" / "packed" force one
         self.layout = "auto"
+        # batches of at most this many choices (memory-bound: decode) drop whole sub-experts (see the module
+        # doc); 0: every batch drops per token. `steps`: a batch holds that many batches' tokens interleaved
+        # (token t in batch t % steps), to evaluate a [B, S] batch as what S decode steps of B tokens would drop
+        self.whole_rows, self.steps = 0, 1
 
     @property
     def last_counts(self) -> torch.Tensor | None:
@@ -181,9 +219,14 @@ class DualSparseDispatcher(nn.Module):
         self.expert_rank.copy_(torch.as_tensor(expert_rank, dtype=torch.int64))
         self.num_ranks = max(expert_rank) + 1
 
-    def set_policy(self, drop_rate: float, load_aware: bool = False, max_rank_rate: float | None = None) -> None:
-        """Target fraction of sub-expert computations to skip; load-aware: per-rank rates from the loads."""
-        self.drop_rate, self.load_aware = float(drop_rate), bool(load_aware)
+    def set_policy(self, drop_rate: float, load_aware: bool = False, max_rank_rate: float | None = None,
+                   whole_rows: int = 0) -> None:
+        """Target fraction of sub-expert computations to skip; load-aware: per-rank rates from the loads;
+        whole_rows: batches of at most that many choices drop whole sub-experts (0: none do)."""
+        if load_aware and whole_rows:
+            raise ValueError("load-aware dropping levels EP ranks per token; whole sub-expert dropping is for one "
+                             "process's memory-bound batches: pick one")
+        self.drop_rate, self.load_aware, self.whole_rows = float(drop_rate), bool(load_aware), int(whole_rows)
         default = (self.parts - 1) / self.parts if self.parts > 1 else 1.0
         self.max_rank_rate = max(float(drop_rate), default if max_rank_rate is None else float(max_rank_rate))
 
@@ -194,12 +237,21 @@ class DualSparseDispatcher(nn.Module):
         loads = torch.zeros(self.num_ranks, device=counts.device).index_add_(0, self.expert_rank, counts.float())
         return load_aware_rates(loads, self.drop_rate, self.max_rank_rate)
 
+    def whole(self, routing: Routing) -> bool:
+        """Whether this batch drops whole sub-experts (a memory-bound batch under `whole_rows`)."""
+        return 0 < routing.expert_ids.numel() <= self.whole_rows * self.steps and self.drop_rate > 0
+
     def keep(self, routing: Routing) -> torch.Tensor | None:
         """Which sub-expert computations score high enough to run: [T*k*P] bool, or None for all of them."""
         if self.drop_rate <= 0:
             return None
         ids = routing.expert_ids  # [T, k]
         score = (routing.weights.unsqueeze(-1) * self.scale[ids]).flatten()  # [T*k*P]
+        if self.whole(routing):
+            T, k, P = *ids.shape, self.parts
+            sub = (ids.unsqueeze(-1) * P + torch.arange(P, device=ids.device)).flatten()
+            step = (torch.arange(T, device=ids.device) % self.steps).repeat_interleave(k * P)
+            return keep_whole_subexperts(score, sub, step, self.num_experts * P, self.steps, self.drop_rate)
         if not self.load_aware:  # one static threshold, calibrated to the target rate
             tau = self.threshold()
             if tau is None:  # computed on the device (a fill, not a host-to-device copy: no sync)
@@ -241,7 +293,7 @@ class DualSparseDispatcher(nn.Module):
         if self.drop_rate <= 0:
             self.record_all(routing.expert_ids.numel())
             return self.parts, None
-        tau = None if self.load_aware else self.threshold()
+        tau = None if self.load_aware or self.whole(routing) else self.threshold()
         if tau is not None and fused_inference(routing.weights):  # one kernel: the parts and the counts
             from moestack.moe.rows_triton import parts_run
 
@@ -301,7 +353,7 @@ class DualSparseDispatcher(nn.Module):
 
         T, k = routing.expert_ids.shape
         P, E = self.parts, self.num_experts
-        tau = None if self.load_aware else self.threshold()
+        tau = None if self.load_aware or self.whole(routing) else self.threshold()
         j = None if tau is not None else self.parts_to_run(routing).flatten()  # load-aware, or inside a capture
         key, hist = plan_segments(routing.weights.flatten(), routing.expert_ids.flatten(), self.scale,
                                   0.0 if tau is None else tau, self._stats, j)

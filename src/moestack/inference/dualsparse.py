@@ -5,7 +5,8 @@ model (a `MoETransformer`, a `from_hf` model, or a bare layer) through two of th
 - experts: each expert's F neurons are reordered by calibrated importance (major neurons first) and split
   into P parts (sub-experts) of F/P neurons that share the expert's gate value: `PartExperts(E, D, F, P)`;
 - dispatcher: a `DualSparseDispatcher` that skips the sub-expert computations with the smallest estimated
-  contribution (routing weight x calibrated part size), at a threshold calibrated to `drop_rate`.
+  contribution (routing weight x calibrated part size), at a threshold calibrated to `drop_rate`; with
+  `whole_rows`, batches of at most that many choices (memory-bound decode) drop whole sub-experts instead.
 At drop rate 0 the model computes the same function. `naive_drop` and `sparsify(..., reconstruct=False)`
 are the baselines of the quality study. Notation: E = experts, F = expert hidden size, P = parts.
 """
@@ -35,15 +36,16 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 
 def sparsify(model: nn.Module, calib_batches, drop_rate: float, parts: int = 2, *, reconstruct: bool = True,
-             load_aware: bool = False, max_rank_rate: float | None = None) -> nn.Module:
+             load_aware: bool = False, max_rank_rate: float | None = None, whole_rows: int = 0) -> nn.Module:
     """DualSparse every MoE layer of `model` in place and return it (same forward signature).
 
     calib_batches: an iterable of model inputs (token ids [B, S], (x, y) pairs or kwargs dicts).
     drop_rate: target fraction of sub-expert computations skipped. reconstruct=False keeps the neuron
-    order (the "partition without reconstruction" ablation).
+    order (the "partition without reconstruction" ablation). whole_rows: batches of at most that many
+    (token, expert) choices drop whole sub-experts (`dropping.keep_whole_subexperts`; 0: none do).
     """
     return _transform(model, calib_batches, drop_rate, parts, reconstruct, weight_only=False,
-                      load_aware=load_aware, max_rank_rate=max_rank_rate)
+                      load_aware=load_aware, max_rank_rate=max_rank_rate, whole_rows=whole_rows)
 
 
 def naive_drop(model: nn.Module, calib_batches, drop_rate: float) -> nn.Module:
@@ -52,7 +54,7 @@ def naive_drop(model: nn.Module, calib_batches, drop_rate: float) -> nn.Module:
 
 
 def set_drop_rate(model: nn.Module, drop_rate: float, load_aware: bool = False, max_rank_rate: float | None = None,
-                  expert_rank: list[list[int]] | None = None) -> None:
+                  expert_rank: list[list[int]] | None = None, whole_rows: int = 0) -> None:
     """Change the target drop rate (and policy) of a sparsified model without recalibrating.
 
     expert_rank: per MoE layer, the EP rank of each global expert (a placement's `expert_to_gpu`); load-aware
@@ -72,7 +74,7 @@ def set_drop_rate(model: nn.Module, drop_rate: float, load_aware: bool = False, 
     for i, disp in enumerate(disps):
         if expert_rank is not None:
             disp.set_ranks(list(expert_rank[i]))
-        disp.set_policy(drop_rate, load_aware, max_rank_rate)
+        disp.set_policy(drop_rate, load_aware, max_rank_rate, whole_rows)
 
 
 def dispatchers(model: nn.Module) -> list[DualSparseDispatcher]:
@@ -107,7 +109,8 @@ def install(layer: MoELayer, parts: int, experts: PartExperts | None = None) -> 
     return disp
 
 
-def _transform(model, calib_batches, drop_rate, parts, reconstruct, weight_only, load_aware, max_rank_rate):
+def _transform(model, calib_batches, drop_rate, parts, reconstruct, weight_only, load_aware, max_rank_rate,
+               whole_rows=0):
     _check_rate(drop_rate)
     layers = moe_layers(model)
     _check_layers(layers, parts)
@@ -115,7 +118,7 @@ def _transform(model, calib_batches, drop_rate, parts, reconstruct, weight_only,
         stats = calibrate(model, layers, calib_batches)
         for layer, st in zip(layers, stats):
             _transform_layer(layer, st, parts, reconstruct, weight_only)
-    set_drop_rate(model, drop_rate, load_aware, max_rank_rate)
+    set_drop_rate(model, drop_rate, load_aware, max_rank_rate, whole_rows=whole_rows)
     return model
 
 

@@ -30,6 +30,11 @@ from moestack.serve.sequence import Sequence, Status
 
 log = logging.getLogger("moestack")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# DualSparse dropping (drop_rate) in the engine: auto drops whole sub-experts in decode-sized steps (at most
+# WHOLE_ROWS token-choices: memory-bound, where a skipped weight read is what saves time) and per token in
+# larger ones; token drops per token everywhere (the paper's rule). inference/dropping.py says more.
+DROP_POLICIES = ("auto", "token")
+WHOLE_ROWS = 1024  # the fused small-batch kernels' default reach (fused_rows): decode batches up to 128 x top-8
 
 
 @dataclass
@@ -55,7 +60,8 @@ class LLM:
     def __init__(self, model, *, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 8192, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.85, prefix_caching: bool = True, cuda_graphs: bool = True,
-                 max_model_len: int | None = None, drop_rate: float | None = None, parts: int = 2,
+                 max_model_len: int | None = None, drop_rate: float | None = None, drop_policy: str = "auto",
+                 parts: int = 2,
                  calib_batches: int = 8, fused_rows: int = 1024, compile: bool = True, pipeline: bool | None = None,
                  tokenizer=None, realb=None, parallel=None, placement=None, ep_flow: str = "home",
                  prefill_graph_tokens: int | None = None):
@@ -94,8 +100,10 @@ class LLM:
             self._base_seed = gather_objects(int(torch.randint(0, 2**62, ()).item()), self.ep)[0]
         if drop_rate is not None and realb is not None:
             raise ValueError("ReaLB and DualSparse dropping do not combine (both replace the experts); pick one")
+        if drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy {drop_policy!r}: expected one of {', '.join(DROP_POLICIES)}")
         if drop_rate is not None:
-            self._sparsify(drop_rate, parts, calib_batches)
+            self._sparsify(drop_rate, parts, calib_batches, WHOLE_ROWS if drop_policy == "auto" else 0)
         self.realb = None
         if realb is not None:  # a RealbConfig (inference/realb.py); the decisions land in `stats`
             from moestack.inference.realb import apply_realb
@@ -142,12 +150,13 @@ class LLM:
                  self.runner.device, num_blocks, block_size, self.max_model_len)
 
     # -- set-up -------------------------------------------------------------------------------------------
-    def _sparsify(self, drop_rate: float, parts: int, batches: int) -> None:
+    def _sparsify(self, drop_rate: float, parts: int, batches: int, whole_rows: int) -> None:
         from moestack.inference.dualsparse import sparsify
 
         seq = min(self.max_model_len, 256)
-        sparsify(self.model, self.served.calib_tokens(batches, seq), drop_rate, parts)
-        log.info("DualSparse: %d parts per expert, drop rate %.2f", parts, drop_rate)
+        sparsify(self.model, self.served.calib_tokens(batches, seq), drop_rate, parts, whole_rows=whole_rows)
+        log.info("DualSparse: %d parts per expert, drop rate %.2f, %s", parts, drop_rate,
+                 f"whole sub-experts in steps of <= {whole_rows} choices" if whole_rows else "per token")
 
     def _num_blocks(self, utilization: float, block_size: int, max_num_seqs: int) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.model, block_size)
