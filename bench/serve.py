@@ -366,7 +366,7 @@ def main() -> None:
     if args.quick:
         args.models, args.batches, args.prompt_len, args.new_tokens = "tiny", "1,4", 16, 8
         args.mixed, args.mixed_batch, args.drop_batches = 8, 4, "4"
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in args.batches.split(",") if b]  # "": only the DualSparse rows
     rates = [float(r) for r in args.drop_rates.split(",") if r]
     policies = args.drop_policies.split(",")
     gen = torch.Generator().manual_seed(0)

@@ -263,6 +263,36 @@ def test_bad_input_gets_a_clear_error(call, match):
         call(tiny_model())
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("T, k, E, P, rate, tied", [(64, 8, 64, 2, 0.25, False), (8, 8, 128, 2, 0.25, False),
+                                                   (3, 2, 8, 2, 0.5, False), (16, 2, 8, 4, 0.3, False),
+                                                   (128, 8, 128, 2, 0.5, False), (1, 8, 64, 2, 0.25, False),
+                                                   (16, 2, 8, 2, 0.3, True), (1, 2, 8, 2, 0.25, True)])
+def test_whole_parts_kernel_equals_the_eager_whole_subexpert_drops(triton_device, T, k, E, P, rate, tied):
+    """The decode path's one-kernel whole sub-expert drops (rows_triton.whole_parts_run) against the sorts of
+    keep_whole_subexperts: the same parts per choice, and the same counts. tied: every part the same scale, so
+    an expert's parts tie and the later one must drop first."""
+    import importlib
+
+    rows_triton = importlib.import_module("moestack.moe.rows_triton")
+    g = torch.Generator().manual_seed(T * E + k)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(triton_device)
+    w = torch.rand(T, k, generator=g).softmax(-1).to(triton_device)
+    scale = torch.rand(E, P, generator=g).sort(dim=1, descending=True).values.to(triton_device)
+    if tied:
+        scale = torch.ones_like(scale)
+    score = (w.unsqueeze(-1) * scale[ids]).flatten()
+    sub = (ids.unsqueeze(-1) * P + torch.arange(P, device=triton_device)).flatten()
+    keep = keep_whole_subexperts(score, sub, torch.zeros_like(sub), E * P, 1, rate).view(T * k, P)
+    want = keep.long().cumprod(dim=1).sum(dim=1)
+    assert torch.equal(want, keep.long().sum(dim=1))  # the kept parts are a prefix
+    stats = torch.zeros(2, dtype=torch.int64, device=triton_device)
+    got = rows_triton.whole_parts_run(w.flatten(), ids.flatten(), scale, rate, stats)
+    assert torch.equal(got.long().cpu(), want.cpu())
+    assert stats.tolist() == [T * k * P, int(want.sum())]
+    assert int(want.sum()) < T * k * P or T * k * P * rate < 1  # something dropped
+
+
 def grouped_layer(d_ff: int, dtype: torch.dtype, device: str = "cuda", tokens: int = 512):
     """A grouped_mm MoE layer (hidden 64) on `device` and five batches of `tokens` tokens for it."""
     from moestack.moe.layer import MoELayer

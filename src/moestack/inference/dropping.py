@@ -293,7 +293,15 @@ class DualSparseDispatcher(nn.Module):
         if self.drop_rate <= 0:
             self.record_all(routing.expert_ids.numel())
             return self.parts, None
-        tau = None if self.load_aware or self.whole(routing) else self.threshold()
+        whole = self.whole(routing)
+        if whole and self.steps == 1 and fused_inference(routing.weights):
+            from moestack.moe.rows_triton import WHOLE_MAX, whole_parts_run
+
+            if max(routing.expert_ids.numel(), self.num_experts * self.parts) <= WHOLE_MAX:  # one kernel too
+                j = whole_parts_run(routing.weights.flatten(), routing.expert_ids.flatten(), self.scale,
+                                    self.drop_rate, self._stats)
+                return self.parts, j.view(routing.expert_ids.shape)
+        tau = None if self.load_aware or whole else self.threshold()
         if tau is not None and fused_inference(routing.weights):  # one kernel: the parts and the counts
             from moestack.moe.rows_triton import parts_run
 

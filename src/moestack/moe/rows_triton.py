@@ -103,6 +103,49 @@ def _parts(w_ptr, ids_ptr, scale_ptr, j_ptr, stats_ptr, R, tau, P: tl.constexpr,
 
 
 @triton.jit
+def _whole_parts(w_ptr, ids_ptr, scale_ptr, j_ptr, tot_ptr, cnt_ptr, flag_ptr, stats_ptr, R, NSUB, rate,
+                 P: tl.constexpr, BLOCK_R: tl.constexpr, NS: tl.constexpr):
+    """One program: DualSparse's whole sub-expert drops of a decode batch (`dropping.keep_whole_subexperts`,
+    one step). Sums each sub-expert's scores and counts its computations (atomics into scratch), sorts the
+    sub-experts by one packed int64 key (total's fp32 bits, later sub-experts first among equal totals, size),
+    drops them in that order while at least half of each fits in the budget, and gives each choice the number
+    of leading parts it keeps."""
+    g = tl.arange(0, NS)
+    tl.store(tot_ptr + g, tl.zeros([NS], dtype=tl.float32))
+    tl.store(cnt_ptr + g, tl.zeros([NS], dtype=tl.int32))
+    tl.debug_barrier()
+    offs = tl.arange(0, BLOCK_R)
+    m = offs < R
+    e = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int32)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    for p in tl.static_range(P):
+        sc = tl.load(scale_ptr + e * P + p, mask=m, other=0.0)
+        tl.atomic_add(tot_ptr + e * P + p, w * sc, mask=m)
+        tl.atomic_add(cnt_ptr + e * P + p, tl.full([BLOCK_R], 1, tl.int32), mask=m)
+    tl.debug_barrier()
+    tot = tl.maximum(tl.load(tot_ptr + g), 0.0)  # scores are >= 0; -0.0 would sort first
+    cnt = tl.load(cnt_ptr + g)
+    bits = tot.to(tl.int32, bitcast=True).to(tl.int64)  # non-negative floats order as their bits do
+    key = (bits << 32) | ((NS - 1 - g).to(tl.int64) << 16) | cnt.to(tl.int64)
+    key = tl.where(g < NSUB, key, 0x7FFFFFFFFFFFFFFF)  # padding sorts last
+    key = tl.sort(key)
+    size = (key & 0xFFFF).to(tl.int32)
+    sub = NS - 1 - ((key >> 16) & 0xFFFF).to(tl.int32)
+    cum = tl.cumsum(size, 0)
+    dropped = (2 * cum - size).to(tl.float32) <= 2.0 * rate * (R * P)
+    tl.store(flag_ptr + sub, dropped.to(tl.int32), mask=sub < NSUB)
+    tl.debug_barrier()
+    j = tl.zeros([BLOCK_R], dtype=tl.int32)
+    alive = tl.full([BLOCK_R], 1, tl.int32)
+    for p in tl.static_range(P):  # the leading kept parts (a prefix by the tie order; kept one regardless)
+        alive = alive * (1 - tl.load(flag_ptr + e * P + p, mask=m, other=1))
+        j += alive
+    tl.store(j_ptr + offs, j, mask=m)
+    tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(m, j, 0), axis=0).to(tl.int64))
+    tl.atomic_add(stats_ptr, tl.cast(R, tl.int64) * P)
+
+
+@triton.jit
 def _place(x_ptr, key_ptr, hist_ptr, ends_ptr, cursor_ptr, slot_ptr, out_ptr, stride_x, stride_o, R, D, E,
            K: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)  # one choice
@@ -167,6 +210,28 @@ def parts_run(weights: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor, tau
     if R:
         _parts[(triton.cdiv(R, BLOCK),)](weights.contiguous(), ids.contiguous(), scale.float().contiguous(), j,
                                          stats, R, float(tau), P=P, BLOCK=BLOCK)
+    return j
+
+
+WHOLE_MAX = 1024  # most choices (and sub-experts) `whole_parts_run` takes: one program holds them all
+
+
+def whole_parts_run(weights: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor, rate: float,
+                    stats: torch.Tensor) -> torch.Tensor:
+    """Parts each choice runs, j [R] int32, when a decode batch drops whole sub-experts at `rate`
+    (`dropping.keep_whole_subexperts` with one step), in one kernel that also counts into stats like
+    `parts_run`. At most WHOLE_MAX choices and sub-experts (E * P)."""
+    R = ids.numel()
+    E, P = scale.shape
+    if R > WHOLE_MAX or E * P > WHOLE_MAX:
+        raise ValueError(f"whole_parts_run takes up to {WHOLE_MAX} choices and sub-experts; got {R} and {E * P}")
+    j = torch.empty(R, dtype=torch.int32, device=ids.device)
+    if R:
+        NS = max(triton.next_power_of_2(E * P), 16)
+        scratch = torch.empty(3, NS, dtype=torch.int32, device=ids.device)  # totals (fp32 bits), counts, flags
+        _whole_parts[(1,)](weights.contiguous(), ids.contiguous(), scale.float().contiguous(), j,
+                           scratch[0].view(torch.float32), scratch[1], scratch[2], stats, R, E * P, float(rate),
+                           P=P, BLOCK_R=max(triton.next_power_of_2(R), 16), NS=NS, num_warps=4)
     return j
 
 
