@@ -267,11 +267,12 @@ def test_bad_input_gets_a_clear_error(call, match):
 @pytest.mark.parametrize("T, k, E, P, rate, tied", [(64, 8, 64, 2, 0.25, False), (8, 8, 128, 2, 0.25, False),
                                                    (3, 2, 8, 2, 0.5, False), (16, 2, 8, 4, 0.3, False),
                                                    (128, 8, 128, 2, 0.5, False), (1, 8, 64, 2, 0.25, False),
-                                                   (16, 2, 8, 2, 0.3, True), (1, 2, 8, 2, 0.25, True)])
+                                                   (16, 2, 8, 2, 0.3, True), (1, 2, 8, 2, 0.25, True),
+                                                   (5, 2, 6, 2, 0.3, False), (7, 3, 5, 3, 0.4, False)])
 def test_whole_parts_kernel_equals_the_eager_whole_subexpert_drops(triton_device, T, k, E, P, rate, tied):
     """The decode path's one-kernel whole sub-expert drops (rows_triton.whole_parts_run) against the sorts of
     keep_whole_subexperts: the same parts per choice, and the same counts. tied: every part the same scale, so
-    an expert's parts tie and the later one must drop first."""
+    an expert's parts tie and the later one must drop first. E * P of 12 and 15: padding sub-experts sort last."""
     import importlib
 
     rows_triton = importlib.import_module("moestack.moe.rows_triton")

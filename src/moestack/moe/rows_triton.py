@@ -123,11 +123,12 @@ def _whole_parts(w_ptr, ids_ptr, scale_ptr, j_ptr, tot_ptr, cnt_ptr, flag_ptr, s
         tl.atomic_add(tot_ptr + e * P + p, w * sc, mask=m)
         tl.atomic_add(cnt_ptr + e * P + p, tl.full([BLOCK_R], 1, tl.int32), mask=m)
     tl.debug_barrier()
-    tot = tl.maximum(tl.load(tot_ptr + g), 0.0)  # scores are >= 0; -0.0 would sort first
-    cnt = tl.load(cnt_ptr + g)
+    # the sums and counts from L2, where the atomics made them (.cg: not a line L1 may hold)
+    tot = tl.maximum(tl.load(tot_ptr + g, cache_modifier=".cg"), 0.0)  # scores are >= 0; -0.0 would sort first
+    cnt = tl.load(cnt_ptr + g, cache_modifier=".cg")
     bits = tot.to(tl.int32, bitcast=True).to(tl.int64)  # non-negative floats order as their bits do
+    bits = tl.where(g < NSUB, bits, 0x7FFFFFFF)  # padding past E * P sorts last (above every finite float)
     key = (bits << 32) | ((NS - 1 - g).to(tl.int64) << 16) | cnt.to(tl.int64)
-    key = tl.where(g < NSUB, key, 0x7FFFFFFFFFFFFFFF)  # padding sorts last
     key = tl.sort(key)
     size = (key & 0xFFFF).to(tl.int32)
     sub = NS - 1 - ((key >> 16) & 0xFFFF).to(tl.int32)
