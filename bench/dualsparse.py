@@ -59,7 +59,9 @@ METHODS = ("naive", "partition", "dualsparse", "dualsparse+load-aware", "dualspa
 def quality(run_dir: str, rates: list[float], args, device: str) -> list[dict]:
     """Val loss at each drop rate for every method; each method calibrated once, then re-thresholded.
     dualsparse+whole evaluates what decode batches of --eval-batch sequences drop: a [B, S] validation batch
-    is S steps of B tokens (one position of every sequence), each dropping whole sub-experts."""
+    is S steps of B tokens (one position of every sequence), each dropping whole sub-experts. `weights_read`:
+    of the sub-expert weights such a step routes to, the share it still reads (what sets a memory-bound decode
+    step's time), for every method."""
     from moestack.runs import evaluate, load_model
 
     rows = []
@@ -70,22 +72,44 @@ def quality(run_dir: str, rates: list[float], args, device: str) -> list[dict]:
         load_aware, whole = method.endswith("load-aware"), method.endswith("whole")
         transform(model, cfg, ctx.device, method.split("+")[0], 0.0, args.parts, args.calib_batches)
         ranks = contiguous_ranks(cfg.moe.num_experts, args.ranks)
-        for layer in moe_layers(model) if whole else []:
-            layer.dispatcher.steps = cfg.model.seq_len
+        read = [0, 0]  # sub-expert weights read, routed: summed over steps and layers
+        for layer in moe_layers(model):
+            layer.dispatcher.steps = cfg.model.seq_len if whole else 1
+            count_reads(layer.dispatcher, cfg.model.seq_len, read)
         for rate in rates:
             set_drop_rate(model, rate, load_aware=load_aware, expert_rank=[ranks] * len(moe_layers(model)),
                           whole_rows=cfg.train.batch_size * cfg.moe.top_k if whole else 0)
             reset_drop_stats(model)
+            read[:] = [0, 0]
             res = evaluate(model, cfg, ctx, args.batches)
             rows.append({"study": "quality", "run_dir": run_dir, "method": method, "eval_batch": cfg.train.batch_size,
-                         "target": rate,
-                         "drop_rate": drop_stats(model)["drop_rate"], "val_loss": res["val_loss"],
+                         "target": rate, "drop_rate": drop_stats(model)["drop_rate"],
+                         # rate 0 never asks keep (the plain dispatch): every routed weight is read
+                         "weights_read": read[0] / read[1] if read[1] else 1.0, "val_loss": res["val_loss"],
                          "perplexity": res["perplexity"], "device": device_name(ctx.device)})
             print(rows[-1], flush=True)
     base = next(r["val_loss"] for r in rows if r["target"] == 0) if 0 in rates else None
     for r in rows:
         r["increase_pct"] = 100 * (r["val_loss"] / base - 1) if base else None
     return rows
+
+
+def count_reads(disp, steps: int, read: list[int]) -> None:
+    """Wrap disp.keep to add, per step (token t in step t % steps), the (step, sub-expert) pairs with a kept
+    computation to read[0] and those routed to read[1]."""
+    keep_of = disp.keep
+
+    def keep(routing):
+        kept = keep_of(routing)
+        ids = routing.expert_ids  # [T, k]
+        P = disp.parts
+        step = torch.arange(ids.shape[0], device=ids.device) % steps
+        key = (step[:, None, None] * disp.num_experts + ids.unsqueeze(-1)) * P + torch.arange(P, device=ids.device)
+        read[1] += key.unique().numel()
+        read[0] += (key.flatten() if kept is None else key.flatten()[kept]).unique().numel()
+        return kept
+
+    disp.keep = keep
 
 
 def contiguous_ranks(num_experts: int, ranks: int) -> list[int]:
@@ -405,7 +429,7 @@ def main() -> None:
         if not args.run_dir:
             raise SystemExit("the quality study needs --run-dir (a run folder from `moestack train`)")
         rows = quality(args.run_dir, rates, args, device)
-        print_table(rows, ["method", "target", "drop_rate", "val_loss", "increase_pct", "perplexity"])
+        print_table(rows, ["method", "target", "drop_rate", "weights_read", "val_loss", "increase_pct", "perplexity"])
         write_results("dualsparse", rows)
         print("plot:", plot_quality(rows, out / "dualsparse_quality.png"))
     for shape in shapes:

@@ -159,11 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a message comes, not as it was when the handler was made (pytest's
+    capture, or a tool embedding `main`, swaps it between calls)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def setup_logging() -> None:
     """moestack's own messages on stderr (INFO on rank 0, warnings elsewhere); other libraries' loggers untouched."""
     rank = int(os.environ.get("RANK", 0))
     if not any(getattr(h, "_moestack", False) for h in log.handlers):
-        handler = logging.StreamHandler()
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("moestack: %(message)s"))
         handler._moestack = True
         log.addHandler(handler)
@@ -240,9 +253,10 @@ def add_engine_drop_args(p) -> None:
     """--drop-rate and --drop-policy: DualSparse dropping in the serving engine."""
     p.add_argument("--drop-rate", type=non_negative_float, default=None,
                    help="DualSparse: partition the experts and drop this share of expert computation")
-    p.add_argument("--drop-policy", choices=("auto", "token"), default="auto",
-                   help="with --drop-rate: auto drops whole sub-experts in decode-sized steps (memory-bound: a skipped "
-                        "weight read saves the time) and per token in larger ones; token drops per token everywhere")
+    p.add_argument("--drop-policy", choices=("token", "auto"), default="token",
+                   help="with --drop-rate: token drops per token everywhere (the paper's rule); auto drops whole "
+                        "sub-experts in decode-sized steps (memory-bound: a skipped weight read saves the time) and "
+                        "per token in larger ones")
 
 
 def add_ep_serving_args(p) -> None:

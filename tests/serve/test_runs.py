@@ -51,6 +51,11 @@ def test_generate_command_on_a_run_and_a_hf_folder(run, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("abc")
     assert main(["generate", "--model", str(tmp_path), "--prompt", "", "--device", "cpu"]) == 2
     assert "empty" in capsys.readouterr().err
+    # DualSparse in the engine, whole sub-experts in the decode steps (the engine logs its set-up to stderr)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "abc", "--max-new-tokens", "4", "--device", "cpu",
+                 "--drop-rate", "0.25", "--drop-policy", "auto"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("abc") and "drop rate 0.25, whole sub-experts in steps of <= 1024 choices" in err
 
 
 def _ep_run(rank, world, path, refs, arch):

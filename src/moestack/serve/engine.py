@@ -30,10 +30,11 @@ from moestack.serve.sequence import Sequence, Status
 
 log = logging.getLogger("moestack")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# DualSparse dropping (drop_rate) in the engine: auto drops whole sub-experts in decode-sized steps (at most
-# WHOLE_ROWS token-choices: memory-bound, where a skipped weight read is what saves time) and per token in
-# larger ones; token drops per token everywhere (the paper's rule). inference/dropping.py says more.
-DROP_POLICIES = ("auto", "token")
+# DualSparse dropping (drop_rate) in the engine: token drops per token everywhere (the paper's rule, the
+# default); auto drops whole sub-experts in decode-sized steps (at most WHOLE_ROWS token-choices: memory-bound,
+# where a skipped weight read is what saves time) and per token in larger ones. inference/dropping.py says more;
+# docs/BENCHMARKS.md has the quality and weights read of each (auto waits for its GPU timing to be the default).
+DROP_POLICIES = ("token", "auto")
 WHOLE_ROWS = 1024  # the fused small-batch kernels' default reach (fused_rows): decode batches up to 128 x top-8
 
 
@@ -60,7 +61,7 @@ class LLM:
     def __init__(self, model, *, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 8192, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.85, prefix_caching: bool = True, cuda_graphs: bool = True,
-                 max_model_len: int | None = None, drop_rate: float | None = None, drop_policy: str = "auto",
+                 max_model_len: int | None = None, drop_rate: float | None = None, drop_policy: str = "token",
                  parts: int = 2,
                  calib_batches: int = 8, fused_rows: int = 1024, compile: bool = True, pipeline: bool | None = None,
                  tokenizer=None, realb=None, parallel=None, placement=None, ep_flow: str = "home",
