@@ -75,6 +75,7 @@ def quality(run_dir: str, rates: list[float], args, device: str) -> list[dict]:
         read = [0, 0]  # sub-expert weights read, routed: summed over steps and layers
         for layer in moe_layers(model):
             layer.dispatcher.steps = cfg.model.seq_len if whole else 1
+            layer.dispatcher.layout = "packed"  # every method's drops through `keep` (counted), on CUDA too
             count_reads(layer.dispatcher, cfg.model.seq_len, read)
         for rate in rates:
             set_drop_rate(model, rate, load_aware=load_aware, expert_rank=[ranks] * len(moe_layers(model)),
@@ -82,6 +83,8 @@ def quality(run_dir: str, rates: list[float], args, device: str) -> list[dict]:
             reset_drop_stats(model)
             read[:] = [0, 0]
             res = evaluate(model, cfg, ctx, args.batches)
+            if rate > 0 and not read[1]:
+                raise SystemExit(f"{method} at {rate}: no drops went through keep(); weights_read would be wrong")
             rows.append({"study": "quality", "run_dir": run_dir, "method": method, "eval_batch": cfg.train.batch_size,
                          "target": rate, "drop_rate": drop_stats(model)["drop_rate"],
                          # rate 0 never asks keep (the plain dispatch): every routed weight is read

@@ -94,9 +94,10 @@ CASES = {
                               dict(BLOCK_D=2048, ADD=True, S=4)),
     "add_rms_norm_choices": ("moestack.serve.norm_triton", "_add_rms_norm", NORM_ARGS, dict(BLOCK_D=2048, ADD=True, S=8)),
     "whole_parts_b64": ("moestack.moe.rows_triton", "_whole_parts",
-                        dict(w_ptr="*fp32", ids_ptr="*i64", scale_ptr="*fp32", j_ptr="*i32", tot_ptr="*fp32",
-                             cnt_ptr="*i32", flag_ptr="*i32", stats_ptr="*i64", R="i32", NSUB="i32", rate="fp32"),
-                        dict(P=2, BLOCK_R=512, NS=256)),
+                        dict(w_ptr="*fp32", ids_ptr="*i64", scale_ptr="*fp32", valid_ptr="*i64", j_ptr="*i32",
+                             tot_ptr="*fp32", cnt_ptr="*i32", flag_ptr="*i32", stats_ptr="*i64", R="i32", K="i32",
+                             NSUB="i32", rate_q="i32"),
+                        dict(P=2, HAS_VALID=True, RATE_BITS=20, BLOCK_R=512, NS=256)),
 }
 
 

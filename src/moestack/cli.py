@@ -255,8 +255,8 @@ def add_engine_drop_args(p) -> None:
                    help="DualSparse: partition the experts and drop this share of expert computation")
     p.add_argument("--drop-policy", choices=("token", "auto"), default="token",
                    help="with --drop-rate: token drops per token everywhere (the paper's rule); auto drops whole "
-                        "sub-experts in decode-sized steps (memory-bound: a skipped weight read saves the time) and "
-                        "per token in larger ones")
+                        "sub-experts in steps of up to 1024 token-choices (decode: memory-bound, a skipped weight "
+                        "read saves the time) and per token in larger ones")
 
 
 def add_ep_serving_args(p) -> None:

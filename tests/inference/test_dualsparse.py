@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from moestack.inference.dropping import DualSparseDispatcher, keep_whole_subexperts, work_per_expert
+from moestack.inference.dropping import (
+    RATE_BITS,
+    DualSparseDispatcher,
+    keep_whole_subexperts,
+    quantized_rate,
+    work_per_expert,
+)
 from moestack.inference.dualsparse import (
     drop_stats,
     moe_layers,
@@ -102,7 +108,7 @@ def greedy_whole_reference(score, sub, num_subs, rate):
     size = [int((sub == s).sum()) for s in range(num_subs)]
     budget, used, dropped = rate * score.numel(), 0, set()
     for s in sorted(range(num_subs), key=lambda s: (total[s], -s)):
-        if used + size[s] / 2 <= budget:
+        if used + size[s] / 2 <= budget + 1e-9:
             dropped.add(s)
             used += size[s]
         else:
@@ -140,6 +146,23 @@ def test_whole_subexpert_dropping_over_interleaved_steps_equals_one_step_at_a_ti
     for s in range(5):
         alone = disp.keep(layer.router(x.view(8, 5, -1)[:, s]))
         assert torch.equal(together[:, s].flatten(), alone)
+
+
+def test_padding_rows_change_no_whole_subexpert_drop_of_the_real_rows():
+    """A CUDA graph pads a batch with copies of token 0 (`valid` 0): the real rows' drops are the unpadded
+    batch's, and the padding runs nothing and counts nowhere."""
+    layer = sparsify(moe_layer(), hidden_batches(4), 0.25, whole_rows=1024)
+    disp, x = layer.dispatcher, hidden_batches(1, tokens=9, seed=7)[0]
+    with torch.no_grad():
+        want = disp.parts_to_run(layer.router(x))
+        padded = torch.cat([x, x[:1].expand(7, -1)])  # 9 real rows in a graph of 16
+        disp.valid = torch.tensor([1] * 9 + [0] * 7)
+        reset_drop_stats(layer)
+        got = disp.fused_parts(layer.router(padded))[1]
+        assert torch.equal(got[:9], want) and not got[9:].any()
+        assert disp.total == 9 * K * 2 and disp.skipped == int((2 - want).sum())
+        disp.valid = None  # without the mask the 7 copies of token 0 pile onto its experts: other drops
+        assert not torch.equal(disp.parts_to_run(layer.router(padded))[:9], want)
 
 
 def test_whole_subexpert_dropping_applies_only_up_to_whole_rows():
@@ -264,15 +287,17 @@ def test_bad_input_gets_a_clear_error(call, match):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("T, k, E, P, rate, tied", [(64, 8, 64, 2, 0.25, False), (8, 8, 128, 2, 0.25, False),
-                                                   (3, 2, 8, 2, 0.5, False), (16, 2, 8, 4, 0.3, False),
-                                                   (128, 8, 128, 2, 0.5, False), (1, 8, 64, 2, 0.25, False),
-                                                   (16, 2, 8, 2, 0.3, True), (1, 2, 8, 2, 0.25, True),
-                                                   (5, 2, 6, 2, 0.3, False), (7, 3, 5, 3, 0.4, False)])
-def test_whole_parts_kernel_equals_the_eager_whole_subexpert_drops(triton_device, T, k, E, P, rate, tied):
+@pytest.mark.parametrize("T, k, E, P, rate, tied, pad", [
+    (64, 8, 64, 2, 0.25, False, 0), (8, 8, 128, 2, 0.25, False, 0), (3, 2, 8, 2, 0.5, False, 0),
+    (16, 2, 8, 4, 0.3, False, 0), (128, 8, 128, 2, 0.5, False, 0), (1, 8, 64, 2, 0.25, False, 0),
+    (16, 2, 8, 2, 0.3, True, 0), (1, 2, 8, 2, 0.25, True, 0), (5, 2, 6, 2, 0.3, False, 0),
+    (7, 3, 5, 3, 0.4, False, 0), (45, 8, 64, 2, 0.35, False, 0), (9, 8, 64, 2, 0.25, False, 7)])
+def test_whole_parts_kernel_equals_the_eager_whole_subexpert_drops(triton_device, T, k, E, P, rate, tied, pad):
     """The decode path's one-kernel whole sub-expert drops (rows_triton.whole_parts_run) against the sorts of
     keep_whole_subexperts: the same parts per choice, and the same counts. tied: every part the same scale, so
-    an expert's parts tie and the later one must drop first. E * P of 12 and 15: padding sub-experts sort last."""
+    an expert's parts tie and the later one must drop first. E * P of 12 and 15: padding sub-experts sort last.
+    T 45 at 35%: 2 x rate x computations is a whole number (the budget in integers on both sides). pad: a
+    graph's padding tokens (valid 0) after the T real ones, which change nothing and run nothing."""
     import importlib
 
     rows_triton = importlib.import_module("moestack.moe.rows_triton")
@@ -288,7 +313,13 @@ def test_whole_parts_kernel_equals_the_eager_whole_subexpert_drops(triton_device
     want = keep.long().cumprod(dim=1).sum(dim=1)
     assert torch.equal(want, keep.long().sum(dim=1))  # the kept parts are a prefix
     stats = torch.zeros(2, dtype=torch.int64, device=triton_device)
-    got = rows_triton.whole_parts_run(w.flatten(), ids.flatten(), scale, rate, stats)
+    valid = None
+    if pad:  # padding tokens: copies of token 0
+        ids, w = torch.cat([ids, ids[:1].expand(pad, -1)]), torch.cat([w, w[:1].expand(pad, -1)])
+        valid = torch.tensor([1] * T + [0] * pad, device=triton_device)
+    got = rows_triton.whole_parts_run(w, ids, scale, quantized_rate(rate), RATE_BITS, stats, valid).flatten()
+    assert torch.equal(got[T * k:].cpu(), torch.zeros(pad * k, dtype=torch.int32))
+    got = got[:T * k]
     assert torch.equal(got.long().cpu(), want.cpu())
     assert stats.tolist() == [T * k * P, int(want.sum())]
     assert int(want.sum()) < T * k * P or T * k * P * rate < 1  # something dropped
@@ -373,3 +404,38 @@ def test_a_cuda_graph_of_the_sparse_layer_replays_its_output_and_its_drop_counts
     torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)
     st = drop_stats(layer)
     assert st["skipped"] == 3 * once["skipped"] > 0 and st["drop_rate"] == pytest.approx(once["drop_rate"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_whole_parts_kernel_in_a_cuda_graph_follows_its_inputs():
+    """Captured once, replayed on new routings and padding masks written into its inputs: each replay gives
+    what the eager sorts give for that batch's real rows."""
+    from moestack.moe.rows_triton import whole_parts_run
+
+    T, k, E, P, rate = 64, 8, 64, 2, 0.25
+    g = torch.Generator().manual_seed(3)
+
+    def batch():
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).cuda()
+        return ids, torch.rand(T, k, generator=g).softmax(-1).cuda()
+
+    scale = torch.rand(E, P, generator=g).sort(dim=1, descending=True).values.cuda()
+    ids, w = batch()
+    valid = torch.ones(T, dtype=torch.long, device="cuda")
+    stats = torch.zeros(2, dtype=torch.int64, device="cuda")
+    whole_parts_run(w, ids, scale, quantized_rate(rate), RATE_BITS, stats, valid)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        j = whole_parts_run(w, ids, scale, quantized_rate(rate), RATE_BITS, stats, valid)
+    for n in (64, 37, 8):
+        new_ids, new_w = batch()
+        ids.copy_(new_ids)
+        w.copy_(new_w)
+        valid.copy_((torch.arange(T, device="cuda") < n).long())
+        graph.replay()
+        score = (w[:n].unsqueeze(-1) * scale[ids[:n]]).flatten()
+        sub = (ids[:n].unsqueeze(-1) * P + torch.arange(P, device="cuda")).flatten()
+        keep = keep_whole_subexperts(score, sub, torch.zeros_like(sub), E * P, 1, rate).view(n * k, P)
+        assert torch.equal(j[:n].flatten().long(), keep.long().cumprod(dim=1).sum(dim=1))
+        assert not j[n:].any()

@@ -110,6 +110,8 @@ def test_dualsparse_in_the_engine(tmp_path):
     dropping.check_blocks()
     with pytest.raises(ValueError, match="drop_policy 'whole'.*token, auto"):
         LLM(str(tmp_path), device="cpu", drop_rate=0.25, drop_policy="whole")
+    with pytest.raises(ValueError, match="drop_policy='auto' applies to DualSparse dropping: give drop_rate"):
+        LLM(str(tmp_path), device="cpu", drop_policy="auto")
 
 
 def test_realb_in_the_engine(tmp_path):

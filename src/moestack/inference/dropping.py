@@ -83,20 +83,37 @@ def keep_top_per_group(score: torch.Tensor, group: torch.Tensor, rates: torch.Te
     return torch.empty_like(dropped).scatter_(0, order, ~dropped)
 
 
-def keep_whole_subexperts(score: torch.Tensor, sub: torch.Tensor, step: torch.Tensor, num_subs: int, steps: int,
-                          rate: float) -> torch.Tensor:
-    """Keep mask [M] dropping whole sub-experts per step: in each step (a batch), the sub-experts of lowest
-    summed score, as many as bring the computations dropped nearest to `rate` of the step's.
+RATE_BITS = 20  # whole sub-expert budgets take the rate as an integer of 2^-20: the kernel's sums then agree
 
-    score, sub, step: [M] each computation's score, sub-expert (expert * P + part) and step (0..steps-1).
+
+def quantized_rate(rate: float) -> int:
+    """The rate in units of 2^-RATE_BITS (what the whole sub-expert budget multiplies by)."""
+    return round(rate * (1 << RATE_BITS))
+
+
+def whole_budget(rate: float, computations):
+    """Twice the computations whole sub-expert dropping may drop out of `computations` (int or int64 tensor),
+    in integers: floor(2 x rate x computations) with the rate rounded to 2^-RATE_BITS."""
+    return (quantized_rate(rate) * 2 * computations) >> RATE_BITS
+
+
+def keep_whole_subexperts(score: torch.Tensor, sub: torch.Tensor, step: torch.Tensor, num_subs: int, steps: int,
+                          rate: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep mask [M] dropping whole sub-experts per step: in each step (a batch), the sub-experts of lowest
+    summed score, each dropped while at least half of it fits in `rate` of the step's computations (so the
+    achieved rate is the target's nearest: a sub-expert at 64 experts, top-8, batch 64 is about 8 of 1024).
+
+    score, sub, step: [M] each computation's score, sub-expert (expert * P + part) and step (0..steps-1);
+    valid [M] bool: False for a CUDA graph's padding rows, which count nowhere (and are not kept).
     Ties go to the later part, so with parts stored largest first (scale[e, 0] >= scale[e, 1] ..., the same
     choices), an expert's later parts drop before its earlier ones: a choice's kept parts stay a prefix. No
     host sync (sorts and scatters of steps * num_subs entries), so a CUDA graph captures it.
     """
     n = steps * num_subs
     key = step * num_subs + sub  # [M]
-    total = torch.zeros(n, dtype=torch.float32, device=score.device).index_add_(0, key, score.float())
-    size = count_ids(key, n)  # [n] computations per (step, sub-expert)
+    real = torch.ones_like(key, dtype=torch.bool) if valid is None else valid.bool()
+    total = torch.zeros(n, dtype=torch.float32, device=score.device).index_add_(0, key, score.float() * real)
+    size = torch.zeros(n, dtype=torch.int64, device=score.device).index_add_(0, key, real.long())  # per (step, sub)
     ids = torch.arange(n, device=score.device)
     order = torch.argsort(-(ids % num_subs), stable=True)  # later sub-experts (parts) first among equal totals
     order = order[torch.argsort(total[order], stable=True)]
@@ -105,11 +122,9 @@ def keep_whole_subexperts(score: torch.Tensor, sub: torch.Tensor, step: torch.Te
     per_step = size.view(steps, num_subs).sum(dim=1)  # [steps]
     before = torch.cumsum(per_step, 0) - per_step  # computations of the earlier steps
     s = order // num_subs
-    # drop a sub-expert while at least half of it fits in the step's budget: the achieved rate is the target's
-    # nearest (a sub-expert at 64 experts, top-8, batch 64 is about 8 of 1024 computations)
-    dropped = 2 * (cum - before[s]) - size[order] <= 2 * rate * per_step[s].double()
+    dropped = 2 * (cum - before[s]) - size[order] <= whole_budget(rate, per_step)[s]
     drop = torch.empty_like(dropped).scatter_(0, order, dropped)  # [n] by (step, sub-expert)
-    return ~drop[key]
+    return ~drop[key] & real
 
 
 class ThenHandle:
@@ -189,6 +204,9 @@ class DualSparseDispatcher(nn.Module):
         # doc); 0: every batch drops per token. `steps`: a batch holds that many batches' tokens interleaved
         # (token t in batch t % steps), to evaluate a [B, S] batch as what S decode steps of B tokens would drop
         self.whole_rows, self.steps = 0, 1
+        # [T] 1 for real tokens, 0 for a captured batch's padding rows (the serving runner sets it per step from
+        # its graph inputs): whole sub-expert drops leave the padding out of the sums and the budget
+        self.valid: torch.Tensor | None = None
 
     @property
     def last_counts(self) -> torch.Tensor | None:
@@ -251,7 +269,9 @@ class DualSparseDispatcher(nn.Module):
             T, k, P = *ids.shape, self.parts
             sub = (ids.unsqueeze(-1) * P + torch.arange(P, device=ids.device)).flatten()
             step = (torch.arange(T, device=ids.device) % self.steps).repeat_interleave(k * P)
-            return keep_whole_subexperts(score, sub, step, self.num_experts * P, self.steps, self.drop_rate)
+            valid = self._valid(T)
+            valid = None if valid is None else valid.bool().repeat_interleave(k * P)
+            return keep_whole_subexperts(score, sub, step, self.num_experts * P, self.steps, self.drop_rate, valid)
         if not self.load_aware:  # one static threshold, calibrated to the target rate
             tau = self.threshold()
             if tau is None:  # computed on the device (a fill, not a host-to-device copy: no sync)
@@ -260,17 +280,30 @@ class DualSparseDispatcher(nn.Module):
         rank = self.expert_rank[ids].unsqueeze(-1).expand(*ids.shape, self.parts).flatten()  # [T*k*P]
         return keep_top_per_group(score, rank, self.rank_rates(routing.counts))
 
+    def _valid(self, tokens: int) -> torch.Tensor | None:
+        """`valid` when it describes this batch's `tokens` rows (a graph's step), else None (every row real)."""
+        v = self.valid
+        return v if v is not None and v.numel() == tokens else None
+
     def parts_to_run(self, routing: Routing) -> torch.Tensor:
-        """How many parts (0..P) of its expert each choice runs: [T, k] int64."""
+        """How many parts (0..P) of its expert each choice runs: [T, k] int64 (its leading kept parts: the kept
+        parts are a prefix by construction, and the count stays one where float sums tie otherwise)."""
         keep = self.keep(routing)
         if keep is None:
             return torch.full_like(routing.expert_ids, self.parts)
-        return keep.view(*routing.expert_ids.shape, self.parts).sum(dim=-1)
+        return keep.view(*routing.expert_ids.shape, self.parts).long().cumprod(dim=-1).sum(dim=-1)
 
-    def record(self, parts_run: torch.Tensor) -> None:
-        """Count the sub-expert computations asked for and run (parts_run: [choices] 0..P)."""
-        self._stats[0].add_(parts_run.numel() * self.parts)
-        self._stats[1].add_(parts_run.sum())
+    def record(self, parts_run: torch.Tensor, routing: Routing | None = None) -> None:
+        """Count the sub-expert computations asked for and run (parts_run: [choices] 0..P); with the batch's
+        routing, a whole sub-expert batch's padding rows (`valid`) count nowhere (they ran nothing)."""
+        real = self._valid(routing.expert_ids.shape[0]) if routing is not None and self.whole(routing) else None
+        if real is None:
+            self._stats[0].add_(parts_run.numel() * self.parts)
+            self._stats[1].add_(parts_run.sum())
+            return
+        real = real.repeat_interleave(routing.expert_ids.shape[1])  # [choices]
+        self._stats[0].add_(real.sum() * self.parts)
+        self._stats[1].add_((parts_run.flatten() * real).sum())
 
     def record_all(self, choices: int) -> None:
         """Count `choices` choices that run every part (drop rate 0): one add, no reduction."""
@@ -298,9 +331,9 @@ class DualSparseDispatcher(nn.Module):
             from moestack.moe.rows_triton import WHOLE_MAX, whole_parts_run
 
             if max(routing.expert_ids.numel(), self.num_experts * self.parts) <= WHOLE_MAX:  # one kernel too
-                j = whole_parts_run(routing.weights.flatten(), routing.expert_ids.flatten(), self.scale,
-                                    self.drop_rate, self._stats)
-                return self.parts, j.view(routing.expert_ids.shape)
+                j = whole_parts_run(routing.weights, routing.expert_ids, self.scale, quantized_rate(self.drop_rate),
+                                    RATE_BITS, self._stats, self._valid(routing.expert_ids.shape[0]))
+                return self.parts, j
         tau = None if self.load_aware or whole else self.threshold()
         if tau is not None and fused_inference(routing.weights):  # one kernel: the parts and the counts
             from moestack.moe.rows_triton import parts_run
@@ -308,7 +341,7 @@ class DualSparseDispatcher(nn.Module):
             j = parts_run(routing.weights.flatten(), routing.expert_ids.flatten(), self.scale, tau, self._stats)
             return self.parts, j.view(routing.expert_ids.shape)
         j = self.parts_to_run(routing)
-        self.record(j.flatten())
+        self.record(j.flatten(), routing)
         return self.parts, j
 
     def dispatch(self, x: torch.Tensor, routing: Routing):
@@ -339,7 +372,7 @@ class DualSparseDispatcher(nn.Module):
             return Done(self._plan_segments(x, routing))
         j = self.parts_to_run(routing).flatten()  # [R]
         order, counts = sort_by_parts(j, routing.expert_ids.flatten(), self.num_experts, P)
-        self.record(j)
+        self.record(j, routing)
         self.last_counts = counts
         sent = j > 0  # choices with a row the experts compute
         if grad or not padded or not small:  # one host sync

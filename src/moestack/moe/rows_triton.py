@@ -103,19 +103,23 @@ def _parts(w_ptr, ids_ptr, scale_ptr, j_ptr, stats_ptr, R, tau, P: tl.constexpr,
 
 
 @triton.jit
-def _whole_parts(w_ptr, ids_ptr, scale_ptr, j_ptr, tot_ptr, cnt_ptr, flag_ptr, stats_ptr, R, NSUB, rate,
-                 P: tl.constexpr, BLOCK_R: tl.constexpr, NS: tl.constexpr):
+def _whole_parts(w_ptr, ids_ptr, scale_ptr, valid_ptr, j_ptr, tot_ptr, cnt_ptr, flag_ptr, stats_ptr, R, K, NSUB,
+                 rate_q, P: tl.constexpr, HAS_VALID: tl.constexpr, RATE_BITS: tl.constexpr, BLOCK_R: tl.constexpr,
+                 NS: tl.constexpr):
     """One program: DualSparse's whole sub-expert drops of a decode batch (`dropping.keep_whole_subexperts`,
     one step). Sums each sub-expert's scores and counts its computations (atomics into scratch), sorts the
     sub-experts by one packed int64 key (total's fp32 bits, later sub-experts first among equal totals, size),
-    drops them in that order while at least half of each fits in the budget, and gives each choice the number
-    of leading parts it keeps."""
+    drops them in that order while at least half of each fits in the budget (`dropping.whole_budget`, in
+    integers), and gives each choice the number of leading parts it keeps. Padding rows (valid 0) count
+    nowhere and run nothing."""
     g = tl.arange(0, NS)
     tl.store(tot_ptr + g, tl.zeros([NS], dtype=tl.float32))
     tl.store(cnt_ptr + g, tl.zeros([NS], dtype=tl.int32))
     tl.debug_barrier()
     offs = tl.arange(0, BLOCK_R)
     m = offs < R
+    if HAS_VALID:  # a captured batch's padding tokens
+        m = m & (tl.load(valid_ptr + offs // K, mask=m, other=0) != 0)
     e = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int32)
     w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
     for p in tl.static_range(P):
@@ -130,10 +134,12 @@ def _whole_parts(w_ptr, ids_ptr, scale_ptr, j_ptr, tot_ptr, cnt_ptr, flag_ptr, s
     bits = tl.where(g < NSUB, bits, 0x7FFFFFFF)  # padding past E * P sorts last (above every finite float)
     key = (bits << 32) | ((NS - 1 - g).to(tl.int64) << 16) | cnt.to(tl.int64)
     key = tl.sort(key)
-    size = (key & 0xFFFF).to(tl.int32)
+    size = (key & 0xFFFF).to(tl.int64)
     sub = NS - 1 - ((key >> 16) & 0xFFFF).to(tl.int32)
     cum = tl.cumsum(size, 0)
-    dropped = (2 * cum - size).to(tl.float32) <= 2.0 * rate * (R * P)
+    computations = tl.sum(m.to(tl.int64), axis=0) * P
+    limit = (rate_q.to(tl.int64) * 2 * computations) >> RATE_BITS  # twice the budget
+    dropped = 2 * cum - size <= limit
     tl.store(flag_ptr + sub, dropped.to(tl.int32), mask=sub < NSUB)
     tl.debug_barrier()
     j = tl.zeros([BLOCK_R], dtype=tl.int32)
@@ -141,9 +147,9 @@ def _whole_parts(w_ptr, ids_ptr, scale_ptr, j_ptr, tot_ptr, cnt_ptr, flag_ptr, s
     for p in tl.static_range(P):  # the leading kept parts (a prefix by the tie order; kept one regardless)
         alive = alive * (1 - tl.load(flag_ptr + e * P + p, mask=m, other=1))
         j += alive
-    tl.store(j_ptr + offs, j, mask=m)
+    tl.store(j_ptr + offs, j, mask=offs < R)  # padding rows: 0 (alive died at their masked load)
     tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(m, j, 0), axis=0).to(tl.int64))
-    tl.atomic_add(stats_ptr, tl.cast(R, tl.int64) * P)
+    tl.atomic_add(stats_ptr, computations)
 
 
 @triton.jit
@@ -217,22 +223,27 @@ def parts_run(weights: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor, tau
 WHOLE_MAX = 1024  # most choices (and sub-experts) `whole_parts_run` takes: one program holds them all
 
 
-def whole_parts_run(weights: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor, rate: float,
-                    stats: torch.Tensor) -> torch.Tensor:
-    """Parts each choice runs, j [R] int32, when a decode batch drops whole sub-experts at `rate`
-    (`dropping.keep_whole_subexperts` with one step), in one kernel that also counts into stats like
-    `parts_run`. At most WHOLE_MAX choices and sub-experts (E * P)."""
-    R = ids.numel()
+def whole_parts_run(weights: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor, rate_q: int, rate_bits: int,
+                    stats: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Parts each choice runs, j [T, k] int32, when a decode batch (expert ids and weights [T, k]) drops whole
+    sub-experts at the rate rate_q / 2^rate_bits (`dropping.keep_whole_subexperts` with one step; integers, so
+    its budget is exactly `dropping.whole_budget`'s), in one kernel that also counts into stats like
+    `parts_run`. valid [T]: 0 for padding tokens (they run nothing and count nowhere). At most WHOLE_MAX
+    choices and sub-experts (E * P)."""
+    T, k = ids.shape
+    R = T * k
     E, P = scale.shape
     if R > WHOLE_MAX or E * P > WHOLE_MAX:
         raise ValueError(f"whole_parts_run takes up to {WHOLE_MAX} choices and sub-experts; got {R} and {E * P}")
-    j = torch.empty(R, dtype=torch.int32, device=ids.device)
+    j = torch.empty(T, k, dtype=torch.int32, device=ids.device)
     if R:
         NS = max(triton.next_power_of_2(E * P), 16)
         scratch = torch.empty(3, NS, dtype=torch.int32, device=ids.device)  # totals (fp32 bits), counts, flags
-        _whole_parts[(1,)](weights.contiguous(), ids.contiguous(), scale.float().contiguous(), j,
-                           scratch[0].view(torch.float32), scratch[1], scratch[2], stats, R, E * P, float(rate),
-                           P=P, BLOCK_R=max(triton.next_power_of_2(R), 16), NS=NS, num_warps=4)
+        _whole_parts[(1,)](weights.contiguous(), ids.contiguous(), scale.float().contiguous(),
+                           ids if valid is None else valid.contiguous(), j, scratch[0].view(torch.float32),
+                           scratch[1], scratch[2], stats, R, k, E * P, rate_q, P=P, HAS_VALID=valid is not None,
+                           RATE_BITS=rate_bits, BLOCK_R=max(triton.next_power_of_2(R), 16),
+                           NS=NS, num_warps=4)
     return j
 
 

@@ -31,8 +31,8 @@ from moestack.serve.sequence import Sequence, Status
 log = logging.getLogger("moestack")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # DualSparse dropping (drop_rate) in the engine: token drops per token everywhere (the paper's rule, the
-# default); auto drops whole sub-experts in decode-sized steps (at most WHOLE_ROWS token-choices: memory-bound,
-# where a skipped weight read is what saves time) and per token in larger ones. inference/dropping.py says more;
+# default); auto drops whole sub-experts in steps of at most WHOLE_ROWS token-choices (decode steps, and small
+# prefill chunks: memory-bound, where a skipped weight read is what saves time) and per token in larger ones. inference/dropping.py says more;
 # docs/BENCHMARKS.md has the quality and weights read of each (auto waits for its GPU timing to be the default).
 DROP_POLICIES = ("token", "auto")
 WHOLE_ROWS = 1024  # the fused small-batch kernels' default reach (fused_rows): decode batches up to 128 x top-8
@@ -103,6 +103,9 @@ class LLM:
             raise ValueError("ReaLB and DualSparse dropping do not combine (both replace the experts); pick one")
         if drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy {drop_policy!r}: expected one of {', '.join(DROP_POLICIES)}")
+        if drop_policy != "token" and drop_rate is None:
+            raise ValueError(f"drop_policy={drop_policy!r} applies to DualSparse dropping: give drop_rate too "
+                             "(--drop-rate R), or leave the policy out")
         if drop_rate is not None:
             self._sparsify(drop_rate, parts, calib_batches, WHOLE_ROWS if drop_policy == "auto" else 0)
         self.realb = None

@@ -256,6 +256,10 @@ class ServeModel(nn.Module):
         if self.flow is not None:
             h = self.flow.hidden(self, tokens, positions, kv_caches, meta, rows)
             return self.norm(h) if normed else h
+        valid = getattr(meta, "valid", None)  # a captured step's padding rows: DualSparse's batch drops skip them
+        for layer in self._moe_layers:
+            if hasattr(layer.dispatcher, "valid"):
+                layer.dispatcher.valid = valid
         h = self.embed.weight[tokens]  # = embed(tokens); on CUDA a gather kernel (index_select's took 7.5 us at batch 8)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         caches = kv_caches if kv_caches is not None else [None] * len(self.blocks)

@@ -316,7 +316,8 @@ class ModelRunner:
 
             def step():
                 meta = AttnMeta(slots=self.p_long[2, :size], block_tables=self.p_tables, context_lens=lens,
-                                q_start=q_start, q_blocks=query_blocks(q_start, self.block_q, -(-size // self.block_q) + B))
+                                q_start=q_start, q_blocks=query_blocks(q_start, self.block_q, -(-size // self.block_q) + B),
+                                valid=self.p_long[3, :size])
                 h = self.model.hidden(self.p_long[0, :size], self.p_long[1, :size], self.kv, meta)
                 return h, self.model.routing_snapshot()
 
