@@ -312,7 +312,8 @@ def timed_engine(llm: LLM, prompts, max_tokens, reps: int = 3) -> dict:
 def timed_engines(llms: list[LLM], prompts, max_tokens, reps: int = 3) -> list[dict]:
     """timed_engine for engines compared with each other: each warms up, then their timed runs take turns
     (1, 2, .., 1, 2, ..), so a drift of the clocks or the host meets them alike. A DualSparse engine's row
-    also has the share of sub-expert computations its timed runs skipped."""
+    also has the share of sub-expert computations its timed runs skipped. Every engine stays in memory
+    throughout (weights and KV cache of each): at --layers 16 compare fewer at once."""
     warm = [run_engine(llm, prompts, max_tokens, count_active=True) for llm in llms]  # greedy: timed runs route alike
     runs: list[list[dict]] = [[] for _ in llms]
     for llm in llms:

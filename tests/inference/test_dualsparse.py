@@ -351,16 +351,17 @@ def test_bf16_grouped_mm_path_on_gpu():
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("load_aware", [False, True])
+@pytest.mark.parametrize("policy", ["uniform", "load_aware", "whole"])
 @pytest.mark.parametrize("parts", [2, 3])
-def test_triton_segment_kernels_match_the_eager_path(parts, load_aware, monkeypatch, triton_device):
+def test_triton_segment_kernels_match_the_eager_path(parts, policy, monkeypatch, triton_device):
     import moestack.inference.dropping as dropping
 
     layer, batches = grouped_layer(192, torch.float32, triton_device, 512 if triton_device == "cuda" else 96)
     x = batches[0]
     with torch.no_grad():
         sparsify(layer, batches[1:], 0.3, parts=parts)
-        set_drop_rate(layer, 0.3, load_aware=load_aware, expert_rank=[[e // 2 for e in range(E)]])
+        set_drop_rate(layer, 0.3, load_aware=policy == "load_aware", expert_rank=[[e // 2 for e in range(E)]],
+                      whole_rows=(1 << 20) if policy == "whole" else 0)
         assert dropping.fused_inference(x)
         assert layer.dispatcher.dispatch(x, layer.router(x)).wait().order is None  # planned, not sorted
         reset_drop_stats(layer)

@@ -394,10 +394,15 @@ class DualSparseDispatcher(nn.Module):
 
         T, k = routing.expert_ids.shape
         P, E = self.parts, self.num_experts
-        tau = None if self.load_aware or self.whole(routing) else self.threshold()
-        j = None if tau is not None else self.parts_to_run(routing).flatten()  # load-aware, or inside a capture
+        whole = self.whole(routing)
+        tau = None if self.load_aware or whole else self.threshold()
+        j = None if tau is not None else self.parts_to_run(routing).flatten()  # load-aware, whole, or in a capture
+        stats = self._stats
+        if whole:  # counted here, without a captured batch's padding rows
+            self.record(j, routing)
+            stats = torch.zeros_like(stats)
         key, hist = plan_segments(routing.weights.flatten(), routing.expert_ids.flatten(), self.scale,
-                                  0.0 if tau is None else tau, self._stats, j)
+                                  0.0 if tau is None else tau, stats, j)
         x_seg, slot = place_rows(x, key, hist, E, P, k)  # [P, R, D], [R]
         counts = hist[: P * E].view(P, E)
         self.last_counts = counts
