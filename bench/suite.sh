@@ -28,6 +28,7 @@ declare -A HELP=(
   [serve_fixed]="bench/serve.py --mixed 0: engine vs HF generate at the three shapes, batch 1/8/64 only (no mixed workload)"
   [serve_b8]="bench/serve.py --batches 8 --mixed 0: engine vs HF generate at the three shapes, batch 8 only (the decode >= 5x HF target)"
   [serve_b8_moe]="bench/serve.py --models olmoe,qwen3_moe --batches 8 --mixed 0: the two shapes where batch-8 decode was under 5x HF"
+  [dualsparse_tests]="the DualSparse GPU tests: whole sub-expert kernel against the sorts (also in a CUDA graph, with padding), segment kernels, graphs of the sparse layer"
   [cuda_tests]="tests/serve/test_cuda.py only: the engine's CUDA-graph steps against HF generate and the dense forward (the quick part of serve_tests)"
   [serve_prefill64]="bench/serve.py --models mixtral --batches 64 --mixed 0: the one prefill point under 1.4x HF (Mixtral, batch 64)"
   [profile_decode]="bench/serve.py --profile --batches 8: kernel tables of the engine's steps at OLMoE and Qwen3-30B-A3B shapes, batch 8 (where decode is under 5x HF)"
@@ -79,6 +80,9 @@ run_group() {
   serve_fixed) py 420 bench/serve.py --mixed 0 ;;
   serve_b8) py 300 bench/serve.py --batches 8 --mixed 0 ;;
   serve_b8_moe) py 200 bench/serve.py --models olmoe,qwen3_moe --batches 8 --mixed 0 ;;
+  dualsparse_tests)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE tests/inference/test_dualsparse.py -m "gpu or triton" \
+      2>&1 | grep -v Warning ;;
   cuda_tests)
     timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE tests/serve/test_cuda.py 2>&1 | grep -v Warning ;;
   serve_prefill64) py 120 bench/serve.py --models mixtral --batches 64 --mixed 0 ;;
@@ -92,7 +96,7 @@ run_group() {
 }
 
 if [ $# -eq 0 ] || [ "$1" = "--list" ]; then
-  for g in tests kernel_tests serve_tests cuda_tests layer profile_layer profile_dualsparse dualsparse combine swiglu train checkpoint disk serve \
+  for g in tests kernel_tests serve_tests cuda_tests dualsparse_tests layer profile_layer profile_dualsparse dualsparse combine swiglu train checkpoint disk serve \
            serve_fixed serve_b8 serve_b8_moe serve_prefill64 profile_decode decode_pieces serve_full serve_dualsparse serve_http realb fssdp; do
     printf '  %-17s %s\n' "$g" "${HELP[$g]}"
   done
