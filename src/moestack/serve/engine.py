@@ -32,8 +32,9 @@ log = logging.getLogger("moestack")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # DualSparse dropping (drop_rate) in the engine: token drops per token everywhere (the paper's rule, the
 # default); auto drops whole sub-experts in steps of at most WHOLE_ROWS token-choices (decode steps, and small
-# prefill chunks: memory-bound, where a skipped weight read is what saves time) and per token in larger ones. inference/dropping.py says more;
-# docs/BENCHMARKS.md has the quality and weights read of each (auto waits for its GPU timing to be the default).
+# prefill chunks: memory-bound, where a skipped weight read is what saves time) and per token in larger ones.
+# inference/dropping.py says more; docs/methods/dualsparse.md has the quality and weights read of each (auto
+# waits for its GPU timing to be the default).
 DROP_POLICIES = ("token", "auto")
 WHOLE_ROWS = 1024  # the fused small-batch kernels' default reach (fused_rows): decode batches up to 128 x top-8
 
@@ -62,8 +63,8 @@ class LLM:
                  max_num_batched_tokens: int = 8192, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.85, prefix_caching: bool = True, cuda_graphs: bool = True,
                  max_model_len: int | None = None, drop_rate: float | None = None, drop_policy: str = "token",
-                 parts: int = 2,
-                 calib_batches: int = 8, fused_rows: int = 1024, compile: bool = True, pipeline: bool | None = None,
+                 parts: int = 2, calib_batches: int = 8, fused_rows: int = 1024, compile: bool = True,
+                 pipeline: bool | None = None,
                  tokenizer=None, realb=None, parallel=None, placement=None, ep_flow: str = "home",
                  prefill_graph_tokens: int | None = None):
         dev = _device(device)
