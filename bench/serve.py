@@ -393,6 +393,7 @@ def main() -> None:
             row["roofline_tok_s"], row["hbm_tbps"] = roof, tbps
             row["roofline_pct"] = 100 * eng["decode_tok_s"] / roof if eng["decode_tok_s"] else None
             free(llm)
+            del llm  # its weights too: three Mixtral engines at once only fit an 80 GB card when nothing else is held
             if not args.no_hf:
                 row.update(hf_fixed(hf, prompts, args.new_tokens, device))
                 row["decode_x_hf"] = row["decode_tok_s"] / row["hf_decode_tok_s"]
@@ -413,6 +414,7 @@ def main() -> None:
                                  **eng))
             for llm in llms:
                 free(llm)
+            del llm, llms
             base = rows[-len(variants)]
             for r in rows[1 - len(variants):]:
                 r["total_x_nodrop"] = base["total_s"] / r["total_s"]
@@ -427,6 +429,7 @@ def main() -> None:
             llm = engine_for(hf, args, device, dtype, args.mixed_batch)
             eng = timed_engine(llm, prompts, outs)
             free(llm)
+            del llm
             row = dict(bench="mixed", model=name, layers=args.layers, batch=args.mixed_batch, requests=args.mixed,
                        prompt=f"{lo}-{hi}", new=f"{max(2, args.new_tokens // 4)}-{args.new_tokens * 2}",
                        device=device_name(device), out_tokens=sum(outs), **eng)
