@@ -286,7 +286,7 @@ def free(llm: LLM) -> None:
 
 
 # -- driver ---------------------------------------------------------------------------------------------
-def engine_for(hf, args, device, dtype, batch: int, drop_rate=None, drop_policy: str = "token") -> LLM:
+def engine_for(hf, args, device, dtype, batch: int, drop_rate=None, drop_policy: str | None = None) -> LLM:
     model = loader.build_hf(hf.config, hf.state_dict(), device, dtype, max_len=args.max_model_len)
     vocab = hf.config.vocab_size
     gen = torch.Generator().manual_seed(7)
@@ -405,7 +405,7 @@ def main() -> None:
         for B in [int(b) for b in args.drop_batches.split(",")] if rates else []:
             prompts = torch.randint(0, vocab, (B, args.prompt_len), generator=gen).tolist()
             variants = [(None, "-")] + [(rate, policy) for rate in rates for policy in policies]
-            llms = [engine_for(hf, args, device, dtype, B, rate, "token" if policy == "-" else policy)
+            llms = [engine_for(hf, args, device, dtype, B, rate, None if policy == "-" else policy)
                     for rate, policy in variants]
             got = timed_engines(llms, prompts, [args.new_tokens] * B, reps=args.drop_reps)
             for (rate, policy), eng in zip(variants, got):

@@ -253,10 +253,10 @@ def add_engine_drop_args(p) -> None:
     """--drop-rate and --drop-policy: DualSparse dropping in the serving engine."""
     p.add_argument("--drop-rate", type=non_negative_float, default=None,
                    help="DualSparse: partition the experts and drop this share of expert computation")
-    p.add_argument("--drop-policy", choices=("token", "auto"), default="token",
-                   help="with --drop-rate: token drops per token everywhere (the paper's rule); auto drops whole "
-                        "sub-experts in steps of up to 1024 token-choices (decode: memory-bound, a skipped weight "
-                        "read saves the time) and per token in larger ones")
+    p.add_argument("--drop-policy", choices=("auto", "token"), default=None,
+                   help="with --drop-rate: auto (the default) drops whole sub-experts in steps of up to 1024 "
+                        "token-choices (decode: memory-bound, a skipped weight read saves the time) and per token in "
+                        "larger ones; token drops per token everywhere (the paper's rule)")
 
 
 def add_ep_serving_args(p) -> None:

@@ -108,10 +108,11 @@ def test_dualsparse_in_the_engine(tmp_path):
     outs = dropping.generate(PROMPTS[:3], GREEDY, use_tqdm=False)
     assert all(len(o.token_ids) == 10 and all(0 <= t < 64 for t in o.token_ids) for o in outs)
     dropping.check_blocks()
-    with pytest.raises(ValueError, match="drop_policy 'whole'.*token, auto"):
+    with pytest.raises(ValueError, match="drop_policy 'whole'.*auto, token"):
         LLM(str(tmp_path), device="cpu", drop_rate=0.25, drop_policy="whole")
-    with pytest.raises(ValueError, match="drop_policy='auto' applies to DualSparse dropping: give drop_rate"):
-        LLM(str(tmp_path), device="cpu", drop_policy="auto")
+    for policy in ("auto", "token"):
+        with pytest.raises(ValueError, match=f"drop_policy='{policy}' applies to DualSparse dropping: give drop_rate"):
+            LLM(str(tmp_path), device="cpu", drop_policy=policy)
 
 
 def test_realb_in_the_engine(tmp_path):

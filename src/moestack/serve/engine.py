@@ -30,12 +30,11 @@ from moestack.serve.sequence import Sequence, Status
 
 log = logging.getLogger("moestack")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# DualSparse dropping (drop_rate) in the engine: token drops per token everywhere (the paper's rule, the
-# default); auto drops whole sub-experts in steps of at most WHOLE_ROWS token-choices (decode steps, and small
-# prefill chunks: memory-bound, where a skipped weight read is what saves time) and per token in larger ones.
-# inference/dropping.py says more; docs/methods/dualsparse.md has the quality and weights read of each (auto
-# waits for its GPU timing to be the default).
-DROP_POLICIES = ("token", "auto")
+# DualSparse dropping (drop_rate) in the engine: auto (the default) drops whole sub-experts in steps of at most
+# WHOLE_ROWS token-choices (decode steps, and small prefill chunks: memory-bound, where a skipped weight read is
+# what saves time) and per token in larger ones; token drops per token everywhere (the paper's rule).
+# inference/dropping.py says more; docs/methods/dualsparse.md has the quality, weights read and GPU timing of each.
+DROP_POLICIES = ("auto", "token")
 WHOLE_ROWS = 1024  # the fused small-batch kernels' default reach (fused_rows): decode batches up to 128 x top-8
 
 
@@ -62,7 +61,7 @@ class LLM:
     def __init__(self, model, *, device: str = "auto", dtype: str = "auto", max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 8192, block_size: int = 16, num_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.85, prefix_caching: bool = True, cuda_graphs: bool = True,
-                 max_model_len: int | None = None, drop_rate: float | None = None, drop_policy: str = "token",
+                 max_model_len: int | None = None, drop_rate: float | None = None, drop_policy: str | None = None,
                  parts: int = 2, calib_batches: int = 8, fused_rows: int = 1024, compile: bool = True,
                  pipeline: bool | None = None,
                  tokenizer=None, realb=None, parallel=None, placement=None, ep_flow: str = "home",
@@ -102,13 +101,14 @@ class LLM:
             self._base_seed = gather_objects(int(torch.randint(0, 2**62, ()).item()), self.ep)[0]
         if drop_rate is not None and realb is not None:
             raise ValueError("ReaLB and DualSparse dropping do not combine (both replace the experts); pick one")
-        if drop_policy not in DROP_POLICIES:
+        if drop_policy is not None and drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy {drop_policy!r}: expected one of {', '.join(DROP_POLICIES)}")
-        if drop_policy != "token" and drop_rate is None:
+        if drop_policy is not None and drop_rate is None:
             raise ValueError(f"drop_policy={drop_policy!r} applies to DualSparse dropping: give drop_rate too "
                              "(--drop-rate R), or leave the policy out")
         if drop_rate is not None:
-            self._sparsify(drop_rate, parts, calib_batches, WHOLE_ROWS if drop_policy == "auto" else 0)
+            whole = (drop_policy or DROP_POLICIES[0]) == "auto"
+            self._sparsify(drop_rate, parts, calib_batches, WHOLE_ROWS if whole else 0)
         self.realb = None
         if realb is not None:  # a RealbConfig (inference/realb.py); the decisions land in `stats`
             from moestack.inference.realb import apply_realb
