@@ -4,7 +4,9 @@
 import pytest
 import torch
 
+from moestack.inference.dropping import DualSparseDispatcher
 from moestack.serve import LLM, SamplingParams
+from moestack.serve.engine import WHOLE_ROWS
 from tests.serve.helpers import hf_folder, hf_greedy
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
@@ -108,6 +110,11 @@ def test_dualsparse_in_the_engine(tmp_path):
     outs = dropping.generate(PROMPTS[:3], GREEDY, use_tqdm=False)
     assert all(len(o.token_ids) == 10 and all(0 <= t < 64 for t in o.token_ids) for o in outs)
     dropping.check_blocks()
+    # auto is the default: decode-sized steps drop whole sub-experts; token keeps the per-token rule
+    token = LLM(str(tmp_path), device="cpu", block_size=4, drop_rate=0.5, calib_batches=2, drop_policy="token")
+    for llm, rows in ((dropping, WHOLE_ROWS), (token, 0)):
+        disps = [m for m in llm.model.modules() if isinstance(m, DualSparseDispatcher)]
+        assert disps and all(d.whole_rows == rows for d in disps)
     with pytest.raises(ValueError, match="drop_policy 'whole'.*auto, token"):
         LLM(str(tmp_path), device="cpu", drop_rate=0.25, drop_policy="whole")
     for policy in ("auto", "token"):
